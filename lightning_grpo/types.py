@@ -1,0 +1,79 @@
+"""Typed containers passed between the rollout, the rewards and the update.
+
+Shape legend used in comments: B = samples in the rollout (prompts × group size), T = sampling
+steps, K = trained timesteps per sample, `*L` = the latent shape of one sample (e.g. C, H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+Condition = dict[str, Tensor]
+"""Model conditioning (text embeddings, masks, image latents...): every tensor batch-first."""
+
+
+def index_condition(condition: Condition, index: Tensor) -> Condition:
+    """Select the rows `index` of every batch-first tensor of a condition."""
+    return {key: value[index] for key, value in condition.items()}
+
+
+@dataclass
+class StepOutput:
+    """One stochastic sampler step x_i -> x_{i+1}, with the Gaussian it was drawn from."""
+
+    prev_sample: Tensor  # [B, *L] x_{i+1}
+    mean: Tensor  # [B, *L] mean of p(x_{i+1} | x_i)
+    std: Tensor  # [B, 1, ...] or scalar: std of p(x_{i+1} | x_i), broadcastable to mean
+    log_prob: Tensor  # [B] log p(x_{i+1} | x_i), reduced over non-batch dims (fp32)
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled trajectories, everything the update needs and nothing more."""
+
+    latents: Tensor  # [B, T+1, *L] x_0 (noise) ... x_T (clean)
+    log_probs: Tensor  # [B, T] log p_old(x_{i+1} | x_i), fp32
+    condition: Condition  # each [B, ...]
+    prompts: list[str]  # [B]
+    group_index: Tensor  # [B] long: which prompt (group) each sample belongs to
+    images: Tensor | None = None  # [B, C, H, W] first frames for image-to-video, pixels in [0, 1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    def select(self, index: Tensor) -> Rollout:
+        """The sub-rollout of samples `index` (used by best-of-n and mini-batching)."""
+        index = index.to(self.latents.device)
+        return replace(
+            self,
+            latents=self.latents[index],
+            log_probs=self.log_probs[index],
+            condition=index_condition(self.condition, index),
+            prompts=[self.prompts[i] for i in index.tolist()],
+            group_index=self.group_index[index],
+            images=None if self.images is None else self.images[index],
+        )
+
+
+@dataclass
+class GRPOStats:
+    """Scalars of one inner update, averaged by the module before logging."""
+
+    loss: Tensor
+    ratio_mean: Tensor
+    ratio_min: Tensor
+    ratio_max: Tensor
+    clip_fraction: Tensor
+    approx_kl: Tensor
+    kl: Tensor = field(default_factory=lambda: torch.zeros(()))
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
