@@ -89,8 +89,9 @@ class DDIMSDESampler(Sampler):
         self.timesteps = timesteps
         self.alpha_prod = alphas[timesteps].float()  # [T] ᾱ_t
         self.alpha_prod_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final).float()  # [T] ᾱ_prev
-        a, a_prev = self.alpha_prod.double(), self.alpha_prod_prev.double()
-        self.variance = ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).float()  # [T] σ_t² / η²
+        # fp32 in DDIMScheduler._get_variance's order, so both round alike where 1 − ᾱ_prev − σ_t² cancels
+        a, a_prev = self.alpha_prod, self.alpha_prod_prev
+        self.variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)  # [T] σ_t² / η²
 
     def stochastic_steps(self) -> Tensor:
         if self.eta == 0:
