@@ -1,0 +1,163 @@
+"""Loading helpers shared by the policy adapters: folder checks, dtypes, freezing, LoRA.
+
+A pretrained model is named by a local folder in the diffusers layout (`model_index.json`,
+one subfolder per component) or by a hub id. For a local folder we check every subfolder and
+file an adapter needs *before* calling `from_pretrained`, because the errors diffusers and
+transformers raise for a missing piece are long and name the wrong thing (they fall back to
+the hub and report a network error, or silently build an empty tokenizer).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt", ".pth")
+"""File endings that count as model weights (single, sharded or variant files)."""
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
+"""Any one of these makes a tokenizer folder loadable."""
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name ("float32", "bf16", ...) so configs can hold plain strings."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def looks_local(name_or_path: str | os.PathLike) -> bool:
+    """True when `name_or_path` is (or is written as) a filesystem path rather than a hub id.
+
+    A hub id is "name" or "owner/name"; anything existing on disk, absolute, starting with
+    "." or "~", or with more than one "/" is a path.
+    """
+    text = str(name_or_path)
+    if Path(text).expanduser().exists():
+        return True
+    return text.startswith((os.sep, ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir() if f.is_file())
+
+
+def _has_any(folder: Path, names: Sequence[str]) -> bool:
+    return any((folder / name).is_file() for name in names)
+
+
+def check_component(root: Path, subfolder: str, kind: str) -> None:
+    """Raise FileNotFoundError naming what is missing from `root/subfolder` for a `kind`.
+
+    Kinds: "model" (config.json + a weights file), "tokenizer" (one of TOKENIZER_FILES),
+    "scheduler" (scheduler_config.json).
+    """
+    folder = root / subfolder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"missing folder {str(folder)!r}: a diffusers checkpoint needs '{subfolder}/' here")
+    if kind == "model":
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"missing file {str(folder / 'config.json')!r}")
+        if not _has_weights(folder):
+            raise FileNotFoundError(f"no weights file (*{', *'.join(WEIGHT_SUFFIXES)}) in {str(folder)!r}")
+    elif kind == "tokenizer":
+        if not _has_any(folder, TOKENIZER_FILES):
+            raise FileNotFoundError(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in {str(folder)!r}")
+    elif kind == "scheduler":
+        if not (folder / "scheduler_config.json").is_file():
+            raise FileNotFoundError(f"missing file {str(folder / 'scheduler_config.json')!r}")
+    else:
+        raise ValueError(f"unknown component kind {kind!r}")
+
+
+def check_pretrained_folder(name_or_path: str | os.PathLike, components: dict[str, str]) -> None:
+    """Check a local diffusers folder holds `components` ({subfolder: kind}); hub ids pass.
+
+    Raises FileNotFoundError naming the folder itself, or the first missing subfolder/file.
+    """
+    if not looks_local(name_or_path):
+        return
+    root = Path(name_or_path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"pretrained model folder {str(root)!r} does not exist")
+    for subfolder, kind in components.items():
+        check_component(root, subfolder, kind)
+
+
+def load_component(loader: Callable[..., Any], name_or_path: str | os.PathLike, subfolder: str, **kwargs: Any) -> Any:
+    """`loader(name_or_path, subfolder=subfolder, **kwargs)` with hub failures as FileNotFoundError.
+
+    `loader` is a `from_pretrained` (or `load_config`) bound method. Local folders are checked
+    beforehand by `check_pretrained_folder`; this only rewraps what the hub path can raise
+    (offline, unknown repo) into one clear error naming the component.
+    """
+    try:
+        return loader(str(name_or_path), subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError) or not looks_local(name_or_path):
+            raise FileNotFoundError(f"cannot load '{subfolder}' from {str(name_or_path)!r}: {err}") from err
+        raise
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Turn off gradients and switch to eval mode (no dropout) for a frozen component."""
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def add_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float | None,
+    target_modules: Sequence[str],
+    init: bool | str = True,
+) -> None:
+    """Freeze `model` and add a trainable peft LoRA adapter to its `target_modules`.
+
+    The base weights stay frozen; only the LoRA A/B matrices require grad. With the default
+    `init=True` B starts at zero, so the adapted model initially equals the base model.
+    Uses diffusers' `PeftAdapterMixin.add_adapter` (all diffusers denoisers have it).
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"lora rank must be >= 1, got {rank}")
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        target_modules=list(target_modules),
+        init_lora_weights=init,
+    )
+    model.add_adapter(config)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+__all__ = [
+    "add_lora",
+    "check_component",
+    "check_pretrained_folder",
+    "freeze",
+    "load_component",
+    "looks_local",
+    "parse_dtype",
+]
