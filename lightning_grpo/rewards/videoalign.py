@@ -30,6 +30,8 @@ Video preprocessing (vision_process.py, on tensors here instead of a decoded MP4
     (H', W') = smart_resize(H, W, factor 28, min_pixels 128·28², max_pixels = max_frame_pixels)
     bicubic antialiased resize, CLIP mean/std normalisation, pad to a multiple of the temporal
     patch (repeat the last frame), then Qwen2-VL patchification (14-px patches, 2×2 merge).
+The official pipeline sees uint8 frames decoded from an MP4; here the float frames are used as they
+are (no codec, no 8-bit quantisation), which is the point of scoring in memory.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def official_hps(model: torch.nn.Module, pixels: torch.Tensor, prompts: list[str
     """hpsv2/img_score.py: features from the output_dict forward (normalised), diag(I @ T.T)."""
     import open_clip
 
-    out = model((pixels - MEAN) / STD, open_clip.tokenize(prompts), )
+    out = model((pixels - MEAN) / STD, open_clip.tokenize(prompts))
     image_features, text_features = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
     return torch.diagonal(image_features @ text_features.T)
 
