@@ -1,0 +1,71 @@
+"""The shapes world in one import: vocabulary, renderer, prompts and split, verifier reward.
+
+The pieces live in small modules (vocab, render, prompts, verifier, dataset); this module and the
+package `lightning_grpo.toy` re-export their public API, e.g.
+`from lightning_grpo.toy.shapes import ShapesVerifier, render_scenes, train_prompts`.
+"""
+
+from lightning_grpo.toy.dataset import sample_captioned_images
+from lightning_grpo.toy.prompts import (
+    TEMPLATES,
+    PromptParseError,
+    describe,
+    heldout_prompts,
+    heldout_scenes,
+    is_heldout,
+    parse_prompt,
+    prompts_for,
+    train_prompts,
+    train_scenes,
+    write_prompt_files,
+)
+from lightning_grpo.toy.render import render_indices, render_scenes
+from lightning_grpo.toy.verifier import (
+    DecodedScenes,
+    ShapesVerifier,
+    attribute_correctness,
+    decode_scenes,
+    exact_match_accuracy,
+    target_indices,
+)
+from lightning_grpo.toy.vocab import (
+    BACKGROUND,
+    COLOUR_NAMES,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    all_scenes,
+    scenes_to_indices,
+)
+
+__all__ = [
+    "BACKGROUND",
+    "COLOURS",
+    "COLOUR_NAMES",
+    "POSITIONS",
+    "SHAPES",
+    "TEMPLATES",
+    "DecodedScenes",
+    "PromptParseError",
+    "Scene",
+    "ShapesVerifier",
+    "all_scenes",
+    "attribute_correctness",
+    "decode_scenes",
+    "describe",
+    "exact_match_accuracy",
+    "heldout_prompts",
+    "heldout_scenes",
+    "is_heldout",
+    "parse_prompt",
+    "prompts_for",
+    "render_indices",
+    "render_scenes",
+    "sample_captioned_images",
+    "scenes_to_indices",
+    "target_indices",
+    "train_prompts",
+    "train_scenes",
+    "write_prompt_files",
+]

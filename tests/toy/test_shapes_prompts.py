@@ -1,0 +1,105 @@
+"""Templates, parser and the train / held-out split."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import pytest
+
+from lightning_grpo.toy import (
+    COLOUR_NAMES,
+    POSITIONS,
+    SHAPES,
+    TEMPLATES,
+    PromptParseError,
+    Scene,
+    all_scenes,
+    describe,
+    heldout_prompts,
+    heldout_scenes,
+    parse_prompt,
+    train_prompts,
+    train_scenes,
+    write_prompt_files,
+)
+
+
+def test_parser_round_trips_every_template_and_scene() -> None:
+    for scene in all_scenes():
+        for template in range(len(TEMPLATES)):
+            prompt = describe(scene, template)
+            assert parse_prompt(prompt) == scene, prompt
+
+
+def test_templates_are_distinct_paraphrases() -> None:
+    scene = Scene("blue", "triangle", "bottom right")
+    assert len({describe(scene, t) for t in range(len(TEMPLATES))}) == len(TEMPLATES) >= 3
+    assert describe(scene) == "a blue triangle at the bottom right"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("Upper-left: RED square!", Scene("red", "square", "top left")),
+        ("a yellow circle, lower right", Scene("yellow", "circle", "bottom right")),
+        ("right  top   green triangle", Scene("green", "triangle", "top right")),
+        ("a red red circle at the top left", Scene("red", "circle", "top left")),
+    ],
+)
+def test_parser_ignores_case_punctuation_order_and_synonyms(prompt: str, expected: Scene) -> None:
+    assert parse_prompt(prompt) == expected
+
+
+@pytest.mark.parametrize(
+    ("prompt", "missing"),
+    [
+        ("a circle at the top left", "no colour"),
+        ("a red thing at the top left", "no shape"),
+        ("a red circle on the left", "no vertical position"),
+        ("a red and blue circle at the top left", "conflicting"),
+        ("a red circle at the top bottom left", "conflicting"),
+    ],
+)
+def test_unparseable_prompt_raises_naming_it(prompt: str, missing: str) -> None:
+    with pytest.raises(PromptParseError, match=missing) as info:
+        parse_prompt(prompt)
+    assert repr(prompt) in str(info.value)
+
+
+def test_split_partitions_the_48_combinations() -> None:
+    train, heldout = set(train_scenes()), set(heldout_scenes())
+    assert len(all_scenes()) == 48
+    assert train | heldout == set(all_scenes())
+    assert not train & heldout
+    assert 0.25 <= len(heldout) / 48 <= 0.35
+    assert train_scenes() == train_scenes(), "the split must be deterministic"
+
+
+def test_heldout_combinations_never_appear_in_train_prompts() -> None:
+    trained = {parse_prompt(p) for p in train_prompts()}
+    assert trained == set(train_scenes())
+    assert not trained & set(heldout_scenes())
+    assert {parse_prompt(p) for p in heldout_prompts()} == set(heldout_scenes())
+
+
+def test_every_value_and_every_pair_of_values_is_trained() -> None:
+    train = train_scenes()
+    assert {s.colour for s in train} == set(COLOUR_NAMES)
+    assert {s.shape for s in train} == set(SHAPES)
+    assert {s.position for s in train} == set(POSITIONS)
+    for a, b in combinations(("colour", "shape", "position"), 2):
+        seen = {(getattr(s, a), getattr(s, b)) for s in train}
+        every = {(getattr(s, a), getattr(s, b)) for s in all_scenes()}
+        assert seen == every, f"some ({a}, {b}) pairs are never trained"
+
+
+def test_prompt_counts_and_template_selection() -> None:
+    assert len(train_prompts()) == 32 * len(TEMPLATES)
+    assert len(heldout_prompts(templates=[0])) == 16
+    assert heldout_prompts(templates=[0])[0] == describe(heldout_scenes()[0])
+
+
+def test_write_prompt_files(tmp_path) -> None:
+    paths = write_prompt_files(tmp_path, templates=[0, 1])
+    assert paths["train"].read_text().splitlines() == train_prompts([0, 1])
+    assert paths["heldout"].read_text().splitlines() == heldout_prompts([0, 1])
