@@ -46,8 +46,9 @@ def main(args: list[str] | None = None) -> None:
     run(args)
 
 
-def run(args: list[str] | None = None) -> GRPOCLI:
-    """Parse `args` (default: the command line), run the subcommand and return the CLI object."""
+def run(args: list[str] | None = None, subcommand: bool = True) -> GRPOCLI:
+    """Parse `args` (default: the command line) and run its subcommand; with subcommand=False,
+    `args` has none and the model, datamodule and trainer are only instantiated."""
     # A hub lookup here would hang for minutes without network; models are loaded from paths.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return GRPOCLI(
@@ -56,5 +57,6 @@ def run(args: list[str] | None = None) -> GRPOCLI:
         subclass_mode_data=True,
         trainer_defaults={**TRAINER_DEFAULTS, "callbacks": default_callbacks()},
         save_config_kwargs={"overwrite": True},
+        run=subcommand,
         args=args if args is not None else sys.argv[1:],
     )

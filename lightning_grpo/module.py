@@ -231,6 +231,22 @@ class GRPOModule(LightningModule):
         for name, s in scores.items():
             self.log(f"{stage}/reward/{name}", s.mean(), batch_size=len(s), sync_dist=True)
 
+    # ------------------------------------------------------------------ checkpoints
+    # Reward models and the KL reference are rebuilt from the config (their weights never change),
+    # so checkpoints leave them out: a ViT-H or Qwen2-VL reward would add gigabytes to every file.
+    _REBUILT = ("rewards.", "reference_policy.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(self._REBUILT)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(self._REBUILT):
+                state.setdefault(key, value)
+
     # ------------------------------------------------------------------ helpers
     def _decode(self, latents: Tensor) -> Tensor:
         with torch.no_grad():

@@ -118,3 +118,23 @@ def test_kl_penalty_runs_against_a_frozen_reference(prompts):
     assert all(not p.requires_grad for p in module.reference_policy.parameters())
     assert record.metrics[0]["train/kl"] == pytest.approx(0.0, abs=1e-10)  # identical before any update
     assert record.metrics[-1]["train/kl"] > 0
+
+
+def test_checkpoints_leave_out_rewards_and_reference_but_load_strictly(prompts, tmp_path):
+    class Weighted(Redness):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+
+    module = GRPOModule(TinyPolicy(), FlowSDESampler(4, eta=0.7), [Weighted()], group_size=2, kl_beta=0.1, show_progress=False)
+    trainer, _ = fit(module, prompts, batches=1, default_root_dir=tmp_path)
+    path = tmp_path / "grpo.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    assert not any(k.startswith(("rewards.", "reference_policy.")) for k in saved)
+    assert any(k.startswith("policy.") for k in saved)
+    fresh = GRPOModule(TinyPolicy(seed=1), FlowSDESampler(4, eta=0.7), [Weighted()], group_size=2, kl_beta=0.1, show_progress=False)
+    checkpoint = torch.load(path, weights_only=False)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    torch.testing.assert_close(fresh.policy.conv_out.weight, module.policy.conv_out.weight)
