@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from lightning_grpo.policies.base import PolicyAdapter
-from lightning_grpo.policies.loading import add_lora, check_pretrained_folder, freeze, load_component, parse_dtype
+from lightning_grpo.policies.loading import (
+    add_lora,
+    check_pretrained_folder,
+    freeze,
+    load_component,
+    load_tokenizer,
+    parse_dtype,
+)
 from lightning_grpo.types import Condition
 
 FLUX_COMPONENTS = {
@@ -136,8 +143,8 @@ class FluxPolicy(PolicyAdapter):
 
         path = self.pretrained_model_name_or_path
         check_pretrained_folder(path, FLUX_COMPONENTS)
-        self.tokenizer = load_component(CLIPTokenizer.from_pretrained, path, "tokenizer")
-        self.tokenizer_2 = load_component(T5TokenizerFast.from_pretrained, path, "tokenizer_2")
+        self.tokenizer = load_tokenizer(CLIPTokenizer, path, "tokenizer")
+        self.tokenizer_2 = load_tokenizer(T5TokenizerFast, path, "tokenizer_2")
         self.text_encoder = freeze(load_component(CLIPTextModel.from_pretrained, path, "text_encoder", dtype=frozen_dtype))
         self.text_encoder_2 = freeze(
             load_component(T5EncoderModel.from_pretrained, path, "text_encoder_2", dtype=frozen_dtype)

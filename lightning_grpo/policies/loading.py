@@ -116,6 +116,27 @@ def load_component(loader: Callable[..., Any], name_or_path: str | os.PathLike, 
         raise
 
 
+MIN_TOKENIZER_VOCAB = 8
+"""Fewer non-special tokens than this means a tokenizer loaded empty (see `load_tokenizer`)."""
+
+
+def load_tokenizer(tokenizer_cls: Any, name_or_path: str | os.PathLike, subfolder: str) -> Any:
+    """`tokenizer_cls.from_pretrained` that refuses a tokenizer which loaded empty.
+
+    transformers 5 does not raise when a tokenizer's files cannot be found (e.g. a hub id
+    offline): it builds a tokenizer holding only its special tokens, which then maps every
+    prompt to unknown tokens. Such a tokenizer is reported as a FileNotFoundError instead.
+    """
+    tokenizer = load_component(tokenizer_cls.from_pretrained, name_or_path, subfolder)
+    regular = len(tokenizer.get_vocab()) - len(set(tokenizer.all_special_tokens))
+    if regular < MIN_TOKENIZER_VOCAB:
+        raise FileNotFoundError(
+            f"tokenizer '{subfolder}' of {str(name_or_path)!r} loaded with {regular} regular tokens: "
+            "its vocabulary files were not found (offline without a cached copy?)"
+        )
+    return tokenizer
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Turn off gradients and switch to eval mode (no dropout) for a frozen component."""
     module.requires_grad_(False)
@@ -158,6 +179,7 @@ __all__ = [
     "check_pretrained_folder",
     "freeze",
     "load_component",
+    "load_tokenizer",
     "looks_local",
     "parse_dtype",
 ]

@@ -16,7 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_grpo.policies.base import PolicyAdapter
-from lightning_grpo.policies.loading import add_lora, check_pretrained_folder, freeze, load_component, parse_dtype
+from lightning_grpo.policies.loading import (
+    add_lora,
+    check_pretrained_folder,
+    freeze,
+    load_component,
+    load_tokenizer,
+    parse_dtype,
+)
 from lightning_grpo.types import Condition
 
 SD_COMPONENTS = {"unet": "model", "vae": "model", "text_encoder": "model", "tokenizer": "tokenizer", "scheduler": "scheduler"}
@@ -77,7 +84,7 @@ class StableDiffusionPolicy(PolicyAdapter):
 
         path = self.pretrained_model_name_or_path
         check_pretrained_folder(path, SD_COMPONENTS)
-        self.tokenizer = load_component(CLIPTokenizer.from_pretrained, path, "tokenizer")
+        self.tokenizer = load_tokenizer(CLIPTokenizer, path, "tokenizer")
         self.text_encoder = freeze(load_component(CLIPTextModel.from_pretrained, path, "text_encoder", dtype=frozen_dtype))
         self.vae = freeze(load_component(AutoencoderKL.from_pretrained, path, "vae", torch_dtype=frozen_dtype))
         self.unet = load_component(UNet2DConditionModel.from_pretrained, path, "unet", torch_dtype=unet_dtype)
@@ -85,6 +92,8 @@ class StableDiffusionPolicy(PolicyAdapter):
         # DDIMSDESampler(scheduler=DDIMScheduler.from_config(policy.scheduler_config)).
         self.scheduler_config: dict[str, Any] = dict(load_component(DDIMScheduler.load_config, path, "scheduler"))
 
+        if self.unet.config.time_cond_proj_dim is not None:
+            raise NotImplementedError("UNets with a guidance-scale embedding (time_cond_proj_dim, LCM) are not supported")
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if self.height % self.vae_scale_factor or self.width % self.vae_scale_factor:
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {self.height}×{self.width}")

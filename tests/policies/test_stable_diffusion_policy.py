@@ -189,3 +189,26 @@ def test_missing_component_is_named(tiny_sd_path, tmp_path, remove, named):
 def test_resolution_must_fit_the_vae(tiny_sd_path):
     with pytest.raises(ValueError, match="multiples of 2"):
         StableDiffusionPolicy(str(tiny_sd_path), height=15, width=16)
+
+
+def test_frozen_parts_in_bfloat16(tiny_sd_path):
+    """dtype applies to VAE and text encoder only; predict and decode still return fp32."""
+    policy = make_policy(tiny_sd_path, dtype="bfloat16", guidance_scale=2.0)
+    assert policy.vae.dtype == policy.text_encoder.dtype == torch.bfloat16
+    assert policy.unet.dtype == torch.float32
+    condition = policy.encode_prompts(PROMPTS)
+    assert condition["prompt_embeds"].dtype == torch.bfloat16
+    x = policy.prepare_latents(len(PROMPTS), torch.Generator().manual_seed(4))
+    out = policy.predict(x, torch.tensor([900, 100]), condition)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    pixels = policy.decode(x)
+    assert pixels.dtype == torch.float32 and 0 <= pixels.min() and pixels.max() <= 1
+
+
+def test_unreachable_hub_id_is_a_file_not_found_error():
+    import huggingface_hub.constants
+
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        pytest.skip("needs HF_HUB_OFFLINE=1 (a hub call could hang)")
+    with pytest.raises(FileNotFoundError, match="lightning-grpo-tests/no-such-sd"):
+        StableDiffusionPolicy("lightning-grpo-tests/no-such-sd")
