@@ -106,7 +106,7 @@ class FluxPolicy(PolicyAdapter):
         width: image width in pixels (multiple of 16).
         guidance: distilled guidance value fed to the transformer's guidance embedding
             (FLUX.1-dev: 3.5); ignored when the transformer has no guidance embedding (schnell).
-        max_sequence_length: T5 tokens per prompt (FluxPipeline default 512; DanceGRPO 512).
+        max_sequence_length: T5 tokens per prompt (FluxPipeline default 512; smaller saves memory).
         dtype: dtype of the frozen VAE and text encoders ("float32", "bfloat16", "float16").
         denoiser_dtype: dtype of the transformer weights.
         lora_rank: 0 trains the whole transformer; > 0 freezes it and trains a peft LoRA.
