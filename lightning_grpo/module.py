@@ -232,20 +232,24 @@ class GRPOModule(LightningModule):
             self.log(f"{stage}/reward/{name}", s.mean(), batch_size=len(s), sync_dist=True)
 
     # ------------------------------------------------------------------ checkpoints
-    # Reward models and the KL reference are rebuilt from the config (their weights never change),
-    # so checkpoints leave them out: a ViT-H or Qwen2-VL reward would add gigabytes to every file.
-    _REBUILT = ("rewards.", "reference_policy.")
+    def _rebuilt_keys(self) -> set[str]:
+        """State the config rebuilds exactly, left out of checkpoints: reward models, the KL
+        reference, and the policy's frozen weights (text encoders, VAE, LoRA base weights), which
+        would otherwise add gigabytes (T5-XXL, ViT-H, Qwen2-VL) to every checkpoint."""
+        keys = {k for k in self.state_dict() if k.startswith(("rewards.", "reference_policy."))}
+        keys |= {f"policy.{name}" for name, p in self.policy.named_parameters() if not p.requires_grad}
+        return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(self._REBUILT)]:
+        for key in self._rebuilt_keys() & set(state):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key, value in self.state_dict().items():
-            if key.startswith(self._REBUILT):
-                state.setdefault(key, value)
+        # keep strict loading: the rebuilt entries are filled in from the freshly built module
+        state, current = checkpoint["state_dict"], self.state_dict()
+        for key in self._rebuilt_keys():
+            state.setdefault(key, current[key])
 
     # ------------------------------------------------------------------ helpers
     def _decode(self, latents: Tensor) -> Tensor:

@@ -120,7 +120,7 @@ def test_kl_penalty_runs_against_a_frozen_reference(prompts):
     assert record.metrics[-1]["train/kl"] > 0
 
 
-def test_checkpoints_leave_out_rewards_and_reference_but_load_strictly(prompts, tmp_path):
+def test_checkpoints_leave_out_frozen_state_but_load_strictly(prompts, tmp_path):
     class Weighted(Redness):
         def __init__(self):
             super().__init__()
@@ -132,7 +132,7 @@ def test_checkpoints_leave_out_rewards_and_reference_but_load_strictly(prompts, 
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["state_dict"]
     assert not any(k.startswith(("rewards.", "reference_policy.")) for k in saved)
-    assert any(k.startswith("policy.") for k in saved)
+    assert "policy.conv_out.weight" in saved and "policy.embedding.weight" not in saved  # frozen: rebuilt
     fresh = GRPOModule(TinyPolicy(seed=1), FlowSDESampler(4, eta=0.7), [Weighted()], group_size=2, kl_beta=0.1, show_progress=False)
     checkpoint = torch.load(path, weights_only=False)
     fresh.on_load_checkpoint(checkpoint)
