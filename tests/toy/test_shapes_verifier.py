@@ -68,6 +68,15 @@ def test_one_wrong_attribute_is_scored_wrong(attribute: str) -> None:
     assert (ShapesVerifier("exact")(pixels, wrong) == 0).all()
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_dim_blurred_renders_are_correct(size: int, degrade_fn) -> None:
+    """An under-saturated object (70% of its colour, as an MSE-trained generator tends to make)."""
+    pixels, prompts, _ = _sample(size, seed=size + 1)
+    pixels = degrade_fn(0.7 * pixels, size / 32, 0.05, seed=size)
+    correct = attribute_correctness(pixels, prompts)
+    assert correct.all(1).float().mean().item() >= 0.99, correct.float().mean(0).tolist()
+
+
 def test_random_other_prompts_score_the_attributes_they_share() -> None:
     pixels, _, scenes = _sample(32, seed=2)
     shuffled = [scenes[i] for i in torch.randperm(len(scenes), generator=torch.Generator().manual_seed(0)).tolist()]
