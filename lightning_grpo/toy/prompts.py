@@ -67,7 +67,9 @@ def parse_prompt(prompt: str) -> Scene:
     colour = _one(prompt, "colour", {w for w in words if w in COLOUR_NAMES}, COLOUR_NAMES)
     shape = _one(prompt, "shape", {w for w in words if w in SHAPES}, SHAPES)
     vertical = _one(prompt, "vertical position", {_VERTICAL[w] for w in words if w in _VERTICAL}, ("top", "bottom"))
-    horizontal = _one(prompt, "horizontal position", {_HORIZONTAL[w] for w in words if w in _HORIZONTAL}, ("left", "right"))
+    horizontal = _one(
+        prompt, "horizontal position", {_HORIZONTAL[w] for w in words if w in _HORIZONTAL}, ("left", "right")
+    )
     return Scene(colour, shape, f"{vertical} {horizontal}")
 
 

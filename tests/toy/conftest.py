@@ -23,8 +23,10 @@ def degrade(pixels: Tensor, blur_sigma: float, noise_std: float, seed: int = 0) 
         kernel = torch.exp(-taps.square() / (2 * blur_sigma**2))
         kernel = (kernel / kernel.sum()).to(pixels)
         channels = pixels.shape[1]
-        out = F.conv2d(F.pad(out, (half, half, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-        out = F.conv2d(F.pad(out, (0, 0, half, half), mode="replicate"), kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+        row = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)  # [C, 1, 1, k] depthwise
+        col = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)  # [C, 1, k, 1]
+        out = F.conv2d(F.pad(out, (half, half, 0, 0), mode="replicate"), row, groups=channels)
+        out = F.conv2d(F.pad(out, (0, 0, half, half), mode="replicate"), col, groups=channels)
     if noise_std > 0:
         gen = torch.Generator().manual_seed(seed)
         out = out + noise_std * torch.randn(out.shape, generator=gen).to(out)

@@ -81,7 +81,9 @@ def test_random_other_prompts_score_the_attributes_they_share() -> None:
     pixels, _, scenes = _sample(32, seed=2)
     shuffled = [scenes[i] for i in torch.randperm(len(scenes), generator=torch.Generator().manual_seed(0)).tolist()]
     correct = attribute_correctness(pixels, [describe(s) for s in shuffled])
-    shared = torch.tensor([[a.colour == b.colour, a.shape == b.shape, a.position == b.position] for a, b in zip(scenes, shuffled)])
+    shared = torch.tensor(
+        [[a.colour == b.colour, a.shape == b.shape, a.position == b.position] for a, b in zip(scenes, shuffled)]
+    )
     assert torch.equal(correct, shared)
 
 
@@ -118,7 +120,8 @@ def test_reward_modes_and_exact_match_accuracy() -> None:
     scenes = all_scenes()[:8]
     pixels = render_scenes(scenes, seed=3)
     right = [describe(s) for s in scenes]
-    half = right[:4] + [describe(Scene(s.colour, s.shape, POSITIONS[(POSITIONS.index(s.position) + 1) % 4])) for s in scenes[4:]]
+    moved = [Scene(s.colour, s.shape, POSITIONS[(POSITIONS.index(s.position) + 1) % 4]) for s in scenes[4:]]
+    half = right[:4] + [describe(s) for s in moved]
     assert torch.equal(ShapesVerifier("dense")(pixels, half), torch.tensor([1.0] * 4 + [2 / 3] * 4))
     assert torch.equal(ShapesVerifier("exact")(pixels, half), torch.tensor([1.0] * 4 + [0.0] * 4))
     assert exact_match_accuracy(pixels, half) == pytest.approx(0.5)
