@@ -55,19 +55,25 @@ def final_policy(log_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")}
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    """2 steps, stop, resume to 4 == 4 steps straight: weights, optimizer, data position and noise restored."""
-    run(fit_args(tmp_path / "straight", 4))
-    run(fit_args(tmp_path / "split", 2))
-    first = tmp_path / "split" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    saved = torch.load(first, map_location="cpu", weights_only=False)
-    assert "PromptDataModule" in saved, f"no datamodule state in the checkpoint: {sorted(saved)}"
-    cli = run(fit_args(tmp_path / "split", 4, f"--ckpt_path={first}"))
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
+    """Resume from the step-2 checkpoint of a 4-step run (as after a crash) and finish: same weights
+    as the run itself, so weights, optimizer, LR schedule, prompt position and noise are restored.
+
+    (A run that *ended* at max_steps has closed its epoch in Lightning's loop state; extending it
+    starts the next epoch, with a fresh shuffle.)
+    """
+    every_two = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=2",
+                 "--trainer.callbacks.save_top_k=-1", f"--trainer.callbacks.dirpath={tmp_path / 'every2'}"]
+    run(fit_args(tmp_path / "straight", 4, *every_two))
+    mid_run = tmp_path / "every2" / "epoch=0-step=2.ckpt"
+    saved = torch.load(mid_run, map_location="cpu", weights_only=False)
+    assert saved["PromptDataModule"]["samples_consumed"] == 2  # one batch of 2 prompts consumed
+    cli = run(fit_args(tmp_path / "resumed", 4, f"--ckpt_path={mid_run}"))
     assert cli.trainer.global_step == 4
     straight = final_policy(tmp_path / "straight" / "tiny" / "version_0")
-    resumed = final_policy(tmp_path / "split" / "tiny" / "version_1")
-    interrupted = final_policy(tmp_path / "split" / "tiny" / "version_0")
-    assert not torch.equal(interrupted["policy.conv_out.weight"], straight["policy.conv_out.weight"])
+    resumed = final_policy(tmp_path / "resumed" / "tiny" / "version_0")
+    at_step_two = {k: v for k, v in saved["state_dict"].items() if k.startswith("policy.")}
+    assert not torch.equal(at_step_two["policy.conv_out.weight"], straight["policy.conv_out.weight"])
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=f"{name} differs after resume")
 
