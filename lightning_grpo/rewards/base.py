@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from lightning_grpo.grpo.advantages import binarize
+
 
 class RewardError(RuntimeError):
     """A reward failed or returned an invalid value; the message names the reward."""
@@ -72,7 +74,7 @@ class Binary(Reward):
         self.threshold = float(threshold)
 
     def score(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
-        return (self.reward(pixels, prompts, images) > self.threshold).float()
+        return binarize(self.reward(pixels, prompts, images), self.threshold)
 
 
 class MultiReward(nn.Module):
