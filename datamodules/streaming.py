@@ -10,7 +10,9 @@ slice of each block. Slices are laid out worker-major (slot ``worker * world_siz
 because a DataLoader hands out its workers' batches round-robin from worker 0: after every
 rank has consumed ``n`` batches, the records consumed are exactly the first
 ``n * batch_size * world_size`` of the global stream, which is all a resume needs to know
-(and which stays true when the number of ranks, workers or the batch size changes).
+(and which stays true when the number of ranks, workers or the batch size changes). A resumed
+pass keeps the blocks of the uninterrupted pass and rotates the workers' roles so the next
+unseen slice comes first; resumed and uninterrupted runs then see the same batches.
 
 Equal batch counts on every rank (so DDP never waits on a rank that ran out): every shard
 emits exactly one batch per block. The last, incomplete block is dropped (``remainder="drop"``,
@@ -94,6 +96,18 @@ def blocks(items: Iterator[Any], size: int, remainder: Remainder) -> Iterator[li
 def keep_batch(batch: Any) -> Any:
     """``collate_fn`` for ready-made batches: pass them through (default_convert walks every string)."""
     return batch
+
+
+def resume_point(skip: int, round_size: int, block_size: int) -> tuple[int, int]:
+    """Where to restart blocking after ``skip`` consumed records: (origin, rounds done in its block).
+
+    When ``skip`` is a whole number of rounds (the usual case: same ranks and batch size as the
+    saved run), blocks stay aligned with an uninterrupted run's, so the resumed epoch continues
+    exactly like it, tail included. Otherwise (the layout changed) blocks restart at ``skip``.
+    """
+    if skip % round_size:
+        return skip, 0
+    return skip - skip % block_size, (skip % block_size) // round_size
 
 
 def worker_slot() -> tuple[int, int]:
@@ -213,14 +227,22 @@ class PromptStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg = self.config
         worker, workers = worker_slot()
-        slot = worker * cfg.world_size + cfg.rank  # worker-major: see the module docstring
+        round_size = cfg.world_size * cfg.batch_size  # records one batch on every rank consumes
+        block_size = workers * round_size
+        origin, rounds_done = resume_point(self.skip, round_size, block_size)
+        # After a resume inside a block, DataLoader worker 0 must deliver the next unseen slice,
+        # so the workers' roles rotate by the rounds already done in that block.
+        role = (worker + rounds_done) % workers
+        slot = role * cfg.world_size + cfg.rank  # worker-major: see the module docstring
         # Every shard sees every record, so one shard reports bad records; each shard reports
         # the failures of its own batches (e.g. images), which no other shard sees.
         record_reporter = BadRecordReporter(cfg.on_bad_line, verbose=slot == 0)
         batch_reporter = BadRecordReporter(cfg.on_bad_line)
         start, stop = slot * cfg.batch_size, (slot + 1) * cfg.batch_size
-        remaining = itertools.islice(self.records(record_reporter), self.skip, None)
-        for block in blocks(remaining, workers * cfg.world_size * cfg.batch_size, cfg.remainder):
+        remaining = itertools.islice(self.records(record_reporter), origin, None)
+        for index, block in enumerate(blocks(remaining, block_size, cfg.remainder)):
+            if index == 0 and role < rounds_done:
+                continue  # this role's slice of the first block was consumed before the resume
             yield self.make_batch(block[start:stop], batch_reporter)
         record_reporter.summarize("prompt records")
         batch_reporter.summarize("batch items")
