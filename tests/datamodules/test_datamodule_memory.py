@@ -21,7 +21,8 @@ def million_prompts(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("million") / "million.txt"
     with open(path, "w", encoding="utf-8") as handle:
         for start in range(0, MILLION, 100_000):
-            handle.write("".join(f"a studio photo of object {i} on an oak table\n" for i in range(start, start + 100_000)))
+            chunk = range(start, start + 100_000)
+            handle.write("".join(f"a studio photo of object {i} on an oak table\n" for i in chunk))
     return str(path)
 
 

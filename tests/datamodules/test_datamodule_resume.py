@@ -91,8 +91,8 @@ class PromptRecorder(LightningModule):
 
 def fit(dm: PromptDataModule, ckpt_path: str | None = None, **trainer_kwargs) -> tuple[PromptRecorder, Trainer]:
     trainer_kwargs.setdefault("enable_checkpointing", False)
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2,
-                      **trainer_kwargs)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=2, **trainer_kwargs)
     model = PromptRecorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # few-workers and mid-epoch-resume notices

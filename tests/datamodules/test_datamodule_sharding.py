@@ -155,3 +155,14 @@ def test_validation_is_padded_to_equal_batches_on_every_rank(prompts_file):
     assert len(batches[0]) == len(batches[1]) > 0
     no_split = PromptDataModule(path, rank=0, world_size=1)
     assert no_split.val_dataloader() == []
+
+
+def test_rank_comes_from_trainer_unless_given_explicitly():
+    from types import SimpleNamespace
+
+    from datamodules.streaming import resolve_rank
+
+    trainer = SimpleNamespace(global_rank=3, world_size=4)
+    assert resolve_rank(trainer, None, None) == (3, 4)
+    assert resolve_rank(trainer, 1, 2) == (1, 2)
+    assert resolve_rank(None, None, None) == (0, 1)  # no trainer, no process group
