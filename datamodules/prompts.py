@@ -185,6 +185,10 @@ class PromptDataModule(LightningDataModule):
         stream = self.make_stream(self._stream_config("val", self.val_batch_size, rank, world_size))
         return DataLoader(stream, batch_size=None, collate_fn=keep_batch, num_workers=self.num_workers)
 
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The held-out prompts again: `lightning-grpo test` evaluates on the validation split."""
+        return self.val_dataloader()
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count a training batch as consumed as it enters the training step.
 

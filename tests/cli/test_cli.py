@@ -85,3 +85,13 @@ def test_console_script_help_documents_options():
     for option in ("--model.group_size", "--model.timestep_fraction", "--model.clip_range", "--model.best_of_n"):
         assert option in out.stdout
     assert "shared initial noise" in out.stdout or "initial noise" in out.stdout
+
+
+def test_validate_and_test_subcommands_score_the_held_out_prompts(tmp_path):
+    for subcommand, stage in (("validate", "val"), ("test", "test")):
+        args = fit_args(tmp_path, 1)
+        args[0] = subcommand
+        args = [a for a in args if not a.startswith("--trainer.max_steps")]
+        cli = run(args)
+        value = cli.trainer.callback_metrics[f"{stage}/reward/jpeg_incompressibility"]
+        assert torch.isfinite(value) and value > 0
