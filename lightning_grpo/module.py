@@ -150,11 +150,10 @@ class GRPOModule(LightningModule):
         hp = self.hparams
         advantages = self._combine(scores, hp.group_size)
         if hp.best_of_n is not None:
-            keep_top, keep_bottom = hp.best_of_n
-            chosen = best_of_n_indices(advantages, hp.group_size, keep_top, keep_bottom)
+            chosen = best_of_n_indices(advantages, hp.group_size, *hp.best_of_n)
             trajectories = trajectories.select(chosen)
             scores = {name: s[chosen] for name, s in scores.items()}
-            advantages = self._combine(scores, keep_top + keep_bottom)
+            advantages = self._combine(scores, self._trained_group_size())
         return trajectories, scores, advantages
 
     def _combine(self, scores: dict[str, Tensor], group_size: int) -> Tensor:

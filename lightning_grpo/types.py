@@ -6,7 +6,7 @@ steps, K = trained timesteps per sample, `*L` = the latent shape of one sample (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -45,10 +45,6 @@ class Rollout:
     def batch_size(self) -> int:
         return self.latents.shape[0]
 
-    @property
-    def num_steps(self) -> int:
-        return self.log_probs.shape[1]
-
     def select(self, index: Tensor) -> Rollout:
         """The sub-rollout of samples `index` (used by best-of-n and mini-batching)."""
         index = index.to(self.latents.device)
@@ -74,6 +70,3 @@ class GRPOStats:
     clip_fraction: Tensor
     approx_kl: Tensor
     kl: Tensor = field(default_factory=lambda: torch.zeros(()))
-
-    def as_dict(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
