@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_grpo.evaluation import EvaluationResult, evaluate, sample_seed
 from lightning_grpo.grpo.advantages import StdMode, multi_reward_advantages, zero_variance_fraction
 from lightning_grpo.grpo.loss import clipped_surrogate_loss, gaussian_kl
 from lightning_grpo.grpo.selection import best_of_n_indices, sample_timestep_indices
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
-from lightning_grpo.rollout import ode_sample, rollout
+from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers.base import Sampler
-from lightning_grpo.types import GRPOStats, Rollout, index_condition
+from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
 
 
 class GRPOModule(LightningModule):
@@ -54,6 +56,15 @@ class GRPOModule(LightningModule):
         seed: base seed; rollout noise depends on (seed, global step, rank), so ranks differ and a
             resumed run draws the same noise it would have drawn.
         show_progress: show progress bars for the rollout and update phases (rank zero).
+        test_grid_size: `lightning-grpo test` keeps the pixels of this many samples (per rank) for
+            the image grid it writes with its results.
+
+    Attributes for callbacks:
+        last_step: `StepRecord` of the last training step (scores, per-reward normalised
+            advantages, final latents, pixels), or None; released when the next step starts.
+        rollout_weights: context-manager factory entered around the rollout (default: nothing);
+            the EMA callback sets it to roll out with averaged weights (`use_for_rollouts`).
+        test_results: `EvaluationResult` of the last `lightning-grpo test` (all ranks gathered).
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class GRPOModule(LightningModule):
         decode_batch_size: int = 8,
         seed: int = 0,
         show_progress: bool = True,
+        test_grid_size: int = 64,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards"])
@@ -90,6 +102,10 @@ class GRPOModule(LightningModule):
         self.rewards = MultiReward(rewards)
         self.reference_policy = _frozen_copy(policy) if kl_beta > 0 else None
         self.automatic_optimization = False
+        self.last_step: StepRecord | None = None
+        self.rollout_weights: Callable[[], AbstractContextManager] = nullcontext
+        self.test_results: EvaluationResult | None = None
+        self._test_parts: list[EvaluationResult] = []
 
     def train(self, mode: bool = True) -> GRPOModule:
         """Lightning toggles train mode; the policy stays in eval mode (no dropout), because GRPO
@@ -126,10 +142,11 @@ class GRPOModule(LightningModule):
            gradient, clipped surrogate loss, accumulate over samples × timesteps, clip the grad
            norm and step the optimizer every `samples_per_update` samples (CFG on: once).
         """
+        self.last_step = None  # release the previous step's tensors
         timer = _PhaseTimer(self.device)
         generator = self._generator(offset=0)
         # 1-2. rollout
-        with timer("rollout"):
+        with timer("rollout"), self.rollout_weights():
             trajectories = rollout(
                 self.policy, self.sampler, batch["prompts"], self.hparams.group_size, generator,
                 shared_noise=self.hparams.shared_noise, images=batch.get("images"), progress=self._progress("rollout"),
@@ -140,11 +157,24 @@ class GRPOModule(LightningModule):
         with timer("reward"):
             scores = self.rewards(pixels, trajectories.prompts, trajectories.images)  # {name: [B]}
         # 4. advantages (+ best-of-n)
+        rolled_out, all_scores = trajectories, scores
         trajectories, scores, advantages = self._advantages(trajectories, scores)
         # 5. update
         with timer("update"):
             stats, grad_norms = self._update(trajectories, advantages)
         self._log_step(scores, advantages, stats, grad_norms, timer, trajectories.batch_size)
+        self.last_step = self._step_record(rolled_out, pixels, all_scores, advantages)
+
+    def _step_record(self, rolled_out: Rollout, pixels: Tensor, scores: dict[str, Tensor], advantages: Tensor) -> StepRecord:
+        """The light-weight summary of a step that callbacks read (see `StepRecord`)."""
+        hp = self.hparams
+        _, per_reward = multi_reward_advantages(scores, self.rewards.weights, hp.group_size, std_mode=hp.advantage_std)
+        return StepRecord(
+            prompts=rolled_out.prompts, group_size=hp.group_size,
+            latents=rolled_out.latents[:, -1].detach().clone(),  # clone: do not keep all T+1 steps alive
+            pixels=pixels.detach(), scores={k: v.detach() for k, v in scores.items()},
+            reward_advantages=per_reward, advantages=advantages.detach(),
+        )
 
     def _advantages(self, trajectories: Rollout, scores: dict[str, Tensor]) -> tuple[Rollout, dict[str, Tensor], Tensor]:
         hp = self.hparams
@@ -219,16 +249,41 @@ class GRPOModule(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test")
+    def on_test_epoch_start(self) -> None:
+        self._test_parts = []
 
-    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
-        """Deterministic (eta = 0) samples from fixed seeds, scored by every reward."""
-        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 7919 + batch_idx)
-        latents = ode_sample(self.policy, self.sampler, batch["prompts"], generator, images=batch.get("images"))
-        scores = self.rewards(self._decode(latents), batch["prompts"], batch.get("images"))
-        for name, s in scores.items():
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._test_parts.append(self._evaluate(batch, batch_idx, "test"))
+
+    def on_test_epoch_end(self) -> None:
+        """Gather every rank's test samples, log mean and 95% interval per reward
+        (`test/reward/{name}`, `..._ci_low`, `..._ci_high`) and, on rank zero, write results.csv,
+        results.md and grid.png into `<log_dir>/test/` and print the table."""
+        result = _gather_results(self._test_parts, self.hparams.test_grid_size)
+        self._test_parts, self.test_results = [], result
+        for name, (mean, low, high, n) in result.summary().items():
+            interval = {f"test/reward/{name}_ci_low": low, f"test/reward/{name}_ci_high": high, f"test/reward/{name}_n": float(n)}
+            self.log_dict(interval, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            directory = Path(self.trainer.log_dir or ".") / "test"
+            result.write(directory)
+            print(f"Held-out test, {len(result.prompts)} samples (written to {directory}):\n{result.to_markdown()}")
+
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> EvaluationResult:
+        """Deterministic (eta = 0) samples from fixed per-sample seeds, scored by every reward.
+
+        Noise is seeded from (seed, batch, rank, position) through `lightning_grpo.evaluation`, with
+        its own generators: evaluating never moves the training random stream.
+        """
+        rank = self.global_rank if self._trainer is not None else 0
+        keep = stage == "test" and sum(len(p.prompts) for p in self._test_parts) < self.hparams.test_grid_size
+        result = evaluate(
+            self.policy, self.sampler, batch["prompts"], self.rewards, seed=sample_seed(self.hparams.seed, batch_idx, rank),
+            batch_size=self.hparams.decode_batch_size, keep_pixels=keep, images=batch.get("images"), show_progress=False,
+        )
+        for name, s in result.scores.items():
             self.log(f"{stage}/reward/{name}", s.mean(), batch_size=len(s), sync_dist=True)
+        return result
 
     # ------------------------------------------------------------------ checkpoints
     def _rebuilt_keys(self) -> set[str]:
@@ -313,6 +368,27 @@ class _PhaseTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _gather_results(parts: list[EvaluationResult], grid_size: int) -> EvaluationResult:
+    """This rank's test results concatenated, then those of every rank in rank order."""
+    local = _concat_results(parts, grid_size)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return local
+    gathered: list[EvaluationResult] = [local] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    return _concat_results(gathered, grid_size)
+
+
+def _concat_results(parts: list[EvaluationResult], grid_size: int) -> EvaluationResult:
+    """One result from several (prompts and scores concatenated; at most `grid_size` pixels kept)."""
+    names = list(parts[0].scores) if parts else []
+    pixels = [part.pixels for part in parts if part.pixels is not None]
+    return EvaluationResult(
+        prompts=[prompt for part in parts for prompt in part.prompts],
+        scores={name: torch.cat([part.scores[name] for part in parts]) for name in names},
+        pixels=torch.cat(pixels)[:grid_size] if pixels else None,
+    )
 
 
 def _frozen_copy(policy: PolicyAdapter) -> PolicyAdapter:

@@ -70,3 +70,26 @@ class GRPOStats:
     clip_fraction: Tensor
     approx_kl: Tensor
     kl: Tensor = field(default_factory=lambda: torch.zeros(()))
+
+
+@dataclass
+class StepRecord:
+    """What the last training step produced, kept on `GRPOModule.last_step` for callbacks (reward
+    histograms, diversity). Detached tensors; replaced by every step and released at the start
+    of the next one, so it costs no memory beyond what the step held anyway.
+
+    Samples b and b' were drawn for the same prompt iff b // group_size == b' // group_size.
+    """
+
+    prompts: list[str]  # [B] prompt of each rolled-out sample
+    group_size: int  # G
+    latents: Tensor  # [B, *L] final latents x_T of every rolled-out sample
+    pixels: Tensor  # [B, C, H, W] or [B, F, C, H, W] decoded samples in [0, 1]
+    scores: dict[str, Tensor]  # name -> [B] raw reward of every rolled-out sample (before best-of-n)
+    reward_advantages: dict[str, Tensor]  # name -> [B] that reward normalised within its group
+    advantages: Tensor  # [B'] combined advantages of the trained samples (after best-of-n, B' <= B)
+
+    @property
+    def group_index(self) -> Tensor:
+        """[B] long: the prompt (group) of each sample."""
+        return torch.arange(len(self.prompts), device=self.latents.device) // self.group_size
