@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from lightning_grpo.evaluation import EvaluationResult, evaluate, sample_seed
 from lightning_grpo.grpo.advantages import StdMode, multi_reward_advantages, zero_variance_fraction
+from lightning_grpo.grpo.filtering import filter_nonfinite_groups
 from lightning_grpo.grpo.loss import clipped_surrogate_loss, gaussian_kl
 from lightning_grpo.grpo.selection import best_of_n_indices, sample_timestep_indices
 from lightning_grpo.policies.base import PolicyAdapter
@@ -53,6 +55,13 @@ class GRPOModule(LightningModule):
         lr_warmup_steps: linear warm-up over this many optimizer steps, then constant.
         max_grad_norm: gradient-norm clip per optimizer step (1.0); None disables clipping.
         decode_batch_size: samples decoded and scored at once (memory knob).
+        reward_failure: what a non-finite (NaN/inf) reward does: "raise" a `RewardError` naming the
+            reward (default), or "drop_group": every group holding such a sample is left out of
+            this step's update (a warning names the reward and the counts; logged as
+            `train/reward/dropped_groups`), and the step is skipped if no group is left. A reward
+            that raises an exception cannot be attributed to a group and always raises. Single
+            process only: ranks that drop different numbers of groups would run different
+            numbers of backward passes, which DDP cannot synchronise.
         seed: base seed; rollout noise depends on (seed, global step, rank), so ranks differ and a
             resumed run draws the same noise it would have drawn.
         show_progress: show progress bars for the rollout and update phases (rank zero).
@@ -90,6 +99,7 @@ class GRPOModule(LightningModule):
         lr_warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
         decode_batch_size: int = 8,
+        reward_failure: Literal["raise", "drop_group"] = "raise",
         seed: int = 0,
         show_progress: bool = True,
         test_grid_size: int = 64,
@@ -97,6 +107,8 @@ class GRPOModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards"])
         _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
+        if reward_failure not in ("raise", "drop_group"):
+            raise ValueError(f"reward_failure must be 'raise' or 'drop_group', got {reward_failure!r}")
         self.policy = policy
         self.sampler = sampler
         self.rewards = MultiReward(rewards)
@@ -135,7 +147,8 @@ class GRPOModule(LightningModule):
            within a group when `shared_noise`).
         2. Roll out all P·G trajectories under no_grad with the SDE sampler, batched, keeping
            latents, log-probs and the condition.
-        3. Decode the final latents and score them with every reward under no_grad.
+        3. Decode the final latents and score them with every reward under no_grad
+           (`reward_failure="drop_group"`: drop the groups with a non-finite reward).
         4. Advantages: each reward normalised within its group, weighted sum, clamp; optional
            best-of-n keeps the top/bottom trajectories of each group and re-normalises.
         5. Update: for a random subset of each sample's timesteps, recompute log-probs with
@@ -155,13 +168,19 @@ class GRPOModule(LightningModule):
         with timer("decode"):
             pixels = self._decode(trajectories.latents[:, -1])  # [B, C, H, W] or [B, F, C, H, W]
         with timer("reward"):
-            scores = self.rewards(pixels, trajectories.prompts, trajectories.images)  # {name: [B]}
+            drop = self.hparams.reward_failure == "drop_group"
+            scores = self.rewards(pixels, trajectories.prompts, trajectories.images, allow_nonfinite=drop)  # {name: [B]}
+        if drop:
+            trajectories, pixels, scores = self._drop_nonfinite_groups(trajectories, pixels, scores)
+            if trajectories is None:  # every group dropped: no update this step
+                return
         # 4. advantages (+ best-of-n)
         rolled_out, all_scores = trajectories, scores
         trajectories, scores, advantages = self._advantages(trajectories, scores)
         # 5. update
         with timer("update"):
-            stats, grad_norms = self._update(trajectories, advantages)
+            dropped = rolled_out.batch_size < len(batch["prompts"]) * self.hparams.group_size
+            stats, grad_norms = self._update(trajectories, advantages, allow_partial=dropped)
         self._log_step(scores, advantages, stats, grad_norms, timer, trajectories.batch_size)
         self.last_step = self._step_record(rolled_out, pixels, all_scores, advantages)
 
@@ -175,6 +194,32 @@ class GRPOModule(LightningModule):
             pixels=pixels.detach(), scores={k: v.detach() for k, v in scores.items()},
             reward_advantages=per_reward, advantages=advantages.detach(),
         )
+
+    def on_fit_start(self) -> None:
+        if self.hparams.reward_failure == "drop_group" and self.trainer.world_size > 1:
+            raise ValueError(
+                "reward_failure='drop_group' needs a single process: ranks dropping different numbers of groups "
+                "would run different numbers of backward passes, which DDP cannot synchronise"
+            )
+
+    def _drop_nonfinite_groups(self, trajectories: Rollout, pixels: Tensor, scores: dict[str, Tensor]) -> tuple[Rollout | None, Tensor, dict[str, Tensor]]:
+        """Step 3b (`reward_failure="drop_group"`): keep the groups whose rewards are all finite,
+        warn naming each failing reward; (None, ...) when no group is left."""
+        kept = filter_nonfinite_groups(scores, self.hparams.group_size)
+        self.log("train/reward/dropped_groups", float(kept.dropped_groups), on_step=True, batch_size=trajectories.batch_size)
+        if not kept.dropped_groups:
+            return trajectories, pixels, scores
+        counts = ", ".join(f"{name!r} on {n} sample(s)" for name, n in kept.nonfinite_samples.items())
+        outcome = "skipping this update" if kept.keep.numel() == 0 else "training on the others"
+        step = self.trainer.global_step if self._trainer is not None else 0
+        warnings.warn(
+            f"non-finite reward from {counts}: dropping {kept.dropped_groups} of {kept.num_groups} groups "
+            f"at step {step}, {outcome}", RuntimeWarning, stacklevel=2,
+        )
+        if kept.keep.numel() == 0:
+            return None, pixels, scores
+        keep = kept.keep.to(pixels.device)
+        return trajectories.select(keep), pixels[keep], {name: s[keep.to(s.device)] for name, s in scores.items()}
 
     def _advantages(self, trajectories: Rollout, scores: dict[str, Tensor]) -> tuple[Rollout, dict[str, Tensor], Tensor]:
         hp = self.hparams
@@ -191,13 +236,17 @@ class GRPOModule(LightningModule):
         total, _ = multi_reward_advantages(scores, self.rewards.weights, group_size, std_mode=hp.advantage_std, clip_max=hp.adv_clip_max)
         return total
 
-    def _update(self, trajectories: Rollout, advantages: Tensor) -> tuple[list[GRPOStats], list[Tensor]]:
-        """Step 5: recompute log-probs on random timesteps and apply the clipped loss."""
+    def _update(self, trajectories: Rollout, advantages: Tensor, allow_partial: bool = False) -> tuple[list[GRPOStats], list[Tensor]]:
+        """Step 5: recompute log-probs on random timesteps and apply the clipped loss.
+
+        `allow_partial` (groups were dropped): the last optimizer step may hold fewer
+        than `samples_per_update` samples; its gradient is still the mean over its own samples."""
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         num_samples = trajectories.batch_size
         per_update = num_samples if self.policy.uses_cfg or hp.samples_per_update is None else hp.samples_per_update
-        _check_divides(num_samples, per_update, hp.micro_batch_size)
+        if not allow_partial:
+            _check_divides(num_samples, per_update, hp.micro_batch_size)
         cpu_gen = self._generator(offset=1, device="cpu")
         candidates = self.sampler.stochastic_steps()
         if hp.drop_last_timestep:
@@ -208,12 +257,13 @@ class GRPOModule(LightningModule):
         stats, grad_norms = [], []
         for start in self._progress("update")(range(0, num_samples, hp.micro_batch_size)):
             samples = order[start : start + hp.micro_batch_size]  # [m]
-            scale = samples.numel() / per_update / num_trained  # mean over accumulated samples × timesteps
+            in_step = min(per_update, num_samples - start // per_update * per_update)  # samples of this optimizer step
+            scale = samples.numel() / in_step / num_trained  # mean over accumulated samples × timesteps
             for k in range(num_trained):
                 loss, step_stats = self._micro_loss(trajectories, advantages, samples, steps[samples, k])
                 self.manual_backward(loss * scale)
                 stats.append(step_stats)
-            if (start + samples.numel()) % per_update == 0:
+            if (start + samples.numel()) % per_update == 0 or start + samples.numel() == num_samples:
                 grad_norms.append(self._optimizer_step(optimizer, scheduler))
         return stats, grad_norms
 

@@ -38,8 +38,16 @@ class Reward(nn.Module, ABC):
         """Scores Tensor[B] for pixels in [0, 1] ([B, C, H, W] or [B, F, C, H, W])."""
 
     @torch.no_grad()
-    def forward(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
-        """Validated, gradient-free scores: Tensor[B] fp32 on pixels' device."""
+    def forward(
+        self, pixels: Tensor, prompts: list[str], images: Tensor | None = None, allow_nonfinite: bool = False
+    ) -> Tensor:
+        """Validated, gradient-free scores: Tensor[B] fp32 on pixels' device.
+
+        Any exception, a wrong shape, and (unless `allow_nonfinite`) a NaN/inf score raise
+        `RewardError` naming the reward. `allow_nonfinite=True` returns non-finite scores as they
+        are, for a caller that drops the affected groups (`GRPOModule(reward_failure="drop_group")`);
+        an exception is never per-sample, so it still raises.
+        """
         batch = pixels.shape[0]
         if pixels.ndim not in (4, 5):
             raise RewardError(f"reward {self.name!r}: pixels must be [B,C,H,W] or [B,F,C,H,W], got {tuple(pixels.shape)}")
@@ -54,7 +62,7 @@ class Reward(nn.Module, ABC):
         scores = torch.as_tensor(scores, device=pixels.device).float()
         if scores.shape != (batch,):
             raise RewardError(f"reward {self.name!r} returned shape {tuple(scores.shape)}, expected ({batch},)")
-        if not torch.isfinite(scores).all():
+        if not allow_nonfinite and not torch.isfinite(scores).all():
             bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
             raise RewardError(f"reward {self.name!r} returned non-finite scores at samples {bad}: {scores.tolist()}")
         return scores
@@ -74,7 +82,10 @@ class Binary(Reward):
         self.threshold = float(threshold)
 
     def score(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
-        return binarize(self.reward(pixels, prompts, images), self.threshold)
+        # a non-finite inner score stays non-finite (never silently 0): the outer forward then
+        # raises, or lets the caller drop the sample's group
+        scores = self.reward(pixels, prompts, images, allow_nonfinite=True)
+        return torch.where(torch.isfinite(scores), binarize(scores, self.threshold), scores)
 
 
 class MultiReward(nn.Module):
@@ -97,5 +108,8 @@ class MultiReward(nn.Module):
     def weights(self) -> dict[str, float]:
         return {r.name: r.weight for r in self.rewards}
 
-    def forward(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> dict[str, Tensor]:
-        return {r.name: r(pixels, prompts, images) for r in self.rewards}
+    def forward(
+        self, pixels: Tensor, prompts: list[str], images: Tensor | None = None, allow_nonfinite: bool = False
+    ) -> dict[str, Tensor]:
+        """{name: Tensor[B]}; `allow_nonfinite` is passed to every reward (see `Reward.forward`)."""
+        return {r.name: r(pixels, prompts, images, allow_nonfinite=allow_nonfinite) for r in self.rewards}

@@ -78,3 +78,27 @@ def test_importing_rewards_does_not_import_model_libraries() -> None:
         "assert not bad, bad; assert 'HPSReward' in r.__all__"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_allow_nonfinite_returns_scores_as_they_are_but_exceptions_still_raise() -> None:
+    scores = Fixed([0.3, float("nan"), float("inf")], name="clip")(_pixels(3), ["a", "b", "c"], allow_nonfinite=True)
+    assert scores[0].item() == pytest.approx(0.3) and scores[1].isnan() and scores[2].isinf()
+    with pytest.raises(RewardError, match="'boom'.*ValueError"):
+        Fixed(ValueError("x"), name="boom")(_pixels(2), ["a", "b"], allow_nonfinite=True)
+    with pytest.raises(RewardError, match="shape"):  # shape checks stay on
+        Fixed([0.1, 0.2])(_pixels(3), ["a", "b", "c"], allow_nonfinite=True)
+
+
+def test_binary_keeps_a_nonfinite_inner_score_nonfinite() -> None:
+    # never silently 0: NaN > threshold is False, which would turn a failure into a valid score
+    reward = Binary(Fixed([0.5, float("nan"), 0.1], name="hps"), threshold=0.28)
+    out = reward(_pixels(3), ["a", "b", "c"], allow_nonfinite=True)
+    assert out[0].item() == 1.0 and out[1].isnan() and out[2].item() == 0.0
+    with pytest.raises(RewardError, match=r"'hps_binary' returned non-finite scores at samples \[1\]"):
+        reward(_pixels(3), ["a", "b", "c"])
+
+
+def test_multireward_passes_allow_nonfinite_to_every_reward() -> None:
+    multi = MultiReward([Fixed([1.0, 2.0], name="ok"), Fixed([float("nan"), 0.0], name="broken")])
+    out = multi(_pixels(2), ["a", "b"], allow_nonfinite=True)
+    assert out["ok"].tolist() == [1.0, 2.0] and out["broken"][0].isnan()
