@@ -8,6 +8,7 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks import DiversityMonitor, ODEVisualizer, RewardLogger
 from lightning_grpo.module import GRPOModule
 
 TRAINER_DEFAULTS = {
@@ -21,8 +22,24 @@ TRAINER_DEFAULTS = {
 
 
 def default_callbacks() -> list:
-    """Always present: checkpoints in the log directory (every 50 optimizer steps and `last.ckpt`)."""
-    return [ModelCheckpoint(every_n_train_steps=50, save_last=True, save_top_k=-1)]
+    """The callbacks of every run unless a config replaces the `trainer.callbacks` list
+    (`--trainer.callbacks+=...` adds to them):
+
+    - ModelCheckpoint: checkpoints in the log directory every 50 optimizer steps, and `last.ckpt`;
+    - RewardLogger: per-reward normalised statistics, reward and advantage histograms;
+    - DiversityMonitor: within-group and across-prompt diversity in pixel and latent space
+      (cheap; CLIP space only when configured, since it needs a model);
+    - ODEVisualizer: deterministic samples of 4 validation prompts × 2 seeds at fit start, every
+      50 optimizer steps and at the end, beside the step-0 samples (off by itself without
+      validation prompts).
+    EMA and HeldOutEvaluation need choices (decay; a prompts file) and are opt-in.
+    """
+    return [
+        ModelCheckpoint(every_n_train_steps=50, save_last=True, save_top_k=-1),
+        RewardLogger(),
+        DiversityMonitor(spaces=["pixel", "latent"]),
+        ODEVisualizer(num_prompts=4, seeds=[0, 1], every_n_steps=50),
+    ]
 
 
 class GRPOCLI(LightningCLI):

@@ -1,0 +1,177 @@
+"""Watch the policy change: deterministic (eta = 0) samples of fixed prompts from fixed seeds,
+logged to TensorBoard at fit start and every N steps, beside the step-0 samples.
+
+The samples come from `lightning_grpo.rollout.ode_sample` with the callback's own generators, in
+eval mode, under `preserve_rng` (global CPU/CUDA random states saved and restored), with EMA
+weights when an `EMA` callback is present. Training is unaffected: a seeded run logs exactly the
+same metrics with the visualiser on or off (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from callbacks._logging import logging_step, tensorboard_writers
+from callbacks.ema import ema_weights
+from lightning_grpo.evaluation import eval_mode, preserve_rng
+from lightning_grpo.rollout import ode_sample
+
+
+class ODEVisualizer(Callback):
+    """Fixed-prompt, fixed-seed ODE samples as a TensorBoard image grid (videos as frames too).
+
+    Layout of the image `visualization/ode_samples`: one row per seed; the left half holds the
+    step-0 samples of the prompts (in order), the right half the current samples of the same
+    prompts. Videos ([B, F, C, H, W], the policy contract) are shown by their first frame in that
+    grid; `visualization/ode_video` (TensorBoard `add_video`, needs moviepy < 2) gets the same
+    grid for every frame, and without moviepy `visualization/ode_video_frames` shows the current
+    samples' frames side by side as an image instead.
+
+    Runs on rank zero only (every other rank skips it), so it suits DDP; a model sharded with FSDP
+    cannot be sampled by one rank alone.
+
+    Args:
+        prompts: prompts to draw; default: the first `num_prompts` prompts of the validation
+            dataloader (the visualiser turns itself off with a warning when there are none).
+        num_prompts: K, prompts taken from the validation data when `prompts` is not given.
+        seeds: one generator seed per row; sample k of a row uses the k-th noise draw.
+        every_n_steps: visualise when the optimizer-step count crosses a multiple of this.
+        at_fit_start: visualise before the first step (the step-0 reference is always drawn).
+        at_fit_end: visualise after the last step, if that step was not visualised already.
+        fps: frames per second of logged videos.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        num_prompts: int = 4,
+        seeds: list[int] | None = None,
+        every_n_steps: int = 50,
+        at_fit_start: bool = True,
+        at_fit_end: bool = True,
+        fps: int = 4,
+    ) -> None:
+        if every_n_steps < 1 or num_prompts < 1:
+            raise ValueError(f"every_n_steps and num_prompts must be >= 1, got {every_n_steps}, {num_prompts}")
+        self.prompts = list(prompts) if prompts is not None else None
+        self.num_prompts = num_prompts
+        self.seeds = list(seeds) if seeds is not None else [0, 1]
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        self.every_n_steps = every_n_steps
+        self.at_fit_start = at_fit_start
+        self.at_fit_end = at_fit_end
+        self.fps = fps
+        self.images: Tensor | None = None  # [K, C, H, W] first frames for image-to-video prompts
+        self.initial: Tensor | None = None  # [S*K, C, H, W] or [S*K, F, C, H, W] step-0 samples (CPU)
+        self.last_step = -1
+        self._enabled = True
+        self._warned_video = False
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self.prompts is None:
+            self.prompts, self.images = self._prompts_from_data(trainer)
+        if not self.prompts:
+            rank_zero_warn("ODEVisualizer: no prompts given and no validation prompts found; visualisation is off")
+            self._enabled = False
+            return
+        self.initial = self.sample(trainer, pl_module)
+        if self.at_fit_start:
+            self.write(trainer, self.initial)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._active(trainer) and step // self.every_n_steps > max(self.last_step, 0) // self.every_n_steps:
+            self.write(trainer, self.sample(trainer, pl_module))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._active(trainer) and self.at_fit_end and self.last_step != trainer.global_step:
+            self.write(trainer, self.sample(trainer, pl_module))
+
+    def _active(self, trainer: Trainer) -> bool:
+        return trainer.is_global_zero and self._enabled and self.initial is not None
+
+    # ------------------------------------------------------------------ sampling
+    def _prompts_from_data(self, trainer: Trainer) -> tuple[list[str], Tensor | None]:
+        """The first K validation prompts (and first frames, for image-to-video data).
+
+        Iterating a DataLoader draws its base seed from the global generator, hence `preserve_rng`.
+        """
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            return [], None
+        prompts: list[str] = []
+        images: list[Tensor] = []
+        with preserve_rng():
+            loaders = datamodule.val_dataloader()
+            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+                for batch in loader:
+                    prompts.extend(batch["prompts"])
+                    if batch.get("images") is not None:
+                        images.extend(batch["images"])
+                    if len(prompts) >= self.num_prompts:
+                        break
+                if len(prompts) >= self.num_prompts:
+                    break
+        first_frames = torch.stack(images[: self.num_prompts]) if len(images) >= len(prompts[: self.num_prompts]) and images else None
+        return prompts[: self.num_prompts], first_frames
+
+    @torch.no_grad()
+    def sample(self, trainer: Trainer, pl_module: LightningModule) -> Tensor:
+        """Decoded ODE samples [S*K, ...] on CPU, row s = seed s, column k = prompt k."""
+        policy, sampler = pl_module.policy, pl_module.sampler
+        images = None if self.images is None else self.images.to(pl_module.device)
+        rows = []
+        with preserve_rng(pl_module.device), eval_mode(pl_module), ema_weights(trainer, pl_module):
+            for seed in self.seeds:
+                generator = torch.Generator(device=pl_module.device).manual_seed(seed)
+                latents = ode_sample(policy, sampler, self.prompts, generator, images=images)  # [K, *L]
+                rows.append(policy.decode(latents).float().cpu())  # [K, C, H, W] or [K, F, C, H, W]
+        self.last_step = trainer.global_step
+        return torch.cat(rows)
+
+    # ------------------------------------------------------------------ logging
+    def grid(self, current: Tensor, frame: int = 0) -> Tensor:
+        """[C, H', W'] grid: per seed, the K step-0 samples then the K current ones (frame `frame` of videos)."""
+        initial = self.initial
+        if current.ndim == 5:
+            initial, current = initial[:, frame], current[:, frame]  # [S*K, C, H, W]
+        k = len(self.prompts)
+        rows = [torch.cat([initial[s * k : (s + 1) * k], current[s * k : (s + 1) * k]]) for s in range(len(self.seeds))]
+        return make_grid(torch.cat(rows).clamp(0, 1), nrow=2 * k, padding=1, pad_value=1.0)
+
+    def write(self, trainer: Trainer, current: Tensor) -> None:
+        step = logging_step(trainer)
+        for writer in tensorboard_writers(trainer):
+            writer.add_image("visualization/ode_samples", self.grid(current), global_step=step)
+            if current.ndim == 5:
+                self._log_video(writer, current, step)
+
+    def _log_video(self, writer, current: Tensor, step: int) -> None:
+        if _has_moviepy_editor():
+            frames = torch.stack([self.grid(current, f) for f in range(current.shape[1])])  # [F, C, H', W']
+            writer.add_video("visualization/ode_video", frames[None], global_step=step, fps=self.fps)
+            return
+        if not self._warned_video:
+            rank_zero_warn("ODEVisualizer: add_video needs moviepy<2 (moviepy.editor); logging video frames as an image")
+            self._warned_video = True
+        per_sample = [make_grid(video.clamp(0, 1), nrow=video.shape[0], padding=1) for video in current]  # frames in a row
+        writer.add_image("visualization/ode_video_frames", make_grid(torch.stack(per_sample), nrow=1, padding=2), global_step=step)
+
+
+def _has_moviepy_editor() -> bool:
+    """TensorBoard's `add_video` encodes with `moviepy.editor` (removed in moviepy 2)."""
+    try:
+        import moviepy.editor  # noqa: F401
+    except ImportError:
+        return False
+    return True
