@@ -9,8 +9,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch import Callback, Trainer
 
-from callbacks.diversity import AcrossPromptDiversity, WithinGroupDiversity, clip_image_embeddings, pairwise_distances
+from callbacks.diversity import (
+    AcrossPromptDiversity,
+    DiversityMonitor,
+    WithinGroupDiversity,
+    clip_image_embeddings,
+    pairwise_distances,
+)
+from lightning_grpo.rewards.base import MultiReward
+from tests.training.fixtures import PROMPTS, ListPrompts, Redness, make_module
 
 
 def test_identical_samples_have_zero_diversity():
@@ -111,3 +120,57 @@ def test_two_processes_equal_one_process(tmp_path: Path):
         assert synced == pytest.approx(expected, rel=1e-6)
         locals_.append(local)
     assert locals_[0] != pytest.approx(expected, rel=1e-3)  # a rank alone sees other pairs: the sync matters
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    """A registered tiny open_clip architecture and a seeded checkpoint of it (HPS layout)."""
+    import json
+
+    import open_clip
+
+    from tests.rewards.conftest import TINY_OPEN_CLIP, TINY_OPEN_CLIP_CFG
+
+    root = tmp_path_factory.mktemp("clip")
+    (root / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps(TINY_OPEN_CLIP_CFG))
+    open_clip.add_model_config(root)
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.create_model(TINY_OPEN_CLIP, pretrained=None).state_dict()}, root / "clip.pt")
+    return str(root / "clip.pt"), TINY_OPEN_CLIP
+
+
+class Collect(Callback):
+    def __init__(self):
+        self.metrics = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items() if "diversity" in k})
+
+
+@pytest.mark.parametrize("reuse_reward", [False, True])
+def test_clip_space_from_a_checkpoint_or_a_module_reward(tiny_clip_checkpoint, reuse_reward):
+    from lightning_grpo.rewards import HPSReward
+
+    checkpoint, architecture = tiny_clip_checkpoint
+    if reuse_reward:
+        module = make_module()
+        module.rewards = MultiReward([Redness(), HPSReward(checkpoint, architecture)])
+        monitor = DiversityMonitor(spaces=["latent"], clip_reward="hps")
+    else:
+        module = make_module()
+        monitor = DiversityMonitor(spaces=["latent"], clip_checkpoint=checkpoint, clip_architecture=architecture)
+    collect = Collect()
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor, collect])
+    trainer.fit(module, datamodule=ListPrompts(PROMPTS))
+    metrics = collect.metrics[0]
+    assert set(metrics) == {f"train/diversity/{s}_{k}" for s in ("latent", "clip") for k in ("within_group", "across_prompts")}
+    assert 0 < metrics["train/diversity/clip_across_prompts"] <= 2  # cosine distance of distinct prompts' samples
+    if reuse_reward:
+        assert monitor.clip is module.rewards.rewards[1]  # no second model in memory
+
+
+def test_clip_reward_must_name_an_open_clip_reward():
+    monitor = DiversityMonitor(clip_reward="redness")
+    with pytest.raises(ValueError, match="open_clip reward"):
+        monitor.setup(None, make_module(), "fit")
