@@ -31,6 +31,28 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def resolve_architecture(architecture: str | Path) -> str:
+    """The open_clip model identifier for `architecture`.
+
+    Accepted: a registered open_clip name ("ViT-H-14"), an identifier with open_clip's own schema
+    ("local-dir:<folder>", "hf-hub:<repo>"), or a local model folder in open_clip's format (holding
+    `open_clip_config.json` with `model_cfg` and `preprocess_cfg`, like the shipped toy CLIP), or
+    the path of that json file. A folder becomes "local-dir:<folder>", which open_clip reads for the
+    architecture, the tokenizer and the preprocessing; the weights still come from `checkpoint`.
+    """
+    text = str(architecture)
+    if text.startswith(("local-dir:", "hf-hub:")):
+        return text
+    path = Path(text).expanduser()
+    if path.is_file() and path.name == "open_clip_config.json":
+        path = path.parent
+    if path.is_dir():
+        if not (path / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"open_clip model folder {path} has no open_clip_config.json")
+        return f"local-dir:{path}"
+    return text
+
+
 def unwrap_state_dict(checkpoint: Mapping[str, object], key: str | None) -> dict[str, Tensor]:
     """The tensors of a checkpoint: `checkpoint[key]` when `key` is given and present (HPS stores
     `{"state_dict": ...}`), else the checkpoint itself; a DDP `module.` prefix is removed."""
@@ -45,7 +67,8 @@ class OpenClipCosineReward(FrozenModelReward):
     Args:
         checkpoint: path to the weights file (torch pickle or .safetensors).
         architecture: open_clip model name (`open_clip.list_models()`, or one registered with
-            `open_clip.add_model_config`).
+            `open_clip.add_model_config`), or a local open_clip model folder / its
+            `open_clip_config.json` (see `resolve_architecture`; the toy CLIP ships as one).
         state_dict_key: key holding the state dict inside the checkpoint, if wrapped.
         name: name the reward is logged under.
         weight: weight in the multi-reward advantage.
@@ -64,10 +87,13 @@ class OpenClipCosineReward(FrozenModelReward):
         import open_clip  # heavy: imported only when a model-backed reward is built
 
         self.architecture = architecture
-        self.model: nn.Module = open_clip.create_model(architecture, pretrained=None)
+        identifier = resolve_architecture(architecture)
+        # load_weights=False: a local folder's own weights are not loaded by open_clip; `checkpoint`
+        # is loaded below, strictly, for every kind of architecture
+        self.model: nn.Module = open_clip.create_model(identifier, pretrained=None, load_weights=False)
         state_dict = unwrap_state_dict(load_checkpoint_file(path), state_dict_key)
         load_state_dict_strict(self.model, state_dict, self.name)
-        self.tokenizer = open_clip.get_tokenizer(architecture)
+        self.tokenizer = open_clip.get_tokenizer(identifier)
         cfg = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
         size = cfg.get("size", getattr(self.model.visual, "image_size", 224))
         self.image_size: int | tuple[int, int] = tuple(size) if isinstance(size, (list, tuple)) else int(size)

@@ -25,7 +25,10 @@ class ClipScore(OpenClipCosineReward):
     Args:
         checkpoint: path to the open_clip weights (e.g. DFN5B's `open_clip_pytorch_model.bin`, or a
             .safetensors file); a plain state dict or one wrapped under `state_dict`.
-        architecture: open_clip architecture of the weights (DFN5B: "ViT-H-14-378-quickgelu").
+        architecture: open_clip architecture of the weights (DFN5B: "ViT-H-14-378-quickgelu"), or
+            a local open_clip model folder holding `open_clip_config.json` (the toy CLIP of the
+            shapes world: `lightning_grpo/toy/pretrained/clip`, with checkpoint
+            `lightning_grpo/toy/pretrained/clip/open_clip_model.safetensors`).
         scale: multiplier of the cosine: a number (1.0 = raw cosine, 100.0 = CLIPScore convention)
             or "logit_scale" for the model's own exp(logit_scale).
         name: name the reward is logged under.
