@@ -22,8 +22,9 @@ TRAINER_DEFAULTS = {
 
 
 def default_callbacks() -> list:
-    """The callbacks of every run unless a config replaces the `trainer.callbacks` list
-    (`--trainer.callbacks+=...` adds to them):
+    """The callbacks of every run; a config's `trainer.callbacks` entry of the same class replaces
+    the default one (see `GRPOCLI.instantiate_trainer`; a configured ModelCheckpoint is added
+    beside the default one, as several checkpoint policies are common), others are added:
 
     - ModelCheckpoint: checkpoints in the log directory every 50 optimizer steps, and `last.ckpt`;
     - RewardLogger: per-reward normalised statistics, reward and advantage histograms;
@@ -52,6 +53,19 @@ class GRPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One seed for everything: `seed_everything` also seeds the rollout noise (model.seed).
         parser.link_arguments("seed_everything", "model.seed", compute_fn=_as_seed)
+
+    def instantiate_trainer(self, **kwargs):
+        """The configured callbacks plus each default whose class the config does not list.
+
+        LightningCLI always appends `trainer_defaults["callbacks"]`, so a config that sets its own
+        ODEVisualizer would otherwise run two; a default is dropped when its class is configured
+        (except ModelCheckpoint: a second checkpoint policy complements the default one).
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        defaults = {id(callback) for callback in self.trainer_defaults.get("callbacks", [])}
+        configured = {type(c) for c in trainer.callbacks if id(c) not in defaults and not isinstance(c, ModelCheckpoint)}
+        trainer.callbacks = [c for c in trainer.callbacks if id(c) not in defaults or type(c) not in configured]
+        return trainer
 
 
 def _as_seed(value: int | bool | None) -> int:

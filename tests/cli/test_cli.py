@@ -95,3 +95,17 @@ def test_validate_and_test_subcommands_score_the_held_out_prompts(tmp_path):
         cli = run(args)
         value = cli.trainer.callback_metrics[f"{stage}/reward/jpeg_incompressibility"]
         assert torch.isfinite(value) and value > 0
+
+
+def test_configured_callback_replaces_the_default_of_its_class(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks import ODEVisualizer, RewardLogger
+
+    extra = ["--trainer.callbacks+=callbacks.ODEVisualizer", "--trainer.callbacks.every_n_steps=7",
+             "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'extra'}"]
+    cli = run(["-c", "configs/tiny.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *extra], subcommand=False)
+    visualizers = [c for c in cli.trainer.callbacks if isinstance(c, ODEVisualizer)]
+    assert [v.every_n_steps for v in visualizers] == [7]  # the configured one only
+    assert sum(isinstance(c, RewardLogger) for c in cli.trainer.callbacks) == 1  # defaults not configured stay
+    assert sum(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks) == 2  # checkpoints add up
