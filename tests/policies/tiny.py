@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from lightning_grpo.toy.tokenizers import clip_tokenizer, t5_tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from tests
 
-# The shared handmade vocabulary: a few words and every lowercase letter, so any lowercase
-# prompt tokenizes without unknown tokens.
+# The shared handmade vocabulary: a few words (letters are the tokenizers' fallback), so any
+# lowercase prompt tokenizes without unknown tokens.
 WORDS = ["a", "an", "the", "cat", "dog", "red", "blue", "photo", "of", "on", "sofa", "circle", "square"]
-LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 TEXT_HIDDEN = 32  # hidden size of both tiny text encoders (CLIP pooled dim, T5 sequence dim)
 TEXT_MAX_LENGTH = 16  # tokenizer max length (CLIP positions; FLUX max_sequence_length in tests)
@@ -35,32 +36,13 @@ IMAGE_SIZE = 16  # pixels; the tiny VAEs down-sample ×2
 
 
 def tiny_clip_tokenizer():
-    """A CLIPTokenizer (byte-pair) over WORDS and LETTERS, max length TEXT_MAX_LENGTH."""
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[tuple[str, str]] = []
-    for token in LETTERS + [letter + "</w>" for letter in LETTERS]:
-        vocab.setdefault(token, len(vocab))
-    for word in WORDS:
-        # Merge left to right: "c a" -> "ca", "ca t</w>" -> "cat</w>".
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    merges = list(dict.fromkeys(merges))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)
+    """A CLIPTokenizer (byte-pair) over WORDS, letters as fallback, max length TEXT_MAX_LENGTH."""
+    return clip_tokenizer(WORDS, TEXT_MAX_LENGTH)
 
 
 def tiny_t5_tokenizer():
-    """A T5 tokenizer (unigram, tokenizers-backed) over WORDS and LETTERS, no sentinel tokens."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + word, -1.0) for word in WORDS]
-    pieces += [(letter, -3.0) for letter in LETTERS] + [("▁" + letter, -3.5) for letter in LETTERS]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TEXT_MAX_LENGTH)
+    """A T5 tokenizer (unigram, tokenizers-backed) over WORDS, letters as fallback, no sentinels."""
+    return t5_tokenizer(WORDS, TEXT_MAX_LENGTH)
 
 
 def tiny_clip_text_encoder(tokenizer, seed: int):
