@@ -1,0 +1,216 @@
+"""The toy pipelines' components: small instances of the REAL diffusers / transformers classes.
+
+The shipped toy FLUX and toy Stable Diffusion pipelines are built from these, trained by
+`lightning_grpo.toy.pretrain`, and saved with `save_pretrained`, so the policy adapters load them
+through exactly the code that loads FLUX.1-dev and SD 1.4. `ToySize` scales every width, so a
+test can build the same architecture at a fraction of the cost.
+
+Geometry at the default 32×32 pixels: the VAE down-samples ×4 to latents [B, 4, 8, 8]; FLUX
+packs them 2×2 into [B, 16, 16] tokens; prompts are at most `TEXT_MAX_LENGTH` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_grpo.toy.prompts import TEMPLATES
+from lightning_grpo.toy.tokenizers import clip_tokenizer, t5_tokenizer, words_of
+from lightning_grpo.toy.vocab import COLOUR_NAMES, POSITIONS, SHAPES
+
+#: Tokens per prompt (the longest template, "there is a ... of the image", takes 12 with EOS).
+TEXT_MAX_LENGTH = 16
+#: Latent channels of the toy VAE (SD 1.x has 4; FLUX 16: 4 keeps the toy small).
+LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class ToySize:
+    """Widths of the toy components; `ToySize()` is what ships, `ToySize.reduced()` what CI builds."""
+
+    image_size: int = 32
+    text_hidden: int = 64
+    text_layers: int = 2
+    vae_channels: tuple[int, ...] = (16, 32, 32)
+    flux_head_dim: int = 32
+    flux_heads: int = 2
+    flux_layers: int = 2
+    flux_single_layers: int = 2
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+
+    @classmethod
+    def reduced(cls) -> ToySize:
+        """The same architectures at a few percent of the cost (for the pretraining test)."""
+        return cls(text_hidden=32, text_layers=1, vae_channels=(8, 16, 16), flux_head_dim=16, flux_heads=2,
+                   flux_layers=1, flux_single_layers=1, unet_channels=(16, 32))
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell: 2^(number of VAE blocks − 1)."""
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+def vocabulary() -> list[str]:
+    """Every word the shapes world's prompts (and the parser's synonyms) use."""
+    return words_of(list(TEMPLATES) + list(COLOUR_NAMES) + list(SHAPES) + list(POSITIONS) + ["upper lower"])
+
+
+def build_tokenizers() -> tuple:
+    """(CLIPTokenizer, T5TokenizerFast) over `vocabulary()`, max length `TEXT_MAX_LENGTH`."""
+    words = vocabulary()
+    return clip_tokenizer(words, TEXT_MAX_LENGTH), t5_tokenizer(words, TEXT_MAX_LENGTH)
+
+
+def build_clip_text_encoder(tokenizer, size: ToySize, seed: int):
+    """A CLIPTextModel (causal transformer, pooled at EOS) whose special ids match `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.text_hidden,
+        intermediate_size=4 * size.text_hidden,
+        num_hidden_layers=size.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=TEXT_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=size.text_hidden,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def build_t5_encoder(tokenizer, size: ToySize, seed: int):
+    """A T5EncoderModel (relative-position encoder, FLUX's sequence conditioning)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=size.text_hidden,
+        d_kv=size.text_hidden // 4,
+        d_ff=2 * size.text_hidden,
+        num_layers=size.text_layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def build_vae(size: ToySize, seed: int):
+    """An AutoencoderKL down-sampling by `size.vae_factor` to `LATENT_CHANNELS` channels.
+
+    No quant convs (as FLUX's VAE). Scaling / shift factors are set after training, from the
+    latent statistics (`lightning_grpo.toy.pretrain.latent_statistics`).
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    blocks = len(size.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=size.vae_channels,
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=size.image_size,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def build_flux_transformer(size: ToySize, seed: int):
+    """A FluxTransformer2DModel with FLUX.1-dev's guidance embedding, on 2×2-packed latents."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    head = size.flux_head_dim
+    rope = (head // 4, 3 * head // 8, 3 * head // 8)  # (index, row, col) axes; must sum to the head dim
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=size.flux_layers,
+        num_single_layers=size.flux_single_layers,
+        attention_head_dim=head,
+        num_attention_heads=size.flux_heads,
+        joint_attention_dim=size.text_hidden,
+        pooled_projection_dim=size.text_hidden,
+        guidance_embeds=True,
+        axes_dims_rope=rope,
+    )
+
+
+def build_flux_scheduler():
+    """FLUX.1-dev's scheduler configuration (dynamic shifting by image sequence length)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
+def build_unet(size: ToySize, seed: int):
+    """A UNet2DConditionModel (ε-prediction) with cross-attention to the CLIP hidden states."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    levels = len(size.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=size.image_size // size.vae_factor,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=size.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=size.text_hidden,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def build_ddim_scheduler():
+    """A DDIM scheduler for the toy SD: SD 1.x's class, DDPM's linear betas, v-prediction.
+
+    SD 1.x's scaled-linear betas (0.00085 → 0.012) leave √ᾱ_T ≈ 0.07 of the image in the last
+    training step; on an 8×8 latent that is enough for the layout to leak through, so a model
+    trained on it takes the object's position from the noise rather than from the prompt. DDPM's
+    linear 1e-4 → 0.02 betas leave √ᾱ_T ≈ 0.006, but then ε-prediction is ill-conditioned at the
+    first sampling steps (x̂0 = (x − √(1−ᾱ)·ε̂)/√ᾱ multiplies the error of ε̂ by ~160), and the
+    layout, decided there, comes out random (measured: position at chance after 1000 steps).
+    v-prediction (SD 2.x's option of the same classes) stays well-conditioned at every noise
+    level, and "trailing" spacing starts sampling at t = 999.
+    """
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing", prediction_type="v_prediction",
+    )
+
+
+__all__ = [
+    "LATENT_CHANNELS",
+    "TEXT_MAX_LENGTH",
+    "ToySize",
+    "build_clip_text_encoder",
+    "build_ddim_scheduler",
+    "build_flux_scheduler",
+    "build_flux_transformer",
+    "build_t5_encoder",
+    "build_tokenizers",
+    "build_unet",
+    "build_vae",
+    "vocabulary",
+]

@@ -1,0 +1,404 @@
+"""Pretrain the toy FLUX and toy Stable Diffusion pipelines on the shapes world, from scratch.
+
+    python -m lightning_grpo.toy.pretrain --family all --out lightning_grpo/toy/pretrained
+
+What it does, seeded end to end (same seed and torch build: same weights):
+
+1. VAE: an AutoencoderKL is trained to reconstruct jittered renders (L2 + a small KL term), then
+   its latent statistics set `scaling_factor` (1/std) and, for FLUX, `shift_factor` (mean), as
+   the real FLUX / SD VAEs are configured.
+2. Text encoders: a CLIPTextModel and a T5EncoderModel with word-level tokenizers, left at their
+   seeded random initialisation and frozen, like the (pretrained) frozen text encoders of the
+   real pipelines. Random transformers still map different prompts to different features;
+   the denoiser learns to read them.
+3. The pipeline is saved with `save_pretrained` and LOADED BACK THROUGH THE POLICY ADAPTER
+   (`FluxPolicy` / `StableDiffusionPolicy`), and the denoiser is trained through the adapter's
+   own `encode_prompts` and `predict`: the pretrained function is exactly what GRPO later samples.
+     FLUX (rectified flow):  x_σ = (1 − σ)·z + σ·ε,  loss = |v_θ(x_σ, σ) − (ε − z)|²,
+                              σ ~ logit-normal(0, 1) (SD3 / FLUX training)
+     SD (v-prediction DDPM): x_t = √ᾱ_t·z + √(1 − ᾱ_t)·ε,  loss = |v_θ(x_t, t) − (√ᾱ_t·ε − √(1 − ᾱ_t)·z)|²,
+                              t ~ U{0..999}; 10% empty prompts so CFG is usable
+   Training images cover all 48 combinations: the held-out split concerns only RL prompts.
+   Captions are NOISY, like web alt-text: with probability `caption_noise` each attribute of a
+   caption is replaced by a uniformly drawn value (possibly the right one). The model then learns
+   p(image | prompt) as a mixture in which the described scene is the most likely but not the
+   only outcome: it can draw the right image, but often does not, which is the situation GRPO
+   is made for (sharpening the prompt-following of a pretrained generator).
+4. The denoiser is saved in fp16 (the size budget of the shipped pipelines); the script then
+   evaluates the saved folder on the held-out prompts (ODE sampling, exact-match verifier) and
+   records the result in `pretrain_report.json` next to the weights.
+
+The number of denoiser steps is chosen so the base models are competent but far from perfect
+(held-out exact match between 15% and 70%): GRPO has room to improve them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_grpo.toy.components import (
+    ToySize,
+    build_clip_text_encoder,
+    build_ddim_scheduler,
+    build_flux_scheduler,
+    build_flux_transformer,
+    build_t5_encoder,
+    build_tokenizers,
+    build_unet,
+    build_vae,
+)
+from lightning_grpo.toy.dataset import sample_captioned_images
+from lightning_grpo.toy.prompts import TEMPLATES, describe, heldout_prompts, parse_prompt
+from lightning_grpo.toy.vocab import COLOUR_NAMES, POSITIONS, SHAPES, Scene
+
+FAMILIES = ("flux", "sd")
+DEFAULT_OUT = Path(__file__).parent / "pretrained"
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that determines the shipped pipelines (recorded in pretrain_report.json)."""
+
+    size: ToySize = field(default_factory=ToySize)
+    seed: int = 0
+    vae_steps: int = 600
+    vae_batch: int = 64
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    flux_steps: int = 2000
+    sd_steps: int = 1500
+    denoiser_batch: int = 64
+    denoiser_lr: float = 1e-3
+    dataset_size: int = 20_000
+    caption_noise: float = 0.35
+    eval_steps: int = 8
+    eval_samples_per_prompt: int = 4
+
+    @classmethod
+    def reduced(cls) -> PretrainConfig:
+        """A few seconds' worth, for the CI test of this script."""
+        return cls(size=ToySize.reduced(), vae_steps=4, vae_batch=8, flux_steps=4, sd_steps=4, denoiser_batch=8,
+                   dataset_size=64, eval_steps=2, eval_samples_per_prompt=1)
+
+
+def _cosine_lr(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to 0: a standard short-training schedule."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _fit(name: str, params, loss_fn, steps: int, lr: float) -> list[float]:
+    """AdamW over `steps` calls of `loss_fn(step)`, progress bar showing the running loss."""
+    params = list(params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = _cosine_lr(optimizer, steps, warmup=min(100, max(1, steps // 10)))
+    losses, running = [], None
+    bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
+    for step in bar:
+        loss = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{name}: loss became {value} at step {step}")
+        losses.append(value)
+        running = value if running is None else 0.98 * running + 0.02 * value
+        bar.set_postfix(loss=f"{running:.4f}")
+    return losses
+
+
+# ----------------------------------------------------------------------------- VAE
+
+def train_vae(config: PretrainConfig) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Train the toy AutoencoderKL; returns it (eval mode) and its latent statistics."""
+    vae = build_vae(config.size, config.seed).train()
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def loss_fn(step: int) -> Tensor:
+        pixels, _ = sample_captioned_images(config.vae_batch, size=config.size.image_size,
+                                            seed=config.seed * 100_003 + step)  # [B, 3, H, W] in [0, 1]
+        x = pixels * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        return (recon - x).square().mean() + config.vae_kl_weight * posterior.kl().mean()
+
+    losses = _fit("vae", vae.parameters(), loss_fn, config.vae_steps, config.vae_lr)
+    vae.eval()
+    stats = latent_statistics(vae, config)
+    stats["final_loss"] = losses[-1] if losses else float("nan")
+    return vae, stats
+
+
+@torch.no_grad()
+def latent_statistics(vae: torch.nn.Module, config: PretrainConfig, n: int = 2048) -> dict[str, float]:
+    """Mean and std of the VAE's latent means over `n` renders: shift and 1/scale of the latents."""
+    pixels, _ = sample_captioned_images(n, size=config.size.image_size, seed=config.seed + 7)
+    z = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mode() for chunk in pixels.split(256)])
+    return {"mean": float(z.mean()), "std": float(z.std())}
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+def save_pipeline(family: str, folder: Path, vae, config: PretrainConfig, stats: dict[str, float]) -> None:
+    """Write a full pipeline (denoiser at its random initialisation) in the diffusers layout."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+
+    size, seed = config.size, config.seed
+    clip_tok, t5_tok = build_tokenizers()
+    clip = build_clip_text_encoder(clip_tok, size, seed + 1)
+    if family == "flux":
+        vae.register_to_config(scaling_factor=1 / stats["std"], shift_factor=stats["mean"])
+        pipeline = FluxPipeline(
+            scheduler=build_flux_scheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok,
+            text_encoder_2=build_t5_encoder(t5_tok, size, seed + 2), tokenizer_2=t5_tok,
+            transformer=build_flux_transformer(size, seed + 3),
+        )
+    else:
+        # SD's pipeline scales latents without a shift: z·scale, with the std of un-shifted latents.
+        scale = 1 / math.sqrt(stats["std"] ** 2 + stats["mean"] ** 2)
+        vae.register_to_config(scaling_factor=scale, shift_factor=None)
+        pipeline = StableDiffusionPipeline(
+            vae=vae, text_encoder=clip, tokenizer=clip_tok, unet=build_unet(size, seed + 4),
+            scheduler=build_ddim_scheduler(), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipeline.save_pretrained(folder)
+
+
+def load_policy(family: str, folder: Path, image_size: int):
+    """The policy adapter of `family` on the pipeline in `folder` (the code GRPO uses)."""
+    from lightning_grpo.policies import FluxPolicy, StableDiffusionPolicy
+
+    if family == "flux":
+        from lightning_grpo.toy.components import TEXT_MAX_LENGTH
+
+        return FluxPolicy(folder, height=image_size, width=image_size, max_sequence_length=TEXT_MAX_LENGTH)
+    return StableDiffusionPolicy(folder, height=image_size, width=image_size)
+
+
+@torch.no_grad()
+def encode_training_set(policy, family: str, config: PretrainConfig) -> tuple[Tensor, list[str]]:
+    """Jittered renders of all combinations encoded once to scaled latents: (latents [N, *L], prompts)."""
+    pixels, prompts = sample_captioned_images(config.dataset_size, size=config.size.image_size, seed=config.seed + 11)
+    prompts = noisy_captions(prompts, config.caption_noise, seed=config.seed + 12)
+    vae = policy.vae
+    latents = []
+    for chunk in pixels.split(512):
+        z = vae.encode(chunk * 2 - 1).latent_dist.mode()  # [b, C, h, w]
+        if family == "flux":
+            z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+            latents.append(_pack(z))
+        else:
+            latents.append(z * vae.config.scaling_factor)
+    return torch.cat(latents), prompts
+
+
+def noisy_captions(prompts: list[str], noise: float, seed: int) -> list[str]:
+    """Re-describe each prompt's scene with each attribute replaced by a random value w.p. `noise`."""
+    if not 0 <= noise <= 1:
+        raise ValueError(f"caption_noise must be in [0, 1], got {noise}")
+    generator = torch.Generator().manual_seed(seed)
+    sizes = (len(COLOUR_NAMES), len(SHAPES), len(POSITIONS))
+    out = []
+    for prompt in prompts:
+        scene = parse_prompt(prompt)
+        replace = (torch.rand(3, generator=generator) < noise).tolist()
+        drawn = [int(torch.randint(k, (1,), generator=generator)) for k in sizes]
+        indices = [d if r else i for i, d, r in zip(scene.indices, drawn, replace)]
+        template = int(torch.randint(len(TEMPLATES), (1,), generator=generator))
+        out.append(describe(Scene.from_indices(*indices), template))
+    return out
+
+
+def _pack(z: Tensor) -> Tensor:
+    """[B, C, h, w] → FLUX's packed [B, h/2·w/2, 4C] (FluxPipeline._pack_latents)."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = z.shape
+    return FluxPipeline._pack_latents(z, b, c, h, w)
+
+
+def _prompt_table(policy, prompts: list[str]) -> tuple[dict, list[int]]:
+    """Encode each distinct prompt once: (condition of the distinct prompts, index per sample)."""
+    distinct = sorted(set(prompts))
+    index = {p: i for i, p in enumerate(distinct)}
+    return policy.encode_prompts(distinct), [index[p] for p in prompts]
+
+
+def train_denoiser(policy, family: str, config: PretrainConfig) -> list[float]:
+    """Train the adapter's denoiser on the encoded training set (see the module doc for the losses)."""
+    latents, prompts = encode_training_set(policy, family, config)
+    empty = "" if family == "sd" else None
+    table, sample_index = _prompt_table(policy, prompts + ([empty] if empty is not None else []))
+    sample_index = torch.tensor(sample_index)
+    empty_index = sample_index[-1] if empty is not None else None
+    sample_index = sample_index[: len(prompts)]
+    denoiser = policy.transformer if family == "flux" else policy.unet
+    denoiser.train()
+    generator = torch.Generator().manual_seed(config.seed + 13)
+    if family == "sd":
+        alphas_cumprod = build_ddim_scheduler().alphas_cumprod  # [1000]
+
+    def loss_fn(step: int) -> Tensor:
+        rows = torch.randint(len(latents), (config.denoiser_batch,), generator=generator)
+        z = latents[rows]
+        ids = sample_index[rows]
+        noise = torch.randn(z.shape, generator=generator)
+        if family == "flux":
+            sigma = torch.sigmoid(torch.randn(len(rows), generator=generator))  # logit-normal(0, 1)
+            s = sigma.view(-1, *([1] * (z.ndim - 1)))
+            x = (1 - s) * z + s * noise
+            condition = {k: v[ids] for k, v in table.items()}
+            return (policy.predict(x, sigma * 1000, condition) - (noise - z)).square().mean()
+        t = torch.randint(0, len(alphas_cumprod), (len(rows),), generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x = a.sqrt() * z + (1 - a).sqrt() * noise
+        drop = torch.rand(len(rows), generator=generator) < 0.1
+        condition = {k: v[torch.where(drop, empty_index, ids)] for k, v in table.items()}
+        target = a.sqrt() * noise - (1 - a).sqrt() * z  # v = √ᾱ·ε − √(1−ᾱ)·z (the scheduler's v-prediction)
+        return (policy.predict(x, t, condition) - target).square().mean()
+
+    steps = config.flux_steps if family == "flux" else config.sd_steps
+    losses = _fit(f"{family} denoiser", [p for p in denoiser.parameters() if p.requires_grad], loss_fn, steps,
+                  config.denoiser_lr)
+    denoiser.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_sampler(policy, family: str, num_steps: int):
+    """The deterministic sampler the demo evaluates with (the pipeline's own schedule)."""
+    from lightning_grpo.samplers import DDIMSDESampler, FlowSDESampler
+
+    if family == "flux":
+        return FlowSDESampler(num_steps=num_steps, eta=0.0, sigmas=policy.pipeline_sigmas(num_steps))
+    from diffusers import DDIMScheduler
+
+    return DDIMSDESampler(num_steps=num_steps, eta=0.0, scheduler=DDIMScheduler.from_config(policy.scheduler_config))
+
+
+@torch.no_grad()
+def heldout_accuracy(policy, family: str, num_steps: int, samples_per_prompt: int, seed: int = 1234) -> dict[str, float]:
+    """Exact-match and per-attribute accuracy of ODE samples on the held-out prompts."""
+    from lightning_grpo.rollout import ode_sample
+    from lightning_grpo.toy.verifier import attribute_correctness
+
+    sampler = eval_sampler(policy, family, num_steps)
+    prompts = [p for p in heldout_prompts() for _ in range(samples_per_prompt)]
+    generator = torch.Generator().manual_seed(seed)
+    correct = []
+    for start in range(0, len(prompts), 64):
+        chunk = prompts[start : start + 64]
+        pixels = policy.decode(ode_sample(policy, sampler, chunk, generator))
+        correct.append(attribute_correctness(pixels, chunk))
+    table = torch.cat(correct).float()  # [N, 3] colour, shape, position
+    return {
+        "exact_match": float(table.all(1).float().mean()),
+        "colour": float(table[:, 0].mean()),
+        "shape": float(table[:, 1].mean()),
+        "position": float(table[:, 2].mean()),
+        "samples": len(prompts),
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _save_denoiser_fp16(policy, family: str, folder: Path) -> None:
+    """Overwrite the saved denoiser with the trained weights, stored in fp16 (half the bytes)."""
+    name = "transformer" if family == "flux" else "unet"
+    from diffusers.utils import logging as diffusers_logging
+
+    denoiser = getattr(policy, name)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its "cast with to()" advice is about inference, not storage
+    try:
+        denoiser.to(torch.float16).save_pretrained(folder / name)
+        denoiser.to(torch.float32)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def pretrain(families: tuple[str, ...], out: Path, config: PretrainConfig) -> dict[str, dict]:
+    """Build, train, save and evaluate the toy pipelines of `families` under `out/<family>`."""
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    vae, stats = train_vae(config)
+    print(f"vae: latent mean {stats['mean']:.4f}, std {stats['std']:.4f}, final loss {stats['final_loss']:.5f}")
+    reports = {}
+    for family in families:
+        family_start = time.perf_counter()
+        folder = out / family
+        save_pipeline(family, folder, build_vae(config.size, config.seed).eval(), config, stats)
+        _copy_vae_weights(vae, folder)
+        policy = load_policy(family, folder, config.size.image_size)
+        losses = train_denoiser(policy, family, config)
+        _save_denoiser_fp16(policy, family, folder)
+        policy = load_policy(family, folder, config.size.image_size)  # evaluate what ships
+        accuracy = heldout_accuracy(policy, family, config.eval_steps, config.eval_samples_per_prompt)
+        reports[family] = {
+            "heldout": accuracy,
+            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "vae": stats,
+            "seconds": round(time.perf_counter() - family_start, 1),
+            "total_seconds_so_far": round(time.perf_counter() - started, 1),
+            "config": asdict(config),
+            "torch": torch.__version__,
+        }
+        (folder / "pretrain_report.json").write_text(json.dumps(reports[family], indent=2) + "\n")
+        print(f"{family}: held-out exact match {accuracy['exact_match']:.1%} "
+              f"(colour {accuracy['colour']:.1%}, shape {accuracy['shape']:.1%}, position {accuracy['position']:.1%}, "
+              f"{accuracy['samples']} samples) -> {folder}")
+    return reports
+
+
+def _copy_vae_weights(vae, folder: Path) -> None:
+    """Put the trained VAE weights into the saved pipeline, keeping that pipeline's VAE config."""
+    from diffusers import AutoencoderKL
+
+    saved = AutoencoderKL.from_pretrained(folder / "vae")
+    saved.load_state_dict(vae.state_dict())
+    saved.save_pretrained(folder / "vae")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: `python -m lightning_grpo.toy.pretrain [--family flux|sd|all] [--out DIR]`."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=(*FAMILIES, "all"), default="all", help="which pipeline(s) to build")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder receiving <family>/ pipelines")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reduced", action="store_true", help="tiny widths and a few steps (for tests)")
+    parser.add_argument("--vae-steps", type=int, default=None)
+    parser.add_argument("--flux-steps", type=int, default=None)
+    parser.add_argument("--sd-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    config = PretrainConfig.reduced() if args.reduced else PretrainConfig()
+    config.seed = args.seed
+    for key in ("vae_steps", "flux_steps", "sd_steps"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    families = FAMILIES if args.family == "all" else (args.family,)
+    pretrain(families, args.out, config)
+
+
+if __name__ == "__main__":
+    main()
