@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -68,6 +69,20 @@ class GRPOCLI(LightningCLI):
         return trainer
 
 
+# Lightning warnings that describe GRPO's intended set-up, not a mistake; each is explained here.
+EXPECTED_WARNINGS = (
+    # Manual optimisation: checkpoints hold the weights after the step, which is what resuming needs.
+    "Using ModelCheckpoint with manual optimization",
+    # GRPOModule.train keeps the policy (frozen encoders, VAE, denoiser) in eval mode on purpose.
+    r"Found \d+ module\(s\) in eval mode",
+)
+
+
+def _silence_expected_warnings() -> None:
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def _as_seed(value: int | bool | None) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -82,6 +97,7 @@ def run(args: list[str] | None = None, subcommand: bool = True) -> GRPOCLI:
     `args` has none and the model, datamodule and trainer are only instantiated."""
     # A hub lookup here would hang for minutes without network; models are loaded from paths.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _silence_expected_warnings()
     return GRPOCLI(
         GRPOModule,
         subclass_mode_model=False,

@@ -109,3 +109,13 @@ def test_configured_callback_replaces_the_default_of_its_class(tmp_path):
     assert [v.every_n_steps for v in visualizers] == [7]  # the configured one only
     assert sum(isinstance(c, RewardLogger) for c in cli.trainer.callbacks) == 1  # defaults not configured stay
     assert sum(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks) == 2  # checkpoints add up
+
+
+def test_expected_lightning_warnings_are_silenced(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(fit_args(tmp_path, 1))
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "module(s) in eval mode" in m or "ModelCheckpoint with manual" in m]
