@@ -116,6 +116,7 @@ def test_expected_lightning_warnings_are_silenced(tmp_path):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run(fit_args(tmp_path, 1))
+        run(fit_args(tmp_path, 2, "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=1",
+                     f"--trainer.callbacks.dirpath={tmp_path / 'every1'}"))
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "module(s) in eval mode" in m or "ModelCheckpoint with manual" in m]
