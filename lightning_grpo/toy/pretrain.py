@@ -91,8 +91,9 @@ class PretrainConfig:
                    dataset_size=64, eval_steps=2, eval_samples_per_prompt=1)
 
 
-def _cosine_lr(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to 0: a standard short-training schedule."""
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up ((step + 1) / warmup) then cosine decay to 0 at `steps`: the schedule of every
+    toy pretraining (pipelines here, CLIP in `pretrain_clip`)."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -105,7 +106,7 @@ def _fit(name: str, params, loss_fn, steps: int, lr: float) -> list[float]:
     """AdamW over `steps` calls of `loss_fn(step)`, progress bar showing the running loss."""
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = _cosine_lr(optimizer, steps, warmup=min(100, max(1, steps // 10)))
+    schedule = warmup_cosine_schedule(optimizer, steps, warmup=min(100, max(1, steps // 10)))
     losses, running = [], None
     bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
     for step in bar:

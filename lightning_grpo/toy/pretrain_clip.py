@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_grpo.toy.dataset import sample_captioned_images
+from lightning_grpo.toy.pretrain import warmup_cosine_schedule
 from lightning_grpo.toy.prompts import TEMPLATES, describe, parse_prompt
 from lightning_grpo.toy.render import render_scenes
 from lightning_grpo.toy.vocab import POSITIONS, SHAPES, all_scenes
@@ -264,14 +265,7 @@ def pretrain(config: PretrainConfig, out: Path, progress: bool = True) -> dict:
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine_schedule(optimizer, config.steps, config.warmup_steps)
     aug_gen = torch.Generator().manual_seed(config.seed + 1)
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="toy CLIP", disable=not progress, dynamic_ncols=True)
