@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
+from lightning_grpo.rollout import ode_from
 from lightning_grpo.samplers.base import Sampler
 
 __all__ = ["EvaluationResult", "evaluate", "eval_mode", "format_before_after", "is_binary", "mean_ci", "preserve_rng", "sample_seed"]
@@ -240,15 +241,6 @@ def _initial_noise(policy: PolicyAdapter, seeds: Sequence[int]) -> Tensor:
     return torch.cat(noise)
 
 
-def _ode_from(policy: PolicyAdapter, sampler: Sampler, x: Tensor, prompts: list[str], images: Tensor | None) -> Tensor:
-    """Integrate the ODE (sampler.ode_step, eta = 0) from x_0 [B, *L]: final latents [B, *L]."""
-    condition = policy.encode_prompts(prompts, images)
-    for i in range(sampler.num_steps):
-        t = sampler.timesteps[i].to(x.device).expand(x.shape[0])  # [B]
-        x = sampler.ode_step(policy.predict(x, t, condition), x, i)
-    return x
-
-
 @torch.no_grad()
 def evaluate(
     policy: PolicyAdapter,
@@ -291,7 +283,7 @@ def evaluate(
             batch_prompts = [prompts[i] for i, _ in chunk]
             batch_images = None if images is None else images[torch.tensor([i for i, _ in chunk])].to(policy.device)
             x = _initial_noise(policy, [sample_seed(seed, i, j) for i, j in chunk])  # [b, *L]
-            pixels = policy.decode(_ode_from(policy, sampler, x, batch_prompts, batch_images))  # [b, C, H, W] or [b, F, C, H, W]
+            pixels = policy.decode(ode_from(policy, sampler, x, batch_prompts, batch_images))  # [b, C, H, W] or [b, F, C, H, W]
             for name, values in scorer(pixels, batch_prompts, batch_images).items():
                 scores.setdefault(name, []).append(values.detach().float().cpu())
             if keep_pixels:

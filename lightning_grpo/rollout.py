@@ -84,9 +84,14 @@ def ode_sample(
     images: Tensor | None = None,
 ) -> Tensor:
     """Deterministic (eta = 0) sampling from seeded noise, for evaluation and visualisation: [B, *L]."""
+    return ode_from(policy, sampler, policy.prepare_latents(len(prompts), generator), prompts, images)
+
+
+@torch.no_grad()
+def ode_from(policy: PolicyAdapter, sampler: Sampler, x: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
+    """Integrate the ODE (sampler.ode_step, eta = 0) from given initial latents x_0 [B, *L]: [B, *L]."""
     condition = policy.encode_prompts(prompts, images)
-    x = policy.prepare_latents(len(prompts), generator)
     for i in range(sampler.num_steps):
-        t = sampler.timesteps[i].to(x.device).expand(x.shape[0])
+        t = sampler.timesteps[i].to(x.device).expand(x.shape[0])  # [B]
         x = sampler.ode_step(policy.predict(x, t, condition), x, i)
     return x
