@@ -2,10 +2,10 @@
 held-out evaluation. `lightning-grpo` turns on RewardLogger, DiversityMonitor (pixel, latent) and
 ODEVisualizer by default (see `lightning_grpo.cli.default_callbacks`)."""
 
-from callbacks.diversity import AcrossPromptDiversity, DiversityMonitor, WithinGroupDiversity
-from callbacks.ema import EMA
-from callbacks.evaluation import HeldOutEvaluation
-from callbacks.ode_visualizer import ODEVisualizer
-from callbacks.reward_logger import RewardLogger
+from lightning_grpo.callbacks.diversity import AcrossPromptDiversity, DiversityMonitor, WithinGroupDiversity
+from lightning_grpo.callbacks.ema import EMA
+from lightning_grpo.callbacks.evaluation import HeldOutEvaluation
+from lightning_grpo.callbacks.ode_visualizer import ODEVisualizer
+from lightning_grpo.callbacks.reward_logger import RewardLogger
 
 __all__ = ["AcrossPromptDiversity", "DiversityMonitor", "EMA", "HeldOutEvaluation", "ODEVisualizer", "RewardLogger", "WithinGroupDiversity"]

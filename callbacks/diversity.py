@@ -30,7 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torchmetrics import Metric
 
-from callbacks._logging import last_step
+from lightning_grpo.callbacks._logging import last_step
 from lightning_grpo.rewards._common import flatten_frames
 
 Distance = Literal["rms", "l2", "cosine"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks.ema import ema_weights
+from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import EvaluationResult, evaluate, format_before_after
 from lightning_grpo.rewards.base import MultiReward, Reward
 

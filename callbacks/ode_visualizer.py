@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from callbacks._logging import logging_step, tensorboard_writers
-from callbacks.ema import ema_weights
+from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
+from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import eval_mode, preserve_rng
 from lightning_grpo.rollout import ode_sample
 

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from callbacks._logging import last_step, logging_step, tensorboard_writers
+from lightning_grpo.callbacks._logging import last_step, logging_step, tensorboard_writers
 
 
 class RewardLogger(Callback):

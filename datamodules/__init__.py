@@ -4,8 +4,8 @@
 first-frame image of image-to-video. See ``datamodules.streaming`` for how sharding and resume work.
 """
 
-from datamodules.image_prompts import ImagePromptDataModule
-from datamodules.prompts import PromptDataModule
-from datamodules.sources import MalformedRecordError, MalformedRecordWarning
+from lightning_grpo.datamodules.image_prompts import ImagePromptDataModule
+from lightning_grpo.datamodules.prompts import PromptDataModule
+from lightning_grpo.datamodules.sources import MalformedRecordError, MalformedRecordWarning
 
 __all__ = ["ImagePromptDataModule", "MalformedRecordError", "MalformedRecordWarning", "PromptDataModule"]

@@ -1,6 +1,6 @@
 """Image-to-video prompts: a prompt and a first-frame image per record, streamed like prompts.
 
-Everything but the image comes from :class:`~datamodules.prompts.PromptDataModule`: formats,
+Everything but the image comes from :class:`~lightning_grpo.datamodules.prompts.PromptDataModule`: formats,
 hold-out, shuffle, sharding, resume. Images are loaded lazily, only by the worker whose slice
 holds the record, resized and center-cropped to ``image_size``.
 """
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from datamodules.prompts import PromptDataModule
-from datamodules.sources import BadRecordReporter, Record, RecordSpec
-from datamodules.streaming import PromptStream, StreamConfig
+from lightning_grpo.datamodules.prompts import PromptDataModule
+from lightning_grpo.datamodules.sources import BadRecordReporter, Record, RecordSpec
+from lightning_grpo.datamodules.streaming import PromptStream, StreamConfig
 
 
 def load_image(source: str | io.BytesIO, size: tuple[int, int]) -> torch.Tensor:

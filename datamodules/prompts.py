@@ -15,7 +15,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
-from datamodules.sources import (
+from lightning_grpo.datamodules.sources import (
     DEFAULT_PROMPT_KEYS,
     BadLinePolicy,
     BadRecordReporter,
@@ -26,7 +26,7 @@ from datamodules.sources import (
     read_units,
     resolve_sources,
 )
-from datamodules.streaming import (
+from lightning_grpo.datamodules.streaming import (
     HoldOut,
     PromptStream,
     Remainder,

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.sources import (
+from lightning_grpo.datamodules.sources import (
     BadLinePolicy,
     BadRecordReporter,
     Record,

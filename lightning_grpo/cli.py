@@ -9,7 +9,7 @@ import warnings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import DiversityMonitor, ODEVisualizer, RewardLogger
+from lightning_grpo.callbacks import DiversityMonitor, ODEVisualizer, RewardLogger
 from lightning_grpo.module import GRPOModule
 
 TRAINER_DEFAULTS = {

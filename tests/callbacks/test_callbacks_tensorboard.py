@@ -46,8 +46,8 @@ def fitted(tmp_path_factory) -> Path:
     heldout.write_text("a purple hexagon\n# a comment line\na tiny orange star\n")
     run(cli_args(
         "fit", root, "--trainer.max_steps=2",
-        "--trainer.callbacks+=callbacks.EMA", "--trainer.callbacks.decay=0.5",
-        "--trainer.callbacks+=callbacks.HeldOutEvaluation", f"--trainer.callbacks.prompts_file={heldout}",
+        "--trainer.callbacks+=lightning_grpo.callbacks.EMA", "--trainer.callbacks.decay=0.5",
+        "--trainer.callbacks+=lightning_grpo.callbacks.HeldOutEvaluation", f"--trainer.callbacks.prompts_file={heldout}",
         "--trainer.callbacks.samples_per_prompt=2",
     ))
     return root / "tiny" / "version_0"

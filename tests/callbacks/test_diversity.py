@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch import Callback, Trainer
 
-from callbacks.diversity import (
+from lightning_grpo.callbacks.diversity import (
     AcrossPromptDiversity,
     DiversityMonitor,
     WithinGroupDiversity,

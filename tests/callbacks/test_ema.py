@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from callbacks.ema import EMA, ema_weights
+from lightning_grpo.callbacks.ema import EMA, ema_weights
 from tests.training.fixtures import PROMPTS, ListPrompts, make_module
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import Trainer
 
-from callbacks.evaluation import HeldOutEvaluation, read_prompts
+from lightning_grpo.callbacks.evaluation import HeldOutEvaluation, read_prompts
 from lightning_grpo.rewards.base import Reward
 from tests.training.fixtures import PROMPTS, ListPrompts, make_module
 

@@ -7,7 +7,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks import EMA, DiversityMonitor, ODEVisualizer, RewardLogger
+from lightning_grpo.callbacks import EMA, DiversityMonitor, ODEVisualizer, RewardLogger
 from lightning_grpo.module import GRPOModule
 from lightning_grpo.policies.tiny import TinyPolicy
 from lightning_grpo.rewards.compressibility import JpegIncompressibility

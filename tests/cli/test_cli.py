@@ -100,9 +100,9 @@ def test_validate_and_test_subcommands_score_the_held_out_prompts(tmp_path):
 def test_configured_callback_replaces_the_default_of_its_class(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from callbacks import ODEVisualizer, RewardLogger
+    from lightning_grpo.callbacks import ODEVisualizer, RewardLogger
 
-    extra = ["--trainer.callbacks+=callbacks.ODEVisualizer", "--trainer.callbacks.every_n_steps=7",
+    extra = ["--trainer.callbacks+=lightning_grpo.callbacks.ODEVisualizer", "--trainer.callbacks.every_n_steps=7",
              "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'extra'}"]
     cli = run(["-c", "configs/tiny.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *extra], subcommand=False)
     visualizers = [c for c in cli.trainer.callbacks if isinstance(c, ODEVisualizer)]

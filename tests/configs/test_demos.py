@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks import HeldOutEvaluation
+from lightning_grpo.callbacks import HeldOutEvaluation
 from lightning_grpo.cli import run
 
 ROOT = Path(__file__).resolve().parents[2]

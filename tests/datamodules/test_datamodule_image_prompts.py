@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import ImagePromptDataModule, MalformedRecordError, MalformedRecordWarning
+from lightning_grpo.datamodules import ImagePromptDataModule, MalformedRecordError, MalformedRecordWarning
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from datamodules import PromptDataModule
+from lightning_grpo.datamodules import PromptDataModule
 
 MILLION = 1_000_000
 BATCH = 100

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules import PromptDataModule
+from lightning_grpo.datamodules import PromptDataModule
 
 
 def prompts_of(batches: list[dict]) -> list[str]:

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from datamodules import PromptDataModule
-from datamodules.streaming import PromptStream, buffered_shuffle, worker_slot
+from lightning_grpo.datamodules import PromptDataModule
+from lightning_grpo.datamodules.streaming import PromptStream, buffered_shuffle, worker_slot
 
 
 class WorkerTaggedStream(PromptStream):
@@ -160,7 +160,7 @@ def test_validation_is_padded_to_equal_batches_on_every_rank(prompts_file):
 def test_rank_comes_from_trainer_unless_given_explicitly():
     from types import SimpleNamespace
 
-    from datamodules.streaming import resolve_rank
+    from lightning_grpo.datamodules.streaming import resolve_rank
 
     trainer = SimpleNamespace(global_rank=3, world_size=4)
     assert resolve_rank(trainer, None, None) == (3, 4)

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-import datamodules.sources as sources
-from datamodules import MalformedRecordError, MalformedRecordWarning, PromptDataModule
+import lightning_grpo.datamodules.sources as sources
+from lightning_grpo.datamodules import MalformedRecordError, MalformedRecordWarning, PromptDataModule
 
 
 def read_all(dm: PromptDataModule) -> list[dict]:
