@@ -2,6 +2,7 @@
 only as lightning_grpo.callbacks / lightning_grpo.datamodules (issue 10, item 7): modules named
 `callbacks` or `datamodules` at the top of site-packages would collide with other projects."""
 
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ print('ok')
 
 def test_only_the_project_namespace_is_installed(tmp_path):
     # run from an unrelated folder so the repository root is not on sys.path
-    out = subprocess.run([sys.executable, "-c", CODE], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # what the install gives, nothing else
+    out = subprocess.run([sys.executable, "-c", CODE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr + out.stdout
     assert out.stdout.strip().endswith("ok")
