@@ -15,10 +15,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_grpo.evaluation import EvaluationResult, evaluate, sample_seed
-from lightning_grpo.grpo.advantages import StdMode, multi_reward_advantages, zero_variance_fraction
+from lightning_grpo.grpo.advantages import (
+    BestOfNAdvantages,
+    MultiRewardForm,
+    StdMode,
+    effective_advantages,
+    grpo_advantages,
+    multi_reward_advantages,
+    zero_variance_fraction,
+)
 from lightning_grpo.grpo.filtering import filter_nonfinite_groups
 from lightning_grpo.grpo.loss import clipped_surrogate_loss, gaussian_kl
-from lightning_grpo.grpo.selection import best_of_n_indices, sample_timestep_indices
+from lightning_grpo.grpo.selection import sample_timestep_indices
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
@@ -33,7 +41,7 @@ class GRPOModule(LightningModule):
         policy: the base-model adapter (e.g. `lightning_grpo.policies.FluxPolicy`).
         sampler: the SDE sampler of the policy's paradigm (FlowSDESampler or DDIMSDESampler).
         rewards: one or more rewards; each is normalised within its group and weighted by its
-            `weight` (multi-reward advantage A = Σ_k w_k·A_k).
+            `weight` (combined as `multi_reward` says).
         group_size: G, samples per prompt (FLUX 12, SD 16, HunyuanVideo 24, SkyReels 8).
         shared_noise: same initial noise for the G samples of a prompt (the paper's finding; on).
         timestep_fraction: share of the sampling steps trained per sample, a random subset per
@@ -48,7 +56,14 @@ class GRPOModule(LightningModule):
         adv_clip_max: advantages are clamped to ±adv_clip_max (5).
         advantage_std: "group" (per-group std, DanceGRPO) or "global" (batch std).
         best_of_n: (keep_top, keep_bottom) trajectories per group to train on, e.g. (4, 4) for the
-            HunyuanVideo recipe; None trains on all.
+            HunyuanVideo recipe; None trains on all. Samples are ranked by Σ_k w_k·A_k.
+        best_of_n_advantages: "group" (default, DanceGRPO): the kept samples train on the
+            advantages computed over the full group; "kept": every reward is re-normalised within
+            the kept samples first.
+        multi_reward: how several rewards make the loss. "sum" (default): A = clamp(Σ_k w_k·A_k)
+            and one clipped loss; "per_reward" (DanceGRPO HunyuanVideo script): each A_k clamped,
+            one clipped loss per reward, losses summed with the weights. The two differ when the
+            clamp binds or when the ratio leaves the clip range while the A_k disagree in sign.
         kl_beta: weight of the KL to the frozen initial policy (0 = GRPO without KL, the paper's
             default; > 0 keeps a frozen copy of the policy in memory).
         learning_rate, weight_decay, adam_betas, adam_eps: AdamW settings (DanceGRPO: 1e-5, 1e-4).
@@ -91,6 +106,8 @@ class GRPOModule(LightningModule):
         adv_clip_max: float = 5.0,
         advantage_std: StdMode = "group",
         best_of_n: tuple[int, int] | None = None,
+        best_of_n_advantages: BestOfNAdvantages = "group",
+        multi_reward: MultiRewardForm = "sum",
         kl_beta: float = 0.0,
         learning_rate: float = 1e-5,
         weight_decay: float = 1e-4,
@@ -109,6 +126,10 @@ class GRPOModule(LightningModule):
         _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
         if reward_failure not in ("raise", "drop_group"):
             raise ValueError(f"reward_failure must be 'raise' or 'drop_group', got {reward_failure!r}")
+        if multi_reward not in ("sum", "per_reward"):
+            raise ValueError(f"multi_reward must be 'sum' or 'per_reward', got {multi_reward!r}")
+        if best_of_n_advantages not in ("group", "kept"):
+            raise ValueError(f"best_of_n_advantages must be 'group' or 'kept', got {best_of_n_advantages!r}")
         self.policy = policy
         self.sampler = sampler
         self.rewards = MultiReward(rewards)
@@ -149,8 +170,9 @@ class GRPOModule(LightningModule):
            latents, log-probs and the condition.
         3. Decode the final latents and score them with every reward under no_grad
            (`reward_failure="drop_group"`: drop the groups with a non-finite reward).
-        4. Advantages: each reward normalised within its group, weighted sum, clamp; optional
-           best-of-n keeps the top/bottom trajectories of each group and re-normalises.
+        4. Advantages: each reward normalised within its group; optional best-of-n keeps the
+           top/bottom trajectories of each group by Σ_k w_k·A_k (advantages over the full group,
+           or re-normalised within the kept ones); combined as `multi_reward` says.
         5. Update: for a random subset of each sample's timesteps, recompute log-probs with
            gradient, clipped surrogate loss, accumulate over samples × timesteps, clip the grad
            norm and step the optimizer every `samples_per_update` samples (CFG on: once).
@@ -192,7 +214,7 @@ class GRPOModule(LightningModule):
             prompts=rolled_out.prompts, group_size=hp.group_size,
             latents=rolled_out.latents[:, -1].detach().clone(),  # clone: do not keep all T+1 steps alive
             pixels=pixels.detach(), scores={k: v.detach() for k, v in scores.items()},
-            reward_advantages=per_reward, advantages=advantages.detach(),
+            reward_advantages=per_reward, advantages=effective_advantages(advantages.detach(), self._loss_weights(advantages)),
         )
 
     def on_fit_start(self) -> None:
@@ -222,19 +244,23 @@ class GRPOModule(LightningModule):
         return trajectories.select(keep), pixels[keep], {name: s[keep.to(s.device)] for name, s in scores.items()}
 
     def _advantages(self, trajectories: Rollout, scores: dict[str, Tensor]) -> tuple[Rollout, dict[str, Tensor], Tensor]:
+        """Step 4 (`lightning_grpo.grpo.advantages.grpo_advantages`): advantages [B'] ("sum") or
+        [B', K] ("per_reward") of the trained samples, and those samples (best-of-n)."""
         hp = self.hparams
-        advantages = self._combine(scores, hp.group_size)
-        if hp.best_of_n is not None:
-            chosen = best_of_n_indices(advantages, hp.group_size, *hp.best_of_n)
-            trajectories = trajectories.select(chosen)
-            scores = {name: s[chosen] for name, s in scores.items()}
-            advantages = self._combine(scores, self._trained_group_size())
-        return trajectories, scores, advantages
+        result = grpo_advantages(
+            scores, self.rewards.weights, hp.group_size, form=hp.multi_reward, best_of_n=hp.best_of_n,
+            best_of_n_advantages=hp.best_of_n_advantages, std_mode=hp.advantage_std, clip_max=hp.adv_clip_max,
+        )
+        if result.chosen is not None:
+            trajectories = trajectories.select(result.chosen)
+            scores = {name: s[result.chosen.to(s.device)] for name, s in scores.items()}
+        return trajectories, scores, result.advantages
 
-    def _combine(self, scores: dict[str, Tensor], group_size: int) -> Tensor:
-        hp = self.hparams
-        total, _ = multi_reward_advantages(scores, self.rewards.weights, group_size, std_mode=hp.advantage_std, clip_max=hp.adv_clip_max)
-        return total
+    def _loss_weights(self, advantages: Tensor) -> Tensor | None:
+        """Tensor[K] reward weights for per-reward advantages [B, K] (reward order), else None."""
+        if advantages.ndim == 1:
+            return None
+        return torch.tensor([r.weight for r in self.rewards.rewards], dtype=torch.float32, device=advantages.device)
 
     def _update(self, trajectories: Rollout, advantages: Tensor, allow_partial: bool = False) -> tuple[list[GRPOStats], list[Tensor]]:
         """Step 5: recompute log-probs on random timesteps and apply the clipped loss.
@@ -283,6 +309,7 @@ class GRPOModule(LightningModule):
         return clipped_surrogate_loss(
             step.log_prob, trajectories.log_probs[samples, index], advantages[samples],
             clip_range=hp.clip_range, adv_clip_max=hp.adv_clip_max, kl=kl, kl_beta=hp.kl_beta,
+            reward_weights=self._loss_weights(advantages),
         )
 
     def _optimizer_step(self, optimizer, scheduler) -> Tensor:
