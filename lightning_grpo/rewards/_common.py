@@ -122,28 +122,6 @@ def repeat_prompts(prompts: Sequence[str], frames: int) -> list[str]:
     return [p for p in prompts for _ in range(frames)]
 
 
-def resize_shortest_center_crop(images: Tensor, size: int | tuple[int, int], interpolation: str = "bicubic") -> Tensor:
-    """CLIP-style eval transform on tensors: resize shortest side, then center crop.
-
-    Args:
-        images: [N, C, H, W] float in [0, 1].
-        size: output side (int) or (height, width).
-        interpolation: "bicubic" (CLIP, open_clip, HF CLIPImageProcessor default) or "bilinear".
-    Returns:
-        [N, C, h, w] clamped to [0, 1] (bicubic overshoots).
-    """
-    out_h, out_w = (size, size) if isinstance(size, int) else size
-    h, w = images.shape[-2:]
-    # torchvision's Resize(int) rule: the short side becomes the target, the long side is truncated
-    scale = max(out_h / h, out_w / w)
-    new_h, new_w = (out_h, int(w * out_h / h)) if h * out_w <= w * out_h else (int(h * out_w / w), out_w)
-    new_h, new_w = max(new_h, out_h, int(h * scale)), max(new_w, out_w, int(w * scale))
-    if (new_h, new_w) != (h, w):
-        images = F.interpolate(images, size=(new_h, new_w), mode=interpolation, align_corners=False, antialias=True)
-    top, left = int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))  # torchvision CenterCrop
-    return images[..., top : top + out_h, left : left + out_w].clamp(0.0, 1.0)
-
-
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """(x - mean) / std per channel, with the model's own statistics."""
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)

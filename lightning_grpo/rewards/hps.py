@@ -10,15 +10,22 @@ Typical values are ≈ 0.2-0.35; the DanceGRPO binary example thresholds at 0.28
 
 Checkpoint layout (hpsv2/img_score.py): `torch.load(cp)["state_dict"]` loaded into open_clip
 `ViT-H-14` (laion2B architecture, no QuickGELU); the file for v2.1 is `HPS_v2.1_compressed.pt`.
-Preprocessing: open_clip's eval transform (bicubic resize of the shortest side to 224, center
-crop, OpenAI CLIP mean/std), done here on tensors.
+Preprocessing: HPS-v2's own eval transform, not open_clip's default. `create_model_and_transforms`
+(hpsv2/src/open_clip/factory.py) builds `preprocess_val` with `resize_longest_max=True`, i.e.
+`ToTensor` -> `ResizeMaxSize(224)` (longest side to 224, bicubic on the float tensor, zero pad)
+-> normalise (OpenAI CLIP mean/std), see `resize_longest_pad`. No clamp after the resize: the
+official path resizes the float tensor. The scorer (and DanceGRPO's train_grpo_flux.py) feeds it
+the uint8 PIL image; `quantize=True` rounds to the uint8 grid first to match that exactly.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from torch import Tensor
+
 from lightning_grpo.rewards._open_clip import OpenClipCosineReward
+from lightning_grpo.rewards._preprocess import resize_longest_pad
 
 
 class HPSReward(OpenClipCosineReward):
@@ -29,17 +36,25 @@ class HPSReward(OpenClipCosineReward):
             weights; a DDP `module.` prefix is accepted).
         architecture: open_clip architecture the weights belong to (HPS-v2.1: "ViT-H-14"; tests
             pass a tiny registered one).
+        quantize: round the pixels to the uint8 grid first (the official scorer reads a uint8 image).
         name: name the reward is logged under.
         weight: weight in the multi-reward advantage (DanceGRPO multi-reward example: 0.7).
     """
 
     default_name = "hps"
+    resizes_uint8 = False  # ToTensor comes before ResizeMaxSize in HPS-v2's transform
 
     def __init__(
         self,
         checkpoint: str | Path,
         architecture: str = "ViT-H-14",
+        quantize: bool = False,
         name: str | None = None,
         weight: float = 1.0,
     ) -> None:
-        super().__init__(checkpoint, architecture, state_dict_key="state_dict", name=name, weight=weight)
+        super().__init__(checkpoint, architecture, state_dict_key="state_dict", quantize=quantize, name=name, weight=weight)
+        self.resize_mode = "longest"
+
+    def resize(self, images: Tensor) -> Tensor:
+        """HPS-v2 `ResizeMaxSize`: longest side to the model's size, zero pad, no clamp."""
+        return resize_longest_pad(images, self.image_size, "bicubic", fill=0.0, clamp=False)

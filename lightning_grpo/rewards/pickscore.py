@@ -8,8 +8,12 @@ for each (image, its own prompt) pair. Typical values are ≈ 18-23.
 
 Layout: a transformers `CLIPModel` folder (`yuvalkirstain/PickScore_v1`) and a processor folder
 (`laion/CLIP-ViT-H-14-laion2B-s32B-b79K`) giving the tokenizer and the image statistics. Images are
-preprocessed on tensors like `CLIPImageProcessor` (bicubic resize of the shortest edge, center
-crop, processor mean/std).
+preprocessed on tensors as the processor's `CLIPImageProcessor` does (the PIL path of the
+transformers the official snippet ran on): bicubic resize of the shortest edge to
+`size["shortest_edge"]` (long side truncated), centre crop to `crop_size` with the offset
+floored ((H − h)//2, transformers' `center_crop`, where torchvision rounds), rescale, the
+processor's mean/std. `quantize=True` rounds to the uint8 grid first, as the PIL image the official
+code (and DanceGRPO's train_grpo_flux.py `calc_probs`) is given.
 """
 
 from __future__ import annotations
@@ -27,9 +31,20 @@ from lightning_grpo.rewards._common import (
     normalize,
     repeat_prompts,
     require_path,
-    resize_shortest_center_crop,
     to_rgb,
 )
+from lightning_grpo.rewards._preprocess import quantize_uint8, resize_shortest_crop
+
+
+def _resize_size(image_processor: object) -> int | tuple[int, int]:
+    """What the CLIP image processor resizes to: its shortest edge (int), or an exact (h, w)."""
+    size = getattr(image_processor, "size", None) or {"shortest_edge": 224}
+    if isinstance(size, int):
+        return size
+    size = dict(size)
+    if size.get("shortest_edge") is not None:
+        return int(size["shortest_edge"])
+    return int(size["height"]), int(size["width"])
 
 
 def _crop_size(image_processor: object) -> tuple[int, int]:
@@ -60,6 +75,7 @@ class PickScore(FrozenModelReward):
         model_dir: local folder of the PickScore `CLIPModel` (config.json + weights).
         processor_dir: local folder of the CLIP processor (tokenizer + preprocessor_config.json).
         max_length: token limit of the prompts (CLIP: 77).
+        quantize: round the pixels to the uint8 grid first (the official code scores a PIL image).
         name: name the reward is logged under.
         weight: weight in the multi-reward advantage.
     """
@@ -71,6 +87,7 @@ class PickScore(FrozenModelReward):
         model_dir: str | Path,
         processor_dir: str | Path,
         max_length: int = 77,
+        quantize: bool = False,
         name: str | None = None,
         weight: float = 1.0,
     ) -> None:
@@ -85,15 +102,29 @@ class PickScore(FrozenModelReward):
         processor = AutoProcessor.from_pretrained(processor_path, local_files_only=True)
         self.tokenizer = processor.tokenizer
         image_processor = processor.image_processor
+        self.resize_size = _resize_size(image_processor)
         self.image_size = _crop_size(image_processor)
+        if not getattr(image_processor, "do_center_crop", True) or not isinstance(self.resize_size, int):
+            raise ValueError(
+                f"reward {self.name!r}: {processor_path} must resize the shortest edge and centre crop (CLIP's processor), "
+                f"got size={getattr(image_processor, 'size', None)}, do_center_crop={getattr(image_processor, 'do_center_crop', None)}"
+            )
+        self.quantize = bool(quantize)
         self.image_mean = tuple(image_processor.image_mean)
         self.image_std = tuple(image_processor.image_std)
         self.max_length = int(max_length)
         self.freeze()
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """[N,C,H,W] in [0,1] -> CLIP input (shortest-edge bicubic resize, center crop, normalise)."""
-        images = resize_shortest_center_crop(to_rgb(images.float()), self.image_size, "bicubic")
+        """[N,C,H,W] in [0,1] -> CLIP input (shortest-edge bicubic resize, floored centre crop,
+        normalise), clamped after the resize as the uint8 PIL resize is; with `quantize` the input
+        and the resized image are rounded to the uint8 grid."""
+        images = to_rgb(images.float())
+        if self.quantize:
+            images = quantize_uint8(images)
+        images = resize_shortest_crop(images, self.resize_size, "bicubic", crop="floor", clamp=True, crop_size=self.image_size)
+        if self.quantize:  # the PIL resize returns a uint8 image
+            images = quantize_uint8(images)
         return normalize(images, self.image_mean, self.image_std)
 
     def features(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:

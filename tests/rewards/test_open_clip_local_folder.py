@@ -47,7 +47,7 @@ def test_clip_score_from_a_folder_uses_its_config_tokenizer_and_preprocessing(fo
     import open_clip
 
     reward = ClipScore(folder / "open_clip_model.safetensors", architecture=str(folder))
-    assert reward.image_size == (32, 32) and reward.image_mean == (0.5, 0.5, 0.5) and reward.image_std == (0.25, 0.25, 0.25)
+    assert reward.image_size == 32 and reward.resize_mode == "shortest" and reward.image_mean == (0.5, 0.5, 0.5) and reward.image_std == (0.25, 0.25, 0.25)
     assert reward.tokenizer.context_length == 20
     # by hand, from open_clip's own loader of the same folder (it reads the weights itself)
     model = open_clip.create_model(f"local-dir:{folder}").eval()
