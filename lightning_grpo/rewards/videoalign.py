@@ -30,8 +30,19 @@ Video preprocessing (vision_process.py, on tensors here instead of a decoded MP4
     (H', W') = smart_resize(H, W, factor 28, min_pixels 128·28², max_pixels = max_frame_pixels)
     bicubic antialiased resize, CLIP mean/std normalisation, pad to a multiple of the temporal
     patch (repeat the last frame), then Qwen2-VL patchification (14-px patches, 2×2 merge).
-The official pipeline sees uint8 frames decoded from an MP4; here the float frames are used as they
-are (no codec, no 8-bit quantisation), which is the point of scoring in memory.
+The official pipeline sees uint8 frames decoded from an MP4 (DanceGRPO train_grpo_hunyuan.py
+writes each clip with diffusers' `export_to_video(..., fps=args.fps)`, `--fps 8` in its
+finetune_hunyuan_grpo.sh / finetune_skyreels_i2v.sh, hence `video_fps=8`) and resizes the uint8
+tensor (rounded, clamped); here the float frames are used as they are, which is the point of
+scoring in memory. `quantize=True` truncates them to uint8 as `export_to_video` does
+(`(frame * 255).astype(np.uint8)`) and rounds the resized frames, leaving only the codec out.
+
+Text decoder call (trainer.py `Qwen2VLRewardModelBT.forward`): the video features are scattered
+into the token embeddings and the text model is called with `inputs_embeds` and
+`position_ids=None`. In the transformers VideoAlign (4.45.2) and DanceGRPO (4.46.1) pin, the text
+model then uses sequential positions 0..L−1 on all three M-RoPE axes; the reward model was trained
+and is used that way, so `VideoAlignModel` passes exactly those positions instead of letting
+transformers 5 compute the 3-D (t, h, w) video positions of `get_rope_index`.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ from lightning_grpo.rewards._common import (
     load_state_dict_strict,
     require_path,
 )
+from lightning_grpo.rewards._preprocess import quantize_uint8
 
 SPECIAL_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 AXES = ("VQ", "MQ", "TA")
@@ -256,14 +268,17 @@ class VideoAlignModel(nn.Module):
         self.video_token_id = int(config.video_token_id)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values_videos: Tensor, video_grid_thw: Tensor) -> Tensor:
-        """Raw [B, 3] (VQ, MQ, TA) rewards: rm_head at the special tokens (trainer.py, reward_token="special")."""
-        mm_token_type_ids = (input_ids == self.video_token_id).int() * 2  # 0 text, 2 video (for M-RoPE)
+        """Raw [B, 3] (VQ, MQ, TA) rewards: rm_head at the special tokens (trainer.py, reward_token="special").
+
+        Positions are the official ones: 0..L−1 on the three M-RoPE axes (see the module doc)."""
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device).view(1, 1, length).expand(3, batch, length)  # [3, B, L]
         hidden = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values_videos=pixel_values_videos,
             video_grid_thw=video_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
+            position_ids=positions,
             use_cache=False,
         ).last_hidden_state  # [B, L, D]
         logits = self.rm_head(hidden)  # [B, L, N]
@@ -293,7 +308,10 @@ class VideoAlignReward(FrozenModelReward):
             none). Defaults to `checkpoint_dir` itself.
         checkpoint_step: which checkpoint-<step> to load; −1 for the latest.
         video_fps: frame rate of the generated videos (pixels carry none); frames are resampled from
-            it to the checkpoint's `fps` (2 for VideoReward).
+            it to the checkpoint's `fps` (2 for VideoReward). 8 = the rate DanceGRPO writes its
+            clips at (53 frames -> 14 sampled; at 24 it would be 4).
+        quantize: score the frames as DanceGRPO's MP4 path sees them, minus the codec: truncated to
+            uint8 (`export_to_video`), resized, rounded to uint8 (torchvision's uint8 resize).
         dtype: dtype the model is built in ("bfloat16" as the official inference, "float32" on CPU).
         name: name the reward is logged under (defaults to "videoalign_<output>").
         weight: weight in the multi-reward advantage.
@@ -308,7 +326,8 @@ class VideoAlignReward(FrozenModelReward):
         normalize: bool = True,
         base_model_dir: str | Path | None = None,
         checkpoint_step: int = -1,
-        video_fps: float = 24.0,
+        video_fps: float = 8.0,
+        quantize: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16",
         name: str | None = None,
         weight: float = 1.0,
@@ -317,6 +336,9 @@ class VideoAlignReward(FrozenModelReward):
             raise ValueError(f"output must be one of VQ, MQ, TA, Overall; got {output!r}")
         super().__init__(name or f"videoalign_{output.lower()}", weight)
         self.output, self.normalize, self.video_fps = output, bool(normalize), float(video_fps)
+        if self.video_fps <= 0:
+            raise ValueError(f"reward {self.name!r}: video_fps must be > 0, got {video_fps}")
+        self.quantize = bool(quantize)
         root = require_path(checkpoint_dir, self.name, directory=True)
         base = require_path(base_model_dir if base_model_dir is not None else root, self.name, directory=True)
         configs = json.loads(require_path(root / "model_config.json", self.name).read_text())
@@ -396,9 +418,12 @@ class VideoAlignReward(FrozenModelReward):
     def preprocess_video(self, video: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         """[F, C, H, W] in [0, 1] -> (patches [N, C·2·14·14], grid (t, h, w))."""
         frames = video[sample_frame_indices(video.shape[0], self.video_fps, self.fps)].float()  # [n, C, H, W]
+        if self.quantize:  # export_to_video: (frame * 255).astype(np.uint8) truncates
+            frames = (frames.clamp(0.0, 1.0) * 255.0).floor() / 255.0
         height, width = smart_resize(*frames.shape[-2:], min_pixels=VIDEO_MIN_PIXELS, max_pixels=self.max_frame_pixels)
         if (height, width) != tuple(frames.shape[-2:]):
             frames = F.interpolate(frames, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+        frames = quantize_uint8(frames) if self.quantize else frames.clamp(0.0, 1.0)  # the official uint8 resize rounds and clamps
         mean = torch.tensor(QWEN2VL_MEAN, device=frames.device).view(1, 3, 1, 1)
         std = torch.tensor(QWEN2VL_STD, device=frames.device).view(1, 3, 1, 1)
         return patchify((frames - mean) / std, self.patch_size, self.temporal_patch_size, self.merge_size)

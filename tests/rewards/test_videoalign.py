@@ -103,9 +103,33 @@ def videoreward(tmp_path_factory: pytest.TempPathFactory):
     return ckpt, base, peft_model, tokenizer
 
 
-def reference_raw(peft_model, tokenizer, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+def official_text_call(inner, ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values_videos: torch.Tensor,
+                       video_grid_thw: torch.Tensor) -> torch.Tensor:
+    """Last hidden states as KwaiVGI/VideoAlign trainer.py `Qwen2VLRewardModelBT.forward` gets them:
+    token embeddings, video features scattered into the <|video_pad|> slots, then the *text model*
+    called with inputs_embeds and position_ids=None (its default: positions 0..L-1 on all three
+    M-RoPE axes, as in transformers 4.45/4.46)."""
+    backbone = inner.model  # Qwen2VLModel: .visual + .language_model
+    embeds = backbone.get_input_embeddings()(ids)
+    video = backbone.visual(pixel_values_videos, grid_thw=video_grid_thw).pooler_output
+    mask = (ids == inner.config.video_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(mask, video.to(embeds.dtype))
+    return backbone.language_model(input_ids=None, inputs_embeds=embeds, attention_mask=attention_mask, position_ids=None).last_hidden_state
+
+
+def mrope_text_call(inner, ids, attention_mask, pixel_values_videos, video_grid_thw) -> torch.Tensor:
+    """The transformers-5 multimodal call with 3-D (t, h, w) M-RoPE video positions: not what the
+    reward model was trained with (the call our code used to make)."""
+    return inner.model(
+        input_ids=ids, attention_mask=attention_mask, pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw, mm_token_type_ids=(ids == inner.config.video_token_id).int() * 2,
+    ).last_hidden_state
+
+
+def reference_raw(peft_model, tokenizer, videos: torch.Tensor, prompts: list[str], call=official_text_call) -> torch.Tensor:
     """Official pipeline by hand: frames at 2 fps, smart_resize, HF Qwen2VLVideoProcessor patches,
-    chat text with expanded <|video_pad|>, the *unmerged* PEFT model, rm_head at the reward tokens."""
+    chat text with expanded <|video_pad|>, the *unmerged* PEFT model called as the official code
+    calls it, rm_head at the reward tokens."""
     import torch.nn.functional as F
     from transformers import Qwen2VLVideoProcessor
 
@@ -114,16 +138,13 @@ def reference_raw(peft_model, tokenizer, videos: torch.Tensor, prompts: list[str
     rows = []
     for video, prompt in zip(videos, prompts):
         frames = video[torch.linspace(0, video.shape[0] - 1, 4).round().long()]  # 10 frames @ 8 fps -> 4 @ 2 fps
-        frames = F.interpolate(frames, size=(336, 308), mode="bicubic", antialias=True)  # smart_resize(56, 52)
+        frames = F.interpolate(frames, size=(336, 308), mode="bicubic", antialias=True).clamp(0, 1)  # smart_resize(56, 52)
         out = processor(videos=[frames], do_resize=False, do_rescale=False, return_tensors="pt")
         t, h, w = out["video_grid_thw"][0].tolist()
         text = CHAT_TEMPLATE.format(video="<|video_pad|>" * (t * h * w // 4), text=build_prompt(prompt))
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
-            hidden = inner.model(
-                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=out["pixel_values_videos"],
-                video_grid_thw=out["video_grid_thw"], mm_token_type_ids=(ids == inner.config.video_token_id).int() * 2,
-            ).last_hidden_state
+            hidden = call(inner, ids, torch.ones_like(ids), out["pixel_values_videos"], out["video_grid_thw"])
             positions = [(ids[0] == tokenizer.convert_tokens_to_ids(tok)).nonzero().item() for tok in SPECIAL_TOKENS]
             rows.append(inner.rm_head(hidden[0, positions])[:, 0])
     return torch.stack(rows)  # [B, 3]
@@ -173,6 +194,38 @@ def test_raw_scores_match_unmerged_peft_reference(videoreward, videos) -> None:
     # LoRA really was folded in: the base weights alone give different scores
     with peft_model.disable_adapter():
         assert not torch.allclose(reference_raw(peft_model, tokenizer, videos, prompts), expected, atol=1e-3)
+    # the 3-D M-RoPE positions of transformers 5's multimodal call give different scores: the
+    # reference above really follows the official sequential positions
+    assert not torch.allclose(reference_raw(peft_model, tokenizer, videos, prompts, call=mrope_text_call), expected, atol=1e-3)
+
+
+def test_official_frame_sampling_at_dancegrpo_fps() -> None:
+    # DanceGRPO writes 53-frame clips at 8 fps: 53 / 8 · 2 = 13.25 -> 14 frames at the checkpoint's 2 fps
+    assert len(sample_frame_indices(53, 8.0, 2.0)) == 14
+    assert len(sample_frame_indices(53, 24.0, 2.0)) == 4  # the old default would keep 4
+    assert sample_frame_indices(53, 8.0, 2.0) == torch.linspace(0, 52, 14).round().long().tolist()
+
+
+@pytest.mark.parametrize("height, width", [(480, 848), (400, 640), (56, 52)])
+def test_quantized_frames_equal_the_official_uint8_resize(videoreward, height, width) -> None:
+    """vision_process.py `fetch_video`: torchvision resize of the decoded uint8 frames (bicubic,
+    antialias), then /255 (processor do_rescale); the frames come from export_to_video's truncation."""
+    import torchvision.transforms.functional as TF
+
+    ckpt, base, _, _ = videoreward
+    reward = VideoAlignReward(ckpt, base_model_dir=base, video_fps=VIDEO_FPS, dtype="float32", quantize=True)
+    torch.manual_seed(7)
+    video = torch.rand(4, 3, height, width)  # 4 frames at 8 fps -> all 4 sampled
+    patches, grid = reward.preprocess_video(video)
+    uint8 = (video * 255).to(torch.uint8)  # astype(np.uint8) truncates
+    size = smart_resize(height, width, min_pixels=128 * 28 * 28, max_pixels=200704)
+    official = TF.resize(uint8, list(size), interpolation=TF.InterpolationMode.BICUBIC, antialias=True).float() / 255
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    expected, expected_grid = patchify((official - mean) / std, 14, 2, 2)
+    assert grid == expected_grid
+    diff = ((patches - expected).view(-1, 3, 2 * 14 * 14) * std.view(1, 3, 1)).abs() * 255  # uint8 levels
+    assert diff.max() <= 1.0 + 1e-3 and diff.mean() < 0.3
 
 
 def test_normalisation_and_overall(videoreward, videos) -> None:
