@@ -58,6 +58,8 @@ def substitute(node, assets: dict[str, str]):
         args["pretrained_model_name_or_path"] = assets["sd"]
     elif name in ("HPSReward", "ClipScore"):
         args.update(checkpoint=assets["clip"], architecture=TINY_OPEN_CLIP)
+        if name == "ClipScore":  # the tiny stand-in has no open_clip registry entry (DFN5B's: squash)
+            args["pretrained_tag"] = None
     elif name == "PromptDataModule":
         args["train_files"] = assets["prompts"]
     if name.endswith("Policy") and name in POLICY_CLASSES:
