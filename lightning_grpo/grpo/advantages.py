@@ -88,10 +88,7 @@ def multi_reward_advantages(
         (advantages Tensor[B], per-reward normalised advantages {name: Tensor[B]}).
     """
     per_reward = reward_advantages(rewards, weights, group_size, std_mode=std_mode, eps=eps, unbiased=unbiased)
-    total = weighted_sum(per_reward, weights)
-    if clip_max is not None:
-        total = total.clamp(-clip_max, clip_max)
-    return total, per_reward
+    return combine_advantages(per_reward, weights, "sum", clip_max), per_reward
 
 
 def reward_advantages(
