@@ -40,6 +40,7 @@ class Rollout:
     prompts: list[str]  # [B]
     group_index: Tensor  # [B] long: which prompt (group) each sample belongs to
     images: Tensor | None = None  # [B, C, H, W] first frames for image-to-video, pixels in [0, 1]
+    sde_steps: Tensor | None = None  # [T] bool, shared by all samples: SDE steps (None = all); the others were ODE steps
 
     @property
     def batch_size(self) -> int:
