@@ -23,6 +23,7 @@ from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers.base import Sampler
+from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule, trainable_steps
 from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
 
@@ -72,6 +73,9 @@ class GRPOModule(LightningModule):
             being ODE steps: None = all (DanceGRPO); `SlidingWindow` (MixGRPO) or `RandomBranch`
             (Flow-GRPO-Fast), see `lightning_grpo/samplers/step_schedule.py`. The timestep subset
             (`timestep_fraction`, `drop_last_timestep`) is drawn from the SDE steps only.
+        ode_tail: with a step schedule, integrate after its last SDE step with this fewer-step
+            2nd-order solver (`MultistepODETail`, MixGRPO-Flash; flow samplers); None: the
+            sampler's own ODE step on its grid.
 
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
@@ -109,9 +113,10 @@ class GRPOModule(LightningModule):
         show_progress: bool = True,
         test_grid_size: int = 64,
         step_schedule: StepSchedule | None = None,
+        ode_tail: MultistepODETail | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule"])
+        self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail"])
         _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
         if reward_failure not in ("raise", "drop_group"):
             raise ValueError(f"reward_failure must be 'raise' or 'drop_group', got {reward_failure!r}")
@@ -120,6 +125,11 @@ class GRPOModule(LightningModule):
         self.step_schedule = step_schedule
         if step_schedule is not None:  # fail at construction if the schedule does not fit the sampler
             step_schedule.sde_steps(sampler.num_steps, 0, torch.Generator().manual_seed(0))
+        if ode_tail is not None:
+            if step_schedule is None:
+                raise ValueError("ode_tail needs a step_schedule: without one every step is an SDE step and there is no tail")
+            ode_tail.sigmas(sampler, 0)  # a flow sampler, or a clear error
+        self.ode_tail = ode_tail
         self.rewards = MultiReward(rewards)
         self.reference_policy = _frozen_copy(policy) if kl_beta > 0 else None
         self.automatic_optimization = False
@@ -172,7 +182,7 @@ class GRPOModule(LightningModule):
             trajectories = rollout(
                 self.policy, self.sampler, batch["prompts"], self.hparams.group_size, generator,
                 shared_noise=self.hparams.shared_noise, images=batch.get("images"), progress=self._progress("rollout"),
-                sde_steps=self._sde_steps(),
+                sde_steps=self._sde_steps(), ode_tail=self.ode_tail,
             )
         # 3. decode + reward
         with timer("decode"):

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.samplers.base import Sampler
+from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.types import Rollout, index_condition
 
 
@@ -40,6 +41,7 @@ def rollout(
     images: Tensor | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] = iter,
     sde_steps: Tensor | None = None,
+    ode_tail: MultistepODETail | None = None,
 ) -> Rollout:
     """Sample `group_size` trajectories for each prompt, batched over all of them.
 
@@ -55,6 +57,9 @@ def rollout(
         sde_steps: BoolTensor[T] from a `StepSchedule` (MixGRPO window, Flow-GRPO-Fast branch):
             SDE steps where True; deterministic `sampler.ode_step` (no noise drawn, log-prob 0)
             where False. None: every step is an SDE step.
+        ode_tail: MixGRPO-Flash: after the last SDE step, integrate to σ = 0 with this fewer-step
+            higher-order solver instead of the sampler's grid; the latents it skips are NaN
+            (never trained, never read), the last one is its result.
     """
     num_prompts = len(prompts)
     group_index = torch.arange(num_prompts, device=policy.device).repeat_interleave(group_size)  # [B]
@@ -63,7 +68,14 @@ def rollout(
     expanded_images = None if images is None else images[group_index]  # [B, C, H, W]
     x = initial_noise(policy, num_prompts, group_size, shared_noise, generator)  # [B, *L]
     latents, log_probs = [x], []
+    tail = None if ode_tail is None else ode_tail.start(sde_steps, sampler.num_steps)
     for i in progress(range(sampler.num_steps)):
+        if i == tail:
+            x, _ = ode_tail.integrate(lambda z, t: policy.predict(z, t, condition), sampler, x, i)
+            skipped = sampler.num_steps - i - 1
+            latents += [torch.full_like(x, float("nan"))] * skipped + [x]
+            log_probs += [torch.zeros(x.shape[0], device=x.device)] * (skipped + 1)
+            break
         t = sampler.timesteps[i].to(x.device).expand(x.shape[0])  # [B]
         model_output = policy.predict(x, t, condition)
         if sde_steps is None or sde_steps[i]:

@@ -34,7 +34,7 @@ class StepOutput:
 class Rollout:
     """A batch of sampled trajectories, everything the update needs and nothing more."""
 
-    latents: Tensor  # [B, T+1, *L] x_0 (noise) ... x_T (clean)
+    latents: Tensor  # [B, T+1, *L] x_0 (noise) ... x_T (clean); NaN where an ODE tail skipped the grid
     log_probs: Tensor  # [B, T] log p_old(x_{i+1} | x_i), fp32
     condition: Condition  # each [B, ...]
     prompts: list[str]  # [B]

@@ -89,3 +89,54 @@ def test_trainable_steps_are_the_stochastic_steps_inside_the_mask():
     assert trainable_steps(ddim, mask).tolist() == [3, 4]
     with pytest.raises(ValueError, match="mask of 6 steps"):
         trainable_steps(flow, torch.ones(5, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- MixGRPO-Flash ODE tail
+def _gaussian_velocity(variance: float):
+    """Exact flow velocity for data x0 ~ N(0, variance): E[ε − x0 | x_σ] = x·(σ − (1 − σ)·s²) / V(σ),
+    V(σ) = (1 − σ)²·s² + σ²; the ODE maps x(1) to x(σ) = x(1)·sqrt(V(σ)), so x(0) = s·x(1)."""
+
+    def velocity(x, t):
+        sigma = (t / 1000).double().view(-1, *[1] * (x.ndim - 1))
+        return (x.double() * (sigma - (1 - sigma) * variance) / ((1 - sigma) ** 2 * variance + sigma**2)).float()
+
+    return velocity
+
+
+def _euler(velocity, sigmas, x):
+    for k in range(len(sigmas) - 1):
+        x = x + (sigmas[k + 1] - sigmas[k]) * velocity(x, (sigmas[k] * 1000).expand(x.shape[0]))
+    return x
+
+
+def test_ode_tail_compresses_the_remaining_grid_and_beats_euler_at_half_the_calls():
+    from lightning_grpo.samplers import MultistepODETail
+
+    sampler = FlowSDESampler(num_steps=16, eta=0.7, shift=3.0)
+    start, velocity = 4, _gaussian_velocity(1.0)
+    sigma = sampler.sigmas[start].double()
+    x_start = torch.linspace(-2, 2, 5).view(5, 1) * ((1 - sigma) ** 2 + sigma**2).sqrt().float()  # on the exact path
+    exact = torch.linspace(-2, 2, 5).view(5, 1)  # s = 1
+    tail = MultistepODETail(compression=0.5, order=2)
+    sigmas = tail.sigmas(sampler, start)
+    assert len(sigmas) == 7 and sigmas[0] == sampler.sigmas[start] and sigmas[-1] == 0  # 12 steps left → 6
+    torch.testing.assert_close(sigmas[::2][:4], sampler.sigmas[start::4][:4])  # every other grid point, in order
+    out, calls = tail.integrate(velocity, sampler, x_start, start)
+    assert calls == 6
+    second_order = (out - exact).abs().max()
+    euler_same_calls = (_euler(velocity, sigmas, x_start) - exact).abs().max()
+    euler_full_grid = (_euler(velocity, sampler.sigmas[start:], x_start) - exact).abs().max()
+    assert second_order < 0.5 * euler_same_calls
+    assert second_order < euler_full_grid  # 6 calls of the 2nd-order solver beat the grid's 12 Euler calls
+
+
+def test_ode_tail_start_and_validation():
+    from lightning_grpo.samplers import MultistepODETail
+
+    assert MultistepODETail.start(SlidingWindow(size=2, first=1).sde_steps(6, 0), 6) == 3
+    assert MultistepODETail.start(SlidingWindow(size=2, first=4).sde_steps(6, 0), 6) is None  # window ends the trajectory
+    assert MultistepODETail.start(None, 6) is None
+    with pytest.raises(ValueError, match="flow sampler"):
+        MultistepODETail().sigmas(DDIMSDESampler(num_steps=6), 0)
+    with pytest.raises(ValueError, match="compression"):
+        MultistepODETail(compression=0.0)

@@ -124,3 +124,39 @@ def test_the_cli_builds_the_demo_with_a_window(monkeypatch):
         "--model.step_schedule.size=2", "--model.step_schedule.shift_interval=10",
     ], subcommand=False)
     assert cli.model.step_schedule == SlidingWindow(size=2, shift_interval=10)
+
+
+def test_the_flash_tail_replaces_the_steps_after_the_window_with_fewer_calls(monkeypatch):
+    from lightning_grpo.samplers import MultistepODETail
+
+    policy, sampler = _policy_and_sampler("flow")
+    calls = []
+    predict = policy.predict
+    monkeypatch.setattr(policy, "predict", lambda x, t, c: calls.append(float(t[0])) or predict(x, t, c))
+    mask = SlidingWindow(size=2, first=1).sde_steps(6, 0)  # SDE on 1, 2; tail from step 3 (3 steps → 2)
+    plain = _rollout(policy, sampler, mask)
+    calls.clear()
+    flash = rollout(policy, sampler, PROMPTS[:2], group_size=3, generator=torch.Generator().manual_seed(7),
+                    sde_steps=mask, ode_tail=MultistepODETail(compression=0.5))
+    assert len(calls) == 5  # steps 0, 1, 2 on the grid + 2 tail steps (6 without the tail)
+    assert calls[3] == pytest.approx(float(sampler.timesteps[3]))
+    assert torch.equal(flash.latents[:, :4], plain.latents[:, :4])  # identical up to the tail
+    assert torch.equal(flash.log_probs[:, :3], plain.log_probs[:, :3])
+    assert flash.latents[:, 4:6].isnan().all() and flash.latents[:, 6].isfinite().all()
+    assert (flash.log_probs[:, 3:] == 0).all()
+    # a 2-step 2nd-order tail lands near the grid's 3 Euler steps (same ODE, same start)
+    assert (flash.latents[:, 6] - plain.latents[:, 6]).abs().max() < 0.1 * plain.latents[:, 6].abs().max()
+
+
+def test_module_trains_with_the_flash_tail_and_refuses_it_where_it_cannot_apply(monkeypatch):
+    from lightning_grpo.samplers import MultistepODETail
+
+    module = make_module(timestep_fraction=1.0, step_schedule=SlidingWindow(size=2, shift_interval=1), ode_tail=MultistepODETail())
+    trained = _record_trained_indices(module, monkeypatch)
+    _, record = fit(module, PROMPTS, batches=2)
+    assert [set(indices) for indices in trained] == [{0, 1}, {1, 2}]
+    assert all(m["train/ratio/first_update_max_dev"] <= 1e-6 for m in record.metrics)
+    with pytest.raises(ValueError, match="needs a step_schedule"):
+        make_module(ode_tail=MultistepODETail())
+    with pytest.raises(ValueError, match="flow sampler"):
+        make_module("diffusion", step_schedule=SlidingWindow(size=2), ode_tail=MultistepODETail())
