@@ -8,7 +8,11 @@ it (same seeds, same prompts, same noise streams), changing only the rollout's s
 
 - full SDE:      every step an SDE step, `timestep_fraction` 0.6 of them trained (today's demo);
 - mixed window:  MixGRPO's sliding window (`SlidingWindow`), SDE and training on its w steps only;
+- mixed window + 2nd-order tail: MixGRPO-Flash, the window plus `MultistepODETail` after it;
 - branching:     Flow-GRPO-Fast (`RandomBranch`), ODE to a random step, k SDE steps, ODE after.
+
+With `--jobs N` the variants run as N parallel processes (one thread each) started by this
+command, so all of them train under the same machine load at the same time.
 
 Every `--eval-every` rollouts the training clock stops and the policy is evaluated on held-out
 prompts (deterministic ODE samples from fixed seeds, `lightning_grpo.evaluation.evaluate`, shapes
@@ -39,14 +43,18 @@ CONFIG = ROOT / "configs" / "demo.yaml"
 SCHEDULES = "lightning_grpo.samplers"
 
 
-def variants(window: int, shift_interval: int, branch_steps: int) -> dict[str, list[str]]:
+def variants(window: int, shift_interval: int, branch_steps: int, compression: float) -> dict[str, list[str]]:
     """CLI overrides of each variant (on top of configs/demo.yaml)."""
+    mixed = [
+        f"--model.step_schedule={SCHEDULES}.SlidingWindow", f"--model.step_schedule.size={window}",
+        f"--model.step_schedule.shift_interval={shift_interval}", "--model.step_schedule.stride=1",
+        "--model.timestep_fraction=1.0",
+    ]
     return {
         "full SDE": [],
-        "mixed window": [
-            f"--model.step_schedule={SCHEDULES}.SlidingWindow", f"--model.step_schedule.size={window}",
-            f"--model.step_schedule.shift_interval={shift_interval}", "--model.step_schedule.stride=1",
-            "--model.timestep_fraction=1.0",
+        "mixed window": mixed,
+        "mixed window + 2nd-order tail": [
+            *mixed, f"--model.ode_tail={SCHEDULES}.MultistepODETail", f"--model.ode_tail.compression={compression}",
         ],
         "branching": [
             f"--model.step_schedule={SCHEDULES}.RandomBranch", f"--model.step_schedule.num_sde_steps={branch_steps}",
@@ -155,6 +163,37 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, held_
     return curve
 
 
+def run_in_parallel(names: list[str], argv: list[str], jobs: int) -> list[Curve]:
+    """Each variant in its own process (this script with `--only NAME --jobs 1`), `jobs` at a
+    time; their curves come back through JSON files, in the order of `names`."""
+    import subprocess
+    import tempfile
+
+    passed, skip = [], False
+    for token in argv:  # drop our own --only/--json/--jobs values
+        if skip and not token.startswith("--"):
+            continue
+        skip = token in ("--only", "--json", "--jobs")
+        if not skip:
+            passed.append(token)
+    with tempfile.TemporaryDirectory() as tmp:
+        pending, running, files = list(enumerate(names)), [], {}
+        while pending or running:
+            while pending and len(running) < jobs:
+                index, name = pending.pop(0)
+                files[index] = Path(tmp) / f"{index}.json"
+                command = [sys.executable, __file__, *passed, "--jobs", "1", "--only", name, "--json", str(files[index])]
+                running.append(subprocess.Popen(command))
+            oldest = running.pop(0)
+            if oldest.wait():
+                raise RuntimeError(f"variant process failed ({oldest.returncode}): {' '.join(oldest.args)}")
+        curves = []
+        for index in range(len(names)):
+            data = json.loads(files[index].read_text())["curves"][0]
+            curves.append(Curve(data["name"], data["overrides"], [Point(**p) for p in data["points"]], data["eval_seconds"]))
+    return curves
+
+
 def table(curves: list[Curve], base: float, target: float, budget: float, clock: str) -> str:
     lines = [
         f"held-out exact match: base {100 * base:.1f}%, target {100 * target:.1f}% (base + {100 * (target - base):.0f} pts); "
@@ -204,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=2, help="MixGRPO window size w")
     parser.add_argument("--shift-interval", type=int, default=25, help="MixGRPO shift interval τ (rollouts)")
     parser.add_argument("--branch-steps", type=int, default=2, help="Flow-GRPO-Fast SDE steps k")
+    parser.add_argument("--compression", type=float, default=0.4, help="MixGRPO-Flash tail compression")
+    parser.add_argument("--jobs", type=int, default=1, help="variants trained at once, as parallel processes")
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants (names as in the table)")
     parser.add_argument("--json", type=Path, default=None, help="also write every curve to this JSON file")
     return parser.parse_args(argv)
@@ -224,13 +265,16 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(module.policy, module.sampler, prompts, metric, seed=args.seed, batch_size=len(prompts), show_progress=False)
         return float(result.scores["exact_match"].mean())
 
-    chosen = variants(args.window, args.shift_interval, args.branch_steps)
+    chosen = variants(args.window, args.shift_interval, args.branch_steps, args.compression)
     if args.only:
         chosen = {name: chosen[name] for name in args.only}
-    curves = []
-    for name, overrides in chosen.items():
-        print(f"== {name}: {' '.join(overrides) or '(configs/demo.yaml as is)'}", flush=True)
-        curves.append(run_variant(name, overrides, args, held_out))
+    if args.jobs > 1 and len(chosen) > 1:
+        curves = run_in_parallel(list(chosen), argv if argv is not None else sys.argv[1:], args.jobs)
+    else:
+        curves = []
+        for name, overrides in chosen.items():
+            print(f"== {name}: {' '.join(overrides) or '(configs/demo.yaml as is)'}", flush=True)
+            curves.append(run_variant(name, overrides, args, held_out))
     base = curves[0].points[0].exact_match
     if any(c.points[0].exact_match != base for c in curves):
         print("warning: the variants' step-0 accuracies differ; the base is the first variant's", file=sys.stderr)
