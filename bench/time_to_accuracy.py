@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -194,6 +195,29 @@ def run_in_parallel(names: list[str], argv: list[str], jobs: int) -> list[Curve]
     return curves
 
 
+PROGRESS = re.compile(
+    r"\[(?P<name>[^\]]+)\] rollouts\s+(?P<rollouts>\d+)\s+train\s+(?P<wall>[\d.]+) s wall\s+(?P<cpu>[\d.]+) s cpu\s+"
+    r"calls\s+(?P<calls>\d+)\s+held-out exact match\s+(?P<acc>[\d.]+)%"
+)
+
+
+def curves_from_log(path: Path, names: list[str], budget: float, clock: str) -> list[Curve]:
+    """Curves rebuilt from the progress lines of an interrupted run's log, cut at `budget`
+    seconds on `clock` (evaluation time and per-sample counts are not in the log: 0)."""
+    found: dict[str, Curve] = {}
+    for line in path.read_text().splitlines():
+        match = PROGRESS.search(line)
+        if match is None:
+            continue
+        wall, cpu = float(match["wall"]), float(match["cpu"])
+        if (cpu if clock == "cpu" else wall) > budget:
+            continue
+        point = Point(int(match["rollouts"]), cpu if clock == "cpu" else wall, wall, cpu, int(match["calls"]), 0,
+                      float(match["acc"]) / 100)
+        found.setdefault(match["name"], Curve(match["name"], [])).points.append(point)
+    return [found[name] for name in names if name in found]
+
+
 def table(curves: list[Curve], base: float, target: float, budget: float, clock: str) -> str:
     lines = [
         f"held-out exact match: base {100 * base:.1f}%, target {100 * target:.1f}% (base + {100 * (target - base):.0f} pts); "
@@ -247,6 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once, as parallel processes")
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants (names as in the table)")
     parser.add_argument("--json", type=Path, default=None, help="also write every curve to this JSON file")
+    parser.add_argument("--from-log", type=Path, default=None,
+                        help="no training: rebuild the table from an interrupted run's log, cut at --budget")
     return parser.parse_args(argv)
 
 
@@ -268,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     chosen = variants(args.window, args.shift_interval, args.branch_steps, args.compression)
     if args.only:
         chosen = {name: chosen[name] for name in args.only}
-    if args.jobs > 1 and len(chosen) > 1:
+    if args.from_log is not None:
+        curves = curves_from_log(args.from_log, list(chosen), args.budget, args.clock)
+    elif args.jobs > 1 and len(chosen) > 1:
         curves = run_in_parallel(list(chosen), argv if argv is not None else sys.argv[1:], args.jobs)
     else:
         curves = []
