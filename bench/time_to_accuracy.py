@@ -93,7 +93,7 @@ class DenoiserCounter:
 
     def __init__(self, module) -> None:
         self.calls = self.samples = 0
-        self.enabled = True
+        self.enabled = False  # on inside training batches only (see Stopwatch)
         module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs) -> None:
@@ -123,11 +123,13 @@ def make_stopwatch(curve: Curve, counter: DenoiserCounter, held_out, every: int,
             self._evaluate(pl_module)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            counter.enabled = True
             self._start = (time.perf_counter(), time.process_time())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.wall += time.perf_counter() - self._start[0]
             self.cpu += time.process_time() - self._start[1]
+            counter.enabled = False
             self.rollouts += 1
             out_of_time = self.train_seconds >= budget
             if self.rollouts % every == 0 or out_of_time:
@@ -136,11 +138,9 @@ def make_stopwatch(curve: Curve, counter: DenoiserCounter, held_out, every: int,
                 trainer.should_stop = True
 
         def _evaluate(self, pl_module) -> None:
-            counter.enabled = False
             started = time.perf_counter()
             accuracy = held_out(pl_module)
             curve.eval_seconds += time.perf_counter() - started
-            counter.enabled = True
             curve.points.append(Point(self.rollouts, round(self.train_seconds, 2), round(self.wall, 2), round(self.cpu, 2),
                                       counter.calls, counter.samples, accuracy))
             print(f"  [{curve.name}] rollouts {self.rollouts:4d}  train {self.wall:7.1f} s wall {self.cpu:7.1f} s cpu  "
@@ -153,7 +153,7 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, held_
     from lightning_grpo.cli import run
 
     cli = run(["-c", str(args.config), "--trainer.logger=false", "--trainer.max_steps=1000000",
-               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *overrides], subcommand=False)
+               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0", *overrides], subcommand=False)
     module, trainer = cli.model, cli.trainer
     curve = Curve(name, overrides)
     counter = DenoiserCounter(module.policy.transformer)
