@@ -31,6 +31,8 @@ from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers.base import Sampler
+from lightning_grpo.samplers.ode_tail import MultistepODETail
+from lightning_grpo.samplers.step_schedule import StepSchedule, trainable_steps
 from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
 
 
@@ -82,6 +84,13 @@ class GRPOModule(LightningModule):
         show_progress: show progress bars for the rollout and update phases (rank zero).
         test_grid_size: `lightning-grpo test` keeps the pixels of this many samples (per rank) for
             the image grid it writes with its results.
+        step_schedule: which rollout steps are SDE steps (noise, log-prob, trainable), the others
+            being ODE steps: None = all (DanceGRPO); `SlidingWindow` (MixGRPO) or `RandomBranch`
+            (Flow-GRPO-Fast), see `lightning_grpo/samplers/step_schedule.py`. The timestep subset
+            (`timestep_fraction`, `drop_last_timestep`) is drawn from the SDE steps only.
+        ode_tail: with a step schedule, integrate after its last SDE step with this fewer-step
+            2nd-order solver (`MultistepODETail`, MixGRPO-Flash; flow samplers); None: the
+            sampler's own ODE step on its grid.
 
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
@@ -120,9 +129,11 @@ class GRPOModule(LightningModule):
         seed: int = 0,
         show_progress: bool = True,
         test_grid_size: int = 64,
+        step_schedule: StepSchedule | None = None,
+        ode_tail: MultistepODETail | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "sampler", "rewards"])
+        self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail"])
         _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
         if reward_failure not in ("raise", "drop_group"):
             raise ValueError(f"reward_failure must be 'raise' or 'drop_group', got {reward_failure!r}")
@@ -132,6 +143,14 @@ class GRPOModule(LightningModule):
             raise ValueError(f"best_of_n_advantages must be 'group' or 'kept', got {best_of_n_advantages!r}")
         self.policy = policy
         self.sampler = sampler
+        self.step_schedule = step_schedule
+        if step_schedule is not None:  # fail at construction if the schedule does not fit the sampler
+            step_schedule.sde_steps(sampler.num_steps, 0, torch.Generator().manual_seed(0))
+        if ode_tail is not None:
+            if step_schedule is None:
+                raise ValueError("ode_tail needs a step_schedule: without one every step is an SDE step and there is no tail")
+            ode_tail.sigmas(sampler, 0)  # a flow sampler, or a clear error
+        self.ode_tail = ode_tail
         self.rewards = MultiReward(rewards)
         self.reference_policy = _frozen_copy(policy) if kl_beta > 0 else None
         self.automatic_optimization = False
@@ -185,6 +204,7 @@ class GRPOModule(LightningModule):
             trajectories = rollout(
                 self.policy, self.sampler, batch["prompts"], self.hparams.group_size, generator,
                 shared_noise=self.hparams.shared_noise, images=batch.get("images"), progress=self._progress("rollout"),
+                sde_steps=self._sde_steps(), ode_tail=self.ode_tail,
             )
         # 3. decode + reward
         with timer("decode"):
@@ -274,9 +294,7 @@ class GRPOModule(LightningModule):
         if not allow_partial:
             _check_divides(num_samples, per_update, hp.micro_batch_size)
         cpu_gen = self._generator(offset=1, device="cpu")
-        candidates = self.sampler.stochastic_steps()
-        if hp.drop_last_timestep:
-            candidates = candidates[candidates != self.sampler.num_steps - 1]
+        candidates = trainable_steps(self.sampler, trajectories.sde_steps, hp.drop_last_timestep)
         steps = sample_timestep_indices(num_samples, candidates, hp.timestep_fraction, cpu_gen).to(self.device)  # [B, K]
         order = torch.randperm(num_samples, generator=cpu_gen).to(self.device)  # [B]
         num_trained = steps.shape[1]
@@ -387,6 +405,19 @@ class GRPOModule(LightningModule):
         with torch.no_grad():
             chunks = latents.split(self.hparams.decode_batch_size)
             return torch.cat([self.policy.decode(chunk) for chunk in chunks])
+
+    def _sde_steps(self) -> Tensor | None:
+        """This rollout's SDE-step mask from `step_schedule` (None: all steps). Its iteration is the
+        rollout's index in training (restored on resume); its generator depends on (seed,
+        iteration) only, so every rank branches at the same steps. Logs the first SDE step."""
+        if self.step_schedule is None:
+            return None
+        iteration = self.trainer.fit_loop.epoch_loop.total_batch_idx if self._trainer is not None else 0
+        generator = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + max(iteration, 0) * 1_009 + 17) % (2**63))
+        mask = self.step_schedule.sde_steps(self.sampler.num_steps, max(iteration, 0), generator)
+        if self._trainer is not None:
+            self.log("train/sde_steps/first", float(mask.nonzero()[0, 0]) if mask.any() else -1.0, on_step=True, batch_size=1)
+        return mask
 
     def _generator(self, offset: int, device: torch.device | str | None = None) -> torch.Generator:
         """Seeded by (seed, global step, rank, offset): distinct per rank, reproducible on resume."""

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.samplers.base import Sampler
+from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.types import Rollout, index_condition
 
 
@@ -39,6 +40,8 @@ def rollout(
     shared_noise: bool = True,
     images: Tensor | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] = iter,
+    sde_steps: Tensor | None = None,
+    ode_tail: MultistepODETail | None = None,
 ) -> Rollout:
     """Sample `group_size` trajectories for each prompt, batched over all of them.
 
@@ -51,6 +54,12 @@ def rollout(
         shared_noise: same initial noise for the G samples of a prompt.
         images: first frames [P, C, H, W] for image-to-video, or None.
         progress: wraps the step range (e.g. a progress bar).
+        sde_steps: BoolTensor[T] from a `StepSchedule` (MixGRPO window, Flow-GRPO-Fast branch):
+            SDE steps where True; deterministic `sampler.ode_step` (no noise drawn, log-prob 0)
+            where False. None: every step is an SDE step.
+        ode_tail: MixGRPO-Flash: after the last SDE step, integrate to σ = 0 with this fewer-step
+            higher-order solver instead of the sampler's grid; the latents it skips are NaN
+            (never trained, never read), the last one is its result.
     """
     num_prompts = len(prompts)
     group_index = torch.arange(num_prompts, device=policy.device).repeat_interleave(group_size)  # [B]
@@ -59,12 +68,23 @@ def rollout(
     expanded_images = None if images is None else images[group_index]  # [B, C, H, W]
     x = initial_noise(policy, num_prompts, group_size, shared_noise, generator)  # [B, *L]
     latents, log_probs = [x], []
+    tail = None if ode_tail is None else ode_tail.start(sde_steps, sampler.num_steps)
     for i in progress(range(sampler.num_steps)):
+        if i == tail:
+            x, _ = ode_tail.integrate(lambda z, t: policy.predict(z, t, condition), sampler, x, i)
+            skipped = sampler.num_steps - i - 1
+            latents += [torch.full_like(x, float("nan"))] * skipped + [x]
+            log_probs += [torch.zeros(x.shape[0], device=x.device)] * (skipped + 1)
+            break
         t = sampler.timesteps[i].to(x.device).expand(x.shape[0])  # [B]
-        step = sampler.step(policy.predict(x, t, condition), x, i, generator=generator)
-        x = step.prev_sample
+        model_output = policy.predict(x, t, condition)
+        if sde_steps is None or sde_steps[i]:
+            step = sampler.step(model_output, x, i, generator=generator)
+            x, log_prob = step.prev_sample, step.log_prob
+        else:  # ODE step outside the schedule's SDE steps: a Dirac, never trained
+            x, log_prob = sampler.ode_step(model_output, x, i), torch.zeros(x.shape[0], device=x.device)
         latents.append(x)
-        log_probs.append(step.log_prob)
+        log_probs.append(log_prob)
     return Rollout(
         latents=torch.stack(latents, dim=1),  # [B, T+1, *L]
         log_probs=torch.stack(log_probs, dim=1),  # [B, T]
@@ -72,6 +92,7 @@ def rollout(
         prompts=[p for p in prompts for _ in range(group_size)],
         group_index=group_index,
         images=expanded_images,
+        sde_steps=None if sde_steps is None else sde_steps.cpu().bool(),
     )
 
 

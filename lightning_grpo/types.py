@@ -34,12 +34,13 @@ class StepOutput:
 class Rollout:
     """A batch of sampled trajectories, everything the update needs and nothing more."""
 
-    latents: Tensor  # [B, T+1, *L] x_0 (noise) ... x_T (clean)
+    latents: Tensor  # [B, T+1, *L] x_0 (noise) ... x_T (clean); NaN where an ODE tail skipped the grid
     log_probs: Tensor  # [B, T] log p_old(x_{i+1} | x_i), fp32
     condition: Condition  # each [B, ...]
     prompts: list[str]  # [B]
     group_index: Tensor  # [B] long: which prompt (group) each sample belongs to
     images: Tensor | None = None  # [B, C, H, W] first frames for image-to-video, pixels in [0, 1]
+    sde_steps: Tensor | None = None  # [T] bool, shared by all samples: SDE steps (None = all); the others were ODE steps
 
     @property
     def batch_size(self) -> int:

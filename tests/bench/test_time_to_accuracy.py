@@ -1,0 +1,41 @@
+"""bench/time_to_accuracy.py: time to target, the table and the key ratio from progress lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "time_to_accuracy.py"
+spec = importlib.util.spec_from_file_location("time_to_accuracy", SCRIPT)
+tta = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = tta  # its dataclasses look their module up
+spec.loader.exec_module(tta)
+
+LOG = """
+  [full SDE] rollouts    0  train     0.0 s wall     0.0 s cpu  calls      0  held-out exact match  25.0%
+  [branching] rollouts    0  train     0.0 s wall     0.0 s cpu  calls      0  held-out exact match  25.0%
+  [full SDE] rollouts   10  train    30.0 s wall    10.0 s cpu  calls    120  held-out exact match  40.0%
+  [branching] rollouts   10  train    20.0 s wall     8.0 s cpu  calls    100  held-out exact match  46.0%
+  [full SDE] rollouts   20  train    60.0 s wall    20.0 s cpu  calls    240  held-out exact match  45.0%
+  [branching] rollouts   20  train    40.0 s wall    16.0 s cpu  calls    200  held-out exact match  30.0%
+  [full SDE] rollouts   30  train    90.0 s wall    30.0 s cpu  calls    360  held-out exact match  50.0%
+"""
+
+
+def test_time_to_target_table_and_key_ratio_from_a_log(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text(LOG)
+    curves = tta.curves_from_log(log, ["full SDE", "mixed window", "branching"], budget=25.0, clock="cpu")
+    assert [c.name for c in curves] == ["full SDE", "branching"]  # cut at 25 s cpu: full SDE's 30 s point is out
+    assert [p.rollouts for p in curves[0].points] == [0, 10, 20]
+    target = 0.25 + 0.20
+    assert curves[0].first_reaching(target).rollouts == 20  # 45% >= 45%: the first point at or above
+    assert curves[1].first_reaching(target).rollouts == 10
+    text = tta.table(curves, 0.25, target, 25.0, "cpu")
+    assert "| full SDE | 12.0 | 20 | 240 | 60.0 s | 20.0 s | 20 | 45.0% | 45.0% |" in text
+    assert "| branching | 10.0 | 10 | 100 | 20.0 s | 8.0 s | 20 | 30.0% | 46.0% |" in text
+    ratio = tta.key_ratio(curves, target, 25.0)
+    assert ratio.startswith("branching: denoiser calls to target 0.42x full SDE") and "= 0.40x full SDE (60% less)" in ratio
+    # full SDE never reaching the target: the ratio is a bound against the budget
+    assert "<= 0.32x" in tta.key_ratio([curves[0], curves[1]], 0.455, 25.0)
