@@ -1,15 +1,21 @@
-"""Does GRPO make the toy pipeline follow its prompts better? Held-out accuracy before and after.
+"""Does GRPO make the toy pipeline follow its prompts better? Held-out accuracy before and after,
+on three held-out splits, judged by the strict pixel verifier, with gold measures beside it.
 
     python bench/demo_learning.py                 # toy FLUX (rectified flow), configs/demo.yaml
     python bench/demo_learning.py --family sd     # toy Stable Diffusion (DDIM), configs/demo_sd.yaml
 
 1. Builds the demo exactly as `lightning-grpo fit -c <config>` does (same LightningCLI parsing).
-2. Evaluates the base pipeline on the held-out prompts (combinations never used in RL training):
-   deterministic ODE sampling (eta = 0) from fixed seeds, `--samples-per-prompt` per prompt
-   (default 4 × 80 prompts = 320 samples), scored by the pixel verifier (exact match and dense).
+2. Evaluates the base pipeline on the three held-out splits (`lightning_grpo.toy.prompts`):
+   new combinations (attribute triples RL never sees, training phrasings; 80 prompts), new
+   phrasings (training triples in reserved phrasings no training ever used; 96 prompts), and
+   both (48 prompts): deterministic ODE sampling (eta = 0) from fixed seeds,
+   `--samples-per-prompt` per prompt, scored by the strict verifier (exact match = the judge,
+   and dense) and by gold measures training never optimises: the lenient verifier's exact match
+   and the toy CLIP score.
 3. Runs the demo's GRPO training (`trainer.fit`).
-4. Evaluates again with the SAME seeds, and prints both accuracies with 95% Wilson intervals.
-The last line printed is the absolute improvement of held-out exact-match accuracy, in points.
+4. Evaluates again with the SAME seeds, and prints every split's before/after table with 95%
+   intervals (Wilson for exact match, Student-t otherwise).
+The last line printed is the absolute improvement of strict exact match on new combinations, in points.
 
 Extra arguments after `--` go to the CLI, e.g. `-- --trainer.max_steps=50`.
 """
@@ -25,13 +31,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"flux": ROOT / "configs" / "demo.yaml", "sd": ROOT / "configs" / "demo_sd.yaml"}
+TOY_CLIP = ROOT / "lightning_grpo" / "toy" / "pretrained" / "clip"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=sorted(CONFIGS), default="flux", help="which toy pipeline (default flux)")
     parser.add_argument("--config", type=Path, default=None, help="demo config (default: the family's)")
-    parser.add_argument("--samples-per-prompt", type=int, default=4, help="held-out samples per prompt (80 prompts)")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="held-out samples per prompt, every split")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the evaluation noise")
     parser.add_argument("--batch-size", type=int, default=80, help="samples generated at once in evaluation")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
@@ -41,46 +48,71 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, extra
 
 
+def judge_and_gold_measures() -> list:
+    """The strict verifier (exact match: the judge; dense) and the gold measures (lenient verifier, toy CLIP)."""
+    from lightning_grpo.rewards import ClipScore
+    from lightning_grpo.toy.verifier import ShapesVerifier
+
+    return [
+        ShapesVerifier(mode="exact", name="exact_match"),
+        ShapesVerifier(mode="dense", name="attributes"),
+        ShapesVerifier(mode="exact", strict=False, name="exact_match_lenient"),
+        ClipScore(checkpoint=str(TOY_CLIP / "open_clip_model.safetensors"), architecture=str(TOY_CLIP), name="toy_clip"),
+    ]
+
+
+def split_figures(before, after) -> dict:
+    """{measure: {"before": {"mean", "ci95"}, "after": ..., "change"}} of one split (change in points for exact match)."""
+    out = {}
+    for name, (b_mean, b_low, b_high, n) in before.summary().items():
+        a_mean, a_low, a_high, _ = after.summary()[name]
+        scale = 100 if name.startswith("exact_match") else 1
+        out[name] = {"n": n, "before": {"mean": b_mean, "ci95": [b_low, b_high]},
+                     "after": {"mean": a_mean, "ci95": [a_low, a_high]}, "change": scale * (a_mean - b_mean),
+                     "intervals_overlap": a_low <= b_high and b_low <= a_high}
+    return out
+
+
 def main(argv: list[str] | None = None) -> float:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args, extra = parse_args(argv)
     from lightning_grpo.cli import run
     from lightning_grpo.evaluation import evaluate, format_before_after
-    from lightning_grpo.toy.prompts import heldout_prompts
-    from lightning_grpo.toy.verifier import ShapesVerifier
+    from lightning_grpo.toy.prompts import heldout_splits
 
     config = args.config or CONFIGS[args.family]
     cli = run(["-c", str(config), *extra], subcommand=False)
     module, trainer = cli.model, cli.trainer
-    metrics = [ShapesVerifier(mode="exact", name="exact_match"), ShapesVerifier(mode="dense", name="attributes")]
-    prompts = heldout_prompts()
+    metrics = judge_and_gold_measures()
+    splits = heldout_splits()
 
-    def held_out():
-        return evaluate(module.policy, module.sampler, prompts, metrics, samples_per_prompt=args.samples_per_prompt,
-                        seed=args.seed, batch_size=args.batch_size, show_progress=False)
+    def held_out() -> dict:
+        return {split: evaluate(module.policy, module.sampler, prompts, metrics, samples_per_prompt=args.samples_per_prompt,
+                                seed=args.seed, batch_size=args.batch_size, show_progress=False)
+                for split, prompts in splits.items()}
 
-    started = time.perf_counter()
     before = held_out()
+    started = time.perf_counter()
     trainer.fit(module, datamodule=cli.datamodule)
     train_seconds = time.perf_counter() - started
     after = held_out()
-    print(format_before_after(before, after))
-
-    (b_mean, b_low, b_high, n), (a_mean, a_low, a_high, _) = (
-        before.summary()["exact_match"], after.summary()["exact_match"])
-    figures = {
-        "family": args.family, "config": str(config), "cli_overrides": extra, "samples": n,
-        "before": {"mean": b_mean, "ci95": [b_low, b_high]}, "after": {"mean": a_mean, "ci95": [a_low, a_high]},
-        "improvement_points": 100 * (a_mean - b_mean), "intervals_overlap": a_low <= b_high and b_low <= a_high,
-        "optimizer_steps": trainer.global_step, "seconds": round(train_seconds, 1),
-    }
+    figures = {"family": args.family, "config": str(config), "cli_overrides": extra,
+               "optimizer_steps": trainer.global_step, "train_seconds": round(train_seconds, 1), "splits": {}}
+    for split in splits:
+        print(f"\n### held-out split: {split} ({len(splits[split])} prompts x {args.samples_per_prompt})\n")
+        print(format_before_after(before[split], after[split]))
+        figures["splits"][split] = split_figures(before[split], after[split])
     print(json.dumps(figures))
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"held-out exact match: {100 * b_mean:.1f}% [{100 * b_low:.1f}, {100 * b_high:.1f}] -> "
-          f"{100 * a_mean:.1f}% [{100 * a_low:.1f}, {100 * a_high:.1f}] (n = {n} each)")
-    print(f"improvement: {100 * (a_mean - b_mean):+.1f} points")
-    return figures["improvement_points"]
+    for split, measures in figures["splits"].items():
+        m = measures["exact_match"]
+        (b, bl, bh), (a, al, ah) = ([m[w]["mean"], *m[w]["ci95"]] for w in ("before", "after"))
+        print(f"{split}: strict exact match {100 * b:.1f}% [{100 * bl:.1f}, {100 * bh:.1f}] -> "
+              f"{100 * a:.1f}% [{100 * al:.1f}, {100 * ah:.1f}] (n = {m['n']} each), {m['change']:+.1f} pts")
+    improvement = figures["splits"]["new_combinations"]["exact_match"]["change"]
+    print(f"improvement (new combinations, strict exact match): {improvement:+.1f} points")
+    return improvement
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import EvaluationResult, evaluate, format_before_after
 from lightning_grpo.rewards.base import MultiReward, Reward
@@ -34,7 +35,8 @@ class HeldOutEvaluation(Callback):
 
     Scores with the module's rewards plus `extra_rewards` (e.g. an exact-match verifier that is
     not trained on). Logs `heldout/{reward}` (mean) and `heldout/{reward}_ci_low`/`_ci_high` (95%
-    interval) at the step of each evaluation, writes results.csv, results.md and grid.png into
+    interval) at the step of each evaluation, writes results.csv, results.md and grid.png (rows =
+    prompts with their text, columns = samples; also TensorBoard image `heldout/grid_{before,after}`) into
     `<log_dir>/heldout_before/` and `<log_dir>/heldout_after/`, and at the end prints (and writes
     `<log_dir>/heldout_before_after.md`) the before/after table. When an `EMA` callback is present
     the "after" evaluation uses the EMA weights.
@@ -108,6 +110,9 @@ class HeldOutEvaluation(Callback):
                 result = self.evaluate(pl_module)
             self.results[when] = result
             result.write(self._log_dir(trainer) / f"heldout_{when}", grid=self.grid)
+            if self.grid and result.pixels is not None:  # the same grid as grid.png, in TensorBoard
+                for writer in tensorboard_writers(trainer):
+                    writer.add_image(f"heldout/grid_{when}", result.grid(), global_step=logging_step(trainer))
             metrics = {}
             for name, (mean, low, high, _) in result.summary().items():
                 metrics.update({f"heldout/{name}": mean, f"heldout/{name}_ci_low": low, f"heldout/{name}_ci_high": high})

@@ -9,26 +9,29 @@ same metrics with the visualiser on or off (tested).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import eval_mode, preserve_rng
+from lightning_grpo.grids import captioned_grid, save_png
 from lightning_grpo.rollout import ode_sample
 
 
 class ODEVisualizer(Callback):
     """Fixed-prompt, fixed-seed ODE samples as a TensorBoard image grid (videos as frames too).
 
-    Layout of the image `visualization/ode_samples`: one row per seed; the left half holds the
-    step-0 samples of the prompts (in order), the right half the current samples of the same
-    prompts. Videos ([B, F, C, H, W], the policy contract) are shown by their first frame in that
+    Layout of the image `visualization/ode_samples` (`lightning_grpo.grids.captioned_grid`): one row
+    per prompt with the prompt written under it; the left block holds its step-0 samples (one
+    column per seed, titled "step 0 · seed s"), the right block, after a wider gap, the current
+    samples ("step N · seed s"); cells upscaled by nearest neighbour to `cell_size` pixels. The
+    same PNG is written to `<log_dir>/visualization/ode_samples_step{N}.png`. Videos ([B, F, C, H, W], the policy contract) are shown by their first frame in that
     grid; `visualization/ode_video` (TensorBoard `add_video`, needs moviepy < 2) gets the same
     grid for every frame, and without moviepy `visualization/ode_video_frames` shows the current
     samples' frames side by side as an image instead.
@@ -40,11 +43,13 @@ class ODEVisualizer(Callback):
         prompts: prompts to draw; default: the first `num_prompts` prompts of the validation
             dataloader (the visualiser turns itself off with a warning when there are none).
         num_prompts: K, prompts taken from the validation data when `prompts` is not given.
-        seeds: one generator seed per row; sample k of a row uses the k-th noise draw.
+        seeds: one generator seed per column; prompt k uses that generator's k-th noise draw.
         every_n_steps: visualise when the optimizer-step count crosses a multiple of this.
         at_fit_start: visualise before the first step (the step-0 reference is always drawn).
         at_fit_end: visualise after the last step, if that step was not visualised already.
         fps: frames per second of logged videos.
+        cell_size: side of each upscaled sample in the grid, pixels.
+        save_dir: folder for the PNGs (default `<log_dir>/visualization`); False: TensorBoard only.
     """
 
     def __init__(
@@ -56,6 +61,8 @@ class ODEVisualizer(Callback):
         at_fit_start: bool = True,
         at_fit_end: bool = True,
         fps: int = 4,
+        cell_size: int = 128,
+        save_dir: str | bool | None = None,
     ) -> None:
         if every_n_steps < 1 or num_prompts < 1:
             raise ValueError(f"every_n_steps and num_prompts must be >= 1, got {every_n_steps}, {num_prompts}")
@@ -68,6 +75,8 @@ class ODEVisualizer(Callback):
         self.at_fit_start = at_fit_start
         self.at_fit_end = at_fit_end
         self.fps = fps
+        self.cell_size = cell_size
+        self.save_dir = save_dir
         self.images: Tensor | None = None  # [K, C, H, W] first frames for image-to-video prompts
         self.initial: Tensor | None = None  # [S*K, C, H, W] or [S*K, F, C, H, W] step-0 samples (CPU)
         self.last_step = -1
@@ -140,32 +149,47 @@ class ODEVisualizer(Callback):
         return torch.cat(rows)
 
     # ------------------------------------------------------------------ logging
-    def grid(self, current: Tensor, frame: int = 0) -> Tensor:
-        """[C, H', W'] grid: per seed, the K step-0 samples then the K current ones (frame `frame` of videos)."""
+    def grid(self, current: Tensor, frame: int = 0, step: int | None = None) -> Tensor:
+        """Readable [C, H', W'] grid (frame `frame` of videos): one row per prompt, its text under
+        it; left block the step-0 samples (one column per seed), right block the current ones,
+        column titles "step 0 · seed s" and "step N · seed s"; cells upscaled (nearest) to `cell_size`."""
         initial = self.initial
         if current.ndim == 5:
             initial, current = initial[:, frame], current[:, frame]  # [S*K, C, H, W]
-        k = len(self.prompts)
-        rows = [torch.cat([initial[s * k : (s + 1) * k], current[s * k : (s + 1) * k]]) for s in range(len(self.seeds))]
-        return make_grid(torch.cat(rows).clamp(0, 1), nrow=2 * k, padding=1, pad_value=1.0)
+        k, seeds = len(self.prompts), len(self.seeds)
+        now = "now" if step is None else f"step {step}"
+
+        def by_prompt(samples: Tensor) -> Tensor:  # [S*K, C, H, W] seed-major -> [K, S, C, H, W]
+            return samples.reshape(seeds, k, *samples.shape[1:]).transpose(0, 1)
+
+        cells = torch.cat([by_prompt(initial), by_prompt(current)], dim=1)  # [K, 2S, C, H, W]
+        titles = [f"step 0 · seed {s}" for s in self.seeds] + [f"{now} · seed {s}" for s in self.seeds]
+        return captioned_grid(cells, row_captions=list(self.prompts), column_titles=titles,
+                              cell_size=self.cell_size, gap_after=seeds)
 
     def write(self, trainer: Trainer, current: Tensor) -> None:
         step = logging_step(trainer)
+        grid = self.grid(current, step=trainer.global_step)
         for writer in tensorboard_writers(trainer):
-            writer.add_image("visualization/ode_samples", self.grid(current), global_step=step)
+            writer.add_image("visualization/ode_samples", grid, global_step=step)
             if current.ndim == 5:
                 self._log_video(writer, current, step)
+        if self.save_dir is not False and trainer.is_global_zero:
+            folder = Path(self.save_dir or Path(trainer.log_dir or trainer.default_root_dir) / "visualization")
+            save_png(grid, folder / f"ode_samples_step{trainer.global_step:06d}.png")
 
     def _log_video(self, writer, current: Tensor, step: int) -> None:
         if _has_moviepy_editor():
-            frames = torch.stack([self.grid(current, f) for f in range(current.shape[1])])  # [F, C, H', W']
+            frames = torch.stack([self.grid(current, f, step) for f in range(current.shape[1])])  # [F, C, H', W']
             writer.add_video("visualization/ode_video", frames[None], global_step=step, fps=self.fps)
             return
         if not self._warned_video:
             rank_zero_warn("ODEVisualizer: add_video needs moviepy<2 (moviepy.editor); logging video frames as an image")
             self._warned_video = True
-        per_sample = [make_grid(video.clamp(0, 1), nrow=video.shape[0], padding=1) for video in current]  # frames in a row
-        writer.add_image("visualization/ode_video_frames", make_grid(torch.stack(per_sample), nrow=1, padding=2), global_step=step)
+        captions = [f"seed {s} · {p}" for s in self.seeds for p in self.prompts]  # rows of `current`: seed-major
+        titles = [f"frame {f}" for f in range(current.shape[1])]
+        frames = captioned_grid(current, row_captions=captions, column_titles=titles, cell_size=self.cell_size)
+        writer.add_image("visualization/ode_video_frames", frames, global_step=step)
 
 
 def _has_moviepy_editor() -> bool:

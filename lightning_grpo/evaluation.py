@@ -25,12 +25,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_grpo.grids import captioned_grid, save_png
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import ode_from
 from lightning_grpo.samplers.base import Sampler
 
-__all__ = ["EvaluationResult", "evaluate", "eval_mode", "format_before_after", "is_binary", "mean_ci", "preserve_rng", "sample_seed"]
+__all__ = ["EvaluationResult", "evaluate", "evaluation_grid", "eval_mode", "format_before_after", "is_binary", "mean_ci", "preserve_rng", "sample_seed"]
 
 Summary = tuple[float, float, float, int]
 """(mean, low, high, n) of one reward."""
@@ -146,6 +147,14 @@ class EvaluationResult:
                 writer.writerow([index, prompt, index % self.samples_per_prompt, *row])
         return path
 
+    def grid(self, cell_size: int = 96, rows_per_block: int = 20) -> Tensor:
+        """Readable grid [3, H, W] of the kept pixels: rows = prompts (caption under each), columns =
+        samples, the first reward's score under each cell; 20 prompts per column block. Videos
+        show their first frame."""
+        if self.pixels is None or not len(self.pixels):
+            raise ValueError("no pixels kept: evaluate(..., keep_pixels=True) to draw a grid")
+        return evaluation_grid(self.pixels, self.prompts, self.samples_per_prompt, self.scores, cell_size, rows_per_block)
+
     def write(self, directory: str | Path, grid: bool = True) -> dict[str, Path]:
         """Write results.csv, results.md and (when pixels were kept and `grid`) grid.png into
         `directory`; returns {"csv": ..., "markdown": ..., "grid": ...} for the files written."""
@@ -156,19 +165,32 @@ class EvaluationResult:
         markdown.write_text(self.to_markdown())
         written["markdown"] = markdown
         if grid and self.pixels is not None and len(self.pixels):
-            written["grid"] = save_grid(self.pixels, directory / "grid.png", self.samples_per_prompt)
+            written["grid"] = save_png(self.grid(), directory / "grid.png")
         return written
 
 
-def save_grid(pixels: Tensor, path: Path, samples_per_prompt: int = 1) -> Path:
-    """Image grid of `pixels` ([N, C, H, W], or video [N, F, C, H, W] shown by its first frame),
-    one prompt per row when several samples per prompt, else a near-square grid."""
-    from torchvision.utils import save_image
-
+def evaluation_grid(
+    pixels: Tensor,
+    prompts: Sequence[str],
+    samples_per_prompt: int = 1,
+    scores: dict[str, Tensor] | None = None,
+    cell_size: int = 96,
+    rows_per_block: int = 20,
+) -> Tensor:
+    """Grid [3, H, W] of prompt-major samples ([N, C, H, W], or video [N, F, C, H, W] shown by its
+    first frame): one row per prompt with the prompt under it, one column per sample, and the
+    first score of `scores` under each cell (see `lightning_grpo.grids.captioned_grid`)."""
     images = pixels[:, 0] if pixels.ndim == 5 else pixels  # [N, C, H, W]
-    per_row = samples_per_prompt if samples_per_prompt > 1 else max(1, math.ceil(math.sqrt(len(images))))
-    save_image(images.float().clamp(0, 1), path, nrow=per_row, padding=1)
-    return path
+    if len(images) % samples_per_prompt or len(prompts) != len(images):
+        raise ValueError(f"{len(images)} samples, {len(prompts)} prompts, {samples_per_prompt} per prompt do not tile")
+    cells = images.reshape(-1, samples_per_prompt, *images.shape[1:])  # [P, S, C, H, W]
+    name, values = next(iter(scores.items())) if scores else (None, None)
+    titles = [f"sample {j}" + (f" · {name}" if name else "") for j in range(samples_per_prompt)]
+    captions = None
+    if values is not None:
+        captions = [[f"{v:.3g}" for v in row] for row in values.reshape(-1, samples_per_prompt).tolist()]
+    return captioned_grid(cells, row_captions=list(prompts[::samples_per_prompt]), column_titles=titles,
+                          cell_captions=captions, cell_size=cell_size, rows_per_block=rows_per_block)
 
 
 def _number(value: float, binary: bool) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_grpo.toy.prompts import TEMPLATES
+from lightning_grpo.toy.prompts import HELDOUT_TEMPLATES, TEMPLATES
 from lightning_grpo.toy.tokenizers import clip_tokenizer, t5_tokenizer, words_of
 from lightning_grpo.toy.vocab import COLOUR_NAMES, POSITIONS, SHAPES
 
@@ -52,8 +52,9 @@ class ToySize:
 
 
 def vocabulary() -> list[str]:
-    """Every word the shapes world's prompts (and the parser's synonyms) use."""
-    return words_of(list(TEMPLATES) + list(COLOUR_NAMES) + list(SHAPES) + list(POSITIONS) + ["upper lower"])
+    """Every word the shapes world's prompts (and the parser's synonyms) use, reserved held-out
+    phrasings included (they add no new word: the list, hence the shipped tokenizers, stay the same)."""
+    return words_of(list(TEMPLATES) + list(HELDOUT_TEMPLATES) + list(COLOUR_NAMES) + list(SHAPES) + list(POSITIONS) + ["upper lower"])
 
 
 def build_tokenizers() -> tuple:

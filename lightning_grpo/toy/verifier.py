@@ -1,29 +1,40 @@
 """Read a shapes-world scene back from pixels, and score it against its prompt (the verifier reward).
 
-Decoding, batched in torch on the pixels' device, in four steps:
+Decoding, batched in torch on the pixels' device:
 
 1. Foreground. Each pixel x is explained as a mix of the background b and one palette colour p_k:
    α_k = clamp(⟨x − b, p_k − b⟩ / |p_k − b|², 0, 1), residual_k = |x − b − α_k (p_k − b)|.
    The pixel's hue is the k of least residual and its coverage α = α_k. Working along the segment
    b → p_k, rather than with the nearest palette colour, keeps blurred edges and dim blobs
-   (which are mixes with the background) on the right hue. Foreground = pixels with α ≥ 0.5.
-2. Object present iff the foreground covers between `min_area_frac` and `max_area_frac` of the
-   image; otherwise (black, blank, all-foreground images) every attribute decodes to -1 (wrong).
-3. Colour = majority hue of the foreground pixels; position = quadrant of the foreground centroid.
-4. Shape = template matching: the object's coverage map (α within a few pixels of the
-   foreground, which drops background noise) is compared in L1 with each candidate shape drawn
-   at the object's centroid with the object's area (both from α, which blur conserves), each
-   also blurred by a few Gaussian widths; the shape of the best match wins. Coverage is first
-   divided by the object's plateau level, so an under-saturated object matches like a full one. Using every pixel, and
-   letting the template be as blurry as the image, is far more robust than a bounding-box fill
-   ratio, which one stray pixel can stretch and blur rounds towards "circle".
+   (which are mixes with the background) on the right hue; the residual says how far the pixel
+   is from every such mix (an orange pixel, half red and half yellow, is 0.26 away from both).
+   Foreground = pixels with α ≥ 0.5.
+2. Objects = 8-connected components of the foreground; the main object is the largest one.
+   An image has an object iff the foreground covers between `min_area_frac` and `max_area_frac`
+   of it; otherwise (black, blank, all-foreground images) every attribute decodes to -1 (wrong).
+3. Colour = majority hue of the main object; position = quadrant of its centroid.
+4. Shape = template matching: the main object's coverage map (α within a few pixels of it,
+   which drops background noise and other objects) is compared in L1 with each candidate shape
+   drawn at the object's centroid with the object's area (both from α, which blur conserves),
+   each also blurred by a few Gaussian widths; the best match wins, and its L1 error per unit
+   of coverage is kept. Coverage is first divided by the object's plateau level, so an
+   under-saturated object matches like a full one.
 
-Measured on renders (every combination × 5 jitter draws, prompts over all templates; see
-tests/toy/test_shapes_verifier.py): all attributes correct on 100% of clean 32² and 64² images,
-and on 100% / 99.6% (64² / 32²) with Gaussian blur σ = 1.5 px at 32² (3 px at 64²) plus noise
-σ = 0.08; blur σ ≤ 1 px with noise 0.05: 100%, also with the object dimmed to 70% of its colour.
-At σ = 2 px, noise 0.1, about 83% (32²) / 90% (64²): squares and triangles have become blobs and
-some read as circles. Colour and position stay 100% throughout.
+Strict rules (`SceneRules`, the default judge and reward): a scene is right only if
+- one object: foreground outside the main object ≤ `max_stray` of its area (a second blob, a
+  speckle of stray dots fail);
+- one colour, the named one: ≥ `min_purity` of ALL foreground pixels have the named hue and lie
+  within `max_off_palette` of it (a mixed-colour smear, an orange-tinged blob, a second object
+  of another colour fail);
+- the named shape, matched well: best template = the named shape with error ≤ `max_shape_error`
+  (a smear matches no template well);
+- the named place: ≥ `min_inside` of the foreground lies in the named quadrant.
+Each attribute check includes the one-object check, so the dense reward (mean of the three)
+gives nothing to an image with two objects, and no attribute term can be earned by a blob
+that is merely centred, coloured or sized right on average. `strict=False` reads the main
+object's attributes without these rules (the earlier, lenient verifier).
+
+Measured rates: docs/results.md ("Shapes-world verifier"), from tests/toy/test_shapes_verifier.py.
 """
 
 from __future__ import annotations
@@ -45,18 +56,53 @@ from lightning_grpo.toy.vocab import COLOUR_NAMES, SHAPES, Scene, background, pa
 FOREGROUND_THRESHOLD = 0.5
 #: Gaussian widths (pixels at a 32-pixel side; scaled with the side) the shape templates are tried at.
 TEMPLATE_BLURS = (0.0, 0.8, 1.6)
-#: Coverage within this many pixels (at a 32-pixel side) of the foreground belongs to the object.
+#: Coverage within this many pixels (at a 32-pixel side) of the main object belongs to it.
 OBJECT_MARGIN = 3
 #: Sub-pixels per side used to anti-alias the shape templates.
 _TEMPLATE_SUPERSAMPLE = 2
 
 
 @dataclass(frozen=True)
-class DecodedScenes:
-    """Attributes read from a batch of images; -1 where no object was found.
+class SceneRules:
+    """Thresholds of the strict verifier (module doc, "Strict rules"); defaults set from measured renders.
 
-    Fields are LongTensor[B] indices into `COLOUR_NAMES`, `SHAPES`, `POSITIONS`, plus `valid`
-    (BoolTensor[B], an object was found) and `area` (FloatTensor[B], foreground pixel count).
+    Attributes:
+        max_stray: foreground outside the main object, as a fraction of its area (one object).
+        min_purity: share of the foreground of the named hue and on the palette (one colour).
+        max_off_palette: residual (RGB distance to the hue's background-to-colour segment) above
+            which a pixel is off the palette; 0.2 passes noise σ = 0.08 but not orange (0.26).
+        max_shape_error: L1 error of the best shape template per unit of object coverage.
+        max_elongation: ratio of the object's principal second moments (the triangle has 4/3).
+        min_inside: share of the foreground inside the named quadrant.
+    """
+
+    max_stray: float = 0.1
+    min_purity: float = 0.75
+    max_off_palette: float = 0.2
+    max_shape_error: float = 0.45
+    max_elongation: float = 1.6
+    min_inside: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("max_stray", "min_purity", "min_inside"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"SceneRules.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("max_off_palette", "max_shape_error", "max_elongation"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SceneRules.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class DecodedScenes:
+    """What was read from a batch of images; attribute indices are -1 where no object was found.
+
+    Fields (all [B]): `colour`, `shape`, `position` LongTensor indices into `COLOUR_NAMES`,
+    `SHAPES`, `POSITIONS` (of the main object); `valid` BoolTensor (an object was found);
+    `area` foreground pixel count; `objects` LongTensor number of connected foreground
+    components; `stray` foreground outside the main object / its area; `purity` share of the
+    foreground with the main object's hue and on the palette; `shape_error` L1 error of the best
+    template per unit coverage; `elongation` ratio of the object's principal second moments
+    (a streak is long); `inside` share of the foreground in the decoded quadrant.
     """
 
     colour: Tensor
@@ -64,11 +110,31 @@ class DecodedScenes:
     position: Tensor
     valid: Tensor
     area: Tensor
+    objects: Tensor
+    stray: Tensor
+    purity: Tensor
+    shape_error: Tensor
+    elongation: Tensor
+    inside: Tensor
 
     @property
     def indices(self) -> Tensor:
         """LongTensor[B, 3] of (colour, shape, position), -1 where invalid."""
         return torch.stack([self.colour, self.shape, self.position], dim=1)
+
+    def one_object(self, rules: SceneRules) -> Tensor:
+        """BoolTensor[B]: an object was found and almost nothing else is foreground."""
+        return self.valid & (self.stray <= rules.max_stray)
+
+    def clean_attributes(self, rules: SceneRules) -> Tensor:
+        """BoolTensor[B, 3]: whether colour, shape and position were each read without doubt
+        (pure colour, good template match, foreground inside one quadrant), and one object."""
+        one = self.one_object(rules)
+        return torch.stack([
+            one & (self.purity >= rules.min_purity),
+            one & (self.shape_error <= rules.max_shape_error) & (self.elongation <= rules.max_elongation),
+            one & (self.inside >= rules.min_inside),
+        ], dim=1)
 
     def scenes(self) -> list[Scene | None]:
         """The decoded scenes as `Scene`s (None where no object was found), for reading and logging."""
@@ -76,22 +142,53 @@ class DecodedScenes:
 
 
 def _check_pixels(pixels: Tensor) -> Tensor:
-    """Pixels as float [B, 3, H, W] clamped to [0, 1]; a clear error for any other layout."""
+    """Pixels as float [B, 3, H, W] clamped to [0, 1] (NaN → 0); a clear error for any other layout."""
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"shapes-world pixels must be RGB images [B, 3, H, W], got {tuple(pixels.shape)}")
-    return pixels.float().clamp(0, 1)
+    return torch.nan_to_num(pixels.float(), nan=0.0).clamp(0, 1)
 
 
-def _coverage_and_hue(pixels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-pixel coverage α [B, H, W] in [0, 1] and hue index [B, H, W] (step 1 of the module doc)."""
+def _coverage_hue_residual(pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pixel coverage α, hue index and residual, each [B, H, W] (step 1 of the module doc)."""
     bg = background(pixels.device)  # [3]
     seg = palette(pixels.device) - bg  # [K, 3] segment directions b -> p_k
     diff = pixels - bg.view(1, 3, 1, 1)  # [B, 3, H, W]
     alpha = torch.einsum("bchw,kc->bkhw", diff, seg) / seg.square().sum(1).view(1, -1, 1, 1)
     alpha = alpha.clamp(0, 1)  # [B, K, H, W]
     residual = (diff.unsqueeze(1) - alpha.unsqueeze(2) * seg.view(1, -1, 3, 1, 1)).square().sum(2)  # [B, K, H, W]
-    hue = residual.argmin(1)  # [B, H, W]
-    return alpha.gather(1, hue.unsqueeze(1)).squeeze(1), hue
+    best, hue = residual.min(1)  # [B, H, W]
+    return alpha.gather(1, hue.unsqueeze(1)).squeeze(1), hue, best.sqrt()
+
+
+def connected_components(mask: Tensor) -> Tensor:
+    """8-connected component labels [B, H, W] of a boolean mask [B, H, W]: 0 off the mask, else a
+    positive id shared by exactly the pixels of one component.
+
+    Label propagation (each pixel takes the largest id in its 3×3 neighbourhood, within the mask,
+    until nothing changes): batched on the mask's device, which scipy.ndimage.label (one CPU image
+    at a time) is not; it converges in as many sweeps as the longest in-component path.
+    """
+    batch, height, width = mask.shape
+    ids = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.float32).view(1, height, width)
+    on = mask.float()
+    labels = ids * on  # [B, H, W]
+    for _ in range(height * width):
+        spread = F.max_pool2d(labels.unsqueeze(1), 3, stride=1, padding=1).squeeze(1) * on
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    return labels.long()
+
+
+def _main_object(fg: Tensor) -> tuple[Tensor, Tensor]:
+    """(mask [B, H, W] of the largest 8-connected foreground component, number of components [B])."""
+    batch, height, width = fg.shape
+    labels = connected_components(fg > 0).flatten(1)  # [B, H·W]
+    counts = torch.zeros(batch, height * width + 1, device=fg.device).scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
+    counts[:, 0] = 0  # background
+    main = counts.argmax(1)  # [B] label of the largest component (0 when there is none)
+    objects = (counts > 0).sum(1)
+    return (labels == main.view(-1, 1)).view(batch, height, width) & (fg > 0), objects
 
 
 def _pixel_grid(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -139,15 +236,27 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return band(x.shape[-2]) @ x @ band(x.shape[-1]).T
 
 
-def _match_shape(alpha: Tensor, fg: Tensor) -> Tensor:
-    """Shape index [B] whose (possibly blurred) template best matches the object's coverage (step 4)."""
+def _elongation(observed: Tensor, cx: Tensor, cy: Tensor, mass: Tensor) -> Tensor:
+    """λ_max / λ_min [B] of the coverage's second central moments (1 for a disc or a square,
+    4/3 for the apex-up triangle, more for a streak; blur moves it towards 1)."""
+    xs, ys = _pixel_grid(*observed.shape[1:], observed.device)
+    dx, dy = xs - cx.view(-1, 1, 1), ys - cy.view(-1, 1, 1)
+    mxx, myy, mxy = ((observed * d).sum((1, 2)) / mass for d in (dx * dx, dy * dy, dx * dy))
+    mean, half = (mxx + myy) / 2, (((mxx - myy) / 2).square() + mxy.square()).sqrt()
+    return (mean + half) / (mean - half).clamp_min(1e-6)
+
+
+def _match_shape(alpha: Tensor, main: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(shape index [B] whose (possibly blurred) template best matches the main object's coverage,
+    that match's L1 error per unit coverage [B], the coverage's elongation [B]) (step 4 of the
+    module doc)."""
     batch, height, width = alpha.shape
     scale = height / 32
     margin = max(1, round(OBJECT_MARGIN * scale))
-    near = F.max_pool2d(fg.unsqueeze(1), 2 * margin + 1, stride=1, padding=margin).squeeze(1)  # [B, H, W]
+    near = F.max_pool2d(main.float().unsqueeze(1), 2 * margin + 1, stride=1, padding=margin).squeeze(1)  # [B, H, W]
     # A dim object (a generator that under-saturates) is compared at its own plateau level: the
     # peak of the 3×3-averaged coverage, which single noisy pixels cannot raise much.
-    level = F.avg_pool2d(alpha.unsqueeze(1), 3, stride=1, padding=1).amax((1, 2, 3)).clamp(0.5, 1.0)  # [B]
+    level = F.avg_pool2d((alpha * near).unsqueeze(1), 3, stride=1, padding=1).amax((1, 2, 3)).clamp(0.5, 1.0)  # [B]
     observed = (alpha / level.view(-1, 1, 1)).clamp(max=1.0) * near  # [B, H, W]
     mass = observed.sum((1, 2)).clamp_min(1.0)  # [B] soft area: blur moves coverage, never creates it
     xs, ys = _pixel_grid(height, width, alpha.device)
@@ -158,35 +267,48 @@ def _match_shape(alpha: Tensor, fg: Tensor) -> Tensor:
     for sigma in TEMPLATE_BLURS:
         template = _gaussian_blur(sharp, sigma * scale)  # [B, S, H, W]
         errors.append((template - observed.unsqueeze(1)).abs().sum((2, 3)))  # [B, S]
-    return torch.stack(errors).amin(0).argmin(1)
+    best, shape = torch.stack(errors).amin(0).min(1)  # [B] each
+    return shape, best / mass, _elongation(observed, cx, cy, mass)
 
 
-def decode_scenes(pixels: Tensor, min_area_frac: float = 0.01, max_area_frac: float = 0.5) -> DecodedScenes:
-    """Read (colour, shape, position) of the one object in each image; see the module doc.
+def decode_scenes(
+    pixels: Tensor, min_area_frac: float = 0.01, max_area_frac: float = 0.5,
+    max_off_palette: float = SceneRules.max_off_palette,
+) -> DecodedScenes:
+    """Read the main object's (colour, shape, position) and the strict rules' measures; see the module doc.
 
     Args:
-        pixels: Tensor[B, 3, H, W] in [0, 1] (values outside are clamped).
+        pixels: Tensor[B, 3, H, W] in [0, 1] (values outside are clamped, NaN read as background).
         min_area_frac: smallest foreground fraction of the image that counts as an object.
         max_area_frac: largest one (an image that is mostly "foreground" has no background: invalid).
+        max_off_palette: residual above which a pixel does not count towards `purity`.
     """
     pixels = _check_pixels(pixels)
     batch, _, height, width = pixels.shape
     device = pixels.device
-    alpha, hue = _coverage_and_hue(pixels)  # [B, H, W] each
+    alpha, hue, residual = _coverage_hue_residual(pixels)  # [B, H, W] each
     fg = (alpha >= FOREGROUND_THRESHOLD).float()  # [B, H, W]
     area = fg.sum((1, 2))  # [B]
     valid = (area >= min_area_frac * height * width) & (area <= max_area_frac * height * width) & (area > 0)
-    safe_area = area.clamp_min(1.0)
+    main, objects = _main_object(fg)  # [B, H, W], [B]
+    main_f = main.float()
+    main_area = main_f.sum((1, 2)).clamp_min(1.0)
 
-    votes = torch.zeros(batch, len(COLOUR_NAMES), device=device).scatter_add_(1, hue.flatten(1), fg.flatten(1))
+    votes = torch.zeros(batch, len(COLOUR_NAMES), device=device).scatter_add_(1, hue.flatten(1), main_f.flatten(1))
     colour = votes.argmax(1)  # [B]
+    on_hue = (hue == colour.view(-1, 1, 1)) & (residual <= max_off_palette)  # [B, H, W]
+    purity = (on_hue.float() * fg).sum((1, 2)) / area.clamp_min(1.0)
 
     xs, ys = _pixel_grid(height, width, device)
-    cx = (fg * xs).sum((1, 2)) / safe_area  # [B]
-    cy = (fg * ys).sum((1, 2)) / safe_area
-    position = (cy >= height / 2).long() * 2 + (cx >= width / 2).long()  # POSITIONS order: TL, TR, BL, BR
+    cx = (main_f * xs).sum((1, 2)) / main_area  # [B]
+    cy = (main_f * ys).sum((1, 2)) / main_area
+    bottom, right = (cy >= height / 2), (cx >= width / 2)
+    position = bottom.long() * 2 + right.long()  # POSITIONS order: TL, TR, BL, BR
+    in_rows = (ys >= height / 2) == bottom.view(-1, 1, 1)  # [B, H, 1]
+    in_cols = (xs >= width / 2) == right.view(-1, 1, 1)  # [B, 1, W]
+    inside = (fg * (in_rows & in_cols).float()).sum((1, 2)) / area.clamp_min(1.0)
 
-    shape = _match_shape(alpha, fg)  # [B]
+    shape, shape_error, elongation = _match_shape(alpha, main)  # [B] each
 
     invalid = torch.full_like(colour, -1)
     return DecodedScenes(
@@ -195,6 +317,12 @@ def decode_scenes(pixels: Tensor, min_area_frac: float = 0.01, max_area_frac: fl
         position=torch.where(valid, position, invalid),
         valid=valid,
         area=area,
+        objects=objects,
+        stray=(area - main_f.sum((1, 2))) / main_area,
+        purity=purity,
+        shape_error=shape_error,
+        elongation=elongation,
+        inside=inside,
     )
 
 
@@ -204,20 +332,32 @@ def target_indices(prompts: list[str], device: torch.device | str | None = None)
 
 
 def attribute_correctness(
-    pixels: Tensor, prompts: list[str], min_area_frac: float = 0.01, max_area_frac: float = 0.5
+    pixels: Tensor,
+    prompts: list[str],
+    min_area_frac: float = 0.01,
+    max_area_frac: float = 0.5,
+    strict: bool = True,
+    rules: SceneRules | None = None,
 ) -> Tensor:
-    """BoolTensor[B, 3]: whether each image's (colour, shape, position) matches its prompt."""
+    """BoolTensor[B, 3]: whether each image's (colour, shape, position) matches its prompt.
+
+    `strict` (default): each attribute also needs the strict rules (`SceneRules`: one object, one
+    pure colour, a good shape match, foreground inside the quadrant); otherwise only the main
+    object's decoded attributes are compared (the lenient verifier).
+    """
     if len(prompts) != pixels.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {pixels.shape[0]} images")
-    decoded = decode_scenes(pixels, min_area_frac, max_area_frac)
-    return decoded.indices == target_indices(prompts, pixels.device)
+    rules = rules or SceneRules()
+    decoded = decode_scenes(pixels, min_area_frac, max_area_frac, rules.max_off_palette)
+    correct = decoded.indices == target_indices(prompts, pixels.device)
+    return correct & decoded.clean_attributes(rules) if strict else correct
 
 
-def exact_match_accuracy(pixels: Tensor, prompts: list[str]) -> float:
-    """Fraction of images whose colour, shape and position all match their prompt."""
+def exact_match_accuracy(pixels: Tensor, prompts: list[str], strict: bool = True) -> float:
+    """Fraction of images whose colour, shape and position all match their prompt (strict rules by default)."""
     if pixels.shape[0] == 0:
         raise ValueError("exact_match_accuracy needs at least one image")
-    return attribute_correctness(pixels, prompts).all(1).float().mean().item()
+    return attribute_correctness(pixels, prompts, strict=strict).all(1).float().mean().item()
 
 
 class ShapesVerifier(Reward):
@@ -226,8 +366,13 @@ class ShapesVerifier(Reward):
     Args:
         mode: "dense" → mean of (colour, shape, position) correct, in {0, 1/3, 2/3, 1};
             "exact" → 1 iff all three are correct (the exact-match binary reward).
+        strict: apply the strict rules (`SceneRules`; default): every term also needs exactly one
+            object, of one pure colour, matching its shape template well, inside its quadrant.
+            False: the lenient verifier (the main object's attributes only).
+        max_stray, min_purity, max_off_palette, max_shape_error, max_elongation, min_inside: the strict rules'
+            thresholds (see `SceneRules`); None keeps the default.
         min_area_frac, max_area_frac: object-size bounds of `decode_scenes`.
-        name: logged name (default "shapes_dense" / "shapes_exact").
+        name: logged name (default "shapes_dense" / "shapes_exact", with "_lenient" when not strict).
         weight: weight in the multi-reward advantage.
     """
 
@@ -236,6 +381,13 @@ class ShapesVerifier(Reward):
     def __init__(
         self,
         mode: Literal["dense", "exact"] = "dense",
+        strict: bool = True,
+        max_stray: float | None = None,
+        min_purity: float | None = None,
+        max_off_palette: float | None = None,
+        max_shape_error: float | None = None,
+        max_elongation: float | None = None,
+        min_inside: float | None = None,
         min_area_frac: float = 0.01,
         max_area_frac: float = 0.5,
         name: str | None = None,
@@ -243,12 +395,18 @@ class ShapesVerifier(Reward):
     ) -> None:
         if mode not in ("dense", "exact"):
             raise ValueError(f"ShapesVerifier mode must be 'dense' or 'exact', got {mode!r}")
-        super().__init__(name or f"shapes_{mode}", weight)
+        super().__init__(name or f"shapes_{mode}" + ("" if strict else "_lenient"), weight)
         self.mode = mode
+        self.strict = bool(strict)
+        overrides = {"max_stray": max_stray, "min_purity": min_purity, "max_off_palette": max_off_palette,
+                     "max_shape_error": max_shape_error, "max_elongation": max_elongation, "min_inside": min_inside}
+        self.rules = SceneRules(**{k: float(v) for k, v in overrides.items() if v is not None})
         self.min_area_frac = float(min_area_frac)
         self.max_area_frac = float(max_area_frac)
 
     def score(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
         """Tensor[B] of per-sample rewards in [0, 1]; an image with no object scores 0."""
-        correct = attribute_correctness(pixels, prompts, self.min_area_frac, self.max_area_frac).float()  # [B, 3]
+        correct = attribute_correctness(
+            pixels, prompts, self.min_area_frac, self.max_area_frac, strict=self.strict, rules=self.rules
+        ).float()  # [B, 3]
         return correct.mean(1) if self.mode == "dense" else correct.prod(1)

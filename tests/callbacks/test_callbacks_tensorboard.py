@@ -28,7 +28,7 @@ SCALARS = [
     f"heldout/{REWARD}", f"heldout/{REWARD}_ci_low", f"heldout/{REWARD}_ci_high",
 ]
 HISTOGRAMS = [f"train/reward/{REWARD}", f"train/reward_normalized/{REWARD}", "train/advantage"]
-IMAGES = ["visualization/ode_samples"]
+IMAGES = ["visualization/ode_samples", "heldout/grid_before", "heldout/grid_after"]
 
 
 def cli_args(subcommand: str, save_dir: Path, *extra: str) -> list[str]:
@@ -65,6 +65,13 @@ def test_fit_writes_every_tag(fitted: Path):
         assert values and all(math.isfinite(v) for v in values), (tag, values)
     assert len(events.Scalars(f"heldout/{REWARD}")) == 2  # before and after
     assert len(events.Images("visualization/ode_samples")) >= 2  # fit start and fit end
+    # the same grids in the run folder: one PNG per visualisation, named by optimizer step
+    pngs = sorted(p.name for p in (fitted / "visualization").iterdir())
+    assert pngs[0] == "ode_samples_step000000.png" and pngs[-1] == "ode_samples_step000002.png"
+    last = events.Images("visualization/ode_samples")[-1]
+    from PIL import Image
+
+    assert Image.open(fitted / "visualization" / pngs[-1]).size == (last.width, last.height)
     histogram = events.Histograms("train/advantage")[0].histogram_value
     assert histogram.num == 8  # 2 prompts × group of 4
 

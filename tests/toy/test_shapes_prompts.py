@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from itertools import combinations
+from pathlib import Path
 
 import pytest
 
 from lightning_grpo.toy import (
     COLOUR_NAMES,
+    HELDOUT_SPLITS,
+    HELDOUT_TEMPLATES,
     POSITIONS,
     SHAPES,
     TEMPLATES,
@@ -17,11 +20,17 @@ from lightning_grpo.toy import (
     describe,
     heldout_prompts,
     heldout_scenes,
+    heldout_split_prompts,
+    heldout_splits,
     parse_prompt,
+    sample_captioned_images,
     train_prompts,
     train_scenes,
     write_prompt_files,
 )
+from lightning_grpo.toy.tokenizers import words_of
+
+PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "prompts"
 
 
 def test_parser_round_trips_every_template_and_scene() -> None:
@@ -103,3 +112,55 @@ def test_write_prompt_files(tmp_path) -> None:
     paths = write_prompt_files(tmp_path, templates=[0, 1])
     assert paths["train"].read_text().splitlines() == train_prompts([0, 1])
     assert paths["heldout"].read_text().splitlines() == heldout_prompts([0, 1])
+    assert paths["new_phrasings"].read_text().splitlines() == heldout_split_prompts("new_phrasings")
+    assert paths["both"].read_text().splitlines() == heldout_split_prompts("both")
+
+
+def test_shipped_prompt_files_are_the_splits() -> None:
+    files = {"new_combinations": "shapes_heldout.txt", "new_phrasings": "shapes_heldout_phrasings.txt",
+             "both": "shapes_heldout_both.txt"}
+    for split, name in files.items():
+        assert (PROMPTS / name).read_text().splitlines() == heldout_split_prompts(split), name
+    assert (PROMPTS / "shapes_train.txt").read_text().splitlines() == train_prompts()
+
+
+# ----------------------------------------------------------------------------- held-out phrasings
+def test_heldout_splits_partition_combinations_and_phrasings() -> None:
+    splits = heldout_splits()
+    assert list(splits) == list(HELDOUT_SPLITS)
+    assert [len(v) for v in splits.values()] == [16 * len(TEMPLATES), 32 * len(HELDOUT_TEMPLATES), 16 * len(HELDOUT_TEMPLATES)]
+    assert {parse_prompt(p) for p in splits["new_phrasings"]} == set(train_scenes())
+    assert {parse_prompt(p) for p in splits["both"]} == set(heldout_scenes())
+    training = set(train_prompts())
+    for split, prompts in splits.items():
+        assert not training & set(prompts), split
+    # a reserved phrasing never coincides with a training one, for any scene
+    for scene in all_scenes():
+        trained = {describe(scene, t) for t in range(len(TEMPLATES))}
+        assert not trained & {describe(scene, t, "heldout") for t in range(len(HELDOUT_TEMPLATES))}
+    with pytest.raises(ValueError, match="unknown held-out split 'typo'"):
+        heldout_split_prompts("typo")
+    with pytest.raises(ValueError, match="phrasing"):
+        describe(all_scenes()[0], 0, "other")  # type: ignore[arg-type]
+
+
+def test_reserved_phrasings_parse_and_use_only_trained_words() -> None:
+    """Fair split: every word of a reserved template also appears in a training template (in
+    another sentence), so the toy text encoders' vocabulary has it as a word the denoiser read."""
+    trained_words = set(words_of(TEMPLATES))
+    for template in HELDOUT_TEMPLATES:
+        words = set(words_of([template.format(colour="", shape="", position="")]))
+        assert words <= trained_words, (template, words - trained_words)
+    for scene in all_scenes():
+        for t in range(len(HELDOUT_TEMPLATES)):
+            assert parse_prompt(describe(scene, t, "heldout")) == scene
+
+
+def test_pretraining_captions_never_use_reserved_phrasings() -> None:
+    from lightning_grpo.toy.pretrain import noisy_captions
+
+    _, captions = sample_captioned_images(2000, size=16, seed=0)
+    captions += noisy_captions(captions, 0.35, seed=1)  # what pretrain.encode_training_set feeds the denoiser
+    reserved = {describe(s, t, "heldout") for s in all_scenes() for t in range(len(HELDOUT_TEMPLATES))}
+    allowed = {describe(s, t) for s in all_scenes() for t in range(len(TEMPLATES))}
+    assert set(captions) <= allowed and not set(captions) & reserved

@@ -1,9 +1,12 @@
-"""The pixel verifier: accuracy on clean and degraded renders, mismatches, empty images, the reward."""
+"""The pixel verifier: accuracy on clean and degraded renders, rejection of deliberately bad images
+(two objects, mixed colours, smears, speckle), mismatches, empty images, the reward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+import torch.nn.functional as F
 
 from lightning_grpo.rewards.base import RewardError
 from lightning_grpo.toy import (
@@ -19,7 +22,10 @@ from lightning_grpo.toy import (
     describe,
     exact_match_accuracy,
     render_scenes,
+    scenes_to_indices,
 )
+from lightning_grpo.toy.verifier import SceneRules, connected_components
+from lightning_grpo.toy.vocab import palette
 
 SEEDS = 5  # jitter draws per combination: 48 × 5 = 240 images per condition
 
@@ -139,3 +145,128 @@ def test_reward_names_and_errors() -> None:
         ShapesVerifier()(pixels, ["a red circle at the top left"] * 2)
     with pytest.raises(RewardError, match="cannot parse prompt 'a circle'"):
         ShapesVerifier()(torch.zeros(1, 3, 32, 32), ["a circle"])
+
+
+# ----------------------------------------------------------------------------- bad images
+def _two_objects(pixels: torch.Tensor, scenes: list[Scene], size: int, same_colour: bool) -> torch.Tensor:
+    """The right scene plus a second object in another quadrant (another or the same colour)."""
+    gen = torch.Generator().manual_seed(size)
+    others = []
+    for k, s in zip(torch.randint(0, 12, (len(scenes),), generator=gen).tolist(), scenes):
+        colour = s.colour if same_colour else COLOUR_NAMES[(COLOUR_NAMES.index(s.colour) + 1 + k % 3) % 4]
+        position = POSITIONS[(POSITIONS.index(s.position) + 1 + k // 4) % 4]
+        others.append(Scene(colour, SHAPES[k % 3], position))
+    return torch.maximum(pixels, render_scenes(others, size=size, seed=size + 1))
+
+
+def _recoloured(pixels: torch.Tensor, scenes: list[Scene], size: int, kind: str) -> torch.Tensor:
+    """Right shape and place, colours mixed: "half" (left half another palette colour), "blend"
+    (the 50/50 mix of the named and another colour, e.g. orange), "gradient" (a smear from one to the other)."""
+    pal = palette()
+    named = pal[scenes_to_indices(scenes)[:, 0]].view(-1, 3, 1, 1)
+    gen = torch.Generator().manual_seed(size + 2)
+    other = pal[(scenes_to_indices(scenes)[:, 0] + torch.randint(1, 4, (len(scenes),), generator=gen)) % 4].view(-1, 3, 1, 1)
+    coverage = pixels.norm(dim=1, keepdim=True) / named.norm(dim=1, keepdim=True)  # [N, 1, H, W]
+    xs = torch.arange(size, dtype=torch.float32).view(1, 1, 1, -1)
+    cx = (coverage * xs).sum((2, 3), keepdim=True) / coverage.sum((2, 3), keepdim=True)
+    t = {"half": (xs < cx).float(), "blend": torch.full_like(xs, 0.5),
+         "gradient": ((xs - cx) / (0.35 * size) + 0.5).clamp(0, 1)}[kind]
+    return coverage * (named * (1 - t) + other * t)
+
+
+def _smeared(pixels: torch.Tensor, size: int, kind: str) -> torch.Tensor:
+    """The object streaked along a line a quarter of the side long ("horizontal", "vertical"), or
+    motion-blurred over 0.3 of the side and brightened back ("motion")."""
+    length = round(0.25 * size)
+    if kind == "motion":
+        k = round(0.3 * size)
+        box = torch.ones(3, 1, 1, k) / k
+        return (1.6 * F.conv2d(F.pad(pixels, (k // 2, k - 1 - k // 2, 0, 0)), box, groups=3)).clamp(0, 1)
+    kernel = (1, length) if kind == "horizontal" else (length, 1)
+    return F.max_pool2d(pixels, kernel, stride=1, padding=(kernel[0] // 2, kernel[1] // 2))[..., :size, :size]
+
+
+def _speckled(pixels: torch.Tensor, size: int, dots_at_32: int = 20) -> torch.Tensor:
+    """The right scene plus stray single pixels of random palette colours (20 per 32² of image)."""
+    gen = torch.Generator().manual_seed(size + 3)
+    n = dots_at_32 * (size // 32) ** 2
+    out = pixels.clone()
+    ys, xs = torch.randint(0, size, (2, len(pixels), n), generator=gen)
+    colours = palette()[torch.randint(0, 4, (len(pixels), n), generator=gen)]  # [N, n, 3]
+    for b in range(len(pixels)):
+        out[b, :, ys[b], xs[b]] = colours[b].T
+    return out
+
+
+BAD_IMAGES = {
+    "two objects": lambda px, sc, size: _two_objects(px, sc, size, same_colour=False),
+    "two objects, same colour": lambda px, sc, size: _two_objects(px, sc, size, same_colour=True),
+    "half in another colour": lambda px, sc, size: _recoloured(px, sc, size, "half"),
+    "blended colour (e.g. orange)": lambda px, sc, size: _recoloured(px, sc, size, "blend"),
+    "colour-gradient smear": lambda px, sc, size: _recoloured(px, sc, size, "gradient"),
+    "horizontal streak": lambda px, sc, size: _smeared(px, size, "horizontal"),
+    "vertical streak": lambda px, sc, size: _smeared(px, size, "vertical"),
+    "motion smear": lambda px, sc, size: _smeared(px, size, "motion"),
+    "speckle (20 dots per 32²)": lambda px, sc, size: _speckled(px, size),
+}
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("kind", list(BAD_IMAGES))
+def test_bad_images_of_right_scenes_are_rejected(size: int, kind: str) -> None:
+    """Otherwise correct scenes with a second object, mixed colours, a smear or speckle fail the
+    strict exact match (the lenient verifier passes many of them: that is what a policy exploited)."""
+    pixels, prompts, scenes = _sample(size, seed=size)
+    bad = BAD_IMAGES[kind](pixels, scenes, size)
+    correct = attribute_correctness(bad, prompts).float()  # [N, 3] strict: what ShapesVerifier scores
+    strict, dense = correct.prod(1).mean().item(), correct.mean().item()
+    lenient = attribute_correctness(bad, prompts, strict=False).all(1).float().mean().item()
+    print(f"size {size} {kind}: strict exact {strict:.3f}, dense {dense:.3f}, lenient exact {lenient:.3f}")
+    assert strict <= 0.05, kind
+    if kind.startswith("two objects") or kind.startswith("speckle"):
+        assert dense <= 0.05  # one object is part of every attribute term
+    else:
+        assert dense <= 0.7  # at most shape and place earned
+
+
+def test_strict_rules_measures_on_hand_made_images() -> None:
+    """Hand-checked values: two separate 2×2 squares are 2 components with stray = 1; a red/yellow
+    half-and-half square has purity 1/2; an orange square has purity 0."""
+    red, yellow = palette()[0], palette()[3]
+    two = torch.zeros(1, 3, 32, 32)
+    two[0, :, 4:10, 4:10] = red.view(3, 1, 1)
+    two[0, :, 20:26, 20:26] = red.view(3, 1, 1)
+    decoded = decode_scenes(two)
+    assert decoded.objects.item() == 2 and decoded.stray.item() == pytest.approx(1.0)
+    assert decoded.purity.item() == pytest.approx(1.0) and decoded.inside.item() == pytest.approx(0.5)
+    halves = torch.zeros(1, 3, 32, 32)
+    halves[0, :, 4:12, 4:8] = red.view(3, 1, 1)
+    halves[0, :, 4:12, 8:12] = yellow.view(3, 1, 1)
+    assert decode_scenes(halves).purity.item() == pytest.approx(0.5)
+    orange = torch.zeros(1, 3, 32, 32)
+    orange[0, :, 4:12, 4:12] = ((red + yellow) / 2).view(3, 1, 1)
+    assert decode_scenes(orange).purity.item() == 0.0
+    assert not ShapesVerifier("exact")(orange, ["a red square at the top left"]).item()
+    assert ShapesVerifier("exact")(render_scenes([Scene("red", "square", "top left")], jitter=False),
+                                   ["a red square at the top left"]).item() == 1.0
+
+
+def test_connected_components_by_hand() -> None:
+    mask = torch.tensor([[1, 1, 0, 0, 1],
+                         [0, 1, 0, 0, 1],
+                         [0, 0, 1, 0, 0],   # diagonal neighbour: joins the first component (8-connectivity)
+                         [0, 0, 0, 0, 0],
+                         [1, 0, 0, 1, 1]], dtype=torch.bool).unsqueeze(0)
+    labels = connected_components(mask)[0]
+    assert (labels[~mask[0]] == 0).all() and (labels[mask[0]] > 0).all()
+    groups = {tuple(sorted((r, c) for r in range(5) for c in range(5) if labels[r, c] == v)) for v in labels.unique() if v > 0}
+    assert groups == {((0, 0), (0, 1), (1, 1), (2, 2)), ((0, 4), (1, 4)), ((4, 0),), ((4, 3), (4, 4))}
+
+
+def test_lenient_verifier_and_rule_validation() -> None:
+    assert ShapesVerifier(strict=False).name == "shapes_dense_lenient"
+    assert ShapesVerifier("exact", max_stray=0.3).rules.max_stray == 0.3
+    with pytest.raises(ValueError, match="min_purity"):
+        SceneRules(min_purity=1.5)
+    with pytest.raises(ValueError, match="max_elongation"):
+        ShapesVerifier(max_elongation=0)

@@ -4,6 +4,7 @@ policy adapters load, deterministically, and its noisy captions have the intende
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,28 @@ def test_tokenizers_cover_every_prompt_word_without_unknowns():
     # whole words are single tokens: "a red circle at the top left" is 7 words + BOS + EOS
     assert len(clip("a red circle at the top left").input_ids) == 9
     assert {"red", "circle", "top", "upper", "image"} <= set(vocabulary())
+
+
+def test_shipped_tokenizers_read_reserved_phrasings_as_whole_words():
+    """The held-out phrasings tokenize into known whole words within the length budget, with the
+    tokenizers the shipped pipelines load (the same vocabulary `build_tokenizers` makes)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from lightning_grpo.toy.components import TEXT_MAX_LENGTH
+    from lightning_grpo.toy.prompts import heldout_split_prompts
+
+    folder = Path(__file__).resolve().parents[2] / "lightning_grpo" / "toy" / "pretrained" / "flux"
+    clip, t5 = CLIPTokenizer.from_pretrained(folder / "tokenizer"), T5TokenizerFast.from_pretrained(folder / "tokenizer_2")
+    built_clip, built_t5 = build_tokenizers()
+    assert clip.get_vocab() == built_clip.get_vocab() and t5.get_vocab() == built_t5.get_vocab()
+    for prompt in heldout_split_prompts("both"):
+        words = prompt.replace(":", " :").split()
+        assert t5.tokenize(prompt) == [w if w == ":" else "▁" + w for w in words], prompt
+        # CLIP: the same pieces as in training captions (BPE splits "bottom" into 3 there too), no unknowns, no truncation
+        assert clip.tokenize(prompt) == [piece for w in words for piece in clip.tokenize(w)], prompt
+        ids = clip(prompt).input_ids
+        assert clip.unk_token_id not in ids[1:-1] and len(ids) <= TEXT_MAX_LENGTH, prompt
+        assert len(t5(prompt).input_ids) <= TEXT_MAX_LENGTH
 
 
 def test_noisy_captions_zero_noise_keeps_scenes():

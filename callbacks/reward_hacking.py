@@ -1,0 +1,243 @@
+"""Watch for reward hacking: does the training reward keep rising while measures it was meant to
+stand for (gold measures, never optimised) fall?
+
+Every `every_n_steps` optimizer steps (and at fit start and end) `RewardHackingMonitor` samples a
+FIXED held-out set (same prompts, same per-sample seeds, eta = 0, through
+`lightning_grpo.evaluation.evaluate`, so the global RNG and training are untouched) and scores it
+with the module's training rewards (their weighted sum is "the training reward") and with the
+gold measures: any `Reward`s (a second reward model, a stricter verifier, CLIP alignment) and,
+optionally, within-prompt pixel diversity (mean RMS distance between the samples of one prompt).
+
+Logged (TensorBoard and any logger): `hacking/train_reward`, `hacking/gold/{name}` (means), and
+`hacking/gap/{name}`: the training reward's change since the first evaluation minus the gold
+measure's, each in units of its own spread at the first evaluation (so rewards on different scales
+compare). A gap that grows says the training reward is improving faster than what it stands for.
+
+Warning rule (per gold measure, at each evaluation): take the evaluation where the gold measure was
+highest so far; warn if, since then, the training reward rose AND the gold measure fell, both by
+more than `z` standard errors of the paired per-sample differences (the same samples are scored
+each time, so the differences are paired). The warning goes to the console (`rank_zero_warn`) and
+to TensorBoard text `hacking/warning`; every evaluation is also a row of `<log_dir>/reward_hacking.csv`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
+from lightning_grpo.callbacks.diversity import pairwise_distances
+from lightning_grpo.callbacks.ema import ema_weights
+from lightning_grpo.callbacks.evaluation import read_prompts
+from lightning_grpo.evaluation import EvaluationResult, evaluate
+from lightning_grpo.rewards.base import MultiReward, Reward
+
+TRAIN = "train_reward"
+DIVERSITY = "pixel_diversity"
+
+
+@dataclass
+class Observation:
+    """One evaluation of the fixed set: per-unit values of every measure (samples, or prompts for diversity)."""
+
+    step: int
+    values: dict[str, Tensor]  # name -> Tensor[n] (training reward and gold measures)
+
+    def mean(self, name: str) -> float:
+        return float(self.values[name].mean())
+
+
+def paired_change(before: Tensor, after: Tensor) -> tuple[float, float]:
+    """(mean of after − before, its standard error std/√n) over paired units; SE 0 for n = 1."""
+    diff = (after - before).double()
+    se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else 0.0
+    return float(diff.mean()), se
+
+
+@dataclass
+class HackingDetector:
+    """The warning rule of the module doc, on a history of `Observation`s (pure, testable).
+
+    Args:
+        gold: names of the gold measures (keys of each observation besides `TRAIN`).
+        z: standard errors a change must exceed to count (2: about a 2.3% one-sided false-alarm rate per check).
+        min_change: smallest absolute change (in the measure's units) that counts, besides `z`.
+    """
+
+    gold: list[str]
+    z: float = 2.0
+    min_change: float = 0.0
+    history: list[Observation] = field(default_factory=list)
+
+    def add(self, observation: Observation) -> list[str]:
+        """Record an evaluation; return one message per gold measure that now looks hacked."""
+        self.history.append(observation)
+        return [message for name in self.gold if (message := self._check(name)) is not None]
+
+    def _significant(self, change: float, se: float) -> bool:
+        return change > max(self.z * se, self.min_change)
+
+    def _check(self, name: str) -> str | None:
+        now = self.history[-1]
+        earlier = self.history[:-1]
+        if not earlier:
+            return None
+        best = max(earlier, key=lambda o: o.mean(name))  # where the gold measure was highest
+        rise, rise_se = paired_change(best.values[TRAIN], now.values[TRAIN])
+        fall, fall_se = paired_change(now.values[name], best.values[name])
+        if self._significant(rise, rise_se) and self._significant(fall, fall_se):
+            return (f"possible reward hacking at step {now.step}: since step {best.step} the training reward rose "
+                    f"{best.mean(TRAIN):.4g} -> {now.mean(TRAIN):.4g} (+{rise:.3g} ± {rise_se:.2g} SE) while gold measure "
+                    f"{name!r} fell {best.mean(name):.4g} -> {now.mean(name):.4g} (-{fall:.3g} ± {fall_se:.2g} SE)")
+        return None
+
+    def gaps(self) -> dict[str, float]:
+        """name -> (Δ training reward / σ_train) − (Δ gold / σ_gold), changes since the first evaluation,
+        σ the spread of the per-unit values at the first evaluation (1 where that is 0)."""
+        first, now = self.history[0], self.history[-1]
+
+        def standardised(name: str) -> float:
+            spread = float(first.values[name].double().std()) if first.values[name].numel() > 1 else 0.0
+            return (now.mean(name) - first.mean(name)) / (spread if spread > 0 else 1.0)
+
+        return {name: standardised(TRAIN) - standardised(name) for name in self.gold}
+
+
+def within_prompt_diversity(pixels: Tensor, samples_per_prompt: int) -> Tensor:
+    """Tensor[P]: mean RMS distance between the samples of each prompt (pixels [P·S, ...], prompt-major)."""
+    if samples_per_prompt < 2:
+        raise ValueError("pixel diversity needs samples_per_prompt >= 2")
+    groups = pixels.reshape(-1, samples_per_prompt, *pixels.shape[1:])
+    upper = torch.ones(samples_per_prompt, samples_per_prompt, dtype=torch.bool).triu(1)
+    return torch.stack([pairwise_distances(group, "rms")[upper].mean() for group in groups])
+
+
+class RewardHackingMonitor(Callback):
+    """Track gold measures beside the training reward on a fixed held-out set; warn on divergence.
+
+    Works with any rewards: e.g. a run trained on HPS with PickScore and CLIP score as gold, or the
+    shapes demo trained on the verifier with the toy CLIP as gold. Runs on rank zero (others wait).
+
+    Args:
+        prompts_file: the fixed held-out prompts (.txt or .jsonl, as `HeldOutEvaluation`).
+        gold_rewards: rewards never optimised (names must differ from the training rewards').
+        diversity: also track within-prompt pixel diversity as a gold measure (needs
+            samples_per_prompt ≥ 2; falls whenever samples of one prompt converge, which is also
+            what learning the right answer looks like in a world with one right image).
+        samples_per_prompt: samples per prompt (each with its own seeded noise, same every time).
+        every_n_steps: evaluate every this many optimizer steps (plus fit start and end).
+        seed: base seed of the evaluation noise.
+        batch_size: samples generated and scored at once (memory knob; results do not change).
+        max_prompts: use only the first this many prompts.
+        z: standard errors of the paired differences a rise / fall must exceed to warn.
+        min_change: smallest absolute rise / fall that counts, besides `z`.
+    """
+
+    def __init__(
+        self,
+        prompts_file: str,
+        gold_rewards: list[Reward] | None = None,
+        diversity: bool = False,
+        samples_per_prompt: int = 2,
+        every_n_steps: int = 50,
+        seed: int = 4321,
+        batch_size: int = 32,
+        max_prompts: int | None = None,
+        z: float = 2.0,
+        min_change: float = 0.0,
+    ) -> None:
+        self.prompts = read_prompts(prompts_file)[:max_prompts]
+        if not self.prompts:
+            raise ValueError(f"no prompts in {prompts_file}")
+        self.gold_rewards = list(gold_rewards or [])
+        self.diversity = diversity
+        if not self.gold_rewards and not diversity:
+            raise ValueError("RewardHackingMonitor needs at least one gold measure (gold_rewards or diversity=True)")
+        if diversity and samples_per_prompt < 2:
+            raise ValueError(f"diversity needs samples_per_prompt >= 2, got {samples_per_prompt}")
+        if every_n_steps < 1 or samples_per_prompt < 1:
+            raise ValueError(f"every_n_steps and samples_per_prompt must be >= 1, got {every_n_steps}, {samples_per_prompt}")
+        names = [r.name for r in self.gold_rewards] + ([DIVERSITY] if diversity else [])
+        if len(set(names)) != len(names) or TRAIN in names:
+            raise ValueError(f"gold measure names must be unique and not {TRAIN!r}: {names}")
+        self.samples_per_prompt = samples_per_prompt
+        self.every_n_steps = every_n_steps
+        self.seed, self.batch_size = seed, batch_size
+        self.detector = HackingDetector(names, z=z, min_change=min_change)
+        self.warnings: list[str] = []
+        self._last_step = -1
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for reward in self.gold_rewards:  # not part of the module: move them along explicitly
+            reward.to(pl_module.device)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._observe(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step // self.every_n_steps > max(self._last_step, 0) // self.every_n_steps:
+            self._observe(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._last_step != trainer.global_step:
+            self._observe(trainer, pl_module)
+
+    # ------------------------------------------------------------------ measuring
+    def measure(self, pl_module: LightningModule) -> dict[str, Tensor]:
+        """Per-unit values now: `TRAIN` (weighted sum of the module's rewards) and each gold measure."""
+        training = list(pl_module.rewards.rewards)
+        result: EvaluationResult = evaluate(
+            pl_module.policy, pl_module.sampler, self.prompts, MultiReward([*training, *self.gold_rewards]),
+            samples_per_prompt=self.samples_per_prompt, seed=self.seed, batch_size=self.batch_size,
+            keep_pixels=self.diversity, show_progress=False,
+        )
+        values = {TRAIN: sum(r.weight * result.scores[r.name] for r in training)}
+        values.update({r.name: result.scores[r.name] for r in self.gold_rewards})
+        if self.diversity:
+            values[DIVERSITY] = within_prompt_diversity(result.pixels, self.samples_per_prompt)
+        return values
+
+    def _observe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step
+        if trainer.is_global_zero:
+            with ema_weights(trainer, pl_module):
+                values = self.measure(pl_module)
+            messages = self.detector.add(Observation(trainer.global_step, values))
+            self._log(trainer, messages)
+        trainer.strategy.barrier("reward_hacking_monitor")
+
+    def _log(self, trainer: Trainer, messages: list[str]) -> None:
+        now = self.detector.history[-1]
+        metrics = {f"hacking/{TRAIN}": now.mean(TRAIN)}
+        metrics.update({f"hacking/gold/{name}": now.mean(name) for name in self.detector.gold})
+        metrics.update({f"hacking/gap/{name}": gap for name, gap in self.detector.gaps().items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=logging_step(trainer))
+        for message in messages:
+            rank_zero_warn(f"RewardHackingMonitor: {message}")
+            for writer in tensorboard_writers(trainer):
+                writer.add_text("hacking/warning", message, global_step=logging_step(trainer))
+        self.warnings.extend(messages)
+        self._append_csv(trainer, metrics, messages)
+
+    def _append_csv(self, trainer: Trainer, metrics: dict[str, float], messages: list[str]) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        if log_dir is None:
+            return
+        path = Path(log_dir) / "reward_hacking.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["step", *metrics, "warnings"])
+            writer.writerow([trainer.global_step, *(f"{v:.6g}" for v in metrics.values()), " | ".join(messages)])

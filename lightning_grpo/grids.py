@@ -1,0 +1,168 @@
+"""Readable image grids: nearest-neighbour upscaled cells, column titles, a caption under each row
+(and optionally under each cell), for TensorBoard and for PNG files alike.
+
+Used by `callbacks.ODEVisualizer` (rows = prompts, columns = seeds at step 0 | seeds now) and by
+`EvaluationResult.write` (rows = prompts, columns = samples). The input is a cell array
+[R, K, C, H, W], so a video caller can pass frames as columns. torchvision's `make_grid` has no
+text; the captions are drawn with Pillow (already a torchvision dependency), with its built-in
+scalable font, so nothing has to be installed or downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+__all__ = ["GridLayout", "captioned_grid", "save_png"]
+
+#: Caption text size in pixels, line height, and the white space around blocks.
+FONT_SIZE = 12
+LINE_HEIGHT = 15
+MARGIN = 6
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Pixel geometry of a grid (what `captioned_grid` draws; tests check it).
+
+    cell: upscaled cell side; caption_lines: text lines under each row; title_height: height of
+    the column-title band at the top of each block; block_width / row_height: one column block
+    (rows stacked) and one row with its caption; blocks: column blocks side by side.
+    """
+
+    cell: int
+    columns: int
+    rows_per_block: int
+    blocks: int
+    caption_lines: int
+    cell_caption_lines: int
+    title_lines: int
+    gap_after: int | None  # a wider gap after this many columns (e.g. step 0 | now)
+
+    @property
+    def title_height(self) -> int:
+        return self.title_lines * LINE_HEIGHT + (MARGIN if self.title_lines else 0)
+
+    @property
+    def row_height(self) -> int:
+        return self.cell + (self.cell_caption_lines + self.caption_lines) * LINE_HEIGHT + MARGIN
+
+    @property
+    def block_width(self) -> int:
+        return self.columns * (self.cell + 2) + (3 * MARGIN if self.gap_after else 0)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the whole grid."""
+        height = MARGIN + self.title_height + self.rows_per_block * self.row_height
+        return height, MARGIN + self.blocks * (self.block_width + 2 * MARGIN)
+
+    def cell_origin(self, row: int, column: int) -> tuple[int, int]:
+        """(y, x) of the top-left pixel of cell (row, column)."""
+        block, r = divmod(row, self.rows_per_block)
+        x = MARGIN + block * (self.block_width + 2 * MARGIN) + column * (self.cell + 2)
+        if self.gap_after and column >= self.gap_after:
+            x += 3 * MARGIN
+        return MARGIN + self.title_height + r * self.row_height, x
+
+
+def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable built-in font (Pillow >= 10.1 with FreeType)
+    except TypeError:  # older Pillow: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, width_px: int) -> list[str]:
+    """Lines of `text` that fit `width_px` (about 6.5 px per character at the caption size)."""
+    return textwrap.wrap(text, width=max(4, int(width_px / (0.55 * FONT_SIZE)))) or [""]
+
+
+def _upscale(cells: Tensor, cell: int) -> Tensor:
+    """[N, 3, h, w] in [0, 1] → [N, 3, cell, cell] by nearest neighbour (integer factor, then centred pad)."""
+    h, w = cells.shape[-2:]
+    factor = max(1, min(cell // h, cell // w))
+    big = F.interpolate(cells, scale_factor=factor, mode="nearest")
+    pad_h, pad_w = cell - big.shape[-2], cell - big.shape[-1]
+    return F.pad(big, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=1.0)
+
+
+def captioned_grid(
+    cells: Tensor,
+    row_captions: list[str] | None = None,
+    column_titles: list[str] | None = None,
+    cell_captions: list[list[str]] | None = None,
+    cell_size: int = 128,
+    rows_per_block: int | None = None,
+    gap_after: int | None = None,
+) -> Tensor:
+    """A readable grid as Tensor[3, H', W'] float in [0, 1] (TensorBoard's CHW image).
+
+    Args:
+        cells: [R, K, C, H, W] images in [0, 1] (C = 1 or 3): R rows of K columns.
+        row_captions: R texts, each drawn (wrapped) under its row, e.g. the prompt.
+        column_titles: K texts drawn above the columns of every block, e.g. "step 0 · seed 1".
+        cell_captions: R × K short texts under each cell, e.g. a score.
+        cell_size: side each cell is upscaled to (nearest neighbour, integer factor).
+        rows_per_block: rows stacked per column block; more rows start a new block to the right
+            (keeps 80 prompts from making a 10,000-pixel-tall strip). Default: all in one block.
+        gap_after: draw a wider gap after this many columns (separates step 0 from now).
+    """
+    if cells.ndim != 5 or cells.shape[2] not in (1, 3):
+        raise ValueError(f"cells must be [rows, columns, 1 or 3, H, W], got {tuple(cells.shape)}")
+    rows, columns = cells.shape[:2]
+    for name, texts, n in (("row_captions", row_captions, rows), ("column_titles", column_titles, columns)):
+        if texts is not None and len(texts) != n:
+            raise ValueError(f"{name}: {len(texts)} texts for {n} {'rows' if name == 'row_captions' else 'columns'}")
+    if cell_captions is not None and (len(cell_captions) != rows or any(len(c) != columns for c in cell_captions)):
+        raise ValueError(f"cell_captions must be {rows} rows of {columns} texts")
+    per_block = min(rows, rows_per_block or rows)
+    layout = GridLayout(cell=cell_size, columns=columns, rows_per_block=per_block, blocks=math.ceil(rows / per_block),
+                        caption_lines=0, cell_caption_lines=1 if cell_captions else 0, title_lines=0, gap_after=gap_after)
+    wrapped_rows = [_wrap(t, layout.block_width) for t in row_captions] if row_captions else []
+    wrapped_titles = [_wrap(t, cell_size) for t in column_titles] if column_titles else []
+    layout = GridLayout(
+        cell=cell_size, columns=columns, rows_per_block=per_block, blocks=layout.blocks,
+        caption_lines=max((len(w) for w in wrapped_rows), default=0), cell_caption_lines=layout.cell_caption_lines,
+        title_lines=max((len(w) for w in wrapped_titles), default=0), gap_after=gap_after,
+    )
+    images = cells.float().clamp(0, 1).flatten(0, 1)  # [R·K, C, H, W]
+    images = _upscale(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, cell_size)
+    height, width = layout.size
+    canvas = Image.new("RGB", (width, height), "white")
+    tiles = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [R·K, cell, cell, 3]
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for index, tile in enumerate(tiles):
+        row, column = divmod(index, columns)
+        y, x = layout.cell_origin(row, column)
+        canvas.paste(Image.fromarray(tile), (x, y))
+        if cell_captions:
+            draw.text((x, y + cell_size + 1), cell_captions[row][column], fill="black", font=font)
+    for row, lines in enumerate(wrapped_rows):
+        y, x = layout.cell_origin(row, 0)
+        y += cell_size + layout.cell_caption_lines * LINE_HEIGHT + 1
+        for i, line in enumerate(lines):
+            draw.text((x, y + i * LINE_HEIGHT), line, fill="black", font=font)
+    for block in range(layout.blocks):
+        for column, lines in enumerate(wrapped_titles):
+            _, x = layout.cell_origin(block * per_block, column)
+            for i, line in enumerate(lines):
+                draw.text((x, MARGIN + i * LINE_HEIGHT), line, fill="black", font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def save_png(grid: Tensor, path: str | Path) -> Path:
+    """Write a [3, H, W] grid in [0, 1] as a PNG (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).save(path)
+    return path

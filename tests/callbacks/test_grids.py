@@ -1,0 +1,71 @@
+"""Readable grids: size and layout of `captioned_grid`, the visualiser's and the evaluation's grids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_grpo.evaluation import EvaluationResult
+from lightning_grpo.grids import LINE_HEIGHT, MARGIN, GridLayout, captioned_grid
+
+
+def _cells(rows: int, columns: int, side: int = 8) -> torch.Tensor:
+    """Cell (r, c) is a flat colour that encodes r and c, so each cell can be found in the grid."""
+    cells = torch.zeros(rows, columns, 3, side, side)
+    for r in range(rows):
+        for c in range(columns):
+            cells[r, c] = torch.tensor([r / max(1, rows - 1), c / max(1, columns - 1), 0.5]).view(3, 1, 1)
+    return cells
+
+
+def test_captioned_grid_size_and_cells() -> None:
+    cells = _cells(3, 4)
+    grid = captioned_grid(cells, row_captions=["a red circle at the top left"] * 3,
+                          column_titles=["step 0 · seed 0", "step 0 · seed 1", "step 9 · seed 0", "step 9 · seed 1"],
+                          cell_size=64, gap_after=2)
+    layout = GridLayout(cell=64, columns=4, rows_per_block=3, blocks=1, caption_lines=1, cell_caption_lines=0,
+                        title_lines=2, gap_after=2)
+    # hand-worked: width 6 + (4·66 + 18) + 12 = 300; height 6 + (2·15 + 6) + 3·(64 + 15 + 6) = 297
+    assert layout.size == (297, 300)
+    assert grid.shape == (3, *layout.size)
+    for r in range(3):
+        for c in range(4):
+            y, x = layout.cell_origin(r, c)
+            block = grid[:, y : y + 64, x : x + 64]  # the whole upscaled cell is its flat colour (nearest, ×8)
+            expected = (cells[r, c, :, 0, 0] * 255).round() / 255
+            assert torch.allclose(block, expected.view(3, 1, 1).expand_as(block), atol=1e-6), (r, c)
+    # the prompt is drawn under each row: dark pixels in the caption band, none in the gap between the blocks
+    y, x = layout.cell_origin(1, 0)
+    caption = grid[:, y + 64 : y + 64 + LINE_HEIGHT, x : x + 200]
+    assert (caption.mean(0) < 0.5).sum() > 50
+    gap = grid[:, y : y + 64, x + 2 * 66 : x + 2 * 66 + 3 * MARGIN]
+    assert (gap == 1).all()
+    title = grid[:, MARGIN : MARGIN + 2 * LINE_HEIGHT, x : x + 64]
+    assert (title.mean(0) < 0.5).sum() > 20
+
+
+def test_rows_wrap_into_blocks_and_bad_input() -> None:
+    grid = captioned_grid(_cells(5, 2), row_captions=[f"prompt {i}" for i in range(5)], cell_size=32, rows_per_block=2)
+    layout = GridLayout(cell=32, columns=2, rows_per_block=2, blocks=3, caption_lines=1, cell_caption_lines=0,
+                        title_lines=0, gap_after=None)
+    assert grid.shape == (3, *layout.size) and layout.size[1] > layout.size[0]
+    with pytest.raises(ValueError, match="row_captions: 2 texts for 5 rows"):
+        captioned_grid(_cells(5, 2), row_captions=["a", "b"])
+    with pytest.raises(ValueError, match="cells must be"):
+        captioned_grid(torch.zeros(2, 3, 8, 8))
+
+
+def test_heldout_grid_is_prompts_by_samples(tmp_path) -> None:
+    """80 prompts × 2 samples of 32²: 4 blocks of 20 rows, samples as columns, each cell ≥ 96 px."""
+    prompts = [f"prompt number {i}" for i in range(80) for _ in range(2)]
+    result = EvaluationResult(prompts=prompts, scores={"exact_match": torch.ones(160)},
+                              pixels=torch.rand(160, 3, 32, 32), samples_per_prompt=2)
+    written = result.write(tmp_path)
+    from PIL import Image
+
+    image = Image.open(written["grid"])
+    layout = GridLayout(cell=96, columns=2, rows_per_block=20, blocks=4, caption_lines=1, cell_caption_lines=1,
+                        title_lines=2, gap_after=None)
+    assert image.size == (layout.size[1], layout.size[0])
+    assert tuple(result.grid().shape) == (3, *layout.size)
+    assert layout.size[0] < 3000  # not a 2,641-pixel-tall single column any more
