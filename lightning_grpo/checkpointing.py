@@ -82,6 +82,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt and cannot be resumed from: {err}") from err
 
 
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Cheap check that a local checkpoint exists and is a complete file: `torch.save` writes a zip
+    archive, whose directory sits at the very end, so a truncated file is not a zip."""
+    text = str(path)
+    if not _is_local_file_protocol(text):
+        return
+    if not Path(text).is_file():
+        raise FileNotFoundError(f"checkpoint {text!r} does not exist")
+    if not zipfile.is_zipfile(text):
+        raise CheckpointError(f"checkpoint {text!r} is truncated or corrupt and cannot be resumed from: not a complete torch.save archive")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_grpo.callbacks import DiversityMonitor, ODEVisualizer, RewardLogger
-from lightning_grpo.checkpointing import GRPOCheckpoint, use_atomic_checkpoints
+from lightning_grpo.checkpointing import GRPOCheckpoint, check_checkpoint_file, use_atomic_checkpoints
 from lightning_grpo.module import GRPOModule
 from lightning_grpo.validation import validate_config
 
@@ -59,6 +59,19 @@ class GRPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One seed for everything: `seed_everything` also seeds the rollout noise (model.seed).
         parser.link_arguments("seed_everything", "model.seed", compute_fn=_as_seed)
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's: that one loads the whole checkpoint here and writes its saved
+        `model` hyperparameters over the parsed config, so options given on resume
+        (`--model.learning_rate=...`) were silently dropped, and a large checkpoint was read twice.
+        Here the config stays as given; `GRPOModule.on_load_checkpoint` applies the changed options
+        or refuses them (see `checkpointing`). The file is only checked to exist and be complete,
+        so a truncated checkpoint is named before anything loads."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(ckpt_path)
 
     def instantiate_classes(self) -> None:
         """Validate the parsed config (batch divisibility, resolutions, reward weights, paths,
