@@ -84,13 +84,20 @@ class GRPOCLI(LightningCLI):
         """The configured callbacks plus each default whose class the config does not list.
 
         LightningCLI always appends `trainer_defaults["callbacks"]`, so a config that sets its own
-        ODEVisualizer would otherwise run two; a default is dropped when its class is configured
-        (except ModelCheckpoint: a second checkpoint policy complements the default one).
+        ODEVisualizer (or GRPOCheckpoint) would otherwise run two — and two stateful callbacks of
+        one class cannot both be checkpointed. A default is dropped when its class is configured,
+        before the Trainer is built; a plain ModelCheckpoint complements the default checkpoints.
         """
-        trainer = super().instantiate_trainer(**kwargs)
-        defaults = {id(callback) for callback in self.trainer_defaults.get("callbacks", [])}
-        configured = {type(c) for c in trainer.callbacks if id(c) not in defaults and type(c) is not ModelCheckpoint}
-        trainer.callbacks = [c for c in trainer.callbacks if id(c) not in defaults or type(c) not in configured]
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        configured = (config.get("trainer") or {}).get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        classes = {type(c) for c in configured if type(c) is not ModelCheckpoint}
+        defaults = self.trainer_defaults
+        self.trainer_defaults = {**defaults, "callbacks": [c for c in defaults.get("callbacks", []) if type(c) not in classes]}
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        finally:
+            self.trainer_defaults = defaults
         use_atomic_checkpoints(trainer)
         return trainer
 
