@@ -77,7 +77,7 @@ class GRPOCLI(LightningCLI):
         """Validate the parsed config (batch divisibility, resolutions, reward weights, paths,
         enough prompts for one step) before anything is built: no weights load for a run that
         cannot work (see `lightning_grpo.validation`)."""
-        validate_config(self.config[self.subcommand] if self.subcommand else self.config)
+        validate_config(self.config[self.subcommand] if self.subcommand else self.config, fit=self.subcommand in (None, "fit"))
         super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):

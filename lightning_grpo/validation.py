@@ -108,8 +108,9 @@ class SkipGuard:
 
 
 # --------------------------------------------------------------------------------- on the config
-def validate_config(config: Any) -> None:
-    """Check a parsed `lightning-grpo` config (a jsonargparse Namespace) before anything is built."""
+def validate_config(config: Any, fit: bool = True) -> None:
+    """Check a parsed `lightning-grpo` config (a jsonargparse Namespace) before anything is built;
+    `fit`: also check that the training prompts fill one step (not needed to validate or test)."""
     model, data, trainer = _section(config, "model"), _section(config, "data"), _section(config, "trainer")
     policy = _section(model, "policy")
     _check_trainer(trainer)
@@ -122,7 +123,8 @@ def validate_config(config: Any) -> None:
             batch_size, model["group_size"], model.get("best_of_n"), model.get("samples_per_update"),
             model.get("micro_batch_size", 1), _uses_cfg(policy),
         )
-    _check_data(data, trainer)
+    if fit:
+        _check_data(data, trainer)
 
 
 def _check_trainer(trainer: Mapping[str, Any]) -> None:

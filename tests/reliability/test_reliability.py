@@ -298,3 +298,14 @@ def test_resume_that_would_train_nothing_is_refused(tmp_path):
     last = tmp_path / "a" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match=r"is at optimizer step 4 and trainer.max_steps=4: nothing left to train"):
         run(tiny_args(tmp_path / "b", 4, f"--ckpt_path={last}"))
+
+
+# ------------------------------------------------------------------ event-file size
+def test_histogram_interval_writes_every_nth_rollout(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tiny_args(tmp_path, 8, "--trainer.callbacks+=lightning_grpo.callbacks.RewardLogger", "--trainer.callbacks.histogram_every_n_steps=2"))
+    events = EventAccumulator(str(tmp_path / "tiny" / "version_0"), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Histograms("train/advantage")] == [0, 2]  # 4 rollouts, every 2nd
+    assert [e.step for e in events.Scalars("train/reward_normalized/jpeg_incompressibility_mean")] == [0, 1, 2, 3]
