@@ -74,13 +74,18 @@ def validate_fit(module: Any, trainer: Any) -> None:
     hp = module.hparams
     if isinstance(batch_size, int):
         check_batch_settings(batch_size, hp.group_size, hp.best_of_n, hp.samples_per_update, hp.micro_batch_size, module.policy.uses_cfg)
-    if trainer.accumulate_grad_batches != 1:
+    check_manual_optimisation(trainer.accumulate_grad_batches, trainer.gradient_clip_val)
+
+
+def check_manual_optimisation(accumulate_grad_batches: int | None, gradient_clip_val: float | None) -> None:
+    """Trainer options that manual optimisation ignores or refuses, with the module option to use."""
+    if accumulate_grad_batches not in (None, 1):
         raise ConfigError(
-            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported (GRPO optimises manually): "
+            f"trainer.accumulate_grad_batches={accumulate_grad_batches} is not supported (GRPO optimises manually): "
             "use model.samples_per_update to accumulate samples per optimizer step"
         )
-    if trainer.gradient_clip_val:
-        raise ConfigError(f"trainer.gradient_clip_val={trainer.gradient_clip_val} is not supported (manual optimisation): use model.max_grad_norm")
+    if gradient_clip_val:
+        raise ConfigError(f"trainer.gradient_clip_val={gradient_clip_val} is not supported (manual optimisation): use model.max_grad_norm")
 
 
 # --------------------------------------------------------------------------------- skipped steps
@@ -128,14 +133,7 @@ def validate_config(config: Any, fit: bool = True) -> None:
 
 
 def _check_trainer(trainer: Mapping[str, Any]) -> None:
-    accumulate = trainer.get("accumulate_grad_batches", 1)
-    if accumulate not in (None, 1):
-        raise ConfigError(
-            f"trainer.accumulate_grad_batches={accumulate} is not supported (GRPO optimises manually): "
-            "use model.samples_per_update to accumulate samples per optimizer step"
-        )
-    if trainer.get("gradient_clip_val"):
-        raise ConfigError(f"trainer.gradient_clip_val={trainer['gradient_clip_val']} is not supported (manual optimisation): use model.max_grad_norm")
+    check_manual_optimisation(trainer.get("accumulate_grad_batches", 1), trainer.get("gradient_clip_val"))
 
 
 def _check_policy(policy: Mapping[str, Any]) -> None:
