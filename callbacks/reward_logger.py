@@ -28,13 +28,17 @@ class RewardLogger(Callback):
     Args:
         log_every_n_steps: log every this many training batches (rollouts); 1 = every rollout.
         histograms: write the TensorBoard histograms (scalars are logged regardless).
+        histogram_every_n_steps: write the histograms every this many rollouts (by the logging
+            step, so the interval holds across epochs and resumes); histograms dominate the event
+            file (docs/performance.md, soak run), so long runs want e.g. 10.
     """
 
-    def __init__(self, log_every_n_steps: int = 1, histograms: bool = True) -> None:
-        if log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+    def __init__(self, log_every_n_steps: int = 1, histograms: bool = True, histogram_every_n_steps: int = 1) -> None:
+        if log_every_n_steps < 1 or histogram_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps and histogram_every_n_steps must be >= 1, got {log_every_n_steps}, {histogram_every_n_steps}")
         self.log_every_n_steps = log_every_n_steps
         self.histograms = histograms
+        self.histogram_every_n_steps = histogram_every_n_steps
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         record = last_step(pl_module)
@@ -44,8 +48,8 @@ class RewardLogger(Callback):
         for name, normalised in record.reward_advantages.items():
             stats.update({f"train/reward_normalized/{name}_{k}": v for k, v in summary_stats(normalised).items()})
         pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=len(record.prompts))
-        if self.histograms:
-            step = logging_step(trainer)
+        step = logging_step(trainer)
+        if self.histograms and step % self.histogram_every_n_steps == 0:
             values = {f"train/reward/{name}": s for name, s in record.scores.items()}
             values.update({f"train/reward_normalized/{name}": a for name, a in record.reward_advantages.items()})
             values["train/advantage"] = record.advantages

@@ -5,7 +5,7 @@ first-frame image of image-to-video. See ``datamodules.streaming`` for how shard
 """
 
 from lightning_grpo.datamodules.image_prompts import ImagePromptDataModule
-from lightning_grpo.datamodules.prompts import PromptDataModule
+from lightning_grpo.datamodules.prompts import NoTrainingBatchError, PromptDataModule
 from lightning_grpo.datamodules.sources import MalformedRecordError, MalformedRecordWarning
 
-__all__ = ["ImagePromptDataModule", "MalformedRecordError", "MalformedRecordWarning", "PromptDataModule"]
+__all__ = ["ImagePromptDataModule", "MalformedRecordError", "MalformedRecordWarning", "NoTrainingBatchError", "PromptDataModule"]

@@ -7,8 +7,10 @@ wires them into Lightning: rank discovery, dataloaders, and the position kept in
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -38,6 +40,10 @@ from lightning_grpo.datamodules.streaming import (
     resolve_rank,
     stable_hash,
 )
+
+
+class NoTrainingBatchError(ValueError):
+    """The training split cannot fill one batch on every rank: a run would loop over empty epochs."""
 
 
 class PromptDataModule(LightningDataModule):
@@ -113,7 +119,10 @@ class PromptDataModule(LightningDataModule):
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Saved as `data_seed`: the module's `seed` follows `seed_everything`, and Lightning refuses
+        # to log a datamodule and a module hyperparameter of one name with different values.
+        self.save_hyperparameters(ignore=["seed"])
+        self.hparams["data_seed"] = seed
         if val_files is not None and val_fraction > 0:
             raise ValueError("give val_files or val_fraction, not both")
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -175,6 +184,7 @@ class PromptDataModule(LightningDataModule):
         loader.position = self._position
         loader.epoch_fn = self._current_epoch
         loader.count_delivered = self._counts_delivered_batches
+        loader.on_empty = lambda: self.check_training_prompts(world_size)
         return loader
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
@@ -223,6 +233,40 @@ class PromptDataModule(LightningDataModule):
             )
         self._position.epoch = int(state_dict["epoch"])
         self._position.consumed = int(state_dict["samples_consumed"])
+
+    # ------------------------------------------------------------------ start-up check
+
+    def check_training_prompts(self, world_size: int | None = None) -> None:
+        """Raise `NoTrainingBatchError` when the training split cannot fill one step on every rank.
+
+        Reads at most one step's worth of training records (`batch_size × world_size ×
+        max(num_workers, 1)`, the block the stream cuts), so it is cheap for any dataset size;
+        only when they are missing does it count the whole split to say why (empty or malformed
+        files, prompts held out for validation, or a batch larger than the split).
+        """
+        self.setup()
+        world_size = world_size if world_size is not None else self._rank_and_world_size()[1]
+        config = replace(self._stream_config("train", self.batch_size, 0, world_size), shuffle=False)
+        workers = max(self.num_workers, 1)
+        needed = 1 if self.remainder == "pad" else self.batch_size * world_size * workers
+        quiet = BadRecordReporter(self.on_bad_line, verbose=False)
+        found = sum(1 for _ in itertools.islice(self.make_stream(config).records(quiet), needed))
+        if found >= needed:
+            return
+        total = sum(1 for _ in self.make_stream(replace(config, role="all")).records(BadRecordReporter(self.on_bad_line, verbose=False)))
+        files = [source.path for source in config.sources]
+        if total == 0:
+            reason = f"no prompt in {files}: the files are empty or every record is malformed (on_bad_line={self.on_bad_line!r})"
+        elif found == 0:
+            held = f"val_fraction={self.hold_out.fraction}" if self._val_sources is None else f"val_files {self.val_files!r}"
+            reason = f"{held} holds out all {total} prompts of {files}: no training prompt is left"
+        else:
+            reason = (
+                f"only {found} training prompts in {files} ({total - found} held out for validation), fewer than one "
+                f"step needs: batch_size={self.batch_size} × {world_size} rank(s) × {workers} worker(s) = {needed}, and "
+                "remainder='drop' drops an incomplete step; lower batch_size or set remainder='pad'"
+            )
+        raise NoTrainingBatchError(f"no training batch: {reason}")
 
     # ------------------------------------------------------------------ helpers
 

@@ -296,18 +296,25 @@ class ResumableLoader(DataLoader):
     position: StreamPosition
     epoch_fn: Callable[[], int]
     count_delivered: Callable[[], bool]
+    on_empty: Callable[[], None] | None = None
+    """Called when a pass that skips nothing yields no batch (it should raise, naming why): a
+    training epoch without a batch would otherwise make the Trainer start epochs forever."""
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         stream: PromptStream = self.dataset  # type: ignore[assignment]
         epoch = self.epoch_fn()
         stream.epoch, stream.skip = epoch, self.position.start_epoch(epoch)
-        return self._counted(super().__iter__(), epoch)
+        return self._counted(super().__iter__(), epoch, stream.skip)
 
-    def _counted(self, batches: Iterator[Any], epoch: int) -> Iterator[Any]:
+    def _counted(self, batches: Iterator[Any], epoch: int, skipped: int) -> Iterator[Any]:
+        delivered = 0
         for batch in batches:
             if self.count_delivered():
                 self.position.advance(epoch)
+            delivered += 1
             yield batch
+        if not delivered and not skipped and self.on_empty is not None:
+            self.on_empty()
 
 
 def resolve_rank(trainer: Any, rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -275,6 +275,7 @@ def evaluate(
     keep_pixels: bool = False,
     images: Tensor | None = None,
     show_progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> EvaluationResult:
     """Sample `samples_per_prompt` deterministic (eta = 0) generations per prompt and score them.
 
@@ -289,6 +290,8 @@ def evaluate(
         keep_pixels: keep the decoded pixels (on CPU) in the result, e.g. for an image grid.
         images: first frames [P, C, H, W] in [0, 1] for image-to-video, one per prompt.
         show_progress: tqdm progress bar over batches.
+        allow_nonfinite: keep NaN/inf scores in the result instead of raising (see `Reward.forward`;
+            the module's `reward_failure="drop_group"`).
     """
     if samples_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"samples_per_prompt and batch_size must be >= 1, got {samples_per_prompt}, {batch_size}")
@@ -306,7 +309,7 @@ def evaluate(
             batch_images = None if images is None else images[torch.tensor([i for i, _ in chunk])].to(policy.device)
             x = _initial_noise(policy, [sample_seed(seed, i, j) for i, j in chunk])  # [b, *L]
             pixels = policy.decode(ode_from(policy, sampler, x, batch_prompts, batch_images))  # [b, C, H, W] or [b, F, C, H, W]
-            for name, values in scorer(pixels, batch_prompts, batch_images).items():
+            for name, values in scorer(pixels, batch_prompts, batch_images, allow_nonfinite=allow_nonfinite).items():
                 scores.setdefault(name, []).append(values.detach().float().cpu())
             if keep_pixels:
                 pixels_kept.append(pixels.detach().float().cpu())

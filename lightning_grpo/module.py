@@ -11,9 +11,11 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_grpo.checkpointing import SIGNATURE_KEY, apply_resume_overrides, check_max_steps, check_signature, model_signature
 from lightning_grpo.evaluation import EvaluationResult, evaluate, sample_seed
 from lightning_grpo.grpo.advantages import (
     BestOfNAdvantages,
@@ -34,6 +36,7 @@ from lightning_grpo.samplers.base import Sampler
 from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule, trainable_steps
 from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
+from lightning_grpo.validation import SkipGuard, check_reward_weights, validate_fit
 
 
 class GRPOModule(LightningModule):
@@ -91,6 +94,9 @@ class GRPOModule(LightningModule):
         ode_tail: with a step schedule, integrate after its last SDE step with this fewer-step
             2nd-order solver (`MultistepODETail`, MixGRPO-Flash; flow samplers); None: the
             sampler's own ODE step on its grid.
+        max_skipped_steps: stop the run (RuntimeError) after this many training steps in a row
+            were skipped because every group was dropped: such steps make no optimizer step, so
+            `max_steps` would never be reached.
 
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
@@ -131,6 +137,7 @@ class GRPOModule(LightningModule):
         test_grid_size: int = 64,
         step_schedule: StepSchedule | None = None,
         ode_tail: MultistepODETail | None = None,
+        max_skipped_steps: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail"])
@@ -152,6 +159,8 @@ class GRPOModule(LightningModule):
             ode_tail.sigmas(sampler, 0)  # a flow sampler, or a clear error
         self.ode_tail = ode_tail
         self.rewards = MultiReward(rewards)
+        check_reward_weights(self.rewards.weights)
+        self._skips = SkipGuard(max_skipped_steps)
         self.reference_policy = _frozen_copy(policy) if kl_beta > 0 else None
         self.automatic_optimization = False
         self.last_step: StepRecord | None = None
@@ -214,6 +223,7 @@ class GRPOModule(LightningModule):
             scores = self.rewards(pixels, trajectories.prompts, trajectories.images, allow_nonfinite=drop)  # {name: [B]}
         if drop:
             trajectories, pixels, scores = self._drop_nonfinite_groups(trajectories, pixels, scores)
+            self._skips.step(trajectories is None, why="reward_failure='drop_group'; each failing reward is named in the warnings above")
             if trajectories is None:  # every group dropped: no update this step
                 return
         # 4. advantages (+ best-of-n)
@@ -236,6 +246,12 @@ class GRPOModule(LightningModule):
             pixels=pixels.detach(), scores={k: v.detach() for k, v in scores.items()},
             reward_advantages=per_reward, advantages=effective_advantages(advantages.detach(), self._loss_weights(advantages)),
         )
+
+    def setup(self, stage: str) -> None:
+        """Start-up checks that need the trainer and data (batch divisibility per rank, trainer
+        options manual optimisation refuses): they fail here, before any rollout or evaluation."""
+        if stage == "fit" and self._trainer is not None:
+            validate_fit(self, self.trainer)
 
     def on_fit_start(self) -> None:
         if self.hparams.reward_failure == "drop_group" and self.trainer.world_size > 1:
@@ -372,12 +388,18 @@ class GRPOModule(LightningModule):
         """
         rank = self.global_rank if self._trainer is not None else 0
         keep = stage == "test" and sum(len(p.prompts) for p in self._test_parts) < self.hparams.test_grid_size
+        drop = self.hparams.reward_failure == "drop_group"
         result = evaluate(
             self.policy, self.sampler, batch["prompts"], self.rewards, seed=sample_seed(self.hparams.seed, batch_idx, rank),
             batch_size=self.hparams.decode_batch_size, keep_pixels=keep, images=batch.get("images"), show_progress=False,
+            allow_nonfinite=drop,
         )
         for name, s in result.scores.items():
-            self.log(f"{stage}/reward/{name}", s.mean(), batch_size=len(s), sync_dist=True)
+            finite = torch.isfinite(s)
+            # drop_group: non-finite scores are left out of the mean (NaN when none is finite) and counted
+            self.log(f"{stage}/reward/{name}", s[finite].mean() if finite.any() else torch.tensor(float("nan")), batch_size=len(s), sync_dist=True)
+            if drop:
+                self.log(f"{stage}/reward/{name}_nonfinite", (~finite).sum().float(), batch_size=len(s), reduce_fx="sum", sync_dist=True)
         return result
 
     # ------------------------------------------------------------------ checkpoints
@@ -393,8 +415,19 @@ class GRPOModule(LightningModule):
         state = checkpoint["state_dict"]
         for key in self._rebuilt_keys() & set(state):
             del state[key]
+        checkpoint[SIGNATURE_KEY] = model_signature(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model (naming what differs) or one with nothing left to
+        train; write changed optimizer settings into its optimizer state (see `checkpointing`)."""
+        path = self.trainer.ckpt_path if self._trainer is not None else None
+        check_signature(checkpoint, self, path)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            check_max_steps(checkpoint, self.trainer.max_steps, path)
+            changes = apply_resume_overrides(checkpoint, self.hparams)
+            if changes:
+                listed = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
+                rank_zero_info(f"Resuming with changed settings (applied from the next step): {listed}")
         # keep strict loading: the rebuilt entries are filled in from the freshly built module
         state, current = checkpoint["state_dict"], self.state_dict()
         for key in self._rebuilt_keys():

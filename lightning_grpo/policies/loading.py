@@ -47,12 +47,32 @@ def looks_local(name_or_path: str | os.PathLike) -> bool:
     """True when `name_or_path` is (or is written as) a filesystem path rather than a hub id.
 
     A hub id is "name" or "owner/name"; anything existing on disk, absolute, starting with
-    "." or "~", or with more than one "/" is a path.
+    "." or "~", with more than one "/", or whose first part is an existing folder ("models/flux"
+    when ./models exists) is a path.
     """
     text = str(name_or_path)
     if Path(text).expanduser().exists():
         return True
-    return text.startswith((os.sep, ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+    if text.startswith((os.sep, ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text):
+        return True
+    first = text.split("/", 1)[0]
+    return "/" in text and bool(first) and Path(first).is_dir()
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub cache holds `repo_id` (its model_index.json or config.json)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("model_index.json", "config.json"))
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def _has_weights(folder: Path) -> bool:
@@ -90,13 +110,21 @@ def check_component(root: Path, subfolder: str, kind: str) -> None:
 def check_pretrained_folder(name_or_path: str | os.PathLike, components: dict[str, str]) -> None:
     """Check a local diffusers folder holds `components` ({subfolder: kind}); hub ids pass.
 
-    Raises FileNotFoundError naming the folder itself, or the first missing subfolder/file.
+    Raises FileNotFoundError naming the folder itself, or the first missing subfolder/file; for
+    a hub id with HF_HUB_OFFLINE=1 and no cached copy, one naming it as a hub id (and saying that
+    no local folder of that name exists), instead of the empty tokenizer transformers builds.
     """
     if not looks_local(name_or_path):
+        if _hub_offline() and not _in_hub_cache(str(name_or_path)):
+            raise FileNotFoundError(
+                f"{str(name_or_path)!r} is not a local folder (nothing at {str(Path.cwd() / str(name_or_path))!r}) and, read as "
+                "a hub id, is not in the hub cache while HF_HUB_OFFLINE=1: give the path of a local diffusers folder, "
+                "or download the hub model first"
+            )
         return
     root = Path(name_or_path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"pretrained model folder {str(root)!r} does not exist")
+        raise FileNotFoundError(f"pretrained model folder {str(root)!r} does not exist (a local path: the hub is not asked)")
     for subfolder, kind in components.items():
         check_component(root, subfolder, kind)
 
@@ -105,15 +133,25 @@ def load_component(loader: Callable[..., Any], name_or_path: str | os.PathLike, 
     """`loader(name_or_path, subfolder=subfolder, **kwargs)` with hub failures as FileNotFoundError.
 
     `loader` is a `from_pretrained` (or `load_config`) bound method. Local folders are checked
-    beforehand by `check_pretrained_folder`; this only rewraps what the hub path can raise
-    (offline, unknown repo) into one clear error naming the component.
+    beforehand by `check_pretrained_folder`; this rewraps what the hub path can raise (offline,
+    unknown repo) into one clear error naming the component and the hub id, and what a local
+    folder raises (a truncated or corrupt weights file) into an OSError naming the files.
     """
     try:
         return loader(str(name_or_path), subfolder=subfolder, **kwargs)
-    except (OSError, ValueError) as err:
-        if isinstance(err, FileNotFoundError) or not looks_local(name_or_path):
+    except Exception as err:
+        if not looks_local(name_or_path):
+            if isinstance(err, (OSError, ValueError)):
+                raise FileNotFoundError(f"cannot load '{subfolder}' from hub id {str(name_or_path)!r}: {err}") from err
+            raise
+        if isinstance(err, FileNotFoundError):
             raise FileNotFoundError(f"cannot load '{subfolder}' from {str(name_or_path)!r}: {err}") from err
-        raise
+        folder = Path(name_or_path).expanduser() / subfolder
+        files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)) if folder.is_dir() else []
+        raise OSError(
+            f"cannot load component '{subfolder}' from {str(folder)!r} (weights: {files}): {type(err).__name__}: {err}; "
+            "a truncated or corrupt file (an interrupted copy?) is the usual cause"
+        ) from err
 
 
 MIN_TOKENIZER_VOCAB = 8
@@ -130,8 +168,9 @@ def load_tokenizer(tokenizer_cls: Any, name_or_path: str | os.PathLike, subfolde
     tokenizer = load_component(tokenizer_cls.from_pretrained, name_or_path, subfolder)
     regular = len(tokenizer.get_vocab()) - len(set(tokenizer.all_special_tokens))
     if regular < MIN_TOKENIZER_VOCAB:
+        kind = "local folder" if looks_local(name_or_path) else "hub id"
         raise FileNotFoundError(
-            f"tokenizer '{subfolder}' of {str(name_or_path)!r} loaded with {regular} regular tokens: "
+            f"tokenizer '{subfolder}' of {kind} {str(name_or_path)!r} loaded with {regular} regular tokens: "
             "its vocabulary files were not found (offline without a cached copy?)"
         )
     return tokenizer

@@ -27,8 +27,28 @@ def test_looks_local(tmp_path):
     assert not looks_local("black-forest-labs/FLUX.1-dev")
 
 
-def test_hub_ids_are_not_checked_on_disk():
-    check_pretrained_folder("some-org/some-model", {"unet": "model"})  # no error: from_pretrained decides
+def test_hub_ids_are_not_checked_on_disk(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    check_pretrained_folder("some-org/some-model", {"unet": "model"})  # online: from_pretrained decides
+
+
+def test_uncached_hub_id_offline_is_named_as_a_hub_id(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"'some-org/some-model' is not a local folder .*hub id.*HF_HUB_OFFLINE=1"):
+        check_pretrained_folder("some-org/some-model", {"unet": "model"})
+
+
+def test_relative_path_under_an_existing_folder_is_local_and_never_asks_the_hub(tmp_path, monkeypatch):
+    """'models/flux' with ./models present is a path: the error is the missing folder, not the hub."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert looks_local("models/flux")
+    with pytest.raises(FileNotFoundError, match=r"pretrained model folder 'models/flux' does not exist"):
+        check_pretrained_folder("models/flux", {"unet": "model"})
 
 
 def test_check_names_first_missing_piece(tiny_sd_path, tmp_path):
