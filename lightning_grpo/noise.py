@@ -99,6 +99,8 @@ def keyed_timestep_indices(keys: Tensor, candidates: Tensor, fraction: float, se
         sample_timestep_indices(1, candidates, fraction, torch.Generator().manual_seed(sample_seed(seed, g, j)))
         for g, j in keys.tolist()
     ]
+    if not rows:  # no sample on this rank: the right width, no row
+        return sample_timestep_indices(1, candidates, fraction)[:0]
     return torch.cat(rows)  # [B, K]
 
 
