@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch import distributed as dist
 
@@ -215,8 +216,50 @@ def count_allreduce_hook(state: CommHookCounter, bucket):  # (state, dist.GradBu
 
 
 __all__ = [
-    "CommHookCounter", "GatheredScores", "UpdateSchedule", "all_gather_objects", "all_gather_tensor",
+    "CommHookCounter", "DenoiserFSDPStrategy", "GatheredScores", "UpdateSchedule", "all_gather_objects", "all_gather_tensor",
     "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "local_selection", "members_of_rank",
     "skip_gradient_sync", "update_schedule",
 ]
 
+
+
+# ---------------------------------------------------------------------------- FSDP
+def frozen_modules(module: nn.Module) -> list[nn.Module]:
+    """The GRPOModule's parts without a trainable parameter: the policy's frozen components
+    (text encoders, VAE), the rewards and the KL reference."""
+    parts = [child for child in module.policy.children() if not any(p.requires_grad for p in child.parameters())]
+    parts += [m for m in (getattr(module, "rewards", None), getattr(module, "reference_policy", None)) if m is not None]
+    return [m for m in parts if any(True for _ in m.parameters())]
+
+
+def sharded_root(strategy_model: Any) -> Any:
+    """The FSDP root module when the strategy shards (its `clip_grad_norm_` gives the global
+    norm over all shards), else None."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return strategy_model if isinstance(strategy_model, FullyShardedDataParallel) else None
+
+
+class DenoiserFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP, wrapping the adapter's denoiser blocks as FSDP units.
+
+    The wrapping policy is read from the module when it is set up (`denoiser_blocks`: e.g.
+    FluxTransformerBlock, or the UNet's BasicTransformerBlock), unless `auto_wrap_policy` is
+    given. `replicate_frozen` (default) leaves the frozen components, rewards and KL reference
+    out of FSDP (`ignored_states`): each rank keeps a full copy and no all-gather runs for them;
+    False shards them with the root unit (less memory, more communication). Every other
+    argument is Lightning's `FSDPStrategy`'s (sharding_strategy, cpu_offload, mixed_precision...).
+    """
+
+    def __init__(self, *args: Any, replicate_frozen: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.replicate_frozen = replicate_frozen
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        if "auto_wrap_policy" not in self.kwargs:
+            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(denoiser_blocks(model.policy)[1])
+        if self.replicate_frozen and "ignored_states" not in self.kwargs:
+            self.kwargs["ignored_states"] = frozen_modules(model)
+        return super()._setup_model(model)

@@ -19,6 +19,7 @@ from lightning_grpo.distributed import (
     gather_by_key,
     local_selection,
     members_of_rank,
+    sharded_root,
     skip_gradient_sync,
     update_schedule,
 )
@@ -429,10 +430,15 @@ class GRPOModule(LightningModule):
         )
 
     def _optimizer_step(self, optimizer, scheduler) -> Tensor:
-        params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])) if params else torch.zeros(())
-        if self.hparams.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        max_norm = self.hparams.max_grad_norm
+        root = sharded_root(self._strategy_model())
+        if root is not None:  # FSDP: the global norm over all shards (Lightning's clipping refuses FSDP)
+            grad_norm = root.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
+        else:
+            params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])) if params else torch.zeros(())
+        if max_norm is not None and root is None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()

@@ -26,7 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 import lightning_grpo.module as module_code  # noqa: E402
 from lightning_grpo.datamodules.prompts import PromptDataModule  # noqa: E402
-from lightning_grpo.distributed import CommHookCounter, count_allreduce_hook  # noqa: E402
+from lightning_grpo.distributed import CommHookCounter, DenoiserFSDPStrategy, count_allreduce_hook  # noqa: E402
 from lightning_grpo.module import GRPOModule  # noqa: E402
 from lightning_grpo.policies import FluxPolicy  # noqa: E402
 from lightning_grpo.samplers import FlowSDESampler  # noqa: E402
@@ -47,7 +47,7 @@ class Recorder(Callback):
             trainer.strategy.model.register_comm_hook(self.counter, count_allreduce_hook)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        weights = torch.cat([p.detach().flatten() for p in pl_module.policy.trainable_parameters()])
+        weights = torch.cat([p.detach().flatten() for p in pl_module.policy.trainable_parameters()])  # (FSDP: this rank's shard)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         record = pl_module.last_step
         self.steps.append({
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--sync-every-backward", action="store_true")
     parser.add_argument("--groups-across-ranks", action="store_true")
     parser.add_argument("--best-of-n", type=int, nargs=2)
+    parser.add_argument("--fsdp", action="store_true", help="DenoiserFSDPStrategy instead of DDP")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.sync_every_backward:  # the behaviour before issue 14: no no_sync at all
@@ -106,6 +107,8 @@ def main() -> None:
         data = PromptDataModule(args.prompts, batch_size=PROMPTS_PER_RANK, shuffle=False, num_workers=0)
     counter = CommHookCounter()
     strategy = DDPStrategy(process_group_backend="gloo") if args.devices > 1 else "auto"
+    if args.fsdp:
+        strategy = DenoiserFSDPStrategy(process_group_backend="gloo")
     recorder = Recorder(counter)
     recorder.out, recorder.tag = args.out, args.tag
     trainer = Trainer(
