@@ -35,6 +35,19 @@ from tests.training.fixtures import ListPrompts, Redness  # noqa: E402
 GROUP_SIZE, PROMPTS_PER_RANK = 4, 2
 
 
+class RednessFailingOn(Redness):
+    """Redness, but NaN for the samples of one prompt (a reward failing on some groups)."""
+
+    def __init__(self, failing_prompt: str) -> None:
+        super().__init__()
+        self.failing_prompt = failing_prompt
+
+    def score(self, pixels, prompts, images=None):
+        scores = super().score(pixels, prompts, images)
+        failing = torch.tensor([p == self.failing_prompt for p in prompts], device=scores.device)
+        return torch.where(failing, torch.full_like(scores, float("nan")), scores)
+
+
 class Recorder(Callback):
     """Per training step: weights after the step, the prompts, metrics, all-reduces so far."""
 
@@ -54,7 +67,8 @@ class Recorder(Callback):
             "prompts": list(batch["prompts"]), "weights": weights.clone(), "metrics": metrics,
             "allreduces": self.counter.calls, "buckets": list(self.counter.buckets), "seconds": time.perf_counter() - self.start,
             "optimizer_steps": trainer.global_step,
-            "advantages": record.advantages.cpu(), "reward_advantages": {k: v.cpu() for k, v in record.reward_advantages.items()},
+            "advantages": None if record is None else record.advantages.cpu(),
+            "reward_advantages": None if record is None else {k: v.cpu() for k, v in record.reward_advantages.items()},
         })
 
     def on_train_end(self, trainer, pl_module):
@@ -62,14 +76,17 @@ class Recorder(Callback):
         torch.save({"steps": self.steps, "world_size": trainer.world_size}, out)
 
 
-def make_module(flux: str, **options) -> GRPOModule:
+def make_module(flux: str, failing_prompt: str | None = None, **options) -> GRPOModule:
     policy = FluxPolicy(flux, height=16, width=16, max_sequence_length=16)
     settings = dict(
         group_size=GROUP_SIZE, timestep_fraction=0.67, micro_batch_size=2, samples_per_update=None, clip_range=0.2,
         learning_rate=1e-3, show_progress=False, seed=3,
     )
     settings.update(options)
-    return GRPOModule(policy=policy, sampler=FlowSDESampler(num_steps=3, eta=0.7), rewards=[Redness()], **settings)
+    reward = Redness() if failing_prompt is None else RednessFailingOn(failing_prompt)
+    if failing_prompt is not None:
+        settings["reward_failure"] = "drop_group"
+    return GRPOModule(policy=policy, sampler=FlowSDESampler(num_steps=3, eta=0.7), rewards=[reward], **settings)
 
 
 def union_batches(paths: list[str]) -> list[str]:
@@ -91,6 +108,7 @@ def main() -> None:
     parser.add_argument("--groups-across-ranks", action="store_true")
     parser.add_argument("--best-of-n", type=int, nargs=2)
     parser.add_argument("--fsdp", action="store_true", help="DenoiserFSDPStrategy instead of DDP")
+    parser.add_argument("--failing-prompt", help="the reward is NaN on this prompt; reward_failure='drop_group'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.sync_every_backward:  # the behaviour before issue 14: no no_sync at all
@@ -98,7 +116,7 @@ def main() -> None:
     options = {"groups_across_ranks": args.groups_across_ranks}
     if args.best_of_n:
         options["best_of_n"] = tuple(args.best_of_n)
-    module = make_module(args.flux, **options)
+    module = make_module(args.flux, failing_prompt=args.failing_prompt, **options)
     if args.union:
         prompts = union_batches(args.union)
         per_step = len(prompts) // args.steps

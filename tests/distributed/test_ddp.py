@@ -88,3 +88,18 @@ def test_groups_spanning_two_ranks_equal_one_process(workdir):
     torch.testing.assert_close(torch.sort(together).values, torch.sort(single[0]["advantages"]).values)
     assert together.numel() == 8
     assert all(s["metrics"]["train/ratio/first_update_max_dev"] <= 1e-6 for s in step)
+
+
+@pytest.mark.slow
+def test_ranks_dropping_different_groups_stay_in_step(workdir):
+    """reward_failure='drop_group' on 2 processes: rank 1 drops one of its 2 groups at step 0 (its
+    reward is NaN on "a red photo"), so the ranks train 8 and 4 samples; the agreed schedule keeps
+    the all-reduces paired and the weights equal those of one process on the union."""
+    ranks = run(workdir, "drop", "--devices", "2", "--steps", "1", "--prompts", str(workdir / "prompts.txt"),
+                "--failing-prompt", "a red photo")
+    assert "a red photo" in ranks[1][0]["prompts"]
+    (single,) = run(workdir, "drop_single", "--devices", "1", "--steps", "1", "--failing-prompt", "a red photo",
+                    "--union", *map(str, sorted(workdir.glob("drop_rank_*.pt"))))
+    assert ranks[1][0]["metrics"]["train/reward/dropped_groups"] == 1.0 and ranks[0][0]["metrics"]["train/reward/dropped_groups"] == 0.0
+    assert torch.equal(ranks[0][0]["weights"], ranks[1][0]["weights"])
+    torch.testing.assert_close(ranks[0][0]["weights"], single[0]["weights"], rtol=0, atol=1e-6)
