@@ -41,7 +41,8 @@ class HeldOutEvaluation(Callback):
     `<log_dir>/heldout_before_after.md`) the before/after table. When an `EMA` callback is present
     the "after" evaluation uses the EMA weights.
 
-    Runs on rank zero while other ranks wait (DDP; not for FSDP-sharded models).
+    Every rank runs the evaluation forward (an FSDP-sharded model needs all of them; the same
+    prompts and seeds give every rank the same samples); rank zero writes and logs.
 
     Args:
         prompts_file: held-out prompts, .txt (one per line) or .jsonl ("prompt"/"caption").
@@ -104,11 +105,11 @@ class HeldOutEvaluation(Callback):
         )
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, when: str, use_ema: bool) -> None:
+        context = ema_weights(trainer, pl_module) if use_ema else nullcontext()
+        with context:
+            result = self.evaluate(pl_module)  # every rank: FSDP shards the forward
+        self.results[when] = result
         if trainer.is_global_zero:
-            context = ema_weights(trainer, pl_module) if use_ema else nullcontext()
-            with context:
-                result = self.evaluate(pl_module)
-            self.results[when] = result
             result.write(self._log_dir(trainer) / f"heldout_{when}", grid=self.grid)
             if self.grid and result.pixels is not None:  # the same grid as grid.png, in TensorBoard
                 for writer in tensorboard_writers(trainer):

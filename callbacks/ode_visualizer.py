@@ -36,8 +36,8 @@ class ODEVisualizer(Callback):
     grid for every frame, and without moviepy `visualization/ode_video_frames` shows the current
     samples' frames side by side as an image instead.
 
-    Runs on rank zero only (every other rank skips it), so it suits DDP; a model sharded with FSDP
-    cannot be sampled by one rank alone.
+    Every rank samples (a model sharded with FSDP needs all ranks in its forward; under DDP the
+    ranks draw the same images), from rank zero's prompts; rank zero writes.
 
     Args:
         prompts: prompts to draw; default: the first `num_prompts` prompts of the validation
@@ -85,29 +85,32 @@ class ODEVisualizer(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        if self.prompts is None:
-            self.prompts, self.images = self._prompts_from_data(trainer)
+        if self.prompts is None:  # every rank reads its shard; all take rank zero's prompts
+            self.prompts, self.images = trainer.strategy.broadcast(self._prompts_from_data(trainer))
         if not self.prompts:
             rank_zero_warn("ODEVisualizer: no prompts given and no validation prompts found; visualisation is off")
             self._enabled = False
             return
         self.initial = self.sample(trainer, pl_module)
-        if self.at_fit_start:
+        if self.at_fit_start and trainer.is_global_zero:
             self.write(trainer, self.initial)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self._active(trainer) and step // self.every_n_steps > max(self.last_step, 0) // self.every_n_steps:
-            self.write(trainer, self.sample(trainer, pl_module))
+        if self._active() and step // self.every_n_steps > max(self.last_step, 0) // self.every_n_steps:
+            self._sample_and_write(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._active(trainer) and self.at_fit_end and self.last_step != trainer.global_step:
-            self.write(trainer, self.sample(trainer, pl_module))
+        if self._active() and self.at_fit_end and self.last_step != trainer.global_step:
+            self._sample_and_write(trainer, pl_module)
 
-    def _active(self, trainer: Trainer) -> bool:
-        return trainer.is_global_zero and self._enabled and self.initial is not None
+    def _active(self) -> bool:
+        return self._enabled and self.initial is not None
+
+    def _sample_and_write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        current = self.sample(trainer, pl_module)  # on every rank
+        if trainer.is_global_zero:
+            self.write(trainer, current)
 
     # ------------------------------------------------------------------ sampling
     def _prompts_from_data(self, trainer: Trainer) -> tuple[list[str], Tensor | None]:

@@ -13,7 +13,6 @@ reward draws from it: evaluating in the middle of training never changes trainin
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_grpo.grids import captioned_grid, save_png
+from lightning_grpo.noise import sample_seed
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import ode_from
@@ -228,13 +228,6 @@ def _cell(summary: Summary | None, binary: bool) -> str:
 
 
 # ---------------------------------------------------------------------------- sampling
-def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """A 63-bit seed for sample j of prompt i: a stable hash of (seed, i, j), so no two samples
-    share noise (unlike seed + i·S + j, which collides across seeds)."""
-    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**63)
-
-
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put `module` in eval mode and restore each submodule's own train flag afterwards."""

@@ -16,6 +16,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_grpo.checkpointing import SIGNATURE_KEY, apply_resume_overrides, check_max_steps, check_signature, model_signature
+from lightning_grpo.distributed import (
+    all_gather_objects,
+    gather_by_key,
+    local_selection,
+    members_of_rank,
+    sharded_root,
+    skip_gradient_sync,
+    update_schedule,
+)
 from lightning_grpo.evaluation import EvaluationResult, evaluate, sample_seed
 from lightning_grpo.grpo.advantages import (
     BestOfNAdvantages,
@@ -28,7 +37,7 @@ from lightning_grpo.grpo.advantages import (
 )
 from lightning_grpo.grpo.filtering import filter_nonfinite_groups
 from lightning_grpo.grpo.loss import clipped_surrogate_loss, gaussian_kl
-from lightning_grpo.grpo.selection import sample_timestep_indices
+from lightning_grpo.noise import keyed_timestep_indices
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
@@ -75,15 +84,24 @@ class GRPOModule(LightningModule):
         lr_warmup_steps: linear warm-up over this many optimizer steps, then constant.
         max_grad_norm: gradient-norm clip per optimizer step (1.0); None disables clipping.
         decode_batch_size: samples decoded and scored at once (memory knob).
+        rollout_batch_size: samples rolled out per denoiser batch (memory knob); None = the whole
+            rollout at once. Noise is keyed by sample, so the result does not depend on it.
+        groups_across_ranks: the G samples of a prompt are split over the ranks (G divisible by
+            the world size; e.g. G = 24 on 8 devices): the ranks' prompts are gathered, each rank
+            rolls out its G/W members of every group, rewards are all-gathered for the group
+            statistics, best-of-n picks per whole group and `drop_group` is agreed by all ranks.
+            Off (default): each group lives on one rank and nothing is gathered.
         reward_failure: what a non-finite (NaN/inf) reward does: "raise" a `RewardError` naming the
             reward (default), or "drop_group": every group holding such a sample is left out of
             this step's update (a warning names the reward and the counts; logged as
             `train/reward/dropped_groups`), and the step is skipped if no group is left. A reward
-            that raises an exception cannot be attributed to a group and always raises. Single
-            process only: ranks that drop different numbers of groups would run different
-            numbers of backward passes, which DDP cannot synchronise.
-        seed: base seed; rollout noise depends on (seed, global step, rank), so ranks differ and a
-            resumed run draws the same noise it would have drawn.
+            that raises an exception cannot be attributed to a group and always raises. Under
+            DDP the ranks agree on the number of optimizer steps (`distributed.update_schedule`),
+            so ranks that keep different numbers of samples still synchronise.
+        seed: base seed; rollout noise depends on (seed, global step) and each sample's (global
+            group, member) key (`lightning_grpo.noise`), so ranks differ, one process on the
+            union of the ranks' prompts draws the same noise, and a resumed run draws the same
+            noise it would have drawn.
         show_progress: show progress bars for the rollout and update phases (rank zero).
         test_grid_size: `lightning-grpo test` keeps the pixels of this many samples (per rank) for
             the image grid it writes with its results.
@@ -131,6 +149,8 @@ class GRPOModule(LightningModule):
         lr_warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
         decode_batch_size: int = 8,
+        rollout_batch_size: int | None = None,
+        groups_across_ranks: bool = False,
         reward_failure: Literal["raise", "drop_group"] = "raise",
         seed: int = 0,
         show_progress: bool = True,
@@ -142,6 +162,8 @@ class GRPOModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail"])
         _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
+        if rollout_batch_size is not None and rollout_batch_size < 1:
+            raise ValueError(f"rollout_batch_size must be >= 1 or None, got {rollout_batch_size}")
         if reward_failure not in ("raise", "drop_group"):
             raise ValueError(f"reward_failure must be 'raise' or 'drop_group', got {reward_failure!r}")
         if multi_reward not in ("sum", "per_reward"):
@@ -206,42 +228,61 @@ class GRPOModule(LightningModule):
            norm and step the optimizer every `samples_per_update` samples (CFG on: once).
         """
         self.last_step = None  # release the previous step's tensors
+        hp = self.hparams
         timer = _PhaseTimer(self.device)
-        generator = self._generator(offset=0)
-        # 1-2. rollout
+        prompts, images, first_group, members = self._rank_prompts(batch)
+        # 1-2. rollout (in chunks of rollout_batch_size; noise keyed by global group and member)
         with timer("rollout"), self.rollout_weights():
             trajectories = rollout(
-                self.policy, self.sampler, batch["prompts"], self.hparams.group_size, generator,
-                shared_noise=self.hparams.shared_noise, images=batch.get("images"), progress=self._progress("rollout"),
+                self.policy, self.sampler, prompts, hp.group_size, self._generator(offset=0, per_rank=False),
+                shared_noise=hp.shared_noise, images=images, progress=self._progress("rollout"),
+                chunk_size=hp.rollout_batch_size, first_group=first_group, members=members,
                 sde_steps=self._sde_steps(), ode_tail=self.ode_tail,
             )
-        # 3. decode + reward
-        with timer("decode"):
-            pixels = self._decode(trajectories.latents[:, -1])  # [B, C, H, W] or [B, F, C, H, W]
-        with timer("reward"):
-            drop = self.hparams.reward_failure == "drop_group"
-            scores = self.rewards(pixels, trajectories.prompts, trajectories.images, allow_nonfinite=drop)  # {name: [B]}
-        if drop:
-            trajectories, pixels, scores = self._drop_nonfinite_groups(trajectories, pixels, scores)
-            self._skips.step(trajectories is None, why="reward_failure='drop_group'; each failing reward is named in the warnings above")
-            if trajectories is None:  # every group dropped: no update this step
-                return
-        # 4. advantages (+ best-of-n)
-        rolled_out, all_scores = trajectories, scores
-        trajectories, scores, advantages = self._advantages(trajectories, scores)
+        # 3. decode + reward, in chunks of decode_batch_size
+        pixels, scores = self._decode_and_score(trajectories, timer)  # [B, C, H, W] or [B, F, C, H, W]; {name: [B]}
+        rolled_out, record_size, reward_advantages = trajectories, hp.group_size, None
+        if self._spans_ranks():  # 4. on the gathered groups
+            local_scores = scores
+            trajectories, scores, advantages, kept, reward_advantages = self._advantages_across_ranks(trajectories, local_scores)
+            rolled_out, pixels, record_size = rolled_out.select(kept), pixels[kept], len(members)
+            all_scores = {name: s[kept] for name, s in local_scores.items()}
+            if hp.reward_failure == "drop_group":  # the gathered groups: every rank agrees
+                self._skips.step(not scores, why="reward_failure='drop_group'; each failing reward is named in the warnings above")
+        else:
+            if hp.reward_failure == "drop_group":
+                trajectories, pixels, scores = self._drop_nonfinite_groups(trajectories, pixels, scores)
+                if self._world_size() == 1:  # ranks drop different groups: a stop on one rank alone would hang the others
+                    self._skips.step(trajectories is None, why="reward_failure='drop_group'; each failing reward is named in the warnings above")
+                if trajectories is None and self._world_size() == 1:  # every group dropped: no update
+                    return
+            if trajectories is None:  # other ranks still update: take part with no sample of our own
+                trajectories, scores, advantages = rolled_out.select(torch.zeros(0, dtype=torch.long)), {}, torch.zeros(0)
+            else:
+                # 4. advantages (+ best-of-n)
+                rolled_out, all_scores = trajectories, scores
+                trajectories, scores, advantages = self._advantages(trajectories, scores)
         # 5. update
         with timer("update"):
-            dropped = rolled_out.batch_size < len(batch["prompts"]) * self.hparams.group_size
-            stats, grad_norms = self._update(trajectories, advantages, allow_partial=dropped)
+            dropped = rolled_out.batch_size < len(prompts) * len(members or range(hp.group_size))
+            stats, grad_norms = self._update(trajectories, advantages, allow_partial=dropped, padding=rolled_out)
+        if trajectories.batch_size == 0:
+            return
         self._log_step(scores, advantages, stats, grad_norms, timer, trajectories.batch_size)
-        self.last_step = self._step_record(rolled_out, pixels, all_scores, advantages)
+        self.last_step = self._step_record(rolled_out, pixels, all_scores, advantages, record_size, reward_advantages)
 
-    def _step_record(self, rolled_out: Rollout, pixels: Tensor, scores: dict[str, Tensor], advantages: Tensor) -> StepRecord:
-        """The light-weight summary of a step that callbacks read (see `StepRecord`)."""
+    def _step_record(
+        self, rolled_out: Rollout, pixels: Tensor, scores: dict[str, Tensor], advantages: Tensor,
+        group_size: int, per_reward: dict[str, Tensor] | None = None,
+    ) -> StepRecord:
+        """The light-weight summary of a step that callbacks read (see `StepRecord`); `group_size`
+        is this rank's samples per prompt, `per_reward` the normalised rewards when the groups
+        were normalised elsewhere (spanning ranks)."""
         hp = self.hparams
-        _, per_reward = multi_reward_advantages(scores, self.rewards.weights, hp.group_size, std_mode=hp.advantage_std)
+        if per_reward is None:
+            _, per_reward = multi_reward_advantages(scores, self.rewards.weights, group_size, std_mode=hp.advantage_std)
         return StepRecord(
-            prompts=rolled_out.prompts, group_size=hp.group_size,
+            prompts=rolled_out.prompts, group_size=group_size,
             latents=rolled_out.latents[:, -1].detach().clone(),  # clone: do not keep all T+1 steps alive
             pixels=pixels.detach(), scores={k: v.detach() for k, v in scores.items()},
             reward_advantages=per_reward, advantages=effective_advantages(advantages.detach(), self._loss_weights(advantages)),
@@ -254,43 +295,128 @@ class GRPOModule(LightningModule):
             validate_fit(self, self.trainer)
 
     def on_fit_start(self) -> None:
-        if self.hparams.reward_failure == "drop_group" and self.trainer.world_size > 1:
-            raise ValueError(
-                "reward_failure='drop_group' needs a single process: ranks dropping different numbers of groups "
-                "would run different numbers of backward passes, which DDP cannot synchronise"
-            )
+        if self._spans_ranks():
+            members_of_rank(self.hparams.group_size, self.global_rank, self.trainer.world_size)  # validates G % W
+
+    # ------------------------------------------------------------------ ranks
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _strategy_model(self) -> Any:
+        """The strategy's wrapped model (DDP / FSDP), or None outside a Trainer."""
+        return self.trainer.strategy.model if self._trainer is not None else None
+
+    def _spans_ranks(self) -> bool:
+        return bool(self.hparams.groups_across_ranks) and self._world_size() > 1
+
+    def _counts_may_differ(self) -> bool:
+        """Ranks may train on different numbers of samples: groups dropped per rank, or
+        best-of-n over groups whose members live on several ranks."""
+        hp = self.hparams
+        spanning_selection = self._spans_ranks() and hp.best_of_n is not None
+        return self._world_size() > 1 and (hp.reward_failure == "drop_group" or spanning_selection)
+
+    def _rank_prompts(self, batch: dict[str, Any]) -> tuple[list[str], Tensor | None, int, range | None]:
+        """(prompts, first frames, global index of the first group, members) this rank rolls out.
+
+        Groups on one rank: its own P prompts, groups rank·P.. (DDP's sampler gives every rank
+        the same P), all G members. Groups spanning ranks: every rank's prompts (gathered, rank
+        order), groups 0.., and this rank's G/W members of each.
+        """
+        prompts, images = list(batch["prompts"]), batch.get("images")
+        rank = self.global_rank if self._trainer is not None else 0
+        if not self._spans_ranks():
+            return prompts, images, rank * len(prompts), None
+        parts = all_gather_objects((prompts, None if images is None else images.cpu()))
+        prompts = [p for part, _ in parts for p in part]
+        images = None if images is None else torch.cat([frames for _, frames in parts]).to(self.device)
+        return prompts, images, 0, members_of_rank(self.hparams.group_size, rank, self._world_size())
+
+    def _decode_and_score(self, trajectories: Rollout, timer: _PhaseTimer) -> tuple[Tensor, dict[str, Tensor]]:
+        """Step 3, `decode_batch_size` samples at a time: pixels [B, ...] and {name: [B]} scores
+        (non-finite kept with `reward_failure="drop_group"`)."""
+        drop = self.hparams.reward_failure == "drop_group"
+        final, pixels, scores = trajectories.latents[:, -1], [], {}
+        images = trajectories.images
+        for chunk in torch.arange(trajectories.batch_size, device=final.device).split(self.hparams.decode_batch_size):
+            with timer("decode"):
+                chunk_pixels = self._decode(final[chunk])
+            with timer("reward"):
+                prompts = [trajectories.prompts[i] for i in chunk.tolist()]
+                chunk_scores = self.rewards(chunk_pixels, prompts, None if images is None else images[chunk], allow_nonfinite=drop)
+            pixels.append(chunk_pixels)
+            for name, values in chunk_scores.items():
+                scores.setdefault(name, []).append(values)
+        return torch.cat(pixels), {name: torch.cat(values) for name, values in scores.items()}
+
+    def _advantages_across_ranks(self, trajectories: Rollout, scores: dict[str, Tensor]):
+        """Step 3b-4 for groups spanning ranks, on the gathered rewards of whole groups.
+
+        Returns (this rank's trained samples, the trained scores of all ranks (for logging),
+        their advantages [B'], this rank's samples of the kept groups [B''], those samples'
+        per-reward normalised rewards), identical to what one process holding every group computes.
+        """
+        hp = self.hparams
+        gathered = gather_by_key(scores, trajectories.sample_keys, hp.group_size)
+        full, num_full = gathered.scores, gathered.num_groups * hp.group_size
+        kept_full = torch.arange(num_full, device=gathered.position.device)
+        if hp.reward_failure == "drop_group":  # every rank sees every reward: the same groups go
+            kept_full = self._nonfinite_filter(full, num_full).keep.to(kept_full.device)
+            full = {name: s[kept_full] for name, s in full.items()}
+        kept, kept_rows = local_selection(gathered.position, kept_full, num_full)
+        if kept_full.numel() == 0:
+            return trajectories.select(kept), {}, torch.zeros(0), kept, {}
+        _, per_reward = multi_reward_advantages(full, self.rewards.weights, hp.group_size, std_mode=hp.advantage_std)
+        chosen, trained_scores, advantages = self._select(full)
+        chosen_full = kept_full if chosen is None else kept_full[chosen]
+        local, rows = local_selection(gathered.position, chosen_full, num_full)
+        return (
+            trajectories.select(local), trained_scores, advantages[rows], kept,
+            {name: v[kept_rows] for name, v in per_reward.items()},
+        )
 
     def _drop_nonfinite_groups(self, trajectories: Rollout, pixels: Tensor, scores: dict[str, Tensor]) -> tuple[Rollout | None, Tensor, dict[str, Tensor]]:
         """Step 3b (`reward_failure="drop_group"`): keep the groups whose rewards are all finite,
         warn naming each failing reward; (None, ...) when no group is left."""
-        kept = filter_nonfinite_groups(scores, self.hparams.group_size)
-        self.log("train/reward/dropped_groups", float(kept.dropped_groups), on_step=True, batch_size=trajectories.batch_size)
+        kept = self._nonfinite_filter(scores, trajectories.batch_size)
         if not kept.dropped_groups:
             return trajectories, pixels, scores
-        counts = ", ".join(f"{name!r} on {n} sample(s)" for name, n in kept.nonfinite_samples.items())
-        outcome = "skipping this update" if kept.keep.numel() == 0 else "training on the others"
-        step = self.trainer.global_step if self._trainer is not None else 0
-        warnings.warn(
-            f"non-finite reward from {counts}: dropping {kept.dropped_groups} of {kept.num_groups} groups "
-            f"at step {step}, {outcome}", RuntimeWarning, stacklevel=2,
-        )
         if kept.keep.numel() == 0:
             return None, pixels, scores
         keep = kept.keep.to(pixels.device)
         return trajectories.select(keep), pixels[keep], {name: s[keep.to(s.device)] for name, s in scores.items()}
 
+    def _nonfinite_filter(self, scores: dict[str, Tensor], num_samples: int):
+        """The groups to keep (`filter_nonfinite_groups`), logged, with a warning naming each
+        failing reward when any group is dropped."""
+        kept = filter_nonfinite_groups(scores, self.hparams.group_size)
+        self.log("train/reward/dropped_groups", float(kept.dropped_groups), on_step=True, batch_size=max(num_samples, 1))
+        if kept.dropped_groups:
+            counts = ", ".join(f"{name!r} on {n} sample(s)" for name, n in kept.nonfinite_samples.items())
+            outcome = "skipping this update" if kept.keep.numel() == 0 else "training on the others"
+            step = self.trainer.global_step if self._trainer is not None else 0
+            warnings.warn(
+                f"non-finite reward from {counts}: dropping {kept.dropped_groups} of {kept.num_groups} groups "
+                f"at step {step}, {outcome}", RuntimeWarning, stacklevel=3,
+            )
+        return kept
+
     def _advantages(self, trajectories: Rollout, scores: dict[str, Tensor]) -> tuple[Rollout, dict[str, Tensor], Tensor]:
         """Step 4 (`lightning_grpo.grpo.advantages.grpo_advantages`): advantages [B'] ("sum") or
         [B', K] ("per_reward") of the trained samples, and those samples (best-of-n)."""
+        chosen, scores, advantages = self._select(scores)
+        return (trajectories if chosen is None else trajectories.select(chosen)), scores, advantages
+
+    def _select(self, scores: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, Tensor], Tensor]:
+        """Step 4 on whole groups: (best-of-n indices or None, their scores, their advantages)."""
         hp = self.hparams
         result = grpo_advantages(
             scores, self.rewards.weights, hp.group_size, form=hp.multi_reward, best_of_n=hp.best_of_n,
             best_of_n_advantages=hp.best_of_n_advantages, std_mode=hp.advantage_std, clip_max=hp.adv_clip_max,
         )
-        if result.chosen is not None:
-            trajectories = trajectories.select(result.chosen)
-            scores = {name: s[result.chosen.to(s.device)] for name, s in scores.items()}
-        return trajectories, scores, result.advantages
+        if result.chosen is None:
+            return None, scores, result.advantages
+        return result.chosen, {name: s[result.chosen.to(s.device)] for name, s in scores.items()}, result.advantages
 
     def _loss_weights(self, advantages: Tensor) -> Tensor | None:
         """Tensor[K] reward weights for per-reward advantages [B, K] (reward order), else None."""
@@ -298,34 +424,54 @@ class GRPOModule(LightningModule):
             return None
         return torch.tensor([r.weight for r in self.rewards.rewards], dtype=torch.float32, device=advantages.device)
 
-    def _update(self, trajectories: Rollout, advantages: Tensor, allow_partial: bool = False) -> tuple[list[GRPOStats], list[Tensor]]:
+    def _update(
+        self, trajectories: Rollout, advantages: Tensor, allow_partial: bool = False, padding: Rollout | None = None,
+    ) -> tuple[list[GRPOStats], list[Tensor]]:
         """Step 5: recompute log-probs on random timesteps and apply the clipped loss.
 
-        `allow_partial` (groups were dropped): the last optimizer step may hold fewer
-        than `samples_per_update` samples; its gradient is still the mean over its own samples."""
+        Each optimizer step accumulates micro-batches × timesteps; every backward but the last
+        of a step runs under DDP's `no_sync`, so gradients are all-reduced once per optimizer
+        step. A sample's loss is weighted by world_size / (samples of its optimizer step over
+        all ranks) / K: DDP's average then makes the gradient the mean over every rank's samples
+        × timesteps, whatever each rank holds. `allow_partial` (groups were dropped): the last
+        optimizer step may hold fewer than `samples_per_update` samples. When ranks may hold
+        different numbers of samples they agree on the number of optimizer steps; a rank with
+        none in a step runs one zero-weight backward on a sample of `padding` to take part in
+        the all-reduce."""
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         num_samples = trajectories.batch_size
-        per_update = num_samples if self.policy.uses_cfg or hp.samples_per_update is None else hp.samples_per_update
-        if not allow_partial:
-            _check_divides(num_samples, per_update, hp.micro_batch_size)
-        cpu_gen = self._generator(offset=1, device="cpu")
+        per_update = None if self.policy.uses_cfg or hp.samples_per_update is None else hp.samples_per_update
+        agree = self._counts_may_differ()
+        if not (allow_partial or agree):
+            _check_divides(num_samples, per_update or num_samples, hp.micro_batch_size)
+        schedule = update_schedule(num_samples, per_update, agree)
         candidates = trainable_steps(self.sampler, trajectories.sde_steps, hp.drop_last_timestep)
-        steps = sample_timestep_indices(num_samples, candidates, hp.timestep_fraction, cpu_gen).to(self.device)  # [B, K]
-        order = torch.randperm(num_samples, generator=cpu_gen).to(self.device)  # [B]
+        steps = self._timestep_indices(trajectories, candidates).to(self.device)  # [B, K]
+        order = torch.randperm(num_samples, generator=self._generator(offset=1, device="cpu")).to(self.device)  # [B]
         num_trained = steps.shape[1]
         stats, grad_norms = [], []
-        for start in self._progress("update")(range(0, num_samples, hp.micro_batch_size)):
-            samples = order[start : start + hp.micro_batch_size]  # [m]
-            in_step = min(per_update, num_samples - start // per_update * per_update)  # samples of this optimizer step
-            scale = samples.numel() / in_step / num_trained  # mean over accumulated samples × timesteps
-            for k in range(num_trained):
-                loss, step_stats = self._micro_loss(trajectories, advantages, samples, steps[samples, k])
-                self.manual_backward(loss * scale)
+        for k_opt, positions in enumerate(self._progress("update")(schedule.local)):
+            samples_of_step = order[positions.start : positions.stop]
+            calls = [(m, k) for m in samples_of_step.split(hp.micro_batch_size) for k in range(num_trained)]
+            weight = schedule.weight(k_opt) / num_trained
+            if not calls:  # nothing of ours in this step: a zero-weight backward keeps the all-reduce in step
+                pad = torch.zeros(1, dtype=torch.long, device=self.device)
+                loss, _ = self._micro_loss(padding, torch.zeros(1, device=self.device), pad, candidates[:1].to(self.device))
+                self.manual_backward(loss * 0.0)
+            for n, (samples, k) in enumerate(calls):
+                with nullcontext() if n == len(calls) - 1 else skip_gradient_sync(self._strategy_model()):
+                    loss, step_stats = self._micro_loss(trajectories, advantages, samples, steps[samples, k])
+                    self.manual_backward(loss * samples.numel() * weight)
                 stats.append(step_stats)
-            if (start + samples.numel()) % per_update == 0 or start + samples.numel() == num_samples:
-                grad_norms.append(self._optimizer_step(optimizer, scheduler))
+            grad_norms.append(self._optimizer_step(optimizer, scheduler))
         return stats, grad_norms
+
+    def _timestep_indices(self, trajectories: Rollout, candidates: Tensor) -> Tensor:
+        """Each sample's random subset of trained steps [B, K], keyed by its (group, member), so
+        it is the same on any rank and in any batch (see `lightning_grpo.noise`)."""
+        seed = self._generator(offset=1, device="cpu", per_rank=False).initial_seed()
+        return keyed_timestep_indices(trajectories.sample_keys, candidates, self.hparams.timestep_fraction, seed)
 
     def _micro_loss(self, trajectories: Rollout, advantages: Tensor, samples: Tensor, index: Tensor) -> tuple[Tensor, GRPOStats]:
         """Clipped loss of samples `samples` [m] at their timestep indices `index` [m]."""
@@ -347,10 +493,15 @@ class GRPOModule(LightningModule):
         )
 
     def _optimizer_step(self, optimizer, scheduler) -> Tensor:
-        params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])) if params else torch.zeros(())
-        if self.hparams.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        max_norm = self.hparams.max_grad_norm
+        root = sharded_root(self._strategy_model())
+        if root is not None:  # FSDP: the global norm over all shards (Lightning's clipping refuses FSDP)
+            grad_norm = root.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
+        else:
+            params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])) if params else torch.zeros(())
+        if max_norm is not None and root is None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -452,9 +603,10 @@ class GRPOModule(LightningModule):
             self.log("train/sde_steps/first", float(mask.nonzero()[0, 0]) if mask.any() else -1.0, on_step=True, batch_size=1)
         return mask
 
-    def _generator(self, offset: int, device: torch.device | str | None = None) -> torch.Generator:
-        """Seeded by (seed, global step, rank, offset): distinct per rank, reproducible on resume."""
-        rank = self.global_rank if self._trainer is not None else 0
+    def _generator(self, offset: int, device: torch.device | str | None = None, per_rank: bool = True) -> torch.Generator:
+        """Seeded by (seed, global step, rank, offset): distinct per rank, reproducible on resume.
+        `per_rank=False` leaves the rank out, for what is keyed by sample instead (the rollout)."""
+        rank = self.global_rank if self._trainer is not None and per_rank else 0
         step = self.trainer.global_step if self._trainer is not None else 0
         seed = (self.hparams.seed * 1_000_003 + step * 1_009 + rank * 101 + offset) % (2**63)
         return torch.Generator(device=device or self.device).manual_seed(seed)

@@ -41,6 +41,7 @@ class Rollout:
     group_index: Tensor  # [B] long: which prompt (group) each sample belongs to
     images: Tensor | None = None  # [B, C, H, W] first frames for image-to-video, pixels in [0, 1]
     sde_steps: Tensor | None = None  # [T] bool, shared by all samples: SDE steps (None = all); the others were ODE steps
+    sample_keys: Tensor | None = None  # [B, 2] long (global group, member): what the noise is keyed by
 
     @property
     def batch_size(self) -> int:
@@ -57,6 +58,7 @@ class Rollout:
             prompts=[self.prompts[i] for i in index.tolist()],
             group_index=self.group_index[index],
             images=None if self.images is None else self.images[index],
+            sample_keys=None if self.sample_keys is None else self.sample_keys[index.cpu()],
         )
 
 

@@ -30,6 +30,7 @@ from lightning_grpo.policies.loading import (
     load_component,
     load_tokenizer,
     parse_dtype,
+    placement,
 )
 from lightning_grpo.types import Condition
 
@@ -250,7 +251,7 @@ class FluxPolicy(PolicyAdapter):
 
         h, w = self.latent_size
         shape = (batch_size, self.latent_channels, h, w)
-        noise = randn_tensor(shape, generator=generator, device=self.transformer.device, dtype=torch.float32)  # [B, C, h, w]
+        noise = randn_tensor(shape, generator=generator, device=placement(self.transformer)[0], dtype=torch.float32)  # [B, C, h, w]
         # FluxPipeline._pack_latents is a public-enough staticmethod; reuse rather than restate.
         return FluxPipeline._pack_latents(noise, batch_size, self.latent_channels, h, w)  # [B, seq, 4C]
 
@@ -263,7 +264,7 @@ class FluxPolicy(PolicyAdapter):
 
     def predict(self, latents: Tensor, timesteps: Tensor, condition: Condition) -> Tensor:
         """Velocity [B, seq, 4C] (fp32) for packed latents; `timesteps` = σ·1000, Tensor[B]."""
-        dtype, device = self.transformer.dtype, self.transformer.device
+        device, dtype = placement(self.transformer)
         x = latents.to(device=device, dtype=dtype)  # [B, seq, 4C]
         batch = x.shape[0]
         t = timesteps.to(device=device, dtype=dtype).reshape(-1).expand(batch) / 1000  # [B] σ, as the pipeline

@@ -23,6 +23,7 @@ from lightning_grpo.policies.loading import (
     load_component,
     load_tokenizer,
     parse_dtype,
+    placement,
 )
 from lightning_grpo.types import Condition
 
@@ -158,11 +159,11 @@ class StableDiffusionPolicy(PolicyAdapter):
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = (batch_size, *self.latent_shape)
-        return randn_tensor(shape, generator=generator, device=self.unet.device, dtype=torch.float32)  # [B, C, h, w]
+        return randn_tensor(shape, generator=generator, device=placement(self.unet)[0], dtype=torch.float32)  # [B, C, h, w]
 
     def predict(self, latents: Tensor, timesteps: Tensor, condition: Condition) -> Tensor:
         """ε-prediction [B, C, h, w] (fp32), guided when CFG is on. `timesteps`: DDPM steps [B]."""
-        dtype, device = self.unet.dtype, self.unet.device
+        device, dtype = placement(self.unet)
         x = latents.to(device=device, dtype=dtype)  # [B, C, h, w]
         t = timesteps.to(device).reshape(-1).expand(x.shape[0])  # [B]
         embeds = condition["prompt_embeds"].to(device=device, dtype=dtype)  # [B, S, D]

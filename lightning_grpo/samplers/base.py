@@ -79,12 +79,18 @@ class Sampler(ABC):
         index: int | Tensor,
         prev_sample: Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> StepOutput:
-        """Draw x_{i+1} ~ N(mean, std²) (or score the given `prev_sample`) and return its log-prob."""
+        """Draw x_{i+1} ~ N(mean, std²) (or score the given `prev_sample`) and return its log-prob.
+
+        `noise` [B, *L]: the standard-normal draw ε of x_{i+1} = mean + std·ε, when the caller
+        keys its noise to sample identities (the rollout does, so chunking and ranks do not change
+        it); otherwise ε is drawn from `generator`."""
         mean, std = self.mean_and_std(model_output, sample, index, self.eta)
         if prev_sample is None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-            prev_sample = mean + std * noise
+            if noise is None:
+                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+            prev_sample = mean + std * noise.to(device=mean.device, dtype=torch.float32)
         log_prob = gaussian_log_prob(prev_sample, mean, std, self.log_prob_reduction)
         # A step with std = 0 is a Dirac, with no density: report 0 (it is never trained on,
         # see `stochastic_steps`) instead of the NaN/inf the formula would give.
