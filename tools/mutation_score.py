@@ -1,0 +1,107 @@
+"""Mutation testing of the GRPO core with mutmut (docs/testing.md): runs it and prints the score.
+
+    pip install -e ".[mutation]"
+    OMP_NUM_THREADS=1 python tools/mutation_score.py            # run, then print the score
+    python tools/mutation_score.py --report-only                 # score of the last run only
+
+The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, the advantage and update
+path of `module.py` and `datamodules/streaming.py` (the mutmut settings are in pyproject.toml).
+Mutants listed in tools/equivalent_mutants.txt (one `name  reason` a line) are equivalent: no test
+can tell them from the original, so they leave the denominator. The last line printed is the
+score: killed / (all − equivalent), over the core.
+
+mutmut copies the sources into mutants/ file by file, which drops the repository's symlinks
+lightning_grpo/datamodules -> ../datamodules and lightning_grpo/callbacks -> ../callbacks: the
+first is copied as a source path of its own (so its module names are the ones the tests import),
+the second is linked here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.txt"
+
+# mutmut names a mutant <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>
+_MODULE_UPDATE_PATH = ("_advantages", "_combine", "_update", "_micro_loss", "_optimizer_step", "_trained_group_size")
+CORE = [
+    "lightning_grpo.grpo.*",
+    "lightning_grpo.samplers.*",
+    "lightning_grpo.rollout.*",
+    "lightning_grpo.datamodules.streaming.*",
+    *(f"lightning_grpo.module.xǁGRPOModuleǁ{name}__mutmut_*" for name in _MODULE_UPDATE_PATH),
+    "lightning_grpo.module.x__check_divides__mutmut_*",
+]
+KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+
+
+def link_namespaced_packages() -> None:
+    """mutants/lightning_grpo/callbacks -> ../callbacks, as in the repository (datamodules/ is copied
+    as lightning_grpo/datamodules/ by mutmut itself: see `source_paths` in pyproject.toml)."""
+    target = ROOT / "mutants" / "lightning_grpo"
+    target.mkdir(parents=True, exist_ok=True)
+    link = target / "callbacks"
+    if not link.is_symlink():
+        if link.exists():
+            raise SystemExit(f"{link} exists and is not a symlink: delete mutants/ and run again")
+        link.symlink_to(Path("..") / "callbacks")
+
+
+def equivalent_mutants() -> dict[str, str]:
+    """{mutant name: why it is equivalent} from tools/equivalent_mutants.txt."""
+    listed: dict[str, str] = {}
+    for line in EQUIVALENT_FILE.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, reason = line.partition(" ")
+            if not reason.strip():
+                raise SystemExit(f"{EQUIVALENT_FILE}: {name} has no reason")
+            listed[name] = reason.strip()
+    return listed
+
+
+def results() -> dict[str, str]:
+    """{mutant name: mutmut status} of every core mutant mutmut has a result for."""
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all=True"], cwd=ROOT, check=True, capture_output=True, text=True)
+    status = {}
+    for line in out.stdout.splitlines():
+        match = re.match(r"\s*(\S+): (.+)$", line)
+        if match and any(fnmatch.fnmatchcase(match[1], pattern) for pattern in CORE):
+            status[match[1]] = match[2].strip()
+    return status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report-only", action="store_true", help="do not run mutmut, score its last results")
+    parser.add_argument("--max-children", type=int, default=1, help="mutmut worker processes (default 1)")
+    parser.add_argument("patterns", nargs="*", help="mutant name patterns to (re)run; default: the whole core")
+    args = parser.parse_args()
+    if not args.report_only:
+        link_namespaced_packages()
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env.pop("PYTHONPATH", None)  # the tests must import the mutated copy in mutants/, not the sources
+        command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *(args.patterns or CORE)]
+        subprocess.run(command, cwd=ROOT, env=env, check=False)
+    status = results()
+    equivalent = equivalent_mutants()
+    stale = sorted(set(equivalent) - set(status))
+    survivors = sorted(name for name, s in status.items() if s not in KILLED and name not in equivalent)
+    killed = sum(s in KILLED for s in status.values())
+    counted = len(status) - len(set(equivalent) & set(status))
+    for name in survivors:
+        print(f"survived ({status[name]}): {name}")
+    for name in stale:
+        print(f"listed as equivalent but not a current mutant: {name}")
+    print(f"mutants: {len(status)}, killed: {killed}, equivalent: {len(status) - counted}, surviving: {len(survivors)}")
+    print(f"mutation score (killed / non-equivalent): {killed}/{counted} = {100 * killed / max(counted, 1):.1f}%")
+
+
+if __name__ == "__main__":
+    main()
