@@ -199,3 +199,15 @@ def test_ddim_log_prob_by_hand():
     lp = sampler.log_prob(OUT, X, torch.tensor([[1.2, -2.0]]), 1)
     assert lp.item() == pytest.approx((0.1937606 + 0.0455990) / 2, abs=2e-6)
     assert math.isfinite(lp.item())
+
+
+def test_ddim_missing_scheduler_error_names_the_folder_it_looked_in(tmp_path):
+    from lightning_grpo.samplers.ddim_sde import load_ddim_scheduler
+
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="cannot load a DDIM scheduler config from") as info:
+        load_ddim_scheduler(str(missing))
+    assert repr(f"{missing}/scheduler") in str(info.value)
+    with pytest.raises(FileNotFoundError) as info:
+        load_ddim_scheduler(str(missing), subfolder=None)
+    assert f"from {str(missing)!r}:" in str(info.value)
