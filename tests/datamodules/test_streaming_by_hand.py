@@ -83,3 +83,35 @@ def test_hold_out_by_hash_range_and_by_listed_prompts():
         HoldOut(1.0)
     with pytest.raises(ValueError, match="val_fraction"):
         HoldOut(-0.1)
+
+
+def test_worker_slot_outside_and_inside_a_dataloader_worker(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning_grpo.datamodules import streaming
+
+    assert streaming.worker_slot() == (0, 1)  # the main process is the only "worker"
+    monkeypatch.setattr(streaming, "get_worker_info", lambda: SimpleNamespace(id=2, num_workers=3))
+    assert streaming.worker_slot() == (2, 3)
+
+
+def test_unit_order_is_reshuffled_every_epoch(tmp_path):
+    """Six one-prompt files, shuffle buffer 1 (records keep their order): the file order is a
+    permutation that depends on the epoch, the same for the same (seed, epoch)."""
+    from lightning_grpo.datamodules.sources import BadRecordReporter, RecordSpec, resolve_sources
+    from lightning_grpo.datamodules.streaming import PromptStream, StreamConfig
+
+    for k in range(6):
+        (tmp_path / f"part{k}.txt").write_text(f"prompt {k}\n")
+    config = StreamConfig(resolve_sources(str(tmp_path / "*.txt")), RecordSpec(prompt_keys=("prompt",)), batch_size=1,
+                          shuffle=True, shuffle_buffer_size=1, seed=5)
+    stream = PromptStream(config)
+
+    def order(epoch: int) -> list[str]:
+        stream.epoch = epoch
+        return [r.prompt for r in stream.records(BadRecordReporter("skip"))]
+
+    orders = [order(epoch) for epoch in range(4)]
+    assert all(sorted(o) == [f"prompt {k}" for k in range(6)] for o in orders)
+    assert len({tuple(o) for o in orders}) > 1
+    assert order(2) == orders[2]
