@@ -115,3 +115,72 @@ def test_unit_order_is_reshuffled_every_epoch(tmp_path):
     assert all(sorted(o) == [f"prompt {k}" for k in range(6)] for o in orders)
     assert len({tuple(o) for o in orders}) > 1
     assert order(2) == orders[2]
+
+
+def shard_batches(tmp_path, monkeypatch, prompts: list[str], rank: int, worker: int, skip: int = 0, remainder: str = "drop"):
+    """The prompts one (rank, DataLoader worker) shard yields, in process: 2 ranks × 3 workers, batch 1."""
+    from types import SimpleNamespace
+
+    from lightning_grpo.datamodules import streaming
+    from lightning_grpo.datamodules.sources import RecordSpec, resolve_sources
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("".join(f"{p}\n" for p in prompts))
+    config = streaming.StreamConfig(resolve_sources(str(path)), RecordSpec(prompt_keys=("prompt",)), batch_size=1,
+                                    rank=rank, world_size=2, remainder=remainder)
+    stream = streaming.PromptStream(config)
+    stream.skip = skip
+    monkeypatch.setattr(streaming, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=3))
+    return [p for batch in stream for p in batch["prompts"]]
+
+
+P = [f"p{k}" for k in range(18)]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("worker", [0, 1, 2])
+def test_shards_are_worker_major_slices_of_each_block(tmp_path, monkeypatch, rank, worker):
+    # round = 2 ranks × batch 1 = 2 records, block = 3 workers × round = 6; shard (worker w, rank r)
+    # takes slot 2w + r of every block: e.g. (w 1, r 1) -> p3, p9, p15
+    expected = [f"p{6 * b + 2 * worker + rank}" for b in range(3)]
+    assert shard_batches(tmp_path, monkeypatch, P, rank, worker) == expected
+
+
+@pytest.mark.parametrize(
+    "worker, expected",
+    [
+        # resumed after one round (skip = 2: p0 on rank 0, p1 on rank 1): the workers' roles rotate by
+        # one, role = (w + 1) % 3, so worker 0 delivers the next unseen slice (slot 2: p2) and the
+        # worker whose role is 0 skips the first block's slice it already delivered
+        (0, ["p2", "p8", "p14"]),
+        (1, ["p4", "p10", "p16"]),
+        (2, ["p6", "p12"]),
+    ],
+)
+def test_resume_inside_a_block_rotates_the_workers(tmp_path, monkeypatch, worker, expected):
+    assert shard_batches(tmp_path, monkeypatch, P, 0, worker, skip=2) == expected
+
+
+def test_resume_rank_one_continues_its_own_slots(tmp_path, monkeypatch):
+    # rank 1, skip one round: worker 0 has role 1 -> slot 3 (p3, p9, p15); worker 2 role 0 -> slot 1, first block skipped
+    assert shard_batches(tmp_path, monkeypatch, P, 1, 0, skip=2) == ["p3", "p9", "p15"]
+    assert shard_batches(tmp_path, monkeypatch, P, 1, 2, skip=2) == ["p7", "p13"]
+
+
+def test_padded_tail_block_is_cycled_into_every_slot(tmp_path, monkeypatch):
+    # 20 records: blocks p0-5, p6-11, p12-17 and the tail (p18, p19) padded by cycling to 6
+    prompts = [f"p{k}" for k in range(20)]
+    assert shard_batches(tmp_path, monkeypatch, prompts, 1, 1, remainder="pad") == ["p3", "p9", "p15", "p19"]
+    assert shard_batches(tmp_path, monkeypatch, prompts, 0, 2, remainder="pad") == ["p4", "p10", "p16", "p18"]
+    assert shard_batches(tmp_path, monkeypatch, prompts, 0, 2) == ["p4", "p10", "p16"]  # dropped
+
+
+def test_only_the_first_shard_warns_about_malformed_records(tmp_path, monkeypatch):
+    import warnings
+
+    prompts = ["p0", "", "p1", "p2", "p3", "p4", "p5"]  # one empty line
+    for rank, worker, warns in [(0, 0, True), (1, 0, False), (0, 1, False)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shard_batches(tmp_path, monkeypatch, prompts, rank, worker)
+        assert any("malformed" in str(w.message) for w in caught) == warns, (rank, worker)
