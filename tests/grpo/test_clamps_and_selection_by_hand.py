@@ -147,3 +147,12 @@ def test_best_of_n_refuses_scores_that_do_not_split():
         best_of_n_indices(SCORES, 3, 1, 1)
     with pytest.raises(ValueError, match="groups of 4"):
         best_of_n_indices(SCORES.view(2, 4), 4, 1, 1)
+
+
+def test_best_of_n_ties_keep_batch_order_in_large_groups():
+    # 64 tied scores per group (torch's unstable sort reorders ties from about this size): the stable
+    # sort keeps batch order, so the "best" are the first samples and the "worst" the last ones
+    scores = torch.cat([torch.zeros(64), torch.tensor([0.0, 1.0] * 32)])
+    chosen = best_of_n_indices(scores, 64, keep_top=2, keep_bottom=2)
+    # group 2: the 32 ones (odd positions) lead in order, the 32 zeros (even positions) close it
+    assert chosen.tolist() == [0, 1, 62, 63, 64 + 1, 64 + 3, 64 + 60, 64 + 62]

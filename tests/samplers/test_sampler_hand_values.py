@@ -211,3 +211,26 @@ def test_ddim_missing_scheduler_error_names_the_folder_it_looked_in(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         load_ddim_scheduler(str(missing), subfolder=None)
     assert f"from {str(missing)!r}:" in str(info.value)
+
+
+def test_sampler_defaults_are_the_documented_recipes():
+    # DanceGRPO: FLUX 16 steps, η 0.3, shift 3 (flow); SD 1.4 50 DDIM steps, η 1 (diffusion); mean log-prob
+    flow, diffusion = FlowSDESampler(), DDIMSDESampler()
+    assert (flow.num_steps, flow.eta, flow.shift, flow.noise_form, flow.log_prob_reduction) == (16, 0.3, 3.0, "dance_grpo", "mean")
+    assert (diffusion.num_steps, diffusion.eta, diffusion.log_prob_reduction) == (50, 1.0, "mean")
+    assert len(flow.sigmas) == 17 and len(diffusion.timesteps) == 50
+
+
+def test_single_step_and_eta_zero_are_allowed_and_eta_zero_has_no_trainable_step():
+    one = ddim(1.0)
+    assert DDIMSDESampler(num_steps=1, eta=1.0).num_steps == 1 and FlowSDESampler(num_steps=1).num_steps == 1
+    ode = DDIMSDESampler(num_steps=3, eta=0.0, scheduler=one.scheduler)
+    steps = ode.stochastic_steps()
+    assert steps.dtype == torch.long and steps.shape == (0,)
+    flow_steps = FlowSDESampler(num_steps=3, eta=0.0).stochastic_steps()
+    assert flow_steps.dtype == torch.long and flow_steps.shape == (0,)
+    assert FlowSDESampler(num_steps=3, eta=0.2).stochastic_steps().tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="eta"):
+        DDIMSDESampler(eta=-0.1)
+    with pytest.raises(ValueError, match="num_steps"):
+        DDIMSDESampler(num_steps=0)
