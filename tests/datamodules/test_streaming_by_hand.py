@@ -184,3 +184,9 @@ def test_only_the_first_shard_warns_about_malformed_records(tmp_path, monkeypatc
             warnings.simplefilter("always")
             shard_batches(tmp_path, monkeypatch, prompts, rank, worker)
         assert any("malformed" in str(w.message) for w in caught) == warns, (rank, worker)
+
+
+def test_the_first_shard_summarises_skipped_prompt_records(tmp_path, monkeypatch):
+    prompts = ["p0", "", "p1", "", "p2", "p3", "p4", "p5"]  # two empty lines
+    with pytest.warns(UserWarning, match="skipped 2 malformed prompt records"):
+        assert shard_batches(tmp_path, monkeypatch, prompts, 0, 0) == ["p0"]
