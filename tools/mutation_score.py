@@ -3,6 +3,7 @@
     pip install -e ".[mutation]"
     OMP_NUM_THREADS=1 python tools/mutation_score.py            # run, then print the score
     python tools/mutation_score.py --report-only                 # score of the last run only
+    python tools/mutation_score.py --survivors --fresh-stats     # after adding tests: re-run the survivors
 
 The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, the advantage and update
 path of `module.py` and `datamodules/streaming.py` (the mutmut settings are in pyproject.toml).
@@ -81,8 +82,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report-only", action="store_true", help="do not run mutmut, score its last results")
     parser.add_argument("--max-children", type=int, default=1, help="mutmut worker processes (default 1)")
+    parser.add_argument("--survivors", action="store_true", help="re-run only the core mutants that survived the last run")
+    parser.add_argument("--fresh-stats", action="store_true", help="forget which tests call which function (after adding tests)")
     parser.add_argument("patterns", nargs="*", help="mutant name patterns to (re)run; default: the whole core")
     args = parser.parse_args()
+    if args.survivors:
+        args.patterns = [name for name, s in results().items() if s not in KILLED and s != "not checked"]
+        print(f"re-running {len(args.patterns)} surviving mutants")
+    if args.fresh_stats:
+        (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     if not args.report_only:
         link_namespaced_packages()
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -92,15 +100,18 @@ def main() -> None:
     status = results()
     equivalent = equivalent_mutants()
     stale = sorted(set(equivalent) - set(status))
-    survivors = sorted(name for name, s in status.items() if s not in KILLED and name not in equivalent)
+    survivors = sorted(name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent)
+    unchecked = sorted(name for name, s in status.items() if s == "not checked")
     killed = sum(s in KILLED for s in status.values())
     counted = len(status) - len(set(equivalent) & set(status))
     for name in survivors:
         print(f"survived ({status[name]}): {name}")
     for name in stale:
         print(f"listed as equivalent but not a current mutant: {name}")
-    print(f"mutants: {len(status)}, killed: {killed}, equivalent: {len(status) - counted}, surviving: {len(survivors)}")
-    print(f"mutation score (killed / non-equivalent): {killed}/{counted} = {100 * killed / max(counted, 1):.1f}%")
+    checked = counted - len(unchecked)
+    print(f"mutants: {len(status)}, not yet checked: {len(unchecked)}, killed: {killed}, "
+          f"equivalent: {len(status) - counted}, surviving: {len(survivors)}")
+    print(f"mutation score (killed / checked non-equivalent): {killed}/{checked} = {100 * killed / max(checked, 1):.1f}%")
 
 
 if __name__ == "__main__":

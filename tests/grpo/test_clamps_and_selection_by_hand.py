@@ -156,3 +156,9 @@ def test_best_of_n_ties_keep_batch_order_in_large_groups():
     chosen = best_of_n_indices(scores, 64, keep_top=2, keep_bottom=2)
     # group 2: the 32 ones (odd positions) lead in order, the 32 zeros (even positions) close it
     assert chosen.tolist() == [0, 1, 62, 63, 64 + 1, 64 + 3, 64 + 60, 64 + 62]
+
+
+def test_best_of_n_stays_on_the_device_of_the_scores():
+    # the "meta" device stands in for a GPU: offsets made on the CPU could not be added to the indices
+    chosen = best_of_n_indices(torch.zeros(8, device="meta"), 4, keep_top=1, keep_bottom=1)
+    assert chosen.device.type == "meta" and chosen.shape == (4,)
