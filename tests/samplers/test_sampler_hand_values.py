@@ -234,3 +234,24 @@ def test_single_step_and_eta_zero_are_allowed_and_eta_zero_has_no_trainable_step
         DDIMSDESampler(eta=-0.1)
     with pytest.raises(ValueError, match="num_steps"):
         DDIMSDESampler(num_steps=0)
+
+
+def test_ddim_keeps_its_scheduler_and_converts_other_diffusers_schedulers():
+    from diffusers import PNDMScheduler
+
+    sampler = ddim(1.0)
+    assert isinstance(sampler.scheduler, DDIMScheduler) and sampler.scheduler.config.num_train_timesteps == 6
+    # an SD pipeline ships a PNDM scheduler: its config (betas, offsets) is read into a DDIMScheduler
+    betas = [0.1, 0.2, 0.25, 0.3, 0.4, 0.5]
+    converted = DDIMSDESampler(num_steps=3, scheduler=PNDMScheduler(num_train_timesteps=6, trained_betas=betas, set_alpha_to_one=False))
+    assert isinstance(converted.scheduler, DDIMScheduler)
+    torch.testing.assert_close(converted.alpha_prod, sampler.alpha_prod)
+    torch.testing.assert_close(converted.alpha_prod_prev, sampler.alpha_prod_prev)
+
+
+def test_ddim_sum_reduction_is_accepted_and_sums():
+    mean_lp = ddim(1.0).log_prob(OUT, X, torch.tensor([[1.2, -2.0]]), 1)
+    sampler = DDIMSDESampler(num_steps=3, eta=1.0, scheduler=ddim(1.0).scheduler, log_prob_reduction="sum")
+    torch.testing.assert_close(sampler.log_prob(OUT, X, torch.tensor([[1.2, -2.0]]), 1), 2 * mean_lp)
+    with pytest.raises(ValueError, match="log_prob_reduction"):
+        DDIMSDESampler(log_prob_reduction="max")
