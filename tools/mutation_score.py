@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python tools/mutation_score.py            # run, then print the score
     python tools/mutation_score.py --report-only                 # score of the last run only
     python tools/mutation_score.py --survivors --fresh-stats     # after adding tests: re-run the survivors
+    python tools/mutation_score.py --verify-with tests/x.py      # quicker: run the new tests on the survivors
 
 The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, the advantage and update
 path of `module.py` and `datamodules/streaming.py` (the mutmut settings are in pyproject.toml).
@@ -40,7 +41,8 @@ CORE = [
     *(f"lightning_grpo.module.xǁGRPOModuleǁ{name}__mutmut_*" for name in _MODULE_UPDATE_PATH),
     "lightning_grpo.module.x__check_divides__mutmut_*",
 ]
-KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+KILLED = {"killed", "timeout", "caught by type check", "segfault", "killed (verified)"}
+VERIFIED_FILE = ROOT / "mutants" / "verified_kills.json"
 
 
 def link_namespaced_packages() -> None:
@@ -75,7 +77,40 @@ def results() -> dict[str, str]:
         match = re.match(r"\s*(\S+): (.+)$", line)
         if match and any(fnmatch.fnmatchcase(match[1], pattern) for pattern in CORE):
             status[match[1]] = match[2].strip()
+    if VERIFIED_FILE.exists():
+        import json
+
+        for name in json.loads(VERIFIED_FILE.read_text()):
+            if status.get(name) == "survived":
+                status[name] = "killed (verified)"
     return status
+
+
+def verify(survivors: list[str], tests: list[str]) -> None:
+    """Run `tests` against each survivor, the way mutmut does (its trampolines read the mutant to
+    activate from MUTANT_UNDER_TEST), in one process inside mutants/; record the ones they kill.
+
+    mutmut only runs the tests it saw calling a function when it collected its stats, so tests
+    added after that run are not tried on old survivors until the stats are collected again
+    (--fresh-stats, a full traced run of the suite); this checks them directly."""
+    import json
+
+    import pytest
+
+    os.chdir(ROOT / "mutants")
+    sys.path.insert(0, str(ROOT / "mutants"))
+    args = [*tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    os.environ["MUTANT_UNDER_TEST"] = ""
+    if pytest.main(args) != 0:
+        raise SystemExit(f"the verification tests fail without a mutant: {tests}")
+    verified = json.loads(VERIFIED_FILE.read_text()) if VERIFIED_FILE.exists() else {}
+    for name in survivors:
+        os.environ["MUTANT_UNDER_TEST"] = name
+        if pytest.main(args) != 0:
+            verified[name] = tests
+    os.environ.pop("MUTANT_UNDER_TEST")
+    VERIFIED_FILE.write_text(json.dumps(verified, indent=1))
+    os.chdir(ROOT)
 
 
 def main() -> None:
@@ -84,8 +119,14 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=1, help="mutmut worker processes (default 1)")
     parser.add_argument("--survivors", action="store_true", help="re-run only the core mutants that survived the last run")
     parser.add_argument("--fresh-stats", action="store_true", help="forget which tests call which function (after adding tests)")
+    parser.add_argument("--verify-with", nargs="+", metavar="TEST", help="run these tests (paths under tests/) on every survivor instead of mutmut")
     parser.add_argument("patterns", nargs="*", help="mutant name patterns to (re)run; default: the whole core")
     args = parser.parse_args()
+    if args.verify_with:
+        status = results()
+        survivors = [name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent_mutants()]
+        verify(survivors, args.verify_with)
+        args.report_only = True
     if args.survivors:
         args.patterns = [name for name, s in results().items() if s not in KILLED and s != "not checked"]
         print(f"re-running {len(args.patterns)} surviving mutants")
