@@ -80,9 +80,9 @@ def results() -> dict[str, str]:
     if VERIFIED_FILE.exists():
         import json
 
-        for name in json.loads(VERIFIED_FILE.read_text()):
-            if status.get(name) == "survived":
-                status[name] = "killed (verified)"
+        for name, outcome in json.loads(VERIFIED_FILE.read_text()).items():
+            if status.get(name) in ("survived", "not checked"):
+                status[name] = "killed (verified)" if outcome["killed"] else "survived (verified)"
     return status
 
 
@@ -106,8 +106,7 @@ def verify(survivors: list[str], tests: list[str]) -> None:
     verified = json.loads(VERIFIED_FILE.read_text()) if VERIFIED_FILE.exists() else {}
     for name in survivors:
         os.environ["MUTANT_UNDER_TEST"] = name
-        if pytest.main(args) != 0:
-            verified[name] = tests
+        verified[name] = {"tests": tests, "killed": pytest.main(args) != 0}
     os.environ.pop("MUTANT_UNDER_TEST")
     VERIFIED_FILE.write_text(json.dumps(verified, indent=1))
     os.chdir(ROOT)
@@ -120,12 +119,16 @@ def main() -> None:
     parser.add_argument("--survivors", action="store_true", help="re-run only the core mutants that survived the last run")
     parser.add_argument("--fresh-stats", action="store_true", help="forget which tests call which function (after adding tests)")
     parser.add_argument("--verify-with", nargs="+", metavar="TEST", help="run these tests (paths under tests/) on every survivor instead of mutmut")
+    parser.add_argument("--unchecked", action="store_true", help="with --verify-with: the mutants matching `patterns` that mutmut has not run yet, instead of the survivors")
     parser.add_argument("patterns", nargs="*", help="mutant name patterns to (re)run; default: the whole core")
     args = parser.parse_args()
     if args.verify_with:
         status = results()
-        survivors = [name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent_mutants()]
-        verify(survivors, args.verify_with)
+        if args.unchecked:
+            chosen = [name for name, s in status.items() if s == "not checked" and any(fnmatch.fnmatchcase(name, p) for p in args.patterns)]
+        else:
+            chosen = [name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent_mutants()]
+        verify(chosen, args.verify_with)
         args.report_only = True
     if args.survivors:
         args.patterns = [name for name, s in results().items() if s not in KILLED and s != "not checked"]
