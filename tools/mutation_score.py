@@ -107,8 +107,8 @@ def verify(survivors: list[str], tests: list[str]) -> None:
     for name in survivors:
         os.environ["MUTANT_UNDER_TEST"] = name
         verified[name] = {"tests": tests, "killed": pytest.main(args) != 0}
+        VERIFIED_FILE.write_text(json.dumps(verified, indent=1))  # after each mutant: a long run can be stopped
     os.environ.pop("MUTANT_UNDER_TEST")
-    VERIFIED_FILE.write_text(json.dumps(verified, indent=1))
     os.chdir(ROOT)
 
 
