@@ -162,3 +162,13 @@ def test_best_of_n_stays_on_the_device_of_the_scores():
     # the "meta" device stands in for a GPU: offsets made on the CPU could not be added to the indices
     chosen = best_of_n_indices(torch.zeros(8, device="meta"), 4, keep_top=1, keep_bottom=1)
     assert chosen.device.type == "meta" and chosen.shape == (4,)
+
+
+def test_kl_penalty_by_hand_and_off_at_beta_zero():
+    # ratio 1, A = (1, −1): surrogate 0; KL (0.5, 2.5) has mean 1.5, β = 0.2 adds 0.3
+    logp = torch.zeros(2)
+    loss, stats = clipped_surrogate_loss(logp, logp, torch.tensor([1.0, -1.0]), clip_range=0.2, kl=torch.tensor([0.5, 2.5]), kl_beta=0.2)
+    assert loss.item() == pytest.approx(0.3) and stats.loss.item() == pytest.approx(0.3) and stats.kl.item() == pytest.approx(1.5)
+    # β = 0 never adds the KL, even a non-finite one
+    loss, _ = clipped_surrogate_loss(logp, logp, torch.tensor([1.0, -1.0]), clip_range=0.2, kl=torch.tensor([float("inf"), 0.0]))
+    assert loss.item() == 0.0
