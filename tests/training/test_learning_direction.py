@@ -106,14 +106,28 @@ def test_one_step_raises_positive_and_lowers_negative_log_probs(paradigm):
 
 
 @pytest.mark.parametrize("paradigm", ["flow", "diffusion"])
-@pytest.mark.parametrize("best_of_n", [(1, 1), (2, 0), (0, 2)])
-def test_best_of_n_learns_in_the_direction_of_its_own_advantages(paradigm, best_of_n):
-    module = make(paradigm, [Redness()], best_of_n=best_of_n)
+# top-only / bottom-only with full-group advantages have one sign only: see the next test
+@pytest.mark.parametrize("best_of_n, advantages_from", [((1, 1), "group"), ((1, 1), "kept"), ((2, 0), "kept"), ((0, 2), "kept")])
+def test_best_of_n_learns_in_the_direction_of_its_own_advantages(paradigm, best_of_n, advantages_from):
+    module = make(paradigm, [Redness()], best_of_n=best_of_n, best_of_n_advantages=advantages_from)
     trajectories, advantages = run_and_check(module)
     kept = sum(best_of_n)
     assert trajectories.batch_size == 2 * kept
-    # re-normalised within the kept samples of each group: each group of `kept` sums to zero
-    torch.testing.assert_close(advantages.view(2, kept).sum(dim=1), torch.zeros(2), atol=1e-5, rtol=0)
+    if advantages_from == "kept":  # re-normalised within the kept samples: each group sums to zero
+        torch.testing.assert_close(advantages.view(2, kept).sum(dim=1), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("paradigm", ["flow", "diffusion"])
+@pytest.mark.parametrize("best_of_n, sign", [((2, 0), 1.0), ((0, 2), -1.0)])
+def test_best_or_worst_only_with_full_group_advantages_moves_one_way(paradigm, best_of_n, sign):
+    """The best two of each group keep their (positive) full-group advantages: their log-probs rise;
+    the worst two (negative) fall."""
+    module = make(paradigm, [Redness()], best_of_n=best_of_n, best_of_n_advantages="group")
+    trajectories, advantages = one_step(module)
+    assert (sign * advantages > 0).all()
+    before = trajectories.log_probs[:, module.sampler.stochastic_steps()].mean(dim=1)
+    delta = mean_log_prob(module, trajectories) - before
+    assert (sign * delta).mean() > 0, (advantages, delta)
 
 
 @pytest.mark.parametrize("paradigm", ["flow", "diffusion"])
