@@ -104,7 +104,8 @@ def test_configured_callback_replaces_the_default_of_its_class(tmp_path):
 
     extra = ["--trainer.callbacks+=lightning_grpo.callbacks.ODEVisualizer", "--trainer.callbacks.every_n_steps=7",
              "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'extra'}"]
-    cli = run(["-c", "configs/tiny.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *extra], subcommand=False)
+    cli = run(["-c", CONFIG, f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.init_args.train_files={PROMPTS}", *extra],
+              subcommand=False)
     visualizers = [c for c in cli.trainer.callbacks if isinstance(c, ODEVisualizer)]
     assert [v.every_n_steps for v in visualizers] == [7]  # the configured one only
     assert sum(isinstance(c, RewardLogger) for c in cli.trainer.callbacks) == 1  # defaults not configured stay

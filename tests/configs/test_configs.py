@@ -83,7 +83,8 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
-def test_config_opens_with_a_comment_and_instantiates(config, stand_ins, tmp_path):
+def test_config_opens_with_a_comment_and_instantiates(config, stand_ins, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the demo configs name repository-relative paths, as the README runs them
     text = config.read_text()
     assert text.startswith("#") and "Launch:" in text, f"{config.name} must open with purpose / launch comment"
     cli = instantiate(config, stand_ins, tmp_path)
@@ -99,8 +100,9 @@ def test_config_opens_with_a_comment_and_instantiates(config, stand_ins, tmp_pat
 
 
 @pytest.mark.parametrize("config_name", ["flux_hps.yaml", "sd14_hps.yaml", "flux_hps_clip.yaml"])
-def test_short_cpu_fit_of_each_family(config_name, stand_ins, tmp_path):
+def test_short_cpu_fit_of_each_family(config_name, stand_ins, tmp_path, monkeypatch):
     """One GRPO iteration of the real adapters (tiny stand-ins), with the recipe shrunk to CPU size."""
+    monkeypatch.chdir(ROOT)  # any repository-relative path in the recipe resolves as in the README
     raw = substitute(yaml.safe_load((ROOT / "configs" / config_name).read_text()), stand_ins)
     raw["trainer"] = dict(accelerator="cpu", devices=1, max_steps=1, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False, limit_val_batches=0)
     raw["model"].update(group_size=2, micro_batch_size=2, show_progress=False)

@@ -1,5 +1,6 @@
 """Sampler contract and math: hand-worked steps, Normal log-prob, ODE limit, diffusers parity, ratio == 1."""
 
+import copy
 import math
 
 import pytest
@@ -69,6 +70,7 @@ def test_flow_grpo_first_step_is_finite():
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=IDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_log_prob_equals_torch_normal(sampler, reduction):
+    sampler = copy.deepcopy(sampler)  # SAMPLERS is shared by the tests: change a copy, never the original
     sampler.log_prob_reduction = reduction
     gen = torch.Generator().manual_seed(1)
     x, out = torch.randn(4, 3, 5, 5, generator=gen), torch.randn(4, 3, 5, 5, generator=gen)
@@ -77,7 +79,6 @@ def test_log_prob_equals_torch_normal(sampler, reduction):
     reference = Normal(step.mean, step.std).log_prob(step.prev_sample.float())
     reduce = reference.mean if reduction == "mean" else reference.sum
     torch.testing.assert_close(step.log_prob, reduce(dim=(1, 2, 3)), rtol=1e-5, atol=1e-5)
-    sampler.log_prob_reduction = "mean"
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=IDS)

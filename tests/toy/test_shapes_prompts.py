@@ -81,7 +81,11 @@ def test_split_partitions_the_48_combinations() -> None:
     assert train | heldout == set(all_scenes())
     assert not train & heldout
     assert 0.25 <= len(heldout) / 48 <= 0.35
-    assert train_scenes() == train_scenes(), "the split must be deterministic"
+    # the documented rule, (colour + shape + position index) % 3 == 0 is held out: 16 of 48, in index order
+    assert len(heldout) == 16 and all(sum(scene.indices) % 3 == 0 for scene in heldout)
+    assert all(sum(scene.indices) % 3 != 0 for scene in train)
+    order = all_scenes().index
+    assert heldout_scenes() == sorted(heldout, key=order) and train_scenes() == sorted(train, key=order)
 
 
 def test_heldout_combinations_never_appear_in_train_prompts() -> None:

@@ -1,0 +1,162 @@
+"""Mutation testing of the GRPO core with mutmut (docs/testing.md): runs it and prints the score.
+
+    pip install -e ".[mutation]"
+    OMP_NUM_THREADS=1 python tools/mutation_score.py            # run, then print the score
+    python tools/mutation_score.py --report-only                 # score of the last run only
+    python tools/mutation_score.py --survivors --fresh-stats     # after adding tests: re-run the survivors
+    python tools/mutation_score.py --verify-with tests/x.py      # quicker: run the new tests on the survivors
+
+The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, the advantage and update
+path of `module.py` and `datamodules/streaming.py` (the mutmut settings are in pyproject.toml).
+Mutants listed in tools/equivalent_mutants.txt (one `name  reason` a line) are equivalent: no test
+can tell them from the original, so they leave the denominator. The last line printed is the
+score: killed / (all − equivalent), over the core.
+
+mutmut copies the sources into mutants/ file by file, which drops the repository's symlinks
+lightning_grpo/datamodules -> ../datamodules and lightning_grpo/callbacks -> ../callbacks: the
+first is copied as a source path of its own (so its module names are the ones the tests import),
+the second is linked here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.txt"
+
+# mutmut names a mutant <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>
+_MODULE_UPDATE_PATH = ("_advantages", "_combine", "_update", "_micro_loss", "_optimizer_step", "_trained_group_size")
+CORE = [
+    "lightning_grpo.grpo.*",
+    "lightning_grpo.samplers.*",
+    "lightning_grpo.rollout.*",
+    "lightning_grpo.datamodules.streaming.*",
+    *(f"lightning_grpo.module.xǁGRPOModuleǁ{name}__mutmut_*" for name in _MODULE_UPDATE_PATH),
+    "lightning_grpo.module.x__check_divides__mutmut_*",
+]
+KILLED = {"killed", "timeout", "caught by type check", "segfault", "killed (verified)"}
+VERIFIED_FILE = ROOT / "mutants" / "verified_kills.json"
+
+
+def link_namespaced_packages() -> None:
+    """mutants/lightning_grpo/callbacks -> ../callbacks, as in the repository (datamodules/ is copied
+    as lightning_grpo/datamodules/ by mutmut itself: see `source_paths` in pyproject.toml)."""
+    target = ROOT / "mutants" / "lightning_grpo"
+    target.mkdir(parents=True, exist_ok=True)
+    link = target / "callbacks"
+    if not link.is_symlink():
+        if link.exists():
+            raise SystemExit(f"{link} exists and is not a symlink: delete mutants/ and run again")
+        link.symlink_to(Path("..") / "callbacks")
+
+
+def equivalent_mutants() -> dict[str, str]:
+    """{mutant name: why it is equivalent} from tools/equivalent_mutants.txt."""
+    listed: dict[str, str] = {}
+    for line in EQUIVALENT_FILE.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, reason = line.partition(" ")
+            if not reason.strip():
+                raise SystemExit(f"{EQUIVALENT_FILE}: {name} has no reason")
+            listed[name] = reason.strip()
+    return listed
+
+
+def results() -> dict[str, str]:
+    """{mutant name: mutmut status} of every core mutant mutmut has a result for."""
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all=True"], cwd=ROOT, check=True, capture_output=True, text=True)
+    status = {}
+    for line in out.stdout.splitlines():
+        match = re.match(r"\s*(\S+): (.+)$", line)
+        if match and any(fnmatch.fnmatchcase(match[1], pattern) for pattern in CORE):
+            status[match[1]] = match[2].strip()
+    if VERIFIED_FILE.exists():
+        import json
+
+        for name, outcome in json.loads(VERIFIED_FILE.read_text()).items():
+            if status.get(name) in ("survived", "not checked"):
+                status[name] = "killed (verified)" if outcome["killed"] else "survived (verified)"
+    return status
+
+
+def verify(survivors: list[str], tests: list[str]) -> None:
+    """Run `tests` against each survivor, the way mutmut does (its trampolines read the mutant to
+    activate from MUTANT_UNDER_TEST), in one process inside mutants/; record the ones they kill.
+
+    mutmut only runs the tests it saw calling a function when it collected its stats, so tests
+    added after that run are not tried on old survivors until the stats are collected again
+    (--fresh-stats, a full traced run of the suite); this checks them directly."""
+    import json
+
+    import pytest
+
+    os.chdir(ROOT / "mutants")
+    sys.path.insert(0, str(ROOT / "mutants"))
+    args = [*tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    os.environ["MUTANT_UNDER_TEST"] = ""
+    if pytest.main(args) != 0:
+        raise SystemExit(f"the verification tests fail without a mutant: {tests}")
+    verified = json.loads(VERIFIED_FILE.read_text()) if VERIFIED_FILE.exists() else {}
+    for name in survivors:
+        os.environ["MUTANT_UNDER_TEST"] = name
+        verified[name] = {"tests": tests, "killed": pytest.main(args) != 0}
+        VERIFIED_FILE.write_text(json.dumps(verified, indent=1))  # after each mutant: a long run can be stopped
+    os.environ.pop("MUTANT_UNDER_TEST")
+    os.chdir(ROOT)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report-only", action="store_true", help="do not run mutmut, score its last results")
+    parser.add_argument("--max-children", type=int, default=1, help="mutmut worker processes (default 1)")
+    parser.add_argument("--survivors", action="store_true", help="re-run only the core mutants that survived the last run")
+    parser.add_argument("--fresh-stats", action="store_true", help="forget which tests call which function (after adding tests)")
+    parser.add_argument("--verify-with", nargs="+", metavar="TEST", help="run these tests (paths under tests/) on every survivor instead of mutmut")
+    parser.add_argument("--unchecked", action="store_true", help="with --verify-with: the mutants matching `patterns` that mutmut has not run yet, instead of the survivors")
+    parser.add_argument("patterns", nargs="*", help="mutant name patterns to (re)run; default: the whole core")
+    args = parser.parse_args()
+    if args.verify_with:
+        status = results()
+        if args.unchecked:
+            chosen = [name for name, s in status.items() if s == "not checked" and any(fnmatch.fnmatchcase(name, p) for p in args.patterns)]
+        else:
+            chosen = [name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent_mutants()]
+        verify(chosen, args.verify_with)
+        args.report_only = True
+    if args.survivors:
+        args.patterns = [name for name, s in results().items() if s not in KILLED and s != "not checked"]
+        print(f"re-running {len(args.patterns)} surviving mutants")
+    if args.fresh_stats:
+        (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    if not args.report_only:
+        link_namespaced_packages()
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env.pop("PYTHONPATH", None)  # the tests must import the mutated copy in mutants/, not the sources
+        command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *(args.patterns or CORE)]
+        subprocess.run(command, cwd=ROOT, env=env, check=False)
+    status = results()
+    equivalent = equivalent_mutants()
+    stale = sorted(set(equivalent) - set(status))
+    survivors = sorted(name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent)
+    unchecked = sorted(name for name, s in status.items() if s == "not checked")
+    killed = sum(s in KILLED for s in status.values())
+    counted = len(status) - len(set(equivalent) & set(status))
+    for name in survivors:
+        print(f"survived ({status[name]}): {name}")
+    for name in stale:
+        print(f"listed as equivalent but not a current mutant: {name}")
+    checked = counted - len(unchecked)
+    print(f"mutants: {len(status)}, not yet checked: {len(unchecked)}, killed: {killed}, "
+          f"equivalent: {len(status) - counted}, surviving: {len(survivors)}")
+    print(f"mutation score (killed / checked non-equivalent): {killed}/{checked} = {100 * killed / max(checked, 1):.1f}%")
+
+
+if __name__ == "__main__":
+    main()
