@@ -158,7 +158,7 @@ class GRPOModule(LightningModule):
         step_schedule: StepSchedule | None = None,
         ode_tail: MultistepODETail | None = None,
         max_skipped_steps: int = 5,
-        ) -> None:  # pragma: no mutate block (a mutmut trampoline would hide these arguments from save_hyperparameters)
+    ) -> None:  # pragma: no mutate block (a mutmut trampoline would hide these arguments from save_hyperparameters)
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail"])
         _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
