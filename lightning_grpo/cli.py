@@ -88,7 +88,14 @@ def _as_seed(value: int | bool | None) -> int:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of `lightning-grpo` and `python -m lightning_grpo`."""
+    """Entry point of `lightning-grpo` and `python -m lightning_grpo`: LightningCLI's subcommands
+    (fit, validate, test, ...) plus `export` (lightning_grpo/export.py)."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["export"]:
+        from lightning_grpo.export import main as export_main
+
+        export_main(args[1:])
+        return
     run(args)
 
 

@@ -194,9 +194,10 @@ class DiffusersPolicy(PolicyAdapter):
             self.__dict__["_pipeline"] = pipe
         return self.__dict__["_pipeline"]
 
-    def pipeline_call_kwargs(self) -> dict[str, Any]:
-        """Arguments that make `pipeline(prompt, latents=..., num_inference_steps=N, **these)`
-        sample what this policy samples deterministically (resolution, guidance, ...)."""
+    def pipeline_call_kwargs(self, num_prompts: int) -> dict[str, Any]:
+        """Arguments that make `pipeline(prompts, latents=..., num_inference_steps=N, **these)`
+        (len(prompts) = num_prompts) sample what this policy samples deterministically with
+        `build_sampler(eta=0)` (resolution, guidance, ...)."""
         return {"height": self.height, "width": self.width}
 
     # -- latents ------------------------------------------------------------------------------

@@ -184,8 +184,8 @@ class FluxPolicy(DiffusersPolicy):
             return FlowSDESampler(num_steps=steps, eta=eta, shift=self.sampling_shift)
         return FlowSDESampler(num_steps=steps, eta=eta, sigmas=self.pipeline_sigmas(steps))
 
-    def pipeline_call_kwargs(self) -> dict[str, Any]:
-        return {**super().pipeline_call_kwargs(), "guidance_scale": self.guidance, "max_sequence_length": self.max_sequence_length}
+    def pipeline_call_kwargs(self, num_prompts: int) -> dict[str, Any]:
+        return {**super().pipeline_call_kwargs(num_prompts), "guidance_scale": self.guidance, "max_sequence_length": self.max_sequence_length}
 
     # -- PolicyAdapter ----------------------------------------------------------------------
 

@@ -104,8 +104,8 @@ class StableDiffusionPolicy(DiffusersPolicy):
         steps, eta = self.sampler_defaults(num_steps, eta)
         return DDIMSDESampler(num_steps=steps, eta=eta, scheduler=DDIMScheduler.from_config(self.scheduler_config))
 
-    def pipeline_call_kwargs(self) -> dict[str, Any]:
-        return {**super().pipeline_call_kwargs(), "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
+    def pipeline_call_kwargs(self, num_prompts: int) -> dict[str, Any]:
+        return {**super().pipeline_call_kwargs(num_prompts), "guidance_scale": self.guidance_scale, "negative_prompt": [self.negative_prompt] * num_prompts}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], images: Tensor | None = None) -> Condition:
