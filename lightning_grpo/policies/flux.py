@@ -16,7 +16,7 @@ over all non-batch elements, so the layout changes nothing there. Only `decode` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -122,21 +122,11 @@ class FluxPolicy(DiffusersPolicy):
         guidance: float = 3.5,
         max_sequence_length: int = 512,
         sampling_shift: float | None = None,
-        dtype: str = "float32",
-        denoiser_dtype: str = "float32",
-        lora_rank: int = 0,
-        lora_alpha: float | None = None,
-        lora_target_modules: Sequence[str] | None = None,
-        gradient_checkpointing: bool = False,
-        num_sampling_steps: int | None = None,
-        sampling_eta: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            pretrained_model_name_or_path, height, width, dtype=dtype, denoiser_dtype=denoiser_dtype,
-            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_target_modules=lora_target_modules,
-            gradient_checkpointing=gradient_checkpointing, num_sampling_steps=num_sampling_steps,
-            sampling_eta=sampling_eta,
-        )
+        # the shared arguments (dtype, LoRA, checkpointing, sampling) are DiffusersPolicy's;
+        # LightningCLI (jsonargparse) follows **kwargs into its signature for configs and --help
+        super().__init__(pretrained_model_name_or_path, height, width, **kwargs)
         self.guidance = float(guidance)
         self.max_sequence_length = int(max_sequence_length)
         self.sampling_shift = sampling_shift

@@ -10,7 +10,7 @@ Mirrors `diffusers.StableDiffusionPipeline` step by step so that, with the same 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -65,21 +65,11 @@ class StableDiffusionPolicy(DiffusersPolicy):
         width: int = 512,
         guidance_scale: float = 1.0,
         negative_prompt: str = "",
-        dtype: str = "float32",
-        denoiser_dtype: str = "float32",
-        lora_rank: int = 0,
-        lora_alpha: float | None = None,
-        lora_target_modules: Sequence[str] | None = None,
-        gradient_checkpointing: bool = False,
-        num_sampling_steps: int | None = None,
-        sampling_eta: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            pretrained_model_name_or_path, height, width, dtype=dtype, denoiser_dtype=denoiser_dtype,
-            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_target_modules=lora_target_modules,
-            gradient_checkpointing=gradient_checkpointing, num_sampling_steps=num_sampling_steps,
-            sampling_eta=sampling_eta,
-        )
+        # the shared arguments (dtype, LoRA, checkpointing, sampling) are DiffusersPolicy's;
+        # LightningCLI (jsonargparse) follows **kwargs into its signature for configs and --help
+        super().__init__(pretrained_model_name_or_path, height, width, **kwargs)
         self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
 
