@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
@@ -51,6 +52,25 @@ def resolve_class(dotted: str) -> type:
     """"diffusers.AutoencoderKL" → the class (imported lazily: diffusers is slow to import)."""
     module, _, name = dotted.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+class _FirstTruncationOnly(logging.Filter):
+    """Lets the first "part of your input was truncated" warning of a pipeline's `encode_prompt`
+    through and drops the repeats: GRPO encodes the same prompts every step, and the warning
+    (each time listing the cut words) would otherwise fill the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "truncated" not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg = f"{record.msg} (shown once; later truncations are not reported)"
+        return True
 
 
 class DiffusersPolicy(PolicyAdapter):
@@ -191,6 +211,9 @@ class DiffusersPolicy(PolicyAdapter):
             parts = {sub: getattr(self, sub) for sub, (kind, _) in self.components.items() if kind != "scheduler"}
             pipe = resolve_class(f"diffusers.{self.pipeline_class}")(scheduler=self.make_scheduler(), **parts, **self.pipeline_extra_kwargs)
             pipe.set_progress_bar_config(disable=True)
+            logger = logging.getLogger(type(pipe).__module__)
+            if not any(isinstance(f, _FirstTruncationOnly) for f in logger.filters):
+                logger.addFilter(_FirstTruncationOnly())
             self.__dict__["_pipeline"] = pipe
         return self.__dict__["_pipeline"]
 
