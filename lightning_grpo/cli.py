@@ -156,11 +156,18 @@ class _StopSignals:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of `lightning-grpo` and `python -m lightning_grpo`.
+    """Entry point of `lightning-grpo` and `python -m lightning_grpo`: LightningCLI's subcommands
+    (fit, validate, test, ...) plus `export` (lightning_grpo/export.py).
 
     SIGTERM or SIGINT during `fit`: the current step finishes, a checkpoint of it is written
     (`GRPOCheckpoint`), and the process exits with status 143 (SIGTERM) or 130 (SIGINT).
     """
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["export"]:
+        from lightning_grpo.export import main as export_main
+
+        export_main(args[1:])
+        return
     stops = _StopSignals()
     stops.install()
     try:

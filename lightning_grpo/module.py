@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -38,7 +37,7 @@ from lightning_grpo.grpo.advantages import (
 from lightning_grpo.grpo.filtering import filter_nonfinite_groups
 from lightning_grpo.grpo.loss import clipped_surrogate_loss, gaussian_kl
 from lightning_grpo.noise import keyed_timestep_indices
-from lightning_grpo.policies.base import PolicyAdapter
+from lightning_grpo.policies.base import PolicyAdapter, check_sampler_matches
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers.base import Sampler
@@ -53,7 +52,9 @@ class GRPOModule(LightningModule):
 
     Args:
         policy: the base-model adapter (e.g. `lightning_grpo.policies.FluxPolicy`).
-        sampler: the SDE sampler of the policy's paradigm (FlowSDESampler or DDIMSDESampler).
+        sampler: the SDE sampler of the policy's paradigm (FlowSDESampler or DDIMSDESampler);
+            None (default) uses `policy.build_sampler()`, the family's matching sampler. A
+            sampler of the other paradigm is refused, naming both classes.
         rewards: one or more rewards; each is normalised within its group and weighted by its
             `weight` (combined as `multi_reward` says).
         group_size: G, samples per prompt (FLUX 12, SD 16, HunyuanVideo 24, SkyReels 8).
@@ -79,7 +80,9 @@ class GRPOModule(LightningModule):
             one clipped loss per reward, losses summed with the weights. The two differ when the
             clamp binds or when the ratio leaves the clip range while the A_k disagree in sign.
         kl_beta: weight of the KL to the frozen initial policy (0 = GRPO without KL, the paper's
-            default; > 0 keeps a frozen copy of the policy in memory).
+            default; > 0 keeps `policy.kl_reference()`: nothing more with LoRA, whose reference
+            is the denoiser with its adapters disabled; a frozen copy of the denoiser alone with
+            full fine-tuning).
         learning_rate, weight_decay, adam_betas, adam_eps: AdamW settings (DanceGRPO: 1e-5, 1e-4).
         lr_warmup_steps: linear warm-up over this many optimizer steps, then constant.
         max_grad_norm: gradient-norm clip per optimizer step (1.0); None disables clipping.
@@ -127,8 +130,8 @@ class GRPOModule(LightningModule):
     def __init__(
         self,
         policy: PolicyAdapter,
-        sampler: Sampler,
-        rewards: list[Reward],
+        sampler: Sampler | None = None,
+        rewards: list[Reward] | None = None,  # required; a default only because `sampler` before it has one
         group_size: int = 12,
         shared_noise: bool = True,
         timestep_fraction: float = 0.6,
@@ -161,6 +164,8 @@ class GRPOModule(LightningModule):
     ) -> None:  # pragma: no mutate block (a mutmut trampoline would hide these arguments from save_hyperparameters)
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail"])
+        sampler = policy.build_sampler() if sampler is None else sampler  # the family's own sampler by default
+        check_sampler_matches(policy, sampler)
         _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
         if rollout_batch_size is not None and rollout_batch_size < 1:
             raise ValueError(f"rollout_batch_size must be >= 1 or None, got {rollout_batch_size}")
@@ -180,10 +185,11 @@ class GRPOModule(LightningModule):
                 raise ValueError("ode_tail needs a step_schedule: without one every step is an SDE step and there is no tail")
             ode_tail.sigmas(sampler, 0)  # a flow sampler, or a clear error
         self.ode_tail = ode_tail
-        self.rewards = MultiReward(rewards)
+        self.rewards = MultiReward(list(rewards or []))  # raises without a reward
         check_reward_weights(self.rewards.weights)
         self._skips = SkipGuard(max_skipped_steps)
-        self.reference_policy = _frozen_copy(policy) if kl_beta > 0 else None
+        # KL reference: only what the initial policy needs beyond the trained one (LoRA: nothing)
+        self.reference_policy = policy.kl_reference() if kl_beta > 0 else None
         self.automatic_optimization = False
         self.last_step: StepRecord | None = None
         self.rollout_weights: Callable[[], AbstractContextManager] = nullcontext
@@ -481,11 +487,12 @@ class GRPOModule(LightningModule):
         t = self.sampler.timesteps.to(self.device)[index]  # [m]
         step = self.sampler.step(self.policy.predict(x, t, condition), x, index, prev_sample=x_next)
         kl = None
-        if self.reference_policy is not None:
-            with torch.no_grad():
-                ref_mean, _ = self.sampler.mean_and_std(self.reference_policy.predict(x, t, condition), x, index, self.sampler.eta)
-            kl = gaussian_kl(step.mean, ref_mean, step.std)
         hp = self.hparams
+        if hp.kl_beta > 0:
+            with torch.no_grad():
+                ref_out = self.policy.reference_predict(self.reference_policy, x, t, condition)
+                ref_mean, _ = self.sampler.mean_and_std(ref_out, x, index, self.sampler.eta)
+            kl = gaussian_kl(step.mean, ref_mean, step.std)
         return clipped_surrogate_loss(
             step.log_prob, trajectories.log_probs[samples, index], advantages[samples],
             clip_range=hp.clip_range, adv_clip_max=hp.adv_clip_max, kl=kl, kl_beta=hp.kl_beta,
@@ -559,7 +566,8 @@ class GRPOModule(LightningModule):
         reference, and the policy's frozen weights (text encoders, VAE, LoRA base weights), which
         would otherwise add gigabytes (T5-XXL, ViT-H, Qwen2-VL) to every checkpoint."""
         keys = {k for k in self.state_dict() if k.startswith(("rewards.", "reference_policy."))}
-        keys |= {f"policy.{name}" for name, p in self.policy.named_parameters() if not p.requires_grad}
+        # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
+        keys |= {f"policy.{name}" for name, p in self.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -682,12 +690,6 @@ def _concat_results(parts: list[EvaluationResult], grid_size: int) -> Evaluation
         scores={name: torch.cat([part.scores[name] for part in parts]) for name in names},
         pixels=torch.cat(pixels)[:grid_size] if pixels else None,
     )
-
-
-def _frozen_copy(policy: PolicyAdapter) -> PolicyAdapter:
-    reference = copy.deepcopy(policy)
-    reference.requires_grad_(False)
-    return reference.eval()
 
 
 def _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler) -> None:

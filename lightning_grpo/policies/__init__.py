@@ -1,7 +1,19 @@
-"""Policy adapters: one base-model family per file."""
+"""Policy adapters: one base-model family per file, on the shared family layer (`family.py`)."""
 
-from lightning_grpo.policies.base import PolicyAdapter
+from lightning_grpo.policies.base import PolicyAdapter, check_sampler_matches
+from lightning_grpo.policies.family import DiffusersPolicy
 from lightning_grpo.policies.flux import FluxPolicy, flux_pipeline_sigmas
+from lightning_grpo.policies.registry import FAMILIES, Family, register_family
 from lightning_grpo.policies.stable_diffusion import StableDiffusionPolicy
 
-__all__ = ["FluxPolicy", "PolicyAdapter", "StableDiffusionPolicy", "flux_pipeline_sigmas"]
+__all__ = [
+    "FAMILIES",
+    "DiffusersPolicy",
+    "Family",
+    "FluxPolicy",
+    "PolicyAdapter",
+    "StableDiffusionPolicy",
+    "check_sampler_matches",
+    "flux_pipeline_sigmas",
+    "register_family",
+]

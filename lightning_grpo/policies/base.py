@@ -1,18 +1,24 @@
 """The policy-adapter contract: one base-model family per adapter, nothing of GRPO inside.
 
 An adapter owns its diffusers components (text encoders, denoiser, VAE) and exposes the five
-operations the rollout and the update need. GRPOModule never looks inside.
+operations the rollout and the update need, plus its matching sampler (`build_sampler`) and its
+KL reference (`kl_reference` / `reference_predict`). GRPOModule never looks inside.
+Diffusers-backed families share `lightning_grpo.policies.family.DiffusersPolicy`.
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_grpo.types import Condition
+
+if TYPE_CHECKING:
+    from lightning_grpo.samplers.base import Sampler
 
 Paradigm = Literal["flow", "diffusion"]
 
@@ -62,3 +68,49 @@ class PolicyAdapter(nn.Module, ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    # -- the family's sampler -----------------------------------------------------------------
+
+    def sampler_defaults(self, num_steps: int | None, eta: float | None) -> tuple[int, float]:
+        """(steps, eta) of `build_sampler` when not given (16 and 0.3, the flow recipe's, here)."""
+        return (16 if num_steps is None else int(num_steps), 0.3 if eta is None else float(eta))
+
+    def build_sampler(self, num_steps: int | None = None, eta: float | None = None) -> Sampler:
+        """The sampler of this policy's paradigm, with the family's default schedule.
+
+        GRPOModule calls it when no sampler is configured. Families override it to use their
+        checkpoint's own schedule (FLUX: the pipeline's sigmas; SD: its DDIM scheduler config).
+        """
+        from lightning_grpo.samplers import DDIMSDESampler, FlowSDESampler
+
+        steps, eta = self.sampler_defaults(num_steps, eta)
+        if self.paradigm == "flow":
+            return FlowSDESampler(num_steps=steps, eta=eta)
+        return DDIMSDESampler(num_steps=steps, eta=eta)
+
+    # -- KL reference -------------------------------------------------------------------------
+
+    def kl_reference(self) -> nn.Module | None:
+        """The weights the KL reference (the initial policy) needs beyond this adapter's own.
+
+        Default: a frozen deep copy of the whole adapter. `DiffusersPolicy` keeps far less:
+        nothing with LoRA (adapters disabled), the denoiser alone with full fine-tuning.
+        """
+        reference = copy.deepcopy(self)
+        reference.requires_grad_(False)
+        return reference.eval()
+
+    def reference_predict(self, reference: nn.Module | None, latents: Tensor, timesteps: Tensor, condition: Condition) -> Tensor:
+        """`predict` of the initial policy, given what `kl_reference()` returned."""
+        return reference.predict(latents, timesteps, condition)
+
+
+def check_sampler_matches(policy: PolicyAdapter, sampler: Sampler) -> None:
+    """Refuse a sampler of the other paradigm (a FLUX velocity fed to DDIM would train silently)."""
+    expected = getattr(sampler, "paradigm", None)
+    if expected is not None and expected != policy.paradigm:
+        raise ValueError(
+            f"{type(sampler).__name__} is a {expected!r} sampler but {type(policy).__name__} is a "
+            f"{policy.paradigm!r} policy: use {type(policy).__name__}.build_sampler() (omit `sampler`) "
+            f"or a sampler of the {policy.paradigm!r} paradigm"
+        )

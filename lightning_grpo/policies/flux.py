@@ -16,37 +16,29 @@ over all non-batch elements, so the layout changes nothing there. Only `decode` 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_grpo.policies.base import PolicyAdapter
-from lightning_grpo.policies.loading import (
-    add_lora,
-    check_pretrained_folder,
-    freeze,
-    load_component,
-    load_tokenizer,
-    parse_dtype,
-    placement,
-)
+from lightning_grpo.policies.family import DiffusersPolicy
+from lightning_grpo.policies.loading import placement
 from lightning_grpo.types import Condition
 
-FLUX_COMPONENTS = {
-    "transformer": "model",
-    "vae": "model",
-    "text_encoder": "model",
-    "tokenizer": "tokenizer",
-    "text_encoder_2": "model",
-    "tokenizer_2": "tokenizer",
-    "scheduler": "scheduler",
-}
-"""Subfolders (and what they hold) a FLUX.1 checkpoint must have."""
+if TYPE_CHECKING:
+    from lightning_grpo.samplers.base import Sampler
 
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-"""Transformer attention projections, the usual LoRA targets for FLUX."""
+FLUX_SPEC = {
+    "tokenizer": ("tokenizer", "transformers.CLIPTokenizer"),
+    "tokenizer_2": ("tokenizer", "transformers.T5TokenizerFast"),
+    "text_encoder": ("model", "transformers.CLIPTextModel"),
+    "text_encoder_2": ("model", "transformers.T5EncoderModel"),
+    "vae": ("model", "diffusers.AutoencoderKL"),
+    "transformer": ("model", "diffusers.FluxTransformer2DModel"),
+    "scheduler": ("scheduler", "diffusers.FlowMatchEulerDiscreteScheduler"),
+}
+"""Subfolders a FLUX.1 checkpoint must have: (what they hold, the class that loads them)."""
 
 
 def flux_pipeline_sigmas(scheduler_config: Mapping[str, Any], num_steps: int, image_seq_len: int) -> list[float]:
@@ -90,7 +82,7 @@ def flux_pipeline_sigmas(scheduler_config: Mapping[str, Any], num_steps: int, im
     return scheduler.sigmas.tolist()  # [N + 1]
 
 
-class FluxPolicy(PolicyAdapter):
+class FluxPolicy(DiffusersPolicy):
     """FLUX.1 (FluxTransformer2DModel + AutoencoderKL + CLIP-L pooled + T5 sequence embeddings).
 
     The transformer (or its LoRA weights) is trained; VAE and both text encoders are frozen.
@@ -98,25 +90,30 @@ class FluxPolicy(PolicyAdapter):
     The condition is {"prompt_embeds": [B, S, D_t5], "pooled_prompt_embeds": [B, D_clip]}; the
     text/image position ids are not batch-first and are rebuilt inside predict().
     No classifier-free guidance (DanceGRPO trains FLUX.1-dev with its distilled guidance only).
+    Loading, LoRA, checkpointing, decode, export: `DiffusersPolicy` (its arguments too).
 
     Args:
         pretrained_model_name_or_path: local folder in the diffusers layout (transformer/, vae/,
             text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, scheduler/) or a hub id,
             e.g. "black-forest-labs/FLUX.1-dev".
-        height: image height in pixels (multiple of 16: VAE factor 8 × 2×2 packing).
-        width: image width in pixels (multiple of 16).
+        height, width: image size in pixels (multiples of 16: VAE factor 8 × 2×2 packing).
         guidance: distilled guidance value fed to the transformer's guidance embedding
             (FLUX.1-dev: 3.5); ignored when the transformer has no guidance embedding (schnell).
         max_sequence_length: T5 tokens per prompt (FluxPipeline default 512; smaller saves memory).
-        dtype: dtype of the frozen VAE and text encoders ("float32", "bfloat16", "float16").
-        denoiser_dtype: dtype of the transformer weights.
-        lora_rank: 0 trains the whole transformer; > 0 freezes it and trains a peft LoRA.
-        lora_alpha: LoRA alpha (scale alpha/rank); None means alpha = rank.
-        lora_target_modules: transformer module names LoRA is applied to.
-        gradient_checkpointing: recompute transformer activations in backward to save memory.
+        sampling_shift: the `build_sampler()` schedule: None uses the pipeline's own sigmas at
+            this resolution (`pipeline_sigmas`); a number, the SD3 shift (DanceGRPO recipe: 3).
+        **kwargs: the shared arguments of `DiffusersPolicy` (dtype, denoiser_dtype, lora_rank,
+            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta).
     """
 
     paradigm = "flow"
+    pipeline_class = "FluxPipeline"
+    components = FLUX_SPEC
+    denoiser_name = "transformer"
+    uses_shift_factor = True
+    latent_multiple = 2  # 2×2 packing
+    default_num_steps = 16  # DanceGRPO FLUX recipe: 16 steps, eta 0.3
+    default_eta = 0.3
 
     def __init__(
         self,
@@ -125,68 +122,17 @@ class FluxPolicy(PolicyAdapter):
         width: int = 720,
         guidance: float = 3.5,
         max_sequence_length: int = 512,
-        dtype: str = "float32",
-        denoiser_dtype: str = "float32",
-        lora_rank: int = 0,
-        lora_alpha: float | None = None,
-        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
-        gradient_checkpointing: bool = False,
+        sampling_shift: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
-        self.height, self.width = int(height), int(width)
+        # the shared arguments (dtype, LoRA, checkpointing, sampling) are DiffusersPolicy's;
+        # LightningCLI (jsonargparse) follows **kwargs into its signature for configs and --help
+        super().__init__(pretrained_model_name_or_path, height, width, **kwargs)
         self.guidance = float(guidance)
         self.max_sequence_length = int(max_sequence_length)
-        frozen_dtype, transformer_dtype = parse_dtype(dtype), parse_dtype(denoiser_dtype)
-
-        path = self.pretrained_model_name_or_path
-        check_pretrained_folder(path, FLUX_COMPONENTS)
-        self.tokenizer = load_tokenizer(CLIPTokenizer, path, "tokenizer")
-        self.tokenizer_2 = load_tokenizer(T5TokenizerFast, path, "tokenizer_2")
-        self.text_encoder = freeze(load_component(CLIPTextModel.from_pretrained, path, "text_encoder", dtype=frozen_dtype))
-        self.text_encoder_2 = freeze(
-            load_component(T5EncoderModel.from_pretrained, path, "text_encoder_2", dtype=frozen_dtype)
-        )
-        self.vae = freeze(load_component(AutoencoderKL.from_pretrained, path, "vae", torch_dtype=frozen_dtype))
-        self.transformer = load_component(
-            FluxTransformer2DModel.from_pretrained, path, "transformer", torch_dtype=transformer_dtype
-        )
-        # scheduler/scheduler_config.json as a dict, for `flux_pipeline_sigmas` / `pipeline_sigmas`.
-        self.scheduler_config: dict[str, Any] = dict(
-            load_component(FlowMatchEulerDiscreteScheduler.load_config, path, "scheduler")
-        )
-
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        multiple = 2 * self.vae_scale_factor
-        if self.height % multiple or self.width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}, got {self.height}×{self.width}")
-        if lora_rank > 0:
-            add_lora(self.transformer, lora_rank, lora_alpha, lora_target_modules)
-        else:
-            self.transformer.requires_grad_(True)
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-
-    # -- nn.Module --------------------------------------------------------------------------
-
-    def train(self, mode: bool = True) -> FluxPolicy:
-        """Switch the transformer's mode; the frozen VAE and text encoders always stay in eval
-        (T5 has dropout, which would make the conditioning random)."""
-        super().train(mode)
-        self.vae.eval()
-        self.text_encoder.eval()
-        self.text_encoder_2.eval()
-        return self
+        self.sampling_shift = sampling_shift
 
     # -- geometry -----------------------------------------------------------------------------
-
-    @property
-    def latent_size(self) -> tuple[int, int]:
-        """Unpacked latent (h, w) = (H/8, W/8), both even."""
-        return self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
@@ -203,57 +149,47 @@ class FluxPolicy(PolicyAdapter):
         """FluxPipeline's sigma schedule at this resolution (see `flux_pipeline_sigmas`)."""
         return flux_pipeline_sigmas(self.scheduler_config, num_steps, self.image_seq_len)
 
+    def pack_latents(self, z: Tensor) -> Tensor:
+        """[B, C, h, w] → packed [B, h/2·w/2, 4C] (FluxPipeline._pack_latents, reused rather than restated)."""
+        from diffusers import FluxPipeline
+
+        b, c, h, w = z.shape
+        return FluxPipeline._pack_latents(z, b, c, h, w)
+
+    def unpack_latents(self, latents: Tensor) -> Tensor:
+        """Packed [B, seq, 4C] → VAE latents [B, C, h, w] (FluxPipeline._unpack_latents)."""
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._unpack_latents(latents, self.height, self.width, self.vae_scale_factor)
+
+    unpack = unpack_latents  # the name earlier code used
+
+    # -- sampler ------------------------------------------------------------------------------
+
+    def build_sampler(self, num_steps: int | None = None, eta: float | None = None) -> Sampler:
+        """FlowSDESampler on the pipeline's own sigmas, or on the SD3 shift `sampling_shift`."""
+        from lightning_grpo.samplers import FlowSDESampler
+
+        steps, eta = self.sampler_defaults(num_steps, eta)
+        if self.sampling_shift is not None:
+            return FlowSDESampler(num_steps=steps, eta=eta, shift=self.sampling_shift)
+        return FlowSDESampler(num_steps=steps, eta=eta, sigmas=self.pipeline_sigmas(steps))
+
+    def pipeline_call_kwargs(self, num_prompts: int) -> dict[str, Any]:
+        return {**super().pipeline_call_kwargs(num_prompts), "guidance_scale": self.guidance, "max_sequence_length": self.max_sequence_length}
+
     # -- PolicyAdapter ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def _encode_clip_pooled(self, prompts: list[str]) -> Tensor:
-        """CLIP pooled output [B, D_clip] of prompts padded to the CLIP tokenizer's length."""
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        output = self.text_encoder(tokens.input_ids.to(self.text_encoder.device), output_hidden_states=False)
-        return output.pooler_output  # [B, D_clip]
-
-    @torch.no_grad()
-    def _encode_t5(self, prompts: list[str]) -> Tensor:
-        """T5 last hidden state [B, S, D_t5], S = max_sequence_length (padded, no mask, as FLUX)."""
-        tokens = self.tokenizer_2(
-            prompts,
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return self.text_encoder_2(tokens.input_ids.to(self.text_encoder_2.device), output_hidden_states=False)[0]
-
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str], images: Tensor | None = None) -> Condition:
+        """FluxPipeline.encode_prompt: T5 last hidden state [B, S, D_t5] padded to
+        max_sequence_length (no mask), CLIP pooled output [B, D_clip]."""
         if images is not None:
             raise ValueError("FluxPolicy is text-to-image: it takes no images")
-        prompts = list(prompts)
-        return {
-            "prompt_embeds": self._encode_t5(prompts),  # [B, S, D_t5]
-            "pooled_prompt_embeds": self._encode_clip_pooled(prompts),  # [B, D_clip]
-        }
-
-    def prepare_latents(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        """Standard normal noise, packed: [B, seq, 4C].
-
-        Drawn unpacked [B, C, h, w] with diffusers' `randn_tensor` and then packed, exactly as
-        FluxPipeline.prepare_latents, so a given generator yields the pipeline's own latents.
-        """
-        from diffusers import FluxPipeline
-        from diffusers.utils.torch_utils import randn_tensor
-
-        h, w = self.latent_size
-        shape = (batch_size, self.latent_channels, h, w)
-        noise = randn_tensor(shape, generator=generator, device=placement(self.transformer)[0], dtype=torch.float32)  # [B, C, h, w]
-        # FluxPipeline._pack_latents is a public-enough staticmethod; reuse rather than restate.
-        return FluxPipeline._pack_latents(noise, batch_size, self.latent_channels, h, w)  # [B, seq, 4C]
+        prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
+            list(prompts), prompt_2=None, device=self.text_encoder.device, max_sequence_length=self.max_sequence_length
+        )
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}  # [B, S, D_t5], [B, D_clip]
 
     def _image_ids(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Position ids [seq, 3] of the packed latent tokens: (0, row, col), as FluxPipeline."""
@@ -285,20 +221,6 @@ class FluxPolicy(PolicyAdapter):
             return_dict=False,
         )[0]
         return out.float()  # [B, seq, 4C]
-
-    def unpack(self, latents: Tensor) -> Tensor:
-        """Packed [B, seq, 4C] → VAE latents [B, C, h, w] (FluxPipeline._unpack_latents)."""
-        from diffusers import FluxPipeline
-
-        return FluxPipeline._unpack_latents(latents, self.height, self.width, self.vae_scale_factor)
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Pixels [B, 3, H, W] in [0, 1] from packed latents [B, seq, 4C]."""
-        z = self.unpack(latents.to(device=self.vae.device, dtype=self.vae.dtype))  # [B, C, h, w]
-        z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
 __all__ = ["FluxPolicy", "flux_pipeline_sigmas"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -57,8 +57,13 @@ class Sampler(ABC):
             diffusers' FlowMatchEulerDiscreteScheduler; diffusion: the integer DDPM timestep).
         eta: noise level; 0 gives the deterministic ODE step.
         log_prob_reduction: "mean" (DanceGRPO, default) or "sum" over non-batch dimensions.
+
+    Class attribute:
+        paradigm: "flow" or "diffusion", the model output it expects (a policy of the other
+            paradigm is refused by GRPOModule, see `policies.base.check_sampler_matches`).
     """
 
+    paradigm: ClassVar[str]
     num_steps: int
     timesteps: Tensor
     eta: float

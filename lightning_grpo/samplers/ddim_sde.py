@@ -47,6 +47,8 @@ class DDIMSDESampler(Sampler):
         log_prob_reduction: "mean" (default) or "sum" over non-batch dimensions.
     """
 
+    paradigm = "diffusion"
+
     def __init__(
         self,
         num_steps: int = 50,

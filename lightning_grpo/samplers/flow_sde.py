@@ -50,6 +50,8 @@ class FlowSDESampler(Sampler):
         log_prob_reduction: "mean" (DanceGRPO) or "sum" of the per-element log-density.
     """
 
+    paradigm = "flow"
+
     def __init__(
         self,
         num_steps: int = 16,

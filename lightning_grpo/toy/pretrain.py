@@ -12,8 +12,10 @@ What it does, seeded end to end (same seed and torch build: same weights):
    real pipelines. Random transformers still map different prompts to different features;
    the denoiser learns to read them.
 3. The pipeline is saved with `save_pretrained` and LOADED BACK THROUGH THE POLICY ADAPTER
-   (`FluxPolicy` / `StableDiffusionPolicy`), and the denoiser is trained through the adapter's
-   own `encode_prompts` and `predict`: the pretrained function is exactly what GRPO later samples.
+   (`FluxPolicy` / `StableDiffusionPolicy`), and the denoiser is trained through the family
+   layer: images encoded by the adapter's `encode_pixels`, text by its `encode_prompts`, the
+   loss on its `predict`, so the pretrained function is exactly what GRPO later samples. Only
+   the objective depends on the paradigm (`policy.paradigm`):
      FLUX (rectified flow):  x_σ = (1 − σ)·z + σ·ε,  loss = |v_θ(x_σ, σ) − (ε − z)|²,
                               σ ~ logit-normal(0, 1) (SD3 / FLUX training)
      SD (v-prediction DDPM): x_t = √ᾱ_t·z + √(1 − ᾱ_t)·ε,  loss = |v_θ(x_t, t) − (√ᾱ_t·ε − √(1 − ᾱ_t)·z)|²,
@@ -48,6 +50,7 @@ from tqdm.auto import tqdm
 
 from lightning_grpo.toy.components import (
     ToySize,
+    TEXT_MAX_LENGTH,
     build_clip_text_encoder,
     build_ddim_scheduler,
     build_flux_scheduler,
@@ -185,32 +188,31 @@ def save_pipeline(family: str, folder: Path, vae, config: PretrainConfig, stats:
     pipeline.save_pretrained(folder)
 
 
+TOY_POLICIES = {
+    "flux": ("FluxPolicy", {"max_sequence_length": TEXT_MAX_LENGTH}),
+    "sd": ("StableDiffusionPolicy", {}),
+}
+"""Per toy family: the policy class in lightning_grpo.policies and its extra arguments."""
+
+CFG_DROPOUT = {"flux": 0.0, "sd": 0.1}
+"""Share of empty prompts in the denoiser training (SD: so CFG is usable; FLUX has no CFG)."""
+
+
 def load_policy(family: str, folder: Path, image_size: int):
     """The policy adapter of `family` on the pipeline in `folder` (the code GRPO uses)."""
-    from lightning_grpo.policies import FluxPolicy, StableDiffusionPolicy
+    import lightning_grpo.policies as policies
 
-    if family == "flux":
-        from lightning_grpo.toy.components import TEXT_MAX_LENGTH
-
-        return FluxPolicy(folder, height=image_size, width=image_size, max_sequence_length=TEXT_MAX_LENGTH)
-    return StableDiffusionPolicy(folder, height=image_size, width=image_size)
+    name, kwargs = TOY_POLICIES[family]
+    return getattr(policies, name)(folder, height=image_size, width=image_size, **kwargs)
 
 
 @torch.no_grad()
-def encode_training_set(policy, family: str, config: PretrainConfig) -> tuple[Tensor, list[str]]:
-    """Jittered renders of all combinations encoded once to scaled latents: (latents [N, *L], prompts)."""
+def encode_training_set(policy, config: PretrainConfig) -> tuple[Tensor, list[str]]:
+    """Jittered renders of all combinations encoded once to scaled latents by the policy's
+    `encode_pixels` (the inverse of its decode): (latents [N, *L], prompts)."""
     pixels, prompts = sample_captioned_images(config.dataset_size, size=config.size.image_size, seed=config.seed + 11)
     prompts = noisy_captions(prompts, config.caption_noise, seed=config.seed + 12)
-    vae = policy.vae
-    latents = []
-    for chunk in pixels.split(512):
-        z = vae.encode(chunk * 2 - 1).latent_dist.mode()  # [b, C, h, w]
-        if family == "flux":
-            z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-            latents.append(_pack(z))
-        else:
-            latents.append(z * vae.config.scaling_factor)
-    return torch.cat(latents), prompts
+    return torch.cat([policy.encode_pixels(chunk) for chunk in pixels.split(512)]), prompts
 
 
 def noisy_captions(prompts: list[str], noise: float, seed: int) -> list[str]:
@@ -230,14 +232,6 @@ def noisy_captions(prompts: list[str], noise: float, seed: int) -> list[str]:
     return out
 
 
-def _pack(z: Tensor) -> Tensor:
-    """[B, C, h, w] → FLUX's packed [B, h/2·w/2, 4C] (FluxPipeline._pack_latents)."""
-    from diffusers import FluxPipeline
-
-    b, c, h, w = z.shape
-    return FluxPipeline._pack_latents(z, b, c, h, w)
-
-
 def _prompt_table(policy, prompts: list[str]) -> tuple[dict, list[int]]:
     """Encode each distinct prompt once: (condition of the distinct prompts, index per sample)."""
     distinct = sorted(set(prompts))
@@ -247,36 +241,21 @@ def _prompt_table(policy, prompts: list[str]) -> tuple[dict, list[int]]:
 
 def train_denoiser(policy, family: str, config: PretrainConfig) -> list[float]:
     """Train the adapter's denoiser on the encoded training set (see the module doc for the losses)."""
-    latents, prompts = encode_training_set(policy, family, config)
-    empty = "" if family == "sd" else None
-    table, sample_index = _prompt_table(policy, prompts + ([empty] if empty is not None else []))
+    latents, prompts = encode_training_set(policy, config)
+    dropout = CFG_DROPOUT[family]
+    table, sample_index = _prompt_table(policy, prompts + ([""] if dropout else []))
     sample_index = torch.tensor(sample_index)
-    empty_index = sample_index[-1] if empty is not None else None
+    empty_index = sample_index[-1] if dropout else None
     sample_index = sample_index[: len(prompts)]
-    denoiser = policy.transformer if family == "flux" else policy.unet
+    denoiser = policy.denoiser
     denoiser.train()
     generator = torch.Generator().manual_seed(config.seed + 13)
-    if family == "sd":
-        alphas_cumprod = build_ddim_scheduler().alphas_cumprod  # [1000]
+    loss = _flow_loss if policy.paradigm == "flow" else _v_prediction_loss(policy.make_scheduler().alphas_cumprod)
 
     def loss_fn(step: int) -> Tensor:
         rows = torch.randint(len(latents), (config.denoiser_batch,), generator=generator)
-        z = latents[rows]
-        ids = sample_index[rows]
-        noise = torch.randn(z.shape, generator=generator)
-        if family == "flux":
-            sigma = torch.sigmoid(torch.randn(len(rows), generator=generator))  # logit-normal(0, 1)
-            s = sigma.view(-1, *([1] * (z.ndim - 1)))
-            x = (1 - s) * z + s * noise
-            condition = {k: v[ids] for k, v in table.items()}
-            return (policy.predict(x, sigma * 1000, condition) - (noise - z)).square().mean()
-        t = torch.randint(0, len(alphas_cumprod), (len(rows),), generator=generator)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x = a.sqrt() * z + (1 - a).sqrt() * noise
-        drop = torch.rand(len(rows), generator=generator) < 0.1
-        condition = {k: v[torch.where(drop, empty_index, ids)] for k, v in table.items()}
-        target = a.sqrt() * noise - (1 - a).sqrt() * z  # v = √ᾱ·ε − √(1−ᾱ)·z (the scheduler's v-prediction)
-        return (policy.predict(x, t, condition) - target).square().mean()
+        noise = torch.randn(latents[rows].shape, generator=generator)
+        return loss(policy, latents[rows], noise, sample_index[rows], table, generator, dropout, empty_index)
 
     steps = config.flux_steps if family == "flux" else config.sd_steps
     losses = _fit(f"{family} denoiser", [p for p in denoiser.parameters() if p.requires_grad], loss_fn, steps,
@@ -285,26 +264,41 @@ def train_denoiser(policy, family: str, config: PretrainConfig) -> list[float]:
     return losses
 
 
+def _flow_loss(policy, z: Tensor, noise: Tensor, ids: Tensor, table: dict, generator, dropout: float, empty_index) -> Tensor:
+    """Rectified flow: x_σ = (1 − σ)·z + σ·ε, loss |v_θ(x_σ, σ) − (ε − z)|², σ ~ logit-normal(0, 1)."""
+    sigma = torch.sigmoid(torch.randn(len(z), generator=generator))  # logit-normal(0, 1)
+    s = sigma.view(-1, *([1] * (z.ndim - 1)))
+    x = (1 - s) * z + s * noise
+    condition = {k: v[ids] for k, v in table.items()}
+    return (policy.predict(x, sigma * 1000, condition) - (noise - z)).square().mean()
+
+
+def _v_prediction_loss(alphas_cumprod: Tensor):
+    """v-prediction DDPM: x_t = √ᾱ_t·z + √(1 − ᾱ_t)·ε, loss |v_θ(x_t, t) − (√ᾱ_t·ε − √(1 − ᾱ_t)·z)|²,
+    t ~ U{0..999}; a `dropout` share of empty prompts (ᾱ from the checkpoint's own scheduler)."""
+
+    def loss(policy, z: Tensor, noise: Tensor, ids: Tensor, table: dict, generator, dropout: float, empty_index) -> Tensor:
+        t = torch.randint(0, len(alphas_cumprod), (len(z),), generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x = a.sqrt() * z + (1 - a).sqrt() * noise
+        drop = torch.rand(len(z), generator=generator) < dropout
+        condition = {k: v[torch.where(drop, empty_index, ids)] for k, v in table.items()}
+        target = a.sqrt() * noise - (1 - a).sqrt() * z  # v = √ᾱ·ε − √(1−ᾱ)·z (the scheduler's v-prediction)
+        return (policy.predict(x, t, condition) - target).square().mean()
+
+    return loss
+
+
 # ----------------------------------------------------------------------------- evaluation
 
-def eval_sampler(policy, family: str, num_steps: int):
-    """The deterministic sampler the demo evaluates with (the pipeline's own schedule)."""
-    from lightning_grpo.samplers import DDIMSDESampler, FlowSDESampler
-
-    if family == "flux":
-        return FlowSDESampler(num_steps=num_steps, eta=0.0, sigmas=policy.pipeline_sigmas(num_steps))
-    from diffusers import DDIMScheduler
-
-    return DDIMSDESampler(num_steps=num_steps, eta=0.0, scheduler=DDIMScheduler.from_config(policy.scheduler_config))
-
-
 @torch.no_grad()
-def heldout_accuracy(policy, family: str, num_steps: int, samples_per_prompt: int, seed: int = 1234) -> dict[str, float]:
-    """Exact-match and per-attribute accuracy of ODE samples on the held-out prompts."""
+def heldout_accuracy(policy, num_steps: int, samples_per_prompt: int, seed: int = 1234) -> dict[str, float]:
+    """Exact-match and per-attribute accuracy of ODE samples on the held-out prompts, with the
+    family's own deterministic sampler (the pipeline's schedule)."""
     from lightning_grpo.rollout import ode_sample
     from lightning_grpo.toy.verifier import attribute_correctness
 
-    sampler = eval_sampler(policy, family, num_steps)
+    sampler = policy.build_sampler(num_steps, eta=0.0)
     prompts = [p for p in heldout_prompts() for _ in range(samples_per_prompt)]
     generator = torch.Generator().manual_seed(seed)
     correct = []
@@ -324,12 +318,11 @@ def heldout_accuracy(policy, family: str, num_steps: int, samples_per_prompt: in
 
 # ----------------------------------------------------------------------------- driver
 
-def _save_denoiser_fp16(policy, family: str, folder: Path) -> None:
+def _save_denoiser_fp16(policy, folder: Path) -> None:
     """Overwrite the saved denoiser with the trained weights, stored in fp16 (half the bytes)."""
-    name = "transformer" if family == "flux" else "unet"
     from diffusers.utils import logging as diffusers_logging
 
-    denoiser = getattr(policy, name)
+    name, denoiser = policy.denoiser_name, policy.denoiser
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its "cast with to()" advice is about inference, not storage
     try:
@@ -353,9 +346,9 @@ def pretrain(families: tuple[str, ...], out: Path, config: PretrainConfig) -> di
         _copy_vae_weights(vae, folder)
         policy = load_policy(family, folder, config.size.image_size)
         losses = train_denoiser(policy, family, config)
-        _save_denoiser_fp16(policy, family, folder)
+        _save_denoiser_fp16(policy, folder)
         policy = load_policy(family, folder, config.size.image_size)  # evaluate what ships
-        accuracy = heldout_accuracy(policy, family, config.eval_steps, config.eval_samples_per_prompt)
+        accuracy = heldout_accuracy(policy, config.eval_steps, config.eval_samples_per_prompt)
         reports[family] = {
             "heldout": accuracy,
             "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),

@@ -96,7 +96,11 @@ def test_config_opens_with_a_comment_and_instantiates(config, stand_ins, tmp_pat
             assert cli.model.hparams[key] == raw["model"][key]
     policy_class = raw["model"]["policy"]["class_path"].rsplit(".", 1)[-1]
     assert type(cli.model.policy).__name__ == policy_class
-    assert cli.model.policy.paradigm == ("diffusion" if "DDIM" in raw["model"]["sampler"]["class_path"] else "flow")
+    assert cli.model.sampler.paradigm == cli.model.policy.paradigm
+    if "sampler" not in raw["model"]:  # the family's own sampler, with the policy's settings
+        args = raw["model"]["policy"]["init_args"]
+        assert type(cli.model.sampler) is type(cli.model.policy.build_sampler())
+        assert cli.model.sampler.num_steps == args.get("num_sampling_steps", cli.model.policy.default_num_steps)
 
 
 @pytest.mark.parametrize("config_name", ["flux_hps.yaml", "sd14_hps.yaml", "flux_hps_clip.yaml"])
@@ -106,7 +110,10 @@ def test_short_cpu_fit_of_each_family(config_name, stand_ins, tmp_path, monkeypa
     raw = substitute(yaml.safe_load((ROOT / "configs" / config_name).read_text()), stand_ins)
     raw["trainer"] = dict(accelerator="cpu", devices=1, max_steps=1, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False, limit_val_batches=0)
     raw["model"].update(group_size=2, micro_batch_size=2, show_progress=False)
-    raw["model"]["sampler"]["init_args"]["num_steps"] = 3
+    if "sampler" in raw["model"]:
+        raw["model"]["sampler"]["init_args"]["num_steps"] = 3
+    else:
+        raw["model"]["policy"]["init_args"]["num_sampling_steps"] = 3
     path = tmp_path / config_name
     path.write_text(yaml.safe_dump(raw))
     cli = run(["-c", str(path)], subcommand=False)

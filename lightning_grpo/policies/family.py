@@ -1,0 +1,352 @@
+"""The family layer: one base for every diffusers-backed policy (FLUX, SD, and the video families).
+
+A family file subclasses `DiffusersPolicy` and declares, as class attributes, what differs
+between base models:
+
+    pipeline_class   the diffusers pipeline the family mirrors ("FluxPipeline")
+    components       {subfolder: (kind, "library.Class")}: what the checkpoint folder holds
+    denoiser_name    the one trainable module ("transformer", "unet")
+    uses_shift_factor, latent_multiple, default_num_steps, default_eta, default_lora_targets
+
+and implements `predict`, `encode_prompts` (through the pipeline's own `encode_prompt`),
+`latent_channels` and `pipeline_call_kwargs`. Everything else is here, once:
+
+    loading        pre-flight folder check, then `from_pretrained` of every component at its dtype
+    freezing       frozen components (text encoders, VAE) kept in eval mode whatever `train()` says
+    training mode  LoRA (peft, via diffusers' `add_adapter`) or full fine-tuning of the denoiser
+    memory         gradient checkpointing; the denoiser's FSDP block classes (`no_split_modules`)
+    latents        seeded noise as the pipeline draws it; `encode_pixels` / `decode` (VAE, [0, 1])
+    sampler        `build_sampler`: the family's matching sampler with its default schedule
+    KL reference   adapters disabled (LoRA) or a frozen copy of the denoiser only (full FT)
+    export         a diffusers pipeline folder (full FT) or `load_lora_weights` files (LoRA)
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_grpo.policies.base import PolicyAdapter
+from lightning_grpo.policies.loading import (
+    add_lora,
+    check_pretrained_folder,
+    freeze,
+    load_component,
+    load_tokenizer,
+    parse_dtype,
+    placement,
+)
+from lightning_grpo.types import Condition
+
+ComponentSpec = dict[str, tuple[str, str]]
+"""{subfolder: (kind, "library.ClassName")}, kind one of "model", "tokenizer", "scheduler"."""
+
+
+def resolve_class(dotted: str) -> type:
+    """"diffusers.AutoencoderKL" → the class (imported lazily: diffusers is slow to import)."""
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class _FirstTruncationOnly(logging.Filter):
+    """Lets the first "part of your input was truncated" warning of a pipeline's `encode_prompt`
+    through and drops the repeats: GRPO encodes the same prompts every step, and the warning
+    (each time listing the cut words) would otherwise fill the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "truncated" not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg = f"{record.msg} (shown once; later truncations are not reported)"
+        return True
+
+
+class DiffusersPolicy(PolicyAdapter):
+    """A diffusers base model as a GRPO policy: the shared part of every family.
+
+    Args (every family takes these; family files add their own, e.g. guidance):
+        pretrained_model_name_or_path: local folder in the diffusers layout or a hub id.
+        height, width: pixels; multiples of the VAE factor × `latent_multiple`.
+        dtype: dtype of the frozen components ("float32", "bfloat16", "float16").
+        denoiser_dtype: dtype of the trainable denoiser.
+        lora_rank: 0 trains the whole denoiser; > 0 freezes it and trains a peft LoRA.
+        lora_alpha: LoRA alpha (scale alpha/rank); None means alpha = rank.
+        lora_target_modules: denoiser module names LoRA is applied to (None: the family default).
+        gradient_checkpointing: recompute the denoiser's activations in backward.
+        num_sampling_steps, sampling_eta: the sampler `build_sampler()` makes (GRPOModule uses it
+            when no sampler is configured); None: the family's recipe default.
+    """
+
+    pipeline_class: ClassVar[str]
+    components: ClassVar[ComponentSpec]
+    denoiser_name: ClassVar[str]
+    uses_shift_factor: ClassVar[bool] = False  # the pipeline un-shifts latents by vae.config.shift_factor
+    latent_multiple: ClassVar[int] = 1  # extra down-sampling after the VAE (FLUX's 2×2 packing: 2)
+    default_num_steps: ClassVar[int]
+    default_eta: ClassVar[float]
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    pipeline_extra_kwargs: ClassVar[dict[str, Any]] = {}  # other pipeline __init__ arguments
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str,
+        height: int,
+        width: int,
+        dtype: str = "float32",
+        denoiser_dtype: str = "float32",
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_target_modules: Sequence[str] | None = None,
+        gradient_checkpointing: bool = False,
+        num_sampling_steps: int | None = None,
+        sampling_eta: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
+        self.height, self.width = int(height), int(width)
+        self.lora_rank = int(lora_rank)
+        self.lora_alpha = float(lora_alpha) if lora_alpha is not None else float(self.lora_rank)
+        self.num_sampling_steps = num_sampling_steps
+        self.sampling_eta = sampling_eta
+        self._load(parse_dtype(dtype), parse_dtype(denoiser_dtype))
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        multiple = self.vae_scale_factor * self.latent_multiple
+        if self.height % multiple or self.width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {self.height}×{self.width}")
+        self.check_components()
+        if self.lora_rank > 0:
+            add_lora(self.denoiser, self.lora_rank, lora_alpha, lora_target_modules or self.default_lora_targets)
+        else:
+            self.denoiser.requires_grad_(True)
+        if gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def _load(self, frozen_dtype: torch.dtype, denoiser_dtype: torch.dtype) -> None:
+        """Check the folder, then load every component of `components`; all but the denoiser frozen.
+
+        The scheduler is kept as its config dict (`scheduler_config`): samplers and exports build
+        schedulers from it.
+        """
+        path = self.pretrained_model_name_or_path
+        check_pretrained_folder(path, {sub: kind for sub, (kind, _) in self.components.items()})
+        for subfolder, (kind, class_name) in self.components.items():
+            cls = resolve_class(class_name)
+            if kind == "tokenizer":
+                setattr(self, subfolder, load_tokenizer(cls, path, subfolder))
+            elif kind == "scheduler":
+                self.scheduler_config: dict[str, Any] = dict(load_component(cls.load_config, path, subfolder))
+            else:
+                is_denoiser = subfolder == self.denoiser_name
+                # transformers names the argument `dtype`, diffusers `torch_dtype`
+                key = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
+                module = load_component(cls.from_pretrained, path, subfolder, **{key: denoiser_dtype if is_denoiser else frozen_dtype})
+                setattr(self, subfolder, module if is_denoiser else freeze(module))
+
+    def check_components(self) -> None:
+        """Refuse loaded components the family cannot drive (a hook; nothing by default)."""
+
+    @property
+    def frozen_module_names(self) -> list[str]:
+        """The model components other than the denoiser (text encoders, VAE): always frozen."""
+        return [sub for sub, (kind, _) in self.components.items() if kind == "model" and sub != self.denoiser_name]
+
+    # -- the trainable denoiser (for FSDP wrapping and checkpointing) ------------------------
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The one trainable module (with its LoRA adapters when lora_rank > 0)."""
+        return getattr(self, self.denoiser_name)
+
+    @property
+    def no_split_modules(self) -> tuple[str, ...]:
+        """Names of the denoiser's block classes that must not be split across devices
+        (diffusers' `_no_split_modules`, e.g. FluxTransformerBlock): the FSDP wrapping unit."""
+        return tuple(getattr(self.denoiser, "_no_split_modules", None) or ())
+
+    @property
+    def block_classes(self) -> set[type[nn.Module]]:
+        """The classes named by `no_split_modules` that the denoiser actually contains
+        (for `torch.distributed.fsdp.wrap.ModuleWrapPolicy`)."""
+        names = set(self.no_split_modules)
+        return {type(m) for m in self.denoiser.modules() if type(m).__name__ in names}
+
+    def train(self, mode: bool = True) -> DiffusersPolicy:
+        """Switch the denoiser's mode; the frozen components always stay in eval (T5 has dropout,
+        which would make the conditioning random)."""
+        super().train(mode)
+        for name in self.frozen_module_names:
+            getattr(self, name).eval()
+        return self
+
+    # -- the diffusers pipeline, sharing this policy's modules --------------------------------
+
+    def make_scheduler(self):
+        """A fresh scheduler of the checkpoint's own class and config."""
+        import diffusers
+
+        return getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
+
+    @property
+    def pipeline(self):
+        """The family's diffusers pipeline built on this policy's own modules (no copies).
+
+        Used for `encode_prompt` (so prompt templates are the pipeline's, never restated) and
+        for export. Built once, on first use.
+        """
+        if "_pipeline" not in self.__dict__:
+            parts = {sub: getattr(self, sub) for sub, (kind, _) in self.components.items() if kind != "scheduler"}
+            pipe = resolve_class(f"diffusers.{self.pipeline_class}")(scheduler=self.make_scheduler(), **parts, **self.pipeline_extra_kwargs)
+            pipe.set_progress_bar_config(disable=True)
+            logger = logging.getLogger(type(pipe).__module__)
+            if not any(isinstance(f, _FirstTruncationOnly) for f in logger.filters):
+                logger.addFilter(_FirstTruncationOnly())
+            self.__dict__["_pipeline"] = pipe
+        return self.__dict__["_pipeline"]
+
+    def pipeline_call_kwargs(self, num_prompts: int) -> dict[str, Any]:
+        """Arguments that make `pipeline(prompts, latents=..., num_inference_steps=N, **these)`
+        (len(prompts) = num_prompts) sample what this policy samples deterministically with
+        `build_sampler(eta=0)` (resolution, guidance, ...)."""
+        return {"height": self.height, "width": self.width}
+
+    # -- latents ------------------------------------------------------------------------------
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels C of the VAE latents [B, C, h, w] (before any packing)."""
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """VAE latent (h, w) = (H/f, W/f)."""
+        return self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """Per-sample VAE latent shape (C, h, w), before packing."""
+        return (self.latent_channels, *self.latent_size)
+
+    def pack_latents(self, z: Tensor) -> Tensor:
+        """VAE latents [B, C, h, w] → the policy's latent layout (identity unless the family packs)."""
+        return z
+
+    def unpack_latents(self, latents: Tensor) -> Tensor:
+        """The policy's latent layout → VAE latents [B, C, h, w] (inverse of `pack_latents`)."""
+        return latents
+
+    def prepare_latents(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Standard normal noise in the policy's layout, fp32.
+
+        Drawn as VAE latents [B, C, h, w] with diffusers' `randn_tensor` and then packed, exactly as
+        the pipelines' `prepare_latents`, so a given generator yields the pipeline's own latents.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (batch_size, *self.latent_shape)
+        noise = randn_tensor(shape, generator=generator, device=placement(self.denoiser)[0], dtype=torch.float32)  # [B, C, h, w]
+        return self.pack_latents(noise)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: Tensor) -> Tensor:
+        """Pixels [B, 3, H, W] in [0, 1] → latents in the policy's layout: the inverse of `decode`.
+
+            z = (mode(VAE.encode(2·pixels − 1)) − shift_factor)·scaling_factor   (shift only if the
+            family uses it), then packed. The posterior's mode, not a sample: deterministic.
+        """
+        vae = self.vae
+        x = (pixels * 2 - 1).to(device=vae.device, dtype=vae.dtype)  # [B, 3, H, W] in [-1, 1]
+        z = vae.encode(x).latent_dist.mode()  # [B, C, h, w]
+        if self.uses_shift_factor:
+            z = z - vae.config.shift_factor
+        return self.pack_latents((z * vae.config.scaling_factor).float())
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Pixels [B, 3, H, W] in [0, 1]: z = unpack(x)/scaling_factor (+ shift_factor); VAE.decode."""
+        vae = self.vae
+        z = self.unpack_latents(latents.to(device=vae.device, dtype=vae.dtype)) / vae.config.scaling_factor
+        if self.uses_shift_factor:
+            z = z + vae.config.shift_factor
+        image = vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- sampler ------------------------------------------------------------------------------
+
+    def sampler_defaults(self, num_steps: int | None, eta: float | None) -> tuple[int, float]:
+        """(steps, eta): the arguments if given, else the policy's configured ones, else the family's."""
+        steps = num_steps if num_steps is not None else self.num_sampling_steps
+        eta = eta if eta is not None else self.sampling_eta
+        return (self.default_num_steps if steps is None else int(steps), self.default_eta if eta is None else float(eta))
+
+    # -- KL reference -------------------------------------------------------------------------
+
+    def kl_reference(self) -> nn.Module | None:
+        """With LoRA nothing (the reference is the same denoiser with its adapters disabled);
+        with full fine-tuning a frozen copy of the denoiser only, not of the text encoders/VAE."""
+        if self.lora_rank > 0:
+            return None
+        return freeze(copy.deepcopy(self.denoiser))
+
+    def reference_predict(self, reference: nn.Module | None, latents: Tensor, timesteps: Tensor, condition: Condition) -> Tensor:
+        with self._as_reference(reference):
+            return self.predict(latents, timesteps, condition)
+
+    @contextmanager
+    def _as_reference(self, reference: nn.Module | None) -> Iterator[None]:
+        """predict() inside runs the initial policy: adapters disabled (peft, through diffusers'
+        `disable_adapters`), or the frozen denoiser copy swapped in; restored on exit."""
+        if reference is None:
+            self.denoiser.disable_adapters()
+            try:
+                yield
+            finally:
+                self.denoiser.enable_adapters()
+            return
+        trained = self.denoiser
+        setattr(self, self.denoiser_name, reference)
+        try:
+            yield
+        finally:
+            setattr(self, self.denoiser_name, trained)
+
+    # -- export -------------------------------------------------------------------------------
+
+    def export(self, out: str | Path) -> Path:
+        """Write the policy for plain diffusers; returns `out`.
+
+        Full fine-tuning: the whole pipeline folder (`Pipeline.from_pretrained(out)` loads it).
+        LoRA: `pytorch_lora_weights.safetensors`, for `Pipeline.from_pretrained(base)
+        .load_lora_weights(out)`. The LoRA scale alpha/rank is folded into the B matrices, since
+        the loader assumes alpha = rank when no alpha is stored.
+        """
+        out = Path(out)
+        if self.lora_rank == 0:
+            self.pipeline.save_pretrained(out, safe_serialization=True)
+            return out
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.denoiser)
+        scale = self.lora_alpha / self.lora_rank
+        state = {k: (v * scale if "lora_B" in k else v).detach().cpu().contiguous() for k, v in state.items()}
+        resolve_class(f"diffusers.{self.pipeline_class}").save_lora_weights(
+            out, **{f"{self.denoiser_name}_lora_layers": state}, safe_serialization=True
+        )
+        return out
+
+
+__all__ = ["ComponentSpec", "DiffusersPolicy", "resolve_class"]

@@ -1,0 +1,78 @@
+"""The family registry: every diffusers-backed family, with a tiny stand-in to test it on.
+
+One entry per family. The family contract test (tests/families/test_family_contract.py) is
+parametrized over `FAMILIES`, so a new family is one family file, one entry here and one YAML
+in configs/; no new test code (docs/architecture.md, "Adding a family").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lightning_grpo.policies.family import DiffusersPolicy, resolve_class
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registered family.
+
+    Attributes:
+        name: short name ("flux", "sd").
+        policy_class: dotted path of the `DiffusersPolicy` subclass.
+        build_stand_in: `build(path, seed=0) -> path` writes a tiny random pipeline of the
+            family's real classes in the diffusers layout (offline, seconds on a CPU).
+        stand_in_kwargs: policy arguments that fit the stand-in (resolution, sequence length).
+        config: the family's example YAML under configs/.
+    """
+
+    name: str
+    policy_class: str
+    build_stand_in: Callable[..., Path]
+    stand_in_kwargs: dict[str, Any] = field(default_factory=dict)
+    config: str = ""
+
+    def policy_type(self) -> type[DiffusersPolicy]:
+        return resolve_class(self.policy_class)
+
+    def stand_in_policy(self, path: str | Path, **kwargs: Any) -> DiffusersPolicy:
+        """The family's policy on a stand-in folder written by `build_stand_in`."""
+        return self.policy_type()(str(path), **{**self.stand_in_kwargs, **kwargs})
+
+
+def _build_flux(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_flux
+
+    return build_tiny_flux(path, seed)
+
+
+def _build_sd(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_sd
+
+    return build_tiny_sd(path, seed)
+
+
+_STAND_IN = {"height": 16, "width": 16}  # stand_ins.IMAGE_SIZE (not imported here: it pulls in diffusers)
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add `family` to FAMILIES (its name must be new)."""
+    if family.name in FAMILIES:
+        raise ValueError(f"family {family.name!r} is already registered ({FAMILIES[family.name].policy_class})")
+    FAMILIES[family.name] = family
+    return family
+
+
+register_family(Family(
+    name="flux", policy_class="lightning_grpo.policies.flux.FluxPolicy", build_stand_in=_build_flux,
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "guidance": 3.5}, config="configs/flux_hps.yaml",
+))
+register_family(Family(
+    name="sd", policy_class="lightning_grpo.policies.stable_diffusion.StableDiffusionPolicy", build_stand_in=_build_sd,
+    stand_in_kwargs={**_STAND_IN, "guidance_scale": 3.0}, config="configs/sd14_hps.yaml",
+))
+
+__all__ = ["FAMILIES", "Family", "register_family"]

@@ -1,0 +1,202 @@
+"""Tiny stand-ins: random, offline diffusers pipelines of each family in the real folder layout.
+
+The family registry (`lightning_grpo.policies.registry`) names one builder per family; the
+family contract test (tests/families) and the policy tests run on what they write.
+
+Nothing here touches the network: every component is built from a small config with a fixed
+seed, and the tokenizers are built from a handmade vocabulary (a byte-pair CLIP vocabulary and
+a unigram T5 vocabulary), then the whole pipeline is written with `pipeline.save_pretrained`
+so `model_index.json` and the `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`
+(and `transformer/`, `text_encoder_2/`, `tokenizer_2/` for FLUX) subfolders are exactly those a
+real checkpoint has. Adapters then load them through their own `from_pretrained` code.
+
+In tests: the `tiny_sd_path` / `tiny_flux_path` fixtures of tests/policies/conftest.py, or
+`lightning_grpo.policies.registry.FAMILIES[name].build_stand_in(path)`.
+
+Sizes: images are 16×16 pixels. SD: VAE ×2 down-sampling → latents [B, 4, 8, 8].
+FLUX: VAE ×2 → [B, 4, 8, 8] unpacked, [B, 16, 16] packed 2×2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_grpo.toy.tokenizers import clip_tokenizer, t5_tokenizer
+
+
+# The shared handmade vocabulary: a few words (letters are the tokenizers' fallback), so any
+# lowercase prompt tokenizes without unknown tokens.
+WORDS = ["a", "an", "the", "cat", "dog", "red", "blue", "photo", "of", "on", "sofa", "circle", "square"]
+
+TEXT_HIDDEN = 32  # hidden size of both tiny text encoders (CLIP pooled dim, T5 sequence dim)
+TEXT_MAX_LENGTH = 16  # tokenizer max length (CLIP positions; FLUX max_sequence_length in tests)
+IMAGE_SIZE = 16  # pixels; the tiny VAEs down-sample ×2
+
+
+def tiny_clip_tokenizer():
+    """A CLIPTokenizer (byte-pair) over WORDS, letters as fallback, max length TEXT_MAX_LENGTH."""
+    return clip_tokenizer(WORDS, TEXT_MAX_LENGTH)
+
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer (unigram, tokenizers-backed) over WORDS, letters as fallback, no sentinels."""
+    return t5_tokenizer(WORDS, TEXT_MAX_LENGTH)
+
+
+def tiny_clip_text_encoder(tokenizer, seed: int):
+    """A 2-layer CLIPTextModel whose special-token ids match `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TEXT_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=TEXT_HIDDEN,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_vae(seed: int, flux: bool = False):
+    """A 2-block AutoencoderKL (×2 down-sampling, 4 latent channels); FLUX-style when `flux`."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    extra = dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False) if flux else {}
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=IMAGE_SIZE,
+        **extra,
+    ).eval()
+
+
+def build_tiny_sd(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable Diffusion 1.x pipeline to `path` and return it.
+
+    Layout as runwayml/CompVis checkpoints: model_index.json, unet/, vae/, text_encoder/,
+    tokenizer/, scheduler/ (a DDIMScheduler with SD 1.x betas, steps_offset 1). No safety
+    checker. Resolution 16×16; latents [B, 4, 8, 8]; text embeddings [B, 16, 32].
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    path = Path(path)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = tiny_clip_text_encoder(tokenizer, seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
+    vae = tiny_vae(seed + 2)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def build_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Write a tiny random FLUX.1 pipeline to `path` and return it.
+
+    Layout as black-forest-labs/FLUX.1-dev: model_index.json, transformer/, vae/ (with
+    shift/scaling factors), text_encoder/ + tokenizer/ (CLIP, pooled), text_encoder_2/ +
+    tokenizer_2/ (T5, sequence), scheduler/ (FlowMatchEulerDiscreteScheduler with dynamic
+    shifting). `guidance_embeds` as FLUX.1-dev (True) or FLUX.1-schnell (False).
+    Resolution 16×16; packed latents [B, 16, 16]; T5 embeddings [B, 16, 32] at max length 16.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    path = Path(path)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = tiny_clip_text_encoder(tokenizer, seed)
+    tokenizer_2 = tiny_t5_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=TEXT_HIDDEN,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.1,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(seed + 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_HIDDEN,
+        pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+    vae = tiny_vae(seed + 3, flux=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipeline = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipeline.save_pretrained(path)
+    return path
