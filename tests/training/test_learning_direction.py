@@ -50,9 +50,9 @@ def one_step(module: GRPOModule, num_prompts: int = 2) -> tuple[Rollout, torch.T
     seen: dict[str, object] = {}
     update = module._update
 
-    def recording_update(trajectories, advantages, allow_partial=False):
+    def recording_update(trajectories, advantages, **kwargs):
         seen["trajectories"], seen["advantages"] = trajectories, advantages.detach().clone()
-        return update(trajectories, advantages, allow_partial=allow_partial)
+        return update(trajectories, advantages, **kwargs)
 
     module._update = recording_update
     trainer = Trainer(
