@@ -78,7 +78,11 @@ def test_groups_spanning_two_ranks_equal_one_process(workdir):
                     "--union", *map(str, sorted(workdir.glob("span_rank_*.pt"))))
     step = [r[0] for r in ranks]
     assert torch.equal(step[0]["weights"], step[1]["weights"])
-    torch.testing.assert_close(step[0]["weights"], single[0]["weights"], rtol=0, atol=1e-6)
+    # 5e-6, not 1e-6 as above: the ranks sum each gradient in another order than the single
+    # process, and AdamW's first step divides by |g|, so an element whose gradient is near zero
+    # turns a rounding difference into up to ~2e-6 of weight (seen on 1 of 78,544 elements
+    # once best-of-n trained on full-group advantages, issue 17's default)
+    torch.testing.assert_close(step[0]["weights"], single[0]["weights"], rtol=0, atol=5e-6)
     # per-reward normalised rewards: rank r holds members 2r, 2r+1 of each of the 4 groups
     full = single[0]["reward_advantages"]["redness"].view(4, 4)
     for r in (0, 1):
