@@ -345,8 +345,8 @@ class GRPOModule(LightningModule):
         final, pixels, scores = trajectories.latents[:, -1], [], {}
         images = trajectories.images
         for chunk in torch.arange(trajectories.batch_size, device=final.device).split(self.hparams.decode_batch_size):
-            with timer("decode"):
-                chunk_pixels = self._decode(final[chunk])
+            with timer("decode"), torch.no_grad():
+                chunk_pixels = self.policy.decode(final[chunk])
             with timer("reward"):
                 prompts = [trajectories.prompts[i] for i in chunk.tolist()]
                 chunk_scores = self.rewards(chunk_pixels, prompts, None if images is None else images[chunk], allow_nonfinite=drop)
@@ -593,11 +593,6 @@ class GRPOModule(LightningModule):
             state.setdefault(key, current[key])
 
     # ------------------------------------------------------------------ helpers
-    def _decode(self, latents: Tensor) -> Tensor:
-        with torch.no_grad():
-            chunks = latents.split(self.hparams.decode_batch_size)
-            return torch.cat([self.policy.decode(chunk) for chunk in chunks])
-
     def _sde_steps(self) -> Tensor | None:
         """This rollout's SDE-step mask from `step_schedule` (None: all steps). Its iteration is the
         rollout's index in training (restored on resume); its generator depends on (seed,
