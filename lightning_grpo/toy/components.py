@@ -1,12 +1,19 @@
 """The toy pipelines' components: small instances of the REAL diffusers / transformers classes.
 
-The shipped toy FLUX and toy Stable Diffusion pipelines are built from these, trained by
+The shipped toy FLUX, toy Stable Diffusion, toy HunyuanVideo (text-to-video) and toy SkyReels-V1
+(image-to-video) pipelines are built from these, trained by
 `lightning_grpo.toy.pretrain`, and saved with `save_pretrained`, so the policy adapters load them
 through exactly the code that loads FLUX.1-dev and SD 1.4. `ToySize` scales every width, so a
 test can build the same architecture at a fraction of the cost.
 
 Geometry at the default 32×32 pixels: the VAE down-samples ×4 to latents [B, 4, 8, 8]; FLUX
 packs them 2×2 into [B, 16, 16] tokens; prompts are at most `TEXT_MAX_LENGTH` tokens.
+
+Video geometry (`VideoToySize()`): clips of 9 frames at 32×32; the causal 3D VAE compresses ×4 in
+space and ×4 in time (one latent frame for the first frame, one per 4 after it) to latents
+[B, 8, 3, 8, 8]; the HunyuanVideo transformer patches them 1×2×2 into 3·4·4 = 48 tokens. Prompts
+go through the pipelines' own Llama-3 chat template (95 template tokens cropped, then at most
+`VIDEO_TEXT_MAX_LENGTH` prompt tokens) and a CLIP text encoder at the pipelines' fixed 77 tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_grpo.toy.prompts import HELDOUT_TEMPLATES, TEMPLATES
-from lightning_grpo.toy.tokenizers import clip_tokenizer, t5_tokenizer, words_of
+from lightning_grpo.toy.tokenizers import clip_tokenizer, llama_tokenizer, t5_tokenizer, words_of
 from lightning_grpo.toy.vocab import COLOUR_NAMES, POSITIONS, SHAPES
 
 #: Tokens per prompt (the longest template, "there is a ... of the image", takes 12 with EOS).
@@ -63,8 +70,9 @@ def build_tokenizers() -> tuple:
     return clip_tokenizer(words, TEXT_MAX_LENGTH), t5_tokenizer(words, TEXT_MAX_LENGTH)
 
 
-def build_clip_text_encoder(tokenizer, size: ToySize, seed: int):
-    """A CLIPTextModel (causal transformer, pooled at EOS) whose special ids match `tokenizer`."""
+def build_clip_text_encoder(tokenizer, size: ToySize | VideoToySize, seed: int, max_length: int = TEXT_MAX_LENGTH):
+    """A CLIPTextModel (causal transformer, pooled at EOS) whose special ids match `tokenizer`,
+    with `max_length` positions."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -74,7 +82,7 @@ def build_clip_text_encoder(tokenizer, size: ToySize, seed: int):
         intermediate_size=4 * size.text_hidden,
         num_hidden_layers=size.text_layers,
         num_attention_heads=4,
-        max_position_embeddings=TEXT_MAX_LENGTH,
+        max_position_embeddings=max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -201,7 +209,169 @@ def build_ddim_scheduler():
     )
 
 
+# ----------------------------------------------------------------------------- video (HunyuanVideo, SkyReels-V1)
+
+#: Prompt tokens after the chat template (the longest moving-shapes prompt takes 13 with <|eot_id|>).
+VIDEO_TEXT_MAX_LENGTH = 16
+#: Tokens the HunyuanVideo pipelines pad every CLIP prompt to (hard-coded there).
+CLIP_VIDEO_MAX_LENGTH = 77
+#: Template tokens the pipelines crop off the Llama output (their DEFAULT_PROMPT_TEMPLATE's crop_start).
+LLAMA_TEMPLATE_TOKENS = 95
+
+
+@dataclass(frozen=True)
+class VideoToySize:
+    """Widths of the toy video components; `VideoToySize()` is what ships, `.reduced()` what CI builds."""
+
+    image_size: int = 32
+    frames: int = 9
+    latent_channels: int = 8
+    text_hidden: int = 64
+    llama_layers: int = 3  # the pipelines read hidden_states[-3]: with 3 layers, the output of the first
+    text_layers: int = 2  # CLIP
+    vae_channels: tuple[int, ...] = (8, 16, 16)
+    head_dim: int = 32
+    heads: int = 2
+    layers: int = 2
+    single_layers: int = 2
+    refiner_layers: int = 1
+
+    @classmethod
+    def reduced(cls) -> VideoToySize:
+        """The same architectures at a few percent of the cost (for the pretraining test)."""
+        return cls(latent_channels=4, text_hidden=32, text_layers=1, vae_channels=(8, 8, 8), head_dim=16,
+                   layers=1, single_layers=1)
+
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames of a clip: (F − 1)/4 + 1 (the causal VAE's temporal compression)."""
+        return (self.frames - 1) // 4 + 1
+
+
+def video_vocabulary() -> list[str]:
+    """The Llama tokenizer's words: every word of the HunyuanVideo prompt template (case kept) and
+    of the moving-shapes prompts (the reserved phrasings add none)."""
+    import re
+
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    from lightning_grpo.toy.motion_prompts import motion_words
+
+    return list(dict.fromkeys(re.findall(r"[A-Za-z]+", DEFAULT_PROMPT_TEMPLATE["template"]) + motion_words()))
+
+
+def build_video_tokenizers() -> tuple:
+    """(LlamaTokenizerFast, CLIPTokenizer) of the toy video pipelines.
+
+    The Llama tokenizer holds the template's words, so the pipelines' template takes exactly
+    `LLAMA_TEMPLATE_TOKENS` tokens before the prompt, as with the real one: a ValueError says
+    otherwise (the crop would then cut prompt words or keep template words).
+    """
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    from lightning_grpo.toy.motion_prompts import motion_words
+
+    llama = llama_tokenizer(video_vocabulary(), LLAMA_TEMPLATE_TOKENS + VIDEO_TEXT_MAX_LENGTH)
+    prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]
+    crop = len(llama(prefix)["input_ids"])
+    if crop != DEFAULT_PROMPT_TEMPLATE["crop_start"]:
+        raise ValueError(f"the toy Llama tokenizer splits the prompt template into {crop} tokens, "
+                         f"the pipelines crop {DEFAULT_PROMPT_TEMPLATE['crop_start']}")
+    return llama, clip_tokenizer(motion_words(), CLIP_VIDEO_MAX_LENGTH)
+
+
+def build_llama_encoder(tokenizer, size: VideoToySize, seed: int):
+    """A LlamaModel (causal decoder, RoPE) whose special ids match `tokenizer`; the pipelines take
+    its third-last hidden state."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.text_hidden,
+        intermediate_size=2 * size.text_hidden,
+        num_hidden_layers=size.llama_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaModel(config).eval()
+
+
+def build_video_vae(size: VideoToySize, seed: int):
+    """An AutoencoderKLHunyuanVideo: causal 3D convolutions, ×4 in space (two down-sampling blocks of
+    three) and ×4 in time, no mid-block attention (a 8×8 latent needs none). The scaling factor
+    is set after training, from the latent statistics."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(seed)
+    blocks = len(size.vae_channels)
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=size.latent_channels,
+        down_block_types=("HunyuanVideoDownBlock3D",) * blocks,
+        up_block_types=("HunyuanVideoUpBlock3D",) * blocks,
+        block_out_channels=size.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        spatial_compression_ratio=2 ** (blocks - 1),
+        temporal_compression_ratio=4,
+        mid_block_add_attention=False,
+    )
+
+
+def build_video_transformer(size: VideoToySize, seed: int, image_latents: bool = False):
+    """A HunyuanVideoTransformer3DModel with the distilled guidance embedding, patches 1×2×2.
+
+    `image_latents`: the SkyReels-V1 image-to-video form, in which the first frame's latent
+    (zero-padded over time) is concatenated to the noisy latent on the channel axis: 2C input
+    channels, C output channels (HunyuanSkyreelsImageToVideoPipeline).
+    """
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    head = size.head_dim
+    rope = (head // 4, 3 * head // 8, 3 * head // 8)  # (frame, row, col) axes; must sum to the head dim
+    channels = size.latent_channels
+    return HunyuanVideoTransformer3DModel(
+        in_channels=2 * channels if image_latents else channels,
+        out_channels=channels,
+        num_attention_heads=size.heads,
+        attention_head_dim=head,
+        num_layers=size.layers,
+        num_single_layers=size.single_layers,
+        num_refiner_layers=size.refiner_layers,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=size.text_hidden,
+        pooled_projection_dim=size.text_hidden,
+        rope_axes_dim=rope,
+    )
+
+
+def build_video_scheduler(shift: float):
+    """HunyuanVideo's scheduler class (flow matching, static shift; the real checkpoints use 7)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
 __all__ = [
+    "CLIP_VIDEO_MAX_LENGTH",
+    "LLAMA_TEMPLATE_TOKENS",
+    "VIDEO_TEXT_MAX_LENGTH",
+    "VideoToySize",
+    "build_llama_encoder",
+    "build_video_scheduler",
+    "build_video_tokenizers",
+    "build_video_transformer",
+    "build_video_vae",
+    "video_vocabulary",
     "LATENT_CHANNELS",
     "TEXT_MAX_LENGTH",
     "ToySize",

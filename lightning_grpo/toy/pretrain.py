@@ -43,6 +43,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -130,30 +131,43 @@ def _fit(name: str, params, loss_fn, steps: int, lr: float) -> list[float]:
 
 # ----------------------------------------------------------------------------- VAE
 
-def train_vae(config: PretrainConfig) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train the toy AutoencoderKL; returns it (eval mode) and its latent statistics."""
-    vae = build_vae(config.size, config.seed).train()
+def train_vae(config, vae: torch.nn.Module | None = None, sample: Callable[[int, int], Tensor] | None = None,
+              stats_samples: int = 2048) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Train a toy VAE (L2 reconstruction + `vae_kl_weight`·KL); returns it (eval mode) and its latent statistics.
+
+    Args:
+        config: a pretraining config with `seed`, `vae_steps`, `vae_batch`, `vae_lr`, `vae_kl_weight`.
+        vae: the untrained VAE (default: the image world's AutoencoderKL of `config.size`).
+        sample: `sample(n, seed)` → n fresh renders in the VAE's input layout, in [0, 1] (default:
+            jittered shapes-world images [n, 3, H, W]; the video script passes clips [n, 3, F, H, W]).
+        stats_samples: fresh renders the latent statistics are measured on.
+    """
+    vae = (vae if vae is not None else build_vae(config.size, config.seed)).train()
+    sample = sample if sample is not None else _image_sampler(config.size.image_size)
     generator = torch.Generator().manual_seed(config.seed)
 
     def loss_fn(step: int) -> Tensor:
-        pixels, _ = sample_captioned_images(config.vae_batch, size=config.size.image_size,
-                                            seed=config.seed * 100_003 + step)  # [B, 3, H, W] in [0, 1]
-        x = pixels * 2 - 1
+        x = sample(config.vae_batch, config.seed * 100_003 + step) * 2 - 1  # [-1, 1]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
         return (recon - x).square().mean() + config.vae_kl_weight * posterior.kl().mean()
 
     losses = _fit("vae", vae.parameters(), loss_fn, config.vae_steps, config.vae_lr)
     vae.eval()
-    stats = latent_statistics(vae, config)
+    stats = latent_statistics(vae, sample(stats_samples, config.seed + 7))
     stats["final_loss"] = losses[-1] if losses else float("nan")
     return vae, stats
 
 
+def _image_sampler(image_size: int) -> Callable[[int, int], Tensor]:
+    """`sample(n, seed)` → n jittered shapes-world renders [n, 3, H, W] over all 48 combinations."""
+    return lambda n, seed: sample_captioned_images(n, size=image_size, seed=seed)[0]
+
+
 @torch.no_grad()
-def latent_statistics(vae: torch.nn.Module, config: PretrainConfig, n: int = 2048) -> dict[str, float]:
-    """Mean and std of the VAE's latent means over `n` renders: shift and 1/scale of the latents."""
-    pixels, _ = sample_captioned_images(n, size=config.size.image_size, seed=config.seed + 7)
+def latent_statistics(vae: torch.nn.Module, pixels: Tensor) -> dict[str, float]:
+    """Mean and std of the VAE's latent means over `pixels` (in [0, 1], the VAE's input layout):
+    shift and 1/scale of the latents."""
     z = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mode() for chunk in pixels.split(256)])
     return {"mean": float(z.mean()), "std": float(z.std())}
 
@@ -239,11 +253,29 @@ def _prompt_table(policy, prompts: list[str]) -> tuple[dict, list[int]]:
     return policy.encode_prompts(distinct), [index[p] for p in prompts]
 
 
-def train_denoiser(policy, family: str, config: PretrainConfig) -> list[float]:
-    """Train the adapter's denoiser on the encoded training set (see the module doc for the losses)."""
-    latents, prompts = encode_training_set(policy, config)
-    dropout = CFG_DROPOUT[family]
-    table, sample_index = _prompt_table(policy, prompts + ([""] if dropout else []))
+def _per_sample_table(policy, prompts: list[str], images: Tensor, chunk: int = 512) -> tuple[dict, list[int]]:
+    """Image-conditioned policies: encode every (prompt, first frame) pair once, in chunks:
+    (condition of every sample, index per sample = its own row)."""
+    parts = [policy.encode_prompts(prompts[i : i + chunk], images=images[i : i + chunk]) for i in range(0, len(prompts), chunk)]
+    table = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return table, list(range(len(prompts)))
+
+
+def train_denoiser(policy, family: str, config, data: tuple | None = None, steps: int | None = None) -> list[float]:
+    """Train the adapter's denoiser on the encoded training set (see the module doc for the losses).
+
+    Args:
+        data: (latents [N, *L], captions, first frames [N, 3, H, W] or None) to train on; default the
+            image world's (`encode_training_set`). With first frames (image-to-video), each sample's
+            condition is its own (prompt, image) pair, encoded once by the policy.
+        steps: optimizer steps (default `config.flux_steps` / `config.sd_steps` by family).
+    """
+    latents, prompts, images = data if data is not None else (*encode_training_set(policy, config), None)
+    dropout = CFG_DROPOUT.get(family, 0.0)
+    if images is not None:
+        table, sample_index = _per_sample_table(policy, prompts, images)
+    else:
+        table, sample_index = _prompt_table(policy, prompts + ([""] if dropout else []))
     sample_index = torch.tensor(sample_index)
     empty_index = sample_index[-1] if dropout else None
     sample_index = sample_index[: len(prompts)]
@@ -257,7 +289,8 @@ def train_denoiser(policy, family: str, config: PretrainConfig) -> list[float]:
         noise = torch.randn(latents[rows].shape, generator=generator)
         return loss(policy, latents[rows], noise, sample_index[rows], table, generator, dropout, empty_index)
 
-    steps = config.flux_steps if family == "flux" else config.sd_steps
+    if steps is None:
+        steps = config.flux_steps if family == "flux" else config.sd_steps
     losses = _fit(f"{family} denoiser", [p for p in denoiser.parameters() if p.requires_grad], loss_fn, steps,
                   config.denoiser_lr)
     denoiser.eval()

@@ -7,6 +7,8 @@ punctuation marks) are the fallback, so any lowercase prompt tokenizes without u
 
 - CLIP: byte-pair encoding. A word "cat" is the merges "c a" → "ca", "ca t</w>" → "cat</w>".
 - T5: a unigram (sentencepiece-style) model; whole words "▁cat" score higher than letters.
+- Llama (HunyuanVideo's text encoder): byte-level-fallback BPE on "▁"-marked words, with the
+  special tokens of the Llama-3 chat template the HunyuanVideo pipelines wrap every prompt in.
 """
 
 from __future__ import annotations
@@ -52,4 +54,44 @@ def t5_tokenizer(words: Iterable[str], max_length: int):
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-__all__ = ["LETTERS", "PUNCTUATION", "clip_tokenizer", "t5_tokenizer", "words_of"]
+#: The Llama-3 chat-template tokens HunyuanVideo's prompt template uses (one token each).
+LLAMA_SPECIAL_TOKENS: tuple[str, ...] = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def llama_tokenizer(words: Iterable[str], max_length: int, characters: str = ""):
+    """A `transformers.LlamaTokenizerFast` with one token per word of `words` and letters, digits,
+    `characters` and bytes (byte fallback) below them; BOS `<|begin_of_text|>` prepended, right
+    padding with `<|end_of_text|>` (as HunyuanVideo's tokenizer: its transformer masks the tail).
+
+    Words are "▁"-marked pieces (sentencepiece style; "▁" is prepended to every text segment, so
+    the first word of a segment is marked too), and "\\n\\n" is one added token, as it is one token
+    in Llama 3. With `words` covering the pipeline's prompt template, the template then
+    tokenizes to the number of tokens the pipelines' hard-coded `crop_start` (95) assumes, like the
+    real Llama-3 tokenizer (`lightning_grpo.toy.components.build_video_tokenizers` checks it).
+    """
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizerFast
+
+    vocab: dict[str, int] = {"<unk>": 0, "<|begin_of_text|>": 1, "<|end_of_text|>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})  # byte fallback pieces
+    for char in ["▁", *LETTERS, *(c.upper() for c in LETTERS), *"0123456789", *PUNCTUATION, *characters]:
+        vocab.setdefault(char, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        pieces = ["▁", *word]
+        while len(pieces) > 1:  # merge left to right into one word token
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    tokenizer = LlamaTokenizerFast(
+        vocab=vocab, merges=list(dict.fromkeys(merges)), unk_token="<unk>", bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", add_bos_token=True, add_eos_token=False,
+        add_prefix_space=True, legacy=True, padding_side="right",  # legacy: "▁" before every segment model_max_length=max_length,
+    )
+    tokenizer.init_kwargs["legacy"] = True  # saved to tokenizer_config.json: `from_pretrained` rebuilds the pre-tokenizer from it
+    tokenizer.add_tokens([AddedToken("\n\n", normalized=False, special=False)])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(LLAMA_SPECIAL_TOKENS)})
+    return tokenizer
+
+
+__all__ = ["LETTERS", "LLAMA_SPECIAL_TOKENS", "PUNCTUATION", "clip_tokenizer", "llama_tokenizer", "t5_tokenizer", "words_of"]

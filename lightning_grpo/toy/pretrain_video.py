@@ -1,0 +1,288 @@
+"""Pretrain the toy HunyuanVideo (text-to-video) and toy SkyReels-V1 (image-to-video) pipelines on the
+moving-shapes world, from scratch.
+
+    python -m lightning_grpo.toy.pretrain_video --family all --out lightning_grpo/toy/pretrained
+
+The recipe of the image toys (`lightning_grpo.toy.pretrain`, whose VAE and denoiser training
+loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.toy.motion`; seeded end to end:
+
+1. VAE: an AutoencoderKLHunyuanVideo (causal 3D convolutions, ×4 in space and time) is trained to
+   reconstruct jittered clips of all 48 combinations; its `scaling_factor` is then set from the
+   latent statistics. The HunyuanVideo pipelines scale without a shift (z·scale), so
+   scale = 1/√(std² + mean²), as for SD.
+2. Text encoders: a LlamaModel (the pipelines read its third-last hidden state under their own
+   Llama-3 chat template) and a CLIPTextModel (pooled), with word-level tokenizers, left at their
+   seeded random initialisation and frozen, like the frozen encoders of the real pipelines.
+3. Text-to-video: a `HunyuanVideoPipeline` is saved, LOADED BACK THROUGH THE POLICY ADAPTER, and its
+   transformer trained through the family layer (clips encoded by the adapter's `encode_pixels`,
+   captions by its `encode_prompts`, the loss on its `predict`): rectified flow,
+       x_σ = (1 − σ)·z + σ·ε,  loss = |v_θ(x_σ, σ) − (ε − z)|²,  σ ~ logit-normal(0, 1),
+   on NOISY captions (each attribute replaced by a random value with probability `caption_noise`,
+   `lightning_grpo.toy.motion.noisy_motion_captions`), so the model follows its prompt only part
+   of the time: what GRPO is for.
+4. Image-to-video: a `HunyuanSkyreelsImageToVideoPipeline` on the same VAE and text encoders, whose
+   transformer takes 2C input channels (the noisy latent, then the first frame's latent padded
+   with zeros over time). It starts from the text-to-video transformer (the image channels of the
+   patch embedding start at zero, so it starts as the T2V model that ignores the image) and is
+   trained with the same loss, each clip conditioned on its caption and its own first frame
+   (through the adapter's `encode_prompts(prompts, images)`). Motion captions are noisy too; the
+   first frame fixes colour and shape, so what the image-to-video model gets wrong is the motion.
+5. The transformers are saved in fp16 (size budget) and the saved folders evaluated on the
+   held-out prompts with ODE sampling and the pixel verifiers; `pretrain_report.json` records it.
+
+The number of steps is chosen so the base models are competent but far from perfect (held-out
+exact match / motion accuracy between 15% and 60%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lightning_grpo.toy.components import (
+    CLIP_VIDEO_MAX_LENGTH,
+    VIDEO_TEXT_MAX_LENGTH,
+    VideoToySize,
+    build_clip_text_encoder,
+    build_llama_encoder,
+    build_video_scheduler,
+    build_video_tokenizers,
+    build_video_transformer,
+    build_video_vae,
+)
+from lightning_grpo.toy.pretrain import _save_denoiser_fp16, train_denoiser, train_vae
+
+FAMILIES = ("hunyuan_video", "skyreels")
+DEFAULT_OUT = Path(__file__).parent / "pretrained"
+
+TOY_POLICIES = {
+    "hunyuan_video": ("HunyuanVideoPolicy", "HunyuanVideoPipeline"),
+    "skyreels": ("SkyReelsPolicy", "HunyuanSkyreelsImageToVideoPipeline"),
+}
+"""Per toy family: the policy class in lightning_grpo.policies, the diffusers pipeline class."""
+
+
+@dataclass
+class VideoPretrainConfig:
+    """Everything that determines the shipped video pipelines (recorded in pretrain_report.json)."""
+
+    size: VideoToySize = field(default_factory=VideoToySize)
+    seed: int = 0
+    vae_steps: int = 400
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    t2v_steps: int = 1500
+    i2v_steps: int = 600
+    denoiser_batch: int = 64
+    denoiser_lr: float = 1e-3
+    dataset_size: int = 8000
+    caption_noise: float = 0.35
+    scheduler_shift: float = 1.5
+    guidance: float = 1.0
+    eval_steps: int = 8
+    eval_samples_per_prompt: int = 4
+
+    @classmethod
+    def reduced(cls) -> VideoPretrainConfig:
+        """A few seconds' worth, for the CI test of this script."""
+        return cls(size=VideoToySize.reduced(), vae_steps=2, vae_batch=2, t2v_steps=2, i2v_steps=2, denoiser_batch=4,
+                   dataset_size=16, eval_steps=2, eval_samples_per_prompt=1)
+
+
+# ----------------------------------------------------------------------------- data
+
+def clip_sampler(size: VideoToySize):
+    """`sample(n, seed)` → n jittered clips of all combinations in the VAE layout [n, 3, F, H, W]."""
+    from lightning_grpo.toy.motion import sample_captioned_clips
+
+    return lambda n, seed: sample_captioned_clips(n, frames=size.frames, size=size.image_size, seed=seed)[0].transpose(1, 2)
+
+
+@torch.no_grad()
+def encode_clip_set(policy, config: VideoPretrainConfig, chunk: int = 256) -> tuple[Tensor, list[str], Tensor]:
+    """Jittered clips of all combinations encoded once by the policy's `encode_pixels` (the inverse
+    of its decode), noisy captions and the first frames: (latents [N, *L], prompts, frames [N, 3, H, W])."""
+    from lightning_grpo.toy.motion import noisy_motion_captions, sample_captioned_clips
+
+    size = config.size
+    clips, prompts = sample_captioned_clips(config.dataset_size, frames=size.frames, size=size.image_size, seed=config.seed + 11)
+    prompts = noisy_motion_captions(prompts, config.caption_noise, seed=config.seed + 12)
+    latents = torch.cat([policy.encode_pixels(part) for part in clips.split(chunk)])
+    return latents, prompts, clips[:, 0].contiguous()
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+def save_video_pipeline(family: str, folder: Path, vae, config: VideoPretrainConfig, transformer=None) -> None:
+    """Write a full pipeline in the diffusers layout: seeded text encoders, the given (trained) VAE,
+    and `transformer` (default: a fresh one at its seeded initialisation)."""
+    import diffusers
+
+    size, seed = config.size, config.seed
+    llama_tok, clip_tok = build_video_tokenizers()
+    if transformer is None:
+        transformer = build_video_transformer(size, seed + 3, image_latents=family == "skyreels")
+    pipeline = getattr(diffusers, TOY_POLICIES[family][1])(
+        text_encoder=build_llama_encoder(llama_tok, size, seed + 1), tokenizer=llama_tok, transformer=transformer,
+        vae=vae, scheduler=build_video_scheduler(config.scheduler_shift),
+        text_encoder_2=build_clip_text_encoder(clip_tok, size, seed + 2, CLIP_VIDEO_MAX_LENGTH), tokenizer_2=clip_tok,
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipeline.save_pretrained(folder)
+
+
+def image_to_video_transformer(t2v, size: VideoToySize, seed: int):
+    """The SkyReels transformer (2C input channels) initialised from a text-to-video one: every
+    weight copied, the patch embedding's image-latent input channels set to zero, so it starts as
+    the text-to-video model (which ignores the image)."""
+    i2v = build_video_transformer(size, seed, image_latents=True)
+    state = {k: v.float() for k, v in t2v.state_dict().items()}
+    weight = state["x_embedder.proj.weight"]  # [inner, C, 1, 2, 2]
+    state["x_embedder.proj.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # [inner, 2C, 1, 2, 2]
+    i2v.load_state_dict(state)
+    return i2v
+
+
+def load_policy(family: str, folder: Path, config: VideoPretrainConfig):
+    """The policy adapter of `family` on the pipeline in `folder` (the code GRPO uses)."""
+    import lightning_grpo.policies as policies
+
+    size = config.size
+    return getattr(policies, TOY_POLICIES[family][0])(
+        str(folder), height=size.image_size, width=size.image_size, num_frames=size.frames,
+        max_sequence_length=VIDEO_TEXT_MAX_LENGTH, guidance=config.guidance,
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def heldout_video_accuracy(policy, family: str, num_steps: int, samples_per_prompt: int, seed: int = 1234,
+                           batch: int = 64) -> dict[str, float]:
+    """Accuracy of ODE samples on the held-out new-combination prompts, with the family's own
+    deterministic sampler: per attribute and exact match (T2V: colour, shape, motion all right;
+    I2V: motion, the first frames being rendered from the prompts' scenes)."""
+    from lightning_grpo.rollout import ode_sample
+    from lightning_grpo.toy.motion import motion_heldout_split_prompts, parse_motion_prompt, render_first_frames
+    from lightning_grpo.toy.motion_verifier import motion_attribute_correctness
+
+    sampler = policy.build_sampler(num_steps, eta=0.0)
+    prompts = [p for p in motion_heldout_split_prompts("new_combinations") for _ in range(samples_per_prompt)]
+    generator = torch.Generator().manual_seed(seed)
+    tables = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        images = None
+        if family == "skyreels":
+            images = render_first_frames([parse_motion_prompt(p) for p in chunk], size=policy.height, seed=seed + start)
+        clips = policy.decode(ode_sample(policy, sampler, chunk, generator, images=images))  # [B, F, 3, H, W]
+        tables.append(motion_attribute_correctness(clips, chunk))
+    table = {k: torch.cat([t[k] for t in tables]).float() for k in tables[0]}
+    out = {name: float(v.mean()) for name, v in table.items()}
+    out["samples"] = len(prompts)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+def train_video_vae(config: VideoPretrainConfig):
+    """The toy HunyuanVideo VAE trained on clips, with `scaling_factor` set; (vae, latent statistics)."""
+    vae, stats = train_vae(config, build_video_vae(config.size, config.seed), clip_sampler(config.size), stats_samples=512)
+    vae.register_to_config(scaling_factor=1 / math.sqrt(stats["std"] ** 2 + stats["mean"] ** 2))
+    return vae, stats
+
+
+def load_vae(folder: Path) -> tuple:
+    """A VAE trained by an earlier run (`--vae-from`): (vae, the latent statistics in its report)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    report = json.loads((folder.parent / "pretrain_report.json").read_text())
+    return AutoencoderKLHunyuanVideo.from_pretrained(folder).eval(), report["vae"]
+
+
+def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainConfig, vae_from: Path | None = None,
+                   init_from: Path | None = None) -> dict[str, dict]:
+    """Build, train, save and evaluate the toy video pipelines of `families` under `out/<family>`.
+
+    vae_from: reuse the VAE folder of an earlier run instead of training one (its time is in its report).
+    init_from: the text-to-video pipeline to start the image-to-video transformer from (default:
+        the one trained in this run, else `out/hunyuan_video`).
+    """
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    if vae_from is not None:
+        vae, stats = load_vae(vae_from)
+        stats = {**stats, "from": str(vae_from)}
+    else:
+        vae, stats = train_video_vae(config)
+        stats["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"vae: latent mean {stats['mean']:.4f}, std {stats['std']:.4f}, final loss {stats['final_loss']:.5f}")
+    reports = {}
+    for family in families:
+        family_start = time.perf_counter()
+        folder = out / family
+        transformer = None
+        if family == "skyreels":
+            source = init_from if init_from is not None else out / "hunyuan_video"
+            t2v = HunyuanVideoTransformer3DModel.from_pretrained(source / "transformer")
+            transformer = image_to_video_transformer(t2v, config.size, config.seed + 3)
+        save_video_pipeline(family, folder, vae, config, transformer)
+        policy = load_policy(family, folder, config)
+        latents, prompts, first_frames = encode_clip_set(policy, config)
+        steps = config.t2v_steps if family == "hunyuan_video" else config.i2v_steps
+        data = (latents, prompts, first_frames if family == "skyreels" else None)
+        losses = train_denoiser(policy, family, config, data=data, steps=steps)
+        _save_denoiser_fp16(policy, folder)
+        policy = load_policy(family, folder, config)  # evaluate what ships
+        accuracy = heldout_video_accuracy(policy, family, config.eval_steps, config.eval_samples_per_prompt)
+        reports[family] = {
+            "heldout": accuracy,
+            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "vae": stats,
+            "init_from": str(init_from or out / "hunyuan_video") if family == "skyreels" else None,
+            "seconds": round(time.perf_counter() - family_start, 1),
+            "total_seconds_so_far": round(time.perf_counter() - started, 1),
+            "config": asdict(config),
+            "torch": torch.__version__,
+        }
+        (folder / "pretrain_report.json").write_text(json.dumps(reports[family], indent=2) + "\n")
+        print(f"{family}: held-out " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items() if k != "samples")
+              + f" ({accuracy['samples']} samples) -> {folder}")
+    return reports
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: `python -m lightning_grpo.toy.pretrain_video [--family hunyuan_video|skyreels|all] [--out DIR]`."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=(*FAMILIES, "all"), default="all", help="which pipeline(s) to build")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder receiving <family>/ pipelines")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reduced", action="store_true", help="tiny widths and a few steps (for tests)")
+    parser.add_argument("--vae-from", type=Path, default=None, help="reuse this trained VAE folder (…/<family>/vae)")
+    parser.add_argument("--init-from", type=Path, default=None, help="T2V pipeline the I2V transformer starts from")
+    for key in ("vae_steps", "t2v_steps", "i2v_steps"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    args = parser.parse_args(argv)
+    config = VideoPretrainConfig.reduced() if args.reduced else VideoPretrainConfig()
+    config.seed = args.seed
+    for key in ("vae_steps", "t2v_steps", "i2v_steps"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    families = FAMILIES if args.family == "all" else (args.family,)
+    pretrain_video(families, args.out, config, args.vae_from, args.init_from)
+
+
+if __name__ == "__main__":
+    main()
