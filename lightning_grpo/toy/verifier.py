@@ -102,7 +102,9 @@ class DecodedScenes:
     components; `stray` foreground outside the main object / its area; `purity` share of the
     foreground with the main object's hue and on the palette; `shape_error` L1 error of the best
     template per unit coverage; `elongation` ratio of the object's principal second moments
-    (a streak is long); `inside` share of the foreground in the decoded quadrant.
+    (a streak is long); `inside` share of the foreground in the decoded quadrant; `cx`, `cy`
+    the main object's centroid in pixels (0 where the image has no foreground), what the
+    moving-shapes verifier tracks over frames.
     """
 
     colour: Tensor
@@ -116,6 +118,8 @@ class DecodedScenes:
     shape_error: Tensor
     elongation: Tensor
     inside: Tensor
+    cx: Tensor
+    cy: Tensor
 
     @property
     def indices(self) -> Tensor:
@@ -323,6 +327,8 @@ def decode_scenes(
         shape_error=shape_error,
         elongation=elongation,
         inside=inside,
+        cx=cx,
+        cy=cy,
     )
 
 
