@@ -162,7 +162,7 @@ def test_sliced_decoding_decodes_one_clip_at_a_time_with_the_same_pixels(stand_i
     whole, sliced = make("hunyuan_video", stand_in_paths), make("hunyuan_video", stand_in_paths, vae_slicing=True)
     latents = whole.prepare_latents(3, torch.Generator().manual_seed(4))
     calls = count_calls(sliced.vae.decoder)
-    torch.testing.assert_close(sliced.decode(latents), whole.decode(latents), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sliced.decode(latents), whole.decode(latents), atol=1e-5, rtol=0)
     assert calls[0] == 3
 
 
