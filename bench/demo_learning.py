@@ -3,6 +3,14 @@ on three held-out splits, judged by the strict pixel verifier, with gold measure
 
     python bench/demo_learning.py                 # toy FLUX (rectified flow), configs/demo.yaml
     python bench/demo_learning.py --family sd     # toy Stable Diffusion (DDIM), configs/demo_sd.yaml
+    python bench/demo_learning.py --family t2v    # toy HunyuanVideo text-to-video, configs/demo_t2v.yaml
+    python bench/demo_learning.py --family i2v    # toy SkyReels-V1 image-to-video, configs/demo_i2v.yaml
+
+The video families are judged in the moving-shapes world (`lightning_grpo.toy.motion_verifier`):
+text-to-video by exact match (colour, shape and motion right, one object in every frame),
+image-to-video by motion accuracy (the exact motion check; the first frame, the same before and
+after, fixes colour and shape), with the first-frame fidelity beside it (does the clip still start
+from its conditioning image?).
 
 1. Builds the demo exactly as `lightning-grpo fit -c <config>` does (same LightningCLI parsing).
 2. Evaluates the base pipeline on the three held-out splits (`lightning_grpo.toy.prompts`):
@@ -15,7 +23,8 @@ on three held-out splits, judged by the strict pixel verifier, with gold measure
 3. Runs the demo's GRPO training (`trainer.fit`).
 4. Evaluates again with the SAME seeds, and prints every split's before/after table with 95%
    intervals (Wilson for exact match, Student-t otherwise).
-The last line printed is the absolute improvement of strict exact match on new combinations, in points.
+The last line printed is the absolute improvement of the judge (strict exact match; motion accuracy
+for image-to-video) on new combinations, in points.
 
 Extra arguments after `--` go to the CLI, e.g. `-- --trainer.max_steps=50`.
 """
@@ -30,7 +39,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"flux": ROOT / "configs" / "demo.yaml", "sd": ROOT / "configs" / "demo_sd.yaml"}
+CONFIGS = {"flux": ROOT / "configs" / "demo.yaml", "sd": ROOT / "configs" / "demo_sd.yaml",
+           "t2v": ROOT / "configs" / "demo_t2v.yaml", "i2v": ROOT / "configs" / "demo_i2v.yaml"}
+JUDGE = {"flux": "exact_match", "sd": "exact_match", "t2v": "exact_match", "i2v": "motion_accuracy"}
+"""The measure each family is judged by (acceptance: its change on new combinations)."""
 TOY_CLIP = ROOT / "lightning_grpo" / "toy" / "pretrained" / "clip"
 
 
@@ -48,8 +60,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, extra
 
 
-def judge_and_gold_measures() -> list:
-    """The strict verifier (exact match: the judge; dense) and the gold measures (lenient verifier, toy CLIP)."""
+def judge_and_gold_measures(family: str = "flux") -> list:
+    """Images: the strict verifier (exact match: the judge; dense) and the gold measures (lenient
+    verifier, toy CLIP). Video: the moving-shapes verifiers, exact (the judge) and dense, and for
+    image-to-video the first-frame fidelity."""
+    if family in ("t2v", "i2v"):
+        return video_measures(family)
     from lightning_grpo.rewards import ClipScore
     from lightning_grpo.toy.verifier import ShapesVerifier
 
@@ -61,12 +77,41 @@ def judge_and_gold_measures() -> list:
     ]
 
 
+def video_measures(family: str) -> list:
+    """The moving-shapes measures: exact match, motion accuracy (exact motion), appearance (exact),
+    the dense forms, and for image-to-video the first-frame fidelity (1 − mean |frame 0 − image|)."""
+    from lightning_grpo.toy.motion_verifier import FirstFrameFidelity, MovingShapesVerifier
+
+    measures = [
+        MovingShapesVerifier(aspect="all", mode="exact", name="exact_match"),
+        MovingShapesVerifier(aspect="motion", mode="exact", name="motion_accuracy"),
+        MovingShapesVerifier(aspect="appearance", mode="exact", name="appearance_exact"),
+        MovingShapesVerifier(aspect="motion", mode="dense", name="motion_dense"),
+        MovingShapesVerifier(aspect="appearance", mode="dense", name="appearance_dense"),
+    ]
+    return measures + ([FirstFrameFidelity()] if family == "i2v" else [])
+
+
+def heldout_split_prompts(family: str) -> dict[str, list[str]]:
+    """split name -> prompts: the shapes world's splits, or the moving-shapes world's for video."""
+    if family in ("t2v", "i2v"):
+        from lightning_grpo.toy.motion_prompts import motion_heldout_splits
+
+        return motion_heldout_splits()
+    from lightning_grpo.toy.prompts import heldout_splits
+
+    return heldout_splits()
+
+
 def split_figures(before, after) -> dict:
-    """{measure: {"before": {"mean", "ci95"}, "after": ..., "change"}} of one split (change in points for exact match)."""
+    """{measure: {"before": {"mean", "ci95"}, "after": ..., "change"}} of one split (change in points
+    for the 0/1 measures: exact match, motion accuracy)."""
+    from lightning_grpo.evaluation import is_binary
+
     out = {}
     for name, (b_mean, b_low, b_high, n) in before.summary().items():
         a_mean, a_low, a_high, _ = after.summary()[name]
-        scale = 100 if name.startswith("exact_match") else 1
+        scale = 100 if is_binary(before.scores[name]) and is_binary(after.scores[name]) else 1
         out[name] = {"n": n, "before": {"mean": b_mean, "ci95": [b_low, b_high]},
                      "after": {"mean": a_mean, "ci95": [a_low, a_high]}, "change": scale * (a_mean - b_mean),
                      "intervals_overlap": a_low <= b_high and b_low <= a_high}
@@ -78,17 +123,17 @@ def main(argv: list[str] | None = None) -> float:
     args, extra = parse_args(argv)
     from lightning_grpo.cli import run
     from lightning_grpo.evaluation import evaluate, format_before_after
-    from lightning_grpo.toy.prompts import heldout_splits
 
     config = args.config or CONFIGS[args.family]
     cli = run(["-c", str(config), *extra], subcommand=False)
     module, trainer = cli.model, cli.trainer
-    metrics = judge_and_gold_measures()
-    splits = heldout_splits()
+    metrics = judge_and_gold_measures(args.family)
+    splits = heldout_split_prompts(args.family)
+    frames = {split: first_frames(args.family, prompts, module.policy) for split, prompts in splits.items()}
 
     def held_out() -> dict:
         return {split: evaluate(module.policy, module.sampler, prompts, metrics, samples_per_prompt=args.samples_per_prompt,
-                                seed=args.seed, batch_size=args.batch_size, show_progress=False)
+                                seed=args.seed, batch_size=args.batch_size, images=frames[split], show_progress=False)
                 for split, prompts in splits.items()}
 
     before = held_out()
@@ -105,14 +150,26 @@ def main(argv: list[str] | None = None) -> float:
     print(json.dumps(figures))
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    judge = JUDGE[args.family]
     for split, measures in figures["splits"].items():
-        m = measures["exact_match"]
+        m = measures[judge]
         (b, bl, bh), (a, al, ah) = ([m[w]["mean"], *m[w]["ci95"]] for w in ("before", "after"))
-        print(f"{split}: strict exact match {100 * b:.1f}% [{100 * bl:.1f}, {100 * bh:.1f}] -> "
-              f"{100 * a:.1f}% [{100 * al:.1f}, {100 * ah:.1f}] (n = {m['n']} each), {m['change']:+.1f} pts")
-    improvement = figures["splits"]["new_combinations"]["exact_match"]["change"]
-    print(f"improvement (new combinations, strict exact match): {improvement:+.1f} points")
+        print(f"{split}: {judge} {100 * b:.1f}% [{100 * bl:.1f}, {100 * bh:.1f}] -> "
+              f"{100 * a:.1f}% [{100 * al:.1f}, {100 * ah:.1f}] (n = {m['n']} each), {m['change']:+.1f} pts"
+              + ("" if m["intervals_overlap"] else ", intervals do not overlap"))
+    improvement = figures["splits"]["new_combinations"][judge]["change"]
+    print(f"improvement (new combinations, {judge}): {improvement:+.1f} points")
     return improvement
+
+
+def first_frames(family: str, prompts: list[str], policy):
+    """Image-to-video: each prompt's first frame (the shape at its start, the same frame for a
+    prompt in every run: `lightning_grpo.toy.motion_data.first_frames_for_prompts`); else None."""
+    if family != "i2v":
+        return None
+    from lightning_grpo.toy.motion_data import first_frames_for_prompts
+
+    return first_frames_for_prompts(prompts, size=policy.height)
 
 
 if __name__ == "__main__":

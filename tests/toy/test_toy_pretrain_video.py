@@ -1,0 +1,136 @@
+"""The toy video pretraining script, at reduced size: it writes a real HunyuanVideoPipeline and a
+real HunyuanSkyreelsImageToVideoPipeline that the policy adapters load; the image-to-video
+transformer starts as the text-to-video one; the toy Llama tokenizer splits the pipelines' prompt
+template exactly where their hard-coded crop assumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_grpo.toy.components import (
+    LLAMA_TEMPLATE_TOKENS,
+    VIDEO_TEXT_MAX_LENGTH,
+    VideoToySize,
+    build_video_tokenizers,
+    build_video_transformer,
+)
+from lightning_grpo.toy.motion_prompts import motion_heldout_splits, train_motion_prompts
+from lightning_grpo.toy.pretrain_video import VideoPretrainConfig, image_to_video_transformer, load_policy, main
+
+SHIPPED = Path(__file__).resolve().parents[2] / "lightning_grpo" / "toy" / "pretrained"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_video")
+    main(["--reduced", "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("family,pipeline", [("hunyuan_video", "HunyuanVideoPipeline"),
+                                             ("skyreels", "HunyuanSkyreelsImageToVideoPipeline")])
+def test_script_writes_loadable_video_pipelines(pretrained, family, pipeline):
+    folder = pretrained / family
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == pipeline
+    report = json.loads((folder / "pretrain_report.json").read_text())
+    heldout = report["heldout"]
+    assert heldout["samples"] == 80  # every new-combination prompt once (reduced config)
+    assert heldout["exact_match"] <= min(heldout["colour"], heldout["shape"], heldout["motion"])
+    assert heldout["exact_match"] * 80 == pytest.approx(round(heldout["exact_match"] * 80), abs=1e-6)
+    config = VideoPretrainConfig.reduced()
+    policy = load_policy(family, folder, config)
+    clips = policy.decode(policy.prepare_latents(2, torch.Generator().manual_seed(0)))
+    assert clips.shape == (2, config.size.frames, 3, 32, 32)  # [B, F, 3, H, W]
+    weights = load_file(next((folder / "transformer").glob("*.safetensors")))
+    assert all(t.dtype == torch.float16 for t in weights.values())  # stored at half size
+    # the image-to-video pipeline shares the text-to-video one's VAE
+    vae = load_file(next((folder / "vae").glob("*.safetensors")))
+    other = load_file(next((pretrained / "hunyuan_video" / "vae").glob("*.safetensors")))
+    assert all(torch.equal(vae[k], other[k]) for k in vae)
+
+
+def test_vae_scaling_makes_latents_unit_scale(pretrained):
+    """The pipelines scale latents without a shift, so scale = 1/√(std² + mean²) of the VAE's
+    latent means: the scaled latents of fresh clips have second moment ≈ 1."""
+    from lightning_grpo.toy.motion import sample_captioned_clips
+
+    policy = load_policy("hunyuan_video", pretrained / "hunyuan_video", VideoPretrainConfig.reduced())
+    report = json.loads((pretrained / "hunyuan_video" / "pretrain_report.json").read_text())["vae"]
+    assert policy.vae.config.scaling_factor == pytest.approx(1 / (report["std"] ** 2 + report["mean"] ** 2) ** 0.5)
+    clips, _ = sample_captioned_clips(64, frames=9, seed=5)
+    z = policy.encode_pixels(clips)
+    assert z.square().mean().item() == pytest.approx(1.0, abs=0.25)
+
+
+def test_image_to_video_transformer_starts_as_the_text_to_video_one():
+    """Zero image channels: the I2V transformer on cat([x, I]) predicts what the T2V one predicts on
+    x, whatever the first-frame latent I."""
+    size = VideoToySize.reduced()
+    t2v = build_video_transformer(size, seed=3)
+    i2v = image_to_video_transformer(t2v, size, seed=4)
+    assert i2v.config.in_channels == 2 * t2v.config.in_channels and i2v.config.out_channels == t2v.config.out_channels
+    generator = torch.Generator().manual_seed(0)
+    c, f, h = size.latent_channels, size.latent_frames, size.image_size // 4
+    x, image = torch.randn(2, c, f, h, h, generator=generator), torch.randn(2, c, f, h, h, generator=generator)
+    text = {"timestep": torch.tensor([300.0, 800.0]), "encoder_hidden_states": torch.randn(2, 5, size.text_hidden, generator=generator),
+            "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+            "pooled_projections": torch.randn(2, size.text_hidden, generator=generator), "guidance": torch.full((2,), 6000.0)}
+    with torch.no_grad():
+        expected = t2v(hidden_states=x, **text, return_dict=False)[0]
+        got = i2v(hidden_states=torch.cat([x, image], dim=1), **text, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_llama_tokenizer_matches_the_pipelines_template_crop():
+    """The HunyuanVideo pipelines cut a hard-coded 95 tokens (their template under the real Llama-3
+    tokenizer) off the Llama states; the toy tokenizer splits the template into exactly as many, so
+    the cropped states start at the prompt's first word."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    llama, clip = build_video_tokenizers()
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    assert DEFAULT_PROMPT_TEMPLATE["crop_start"] == LLAMA_TEMPLATE_TOKENS
+    ids = llama(template.format("a red circle moving up"))["input_ids"]
+    tokens = llama.convert_ids_to_tokens(ids[LLAMA_TEMPLATE_TOKENS:])
+    assert tokens == ["▁a", "▁red", "▁circle", "▁moving", "▁up", "<|eot_id|>"]
+    prompts = train_motion_prompts() + [p for split in motion_heldout_splits().values() for p in split]
+    for prompt in prompts:  # every training and held-out prompt: whole words, no byte fallback, in budget
+        pieces = llama.tokenize(prompt)
+        assert pieces == ["▁" + w if w[0].isalpha() else w for w in prompt.replace(":", " :").split()], prompt
+        assert len(pieces) + 1 <= VIDEO_TEXT_MAX_LENGTH  # + <|eot_id|>
+        assert clip.unk_token_id not in clip(prompt).input_ids[1:-1], prompt
+    assert llama.padding_side == "right"  # the transformer masks the padded tail
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "skyreels"])
+def test_shipped_video_tokenizers_are_the_built_ones(family):
+    from transformers import CLIPTokenizer, LlamaTokenizerFast
+
+    folder = SHIPPED / family
+    if not folder.exists():
+        pytest.fail(f"{folder} is not shipped")
+    llama, clip = LlamaTokenizerFast.from_pretrained(folder / "tokenizer"), CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+    built_llama, built_clip = build_video_tokenizers()
+    assert llama.get_vocab() == built_llama.get_vocab() and clip.get_vocab() == built_clip.get_vocab()
+    prompt = "the green triangle moves to the left across the frame"
+    assert llama(prompt)["input_ids"] == built_llama(prompt)["input_ids"]
+
+
+def test_the_real_pipelines_sample_from_the_written_folders(pretrained):
+    """`HunyuanVideoPipeline` / `HunyuanSkyreelsImageToVideoPipeline.from_pretrained` load the folders
+    and generate clips of the toy geometry (their own prompt template, CLIP at 77 tokens)."""
+    from diffusers import HunyuanSkyreelsImageToVideoPipeline, HunyuanVideoPipeline
+
+    call = {"prompt": "a red circle moving up", "height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 2,
+            "output_type": "pt", "max_sequence_length": VIDEO_TEXT_MAX_LENGTH}
+    t2v = HunyuanVideoPipeline.from_pretrained(pretrained / "hunyuan_video")
+    t2v.set_progress_bar_config(disable=True)
+    assert t2v(**call).frames.shape == (1, 9, 3, 32, 32)
+    i2v = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(pretrained / "skyreels")
+    i2v.set_progress_bar_config(disable=True)
+    assert i2v(image=torch.rand(1, 3, 32, 32), true_cfg_scale=1.0, **call).frames.shape == (1, 9, 3, 32, 32)
