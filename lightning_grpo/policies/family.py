@@ -17,6 +17,7 @@ and implements `predict`, `encode_prompts` (through the pipeline's own `encode_p
     memory         gradient checkpointing; the denoiser's FSDP block classes (`no_split_modules`)
     latents        seeded noise as the pipeline draws it; `encode_pixels` / `decode` (VAE, [0, 1])
     sampler        `build_sampler`: the family's matching sampler with its default schedule
+                   (flow families subclass `FlowMatchingFamily`: the pipeline's sigmas or a shift)
     KL reference   adapters disabled (LoRA) or a frozen copy of the denoiser only (full FT)
     export         a diffusers pipeline folder (full FT) or `load_lora_weights` files (LoRA)
 """

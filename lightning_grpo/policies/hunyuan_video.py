@@ -239,7 +239,8 @@ class HunyuanVideoPolicy(FlowMatchingFamily):
         text = {k: torch.cat([condition[b + k] for b in branches]).to(device=device, dtype=dtype)
                 for k in ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")}
         copies = len(branches)
-        guidance = torch.full((batch * copies,), self.guidance * 1000.0, device=device, dtype=dtype)  # [B·n]
+        # g in the transformer's dtype, then ×1000, in that order as the pipeline (bf16 rounds differently otherwise)
+        guidance = torch.full((batch * copies,), self.guidance, device=device, dtype=dtype) * 1000.0  # [B·n]
         out = self.transformer(
             hidden_states=torch.cat([x] * copies),
             timestep=torch.cat([t] * copies),

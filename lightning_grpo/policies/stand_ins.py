@@ -7,7 +7,7 @@ Nothing here touches the network: every component is built from a small config w
 seed, and the tokenizers are built from a handmade vocabulary (a byte-pair CLIP vocabulary and
 a unigram T5 vocabulary), then the whole pipeline is written with `pipeline.save_pretrained`
 so `model_index.json` and the `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`
-(and `transformer/`, `text_encoder_2/`, `tokenizer_2/` for FLUX) subfolders are exactly those a
+(and `transformer/`, `text_encoder_2/`, `tokenizer_2/` for FLUX and the video families) subfolders are exactly those a
 real checkpoint has. Adapters then load them through their own `from_pretrained` code.
 
 In tests: the `tiny_sd_path` / `tiny_flux_path` fixtures of tests/policies/conftest.py, or
@@ -15,6 +15,9 @@ In tests: the `tiny_sd_path` / `tiny_flux_path` fixtures of tests/policies/conft
 
 Sizes: images are 16×16 pixels. SD: VAE ×2 down-sampling → latents [B, 4, 8, 8].
 FLUX: VAE ×2 → [B, 4, 8, 8] unpacked, [B, 16, 16] packed 2×2.
+HunyuanVideo / SkyReels-V1 I2V: clips of 5 frames, VAE ×4 in space and time → [B, 4, 2, 4, 4];
+a byte-pair Llama tokenizer (the template's header tokens as special tokens) and a short prompt
+template (`VIDEO_TEMPLATE`) in the form of the pipeline's.
 """
 
 from __future__ import annotations
