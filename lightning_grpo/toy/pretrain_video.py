@@ -174,10 +174,12 @@ def heldout_video_accuracy(policy, family: str, num_steps: int, samples_per_prom
     """Accuracy of ODE samples on the held-out new-combination prompts, with the family's own
     deterministic sampler, judged by the moving-shapes verifier (`judge_clips`): colour, shape
     (right in every frame), motion (the exact motion check: direction and a smooth track) and
-    exact match (all of them, stable). Image-to-video clips start from first frames rendered from
-    the prompts' scenes; there, motion accuracy is the measure (the frame gives colour and shape)."""
+    exact match (all of them, stable). Image-to-video clips start from each prompt's first frame
+    (`first_frames_for_prompts`, the frames the demos condition on); there, motion accuracy is the
+    measure (the frame gives colour and shape)."""
     from lightning_grpo.rollout import ode_sample
-    from lightning_grpo.toy.motion import motion_heldout_split_prompts, parse_motion_prompt, render_first_frames
+    from lightning_grpo.toy.motion import motion_heldout_split_prompts
+    from lightning_grpo.toy.motion_data import first_frames_for_prompts
     from lightning_grpo.toy.motion_verifier import judge_clips
 
     sampler = policy.build_sampler(num_steps, eta=0.0)
@@ -186,9 +188,7 @@ def heldout_video_accuracy(policy, family: str, num_steps: int, samples_per_prom
     tables = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
-        images = None
-        if family == "skyreels":
-            images = render_first_frames([parse_motion_prompt(p) for p in chunk], size=policy.height, seed=seed + start)
+        images = first_frames_for_prompts(chunk, size=policy.height) if family == "skyreels" else None
         clips = policy.decode(ode_sample(policy, sampler, chunk, generator, images=images))  # [B, F, 3, H, W]
         judged = judge_clips(clips, chunk)
         tables.append({"colour": judged.colour.all(1), "shape": judged.shape.all(1), "motion": judged.motion_exact().bool(),
