@@ -78,11 +78,11 @@ class VideoPretrainConfig:
     size: VideoToySize = field(default_factory=VideoToySize)
     seed: int = 0
     vae_steps: int = 400
-    vae_batch: int = 8
+    vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    t2v_steps: int = 600
-    i2v_steps: int = 300
+    t2v_steps: int = 800
+    i2v_steps: int = 400
     denoiser_batch: int = 32
     denoiser_lr: float = 1e-3
     dataset_size: int = 4000
@@ -149,8 +149,8 @@ def image_to_video_transformer(t2v, size: VideoToySize, seed: int):
     the text-to-video model (which ignores the image)."""
     i2v = build_video_transformer(size, seed, image_latents=True)
     state = {k: v.float() for k, v in t2v.state_dict().items()}
-    weight = state["x_embedder.proj.weight"]  # [inner, C, 1, p, p]
-    state["x_embedder.proj.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # [inner, 2C, 1, p, p]
+    weight = state["x_embedder.proj.weight"]  # [inner, C, 1, 2, 2]
+    state["x_embedder.proj.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # [inner, 2C, 1, 2, 2]
     i2v.load_state_dict(state)
     return i2v
 

@@ -75,7 +75,7 @@ def test_image_to_video_transformer_starts_as_the_text_to_video_one():
     i2v = image_to_video_transformer(t2v, size, seed=4)
     assert i2v.config.in_channels == 2 * t2v.config.in_channels and i2v.config.out_channels == t2v.config.out_channels
     generator = torch.Generator().manual_seed(0)
-    c, f, h = size.latent_channels, size.latent_frames, size.image_size // size.vae_spatial_factor
+    c, f, h = size.latent_channels, size.latent_frames, size.image_size // 4
     x, image = torch.randn(2, c, f, h, h, generator=generator), torch.randn(2, c, f, h, h, generator=generator)
     text = {"timestep": torch.tensor([300.0, 800.0]), "encoder_hidden_states": torch.randn(2, 5, size.text_hidden, generator=generator),
             "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
