@@ -81,8 +81,8 @@ class VideoPretrainConfig:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    t2v_steps: int = 800
-    i2v_steps: int = 400
+    t2v_steps: int = 2000
+    i2v_steps: int = 1500
     denoiser_batch: int = 32
     denoiser_lr: float = 1e-3
     dataset_size: int = 4000
@@ -222,7 +222,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
 
     vae_from: reuse the VAE folder of an earlier run instead of training one (its time is in its report).
     init_from: the text-to-video pipeline to start the image-to-video transformer from (default:
-        the one trained in this run, else `out/hunyuan_video`).
+        the one trained in this run, else `out/hunyuan_video`; "none": from its seeded initialisation).
     """
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -242,7 +242,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
         family_start = time.perf_counter()
         folder = out / family
         transformer = None
-        if family == "skyreels":
+        if family == "skyreels" and str(init_from) != "none":
             source = init_from if init_from is not None else out / "hunyuan_video"
             t2v = HunyuanVideoTransformer3DModel.from_pretrained(source / "transformer")
             transformer = image_to_video_transformer(t2v, config.size, config.seed + 3)
@@ -263,7 +263,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
             "heldout": accuracy,
             "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
             "vae": stats,
-            "init_from": str(init_from or out / "hunyuan_video") if family == "skyreels" else None,
+            "init_from": str(init_from or out / "hunyuan_video") if family == "skyreels" else None,  # "none": from scratch
             "seconds": round(time.perf_counter() - family_start, 1),
             "total_seconds_so_far": round(time.perf_counter() - started, 1),
             "config": asdict(config),
@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reduced", action="store_true", help="tiny widths and a few steps (for tests)")
     parser.add_argument("--vae-from", type=Path, default=None, help="reuse this trained VAE folder (…/<family>/vae)")
-    parser.add_argument("--init-from", type=Path, default=None, help="T2V pipeline the I2V transformer starts from")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="T2V pipeline the I2V transformer starts from ('none': its seeded initialisation)")
     for key in ("vae_steps", "t2v_steps", "i2v_steps"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     args = parser.parse_args(argv)
