@@ -28,9 +28,12 @@ class PolicyAdapter(nn.Module, ABC):
 
     Class attributes:
         paradigm: "flow" (velocity prediction, use FlowSDESampler) or "diffusion" (use DDIMSDESampler).
+        conditions_on_images: True for image-to-video policies, whose `encode_prompts` needs the
+            first frames (the batch's "images").
     """
 
     paradigm: ClassVar[Paradigm]
+    conditions_on_images: ClassVar[bool] = False
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str], images: Tensor | None = None) -> Condition:

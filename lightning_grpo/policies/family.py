@@ -17,6 +17,7 @@ and implements `predict`, `encode_prompts` (through the pipeline's own `encode_p
     memory         gradient checkpointing; the denoiser's FSDP block classes (`no_split_modules`)
     latents        seeded noise as the pipeline draws it; `encode_pixels` / `decode` (VAE, [0, 1])
     sampler        `build_sampler`: the family's matching sampler with its default schedule
+                   (flow families subclass `FlowMatchingFamily`: the pipeline's sigmas or a shift)
     KL reference   adapters disabled (LoRA) or a frozen copy of the denoiser only (full FT)
     export         a diffusers pipeline folder (full FT) or `load_lora_weights` files (LoRA)
 """
@@ -28,7 +29,7 @@ import importlib
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,9 @@ from lightning_grpo.policies.loading import (
     placement,
 )
 from lightning_grpo.types import Condition
+
+if TYPE_CHECKING:
+    from lightning_grpo.samplers.base import Sampler
 
 ComponentSpec = dict[str, tuple[str, str]]
 """{subfolder: (kind, "library.ClassName")}, kind one of "model", "tokenizer", "scheduler"."""
@@ -122,7 +126,7 @@ class DiffusersPolicy(PolicyAdapter):
         self.num_sampling_steps = num_sampling_steps
         self.sampling_eta = sampling_eta
         self._load(parse_dtype(dtype), parse_dtype(denoiser_dtype))
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self.vae_spatial_factor()
         multiple = self.vae_scale_factor * self.latent_multiple
         if self.height % multiple or self.width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, got {self.height}×{self.width}")
@@ -156,6 +160,12 @@ class DiffusersPolicy(PolicyAdapter):
                 key = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
                 module = load_component(cls.from_pretrained, path, subfolder, **{key: denoiser_dtype if is_denoiser else frozen_dtype})
                 setattr(self, subfolder, module if is_denoiser else freeze(module))
+
+    def vae_spatial_factor(self) -> int:
+        """Pixels per latent along height and width: the video VAEs state it
+        (`spatial_compression_ratio`); an image AutoencoderKL halves once per block but the last."""
+        stated = getattr(self.vae, "spatial_compression_ratio", None)
+        return int(stated) if stated else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def check_components(self) -> None:
         """Refuse loaded components the family cannot drive (a hook; nothing by default)."""
@@ -261,29 +271,40 @@ class DiffusersPolicy(PolicyAdapter):
         noise = randn_tensor(shape, generator=generator, device=placement(self.denoiser)[0], dtype=torch.float32)  # [B, C, h, w]
         return self.pack_latents(noise)
 
+    def pixels_to_vae(self, pixels: Tensor) -> Tensor:
+        """The framework's pixel layout → the VAE's input layout (images: both [B, 3, H, W];
+        video families: [B, F, 3, H, W] → [B, 3, F, H, W])."""
+        return pixels
+
+    def pixels_from_vae(self, decoded: Tensor) -> Tensor:
+        """The VAE's output layout → the framework's (inverse of `pixels_to_vae`)."""
+        return decoded
+
     @torch.no_grad()
     def encode_pixels(self, pixels: Tensor) -> Tensor:
-        """Pixels [B, 3, H, W] in [0, 1] → latents in the policy's layout: the inverse of `decode`.
+        """Pixels in [0, 1] ([B, 3, H, W]; video [B, F, 3, H, W]) → latents in the policy's layout:
+        the inverse of `decode`.
 
             z = (mode(VAE.encode(2·pixels − 1)) − shift_factor)·scaling_factor   (shift only if the
             family uses it), then packed. The posterior's mode, not a sample: deterministic.
         """
         vae = self.vae
-        x = (pixels * 2 - 1).to(device=vae.device, dtype=vae.dtype)  # [B, 3, H, W] in [-1, 1]
-        z = vae.encode(x).latent_dist.mode()  # [B, C, h, w]
+        x = self.pixels_to_vae((pixels * 2 - 1).to(device=vae.device, dtype=vae.dtype))  # in [-1, 1]
+        z = vae.encode(x).latent_dist.mode()  # [B, C, h, w] (video [B, C, f, h, w])
         if self.uses_shift_factor:
             z = z - vae.config.shift_factor
         return self.pack_latents((z * vae.config.scaling_factor).float())
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Pixels [B, 3, H, W] in [0, 1]: z = unpack(x)/scaling_factor (+ shift_factor); VAE.decode."""
+        """Pixels in [0, 1], [B, 3, H, W] (video [B, F, 3, H, W]): z = unpack(x)/scaling_factor
+        (+ shift_factor); VAE.decode."""
         vae = self.vae
         z = self.unpack_latents(latents.to(device=vae.device, dtype=vae.dtype)) / vae.config.scaling_factor
         if self.uses_shift_factor:
             z = z + vae.config.shift_factor
-        image = vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        decoded = vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] (video [B, 3, F, H, W]) in [-1, 1]
+        return self.pixels_from_vae((decoded.float() / 2 + 0.5).clamp(0, 1))
 
     # -- sampler ------------------------------------------------------------------------------
 
@@ -349,4 +370,45 @@ class DiffusersPolicy(PolicyAdapter):
         return out
 
 
-__all__ = ["ComponentSpec", "DiffusersPolicy", "resolve_class"]
+def scheduler_sigmas(scheduler_config: Mapping[str, Any], base_sigmas: Sequence[float] | None, num_steps: int, mu: float | None = None) -> list[float]:
+    """The N + 1 sigmas a flow pipeline samples with: its `FlowMatchEulerDiscreteScheduler`'s
+    `set_timesteps(sigmas=base_sigmas, mu=mu)`, then `scheduler.sigmas` (σ_N = 0 appended).
+
+    The shift (static `shift`·σ/(1 + (shift − 1)·σ), or the dynamic one with `mu`) is applied by a
+    real scheduler built from `scheduler_config`, so every option of the checkpoint's config is
+    honoured and the float32 values are bit-identical to the pipeline's. `base_sigmas` None: the
+    scheduler's own spacing (what pipelines do when the config sets `use_flow_sigmas`).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
+    if base_sigmas is None:
+        scheduler.set_timesteps(num_steps, mu=mu)
+    else:
+        scheduler.set_timesteps(sigmas=base_sigmas, mu=mu)
+    return scheduler.sigmas.tolist()  # [N + 1]
+
+
+class FlowMatchingFamily(DiffusersPolicy):
+    """The rectified-flow families (FLUX, HunyuanVideo, SkyReels): velocity prediction, sampled by
+    `FlowSDESampler` on the pipeline's own sigmas (`pipeline_sigmas`) or, when the family's
+    `sampling_shift` is a number, on the SD3 shift of the DanceGRPO recipes."""
+
+    paradigm = "flow"
+    sampling_shift: float | None = None  # the family's __init__ sets it from its argument
+
+    def pipeline_sigmas(self, num_steps: int) -> list[float]:
+        """The N + 1 sigmas the family's pipeline samples with at this policy's geometry."""
+        raise NotImplementedError(f"{type(self).__name__} must define pipeline_sigmas")
+
+    def build_sampler(self, num_steps: int | None = None, eta: float | None = None) -> Sampler:
+        """FlowSDESampler on the pipeline's own sigmas, or on the SD3 shift `sampling_shift`."""
+        from lightning_grpo.samplers import FlowSDESampler
+
+        steps, eta = self.sampler_defaults(num_steps, eta)
+        if self.sampling_shift is not None:
+            return FlowSDESampler(num_steps=steps, eta=eta, shift=self.sampling_shift)
+        return FlowSDESampler(num_steps=steps, eta=eta, sigmas=self.pipeline_sigmas(steps))
+
+
+__all__ = ["ComponentSpec", "DiffusersPolicy", "FlowMatchingFamily", "resolve_class", "scheduler_sigmas"]

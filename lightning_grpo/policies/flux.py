@@ -16,18 +16,15 @@ over all non-batch elements, so the layout changes nothing there. Only `decode` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_grpo.policies.family import DiffusersPolicy
+from lightning_grpo.policies.family import FlowMatchingFamily, scheduler_sigmas
 from lightning_grpo.policies.loading import placement
 from lightning_grpo.types import Condition
-
-if TYPE_CHECKING:
-    from lightning_grpo.samplers.base import Sampler
 
 FLUX_SPEC = {
     "tokenizer": ("tokenizer", "transformers.CLIPTokenizer"),
@@ -51,10 +48,8 @@ def flux_pipeline_sigmas(scheduler_config: Mapping[str, Any], num_steps: int, im
         σ_i = e^μ / (e^μ + (1/σ̃_i − 1))   (dynamic "exponential" shift; or the static
               shift·σ̃/(1 + (shift − 1)·σ̃) when use_dynamic_shifting is false)
         then append σ_N = 0.
-    The shift itself is done by a real `FlowMatchEulerDiscreteScheduler` built from
-    `scheduler_config`, so every option of that config (shift type, shift_terminal, ...) is
-    honoured and the float32 values are bit-identical to the pipeline's. The sampler's
-    timesteps σ_i·1000 are then the pipeline's timesteps too.
+    The shift itself is done by a real scheduler (`scheduler_sigmas`), so the values are
+    bit-identical to the pipeline's and its timesteps σ_i·1000 are the sampler's too.
 
     Args:
         scheduler_config: the checkpoint's scheduler/scheduler_config.json (FluxPolicy.scheduler_config).
@@ -63,11 +58,9 @@ def flux_pipeline_sigmas(scheduler_config: Mapping[str, Any], num_steps: int, im
     Returns:
         list of N + 1 floats from ≈1 down to 0.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
-    config = scheduler.config
+    config = dict(scheduler_config)
     mu = calculate_shift(
         image_seq_len,
         config.get("base_image_seq_len", 256),
@@ -75,14 +68,12 @@ def flux_pipeline_sigmas(scheduler_config: Mapping[str, Any], num_steps: int, im
         config.get("base_shift", 0.5),
         config.get("max_shift", 1.15),
     )
-    if config.get("use_flow_sigmas", False):  # the pipeline drops its sigmas in this case
-        scheduler.set_timesteps(num_steps, mu=mu)
-    else:
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-    return scheduler.sigmas.tolist()  # [N + 1]
+    # the pipeline drops its own sigmas when the config sets use_flow_sigmas
+    base = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+    return scheduler_sigmas(config, base, num_steps, mu)  # [N + 1]
 
 
-class FluxPolicy(DiffusersPolicy):
+class FluxPolicy(FlowMatchingFamily):
     """FLUX.1 (FluxTransformer2DModel + AutoencoderKL + CLIP-L pooled + T5 sequence embeddings).
 
     The transformer (or its LoRA weights) is trained; VAE and both text encoders are frozen.
@@ -106,7 +97,6 @@ class FluxPolicy(DiffusersPolicy):
             lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta).
     """
 
-    paradigm = "flow"
     pipeline_class = "FluxPipeline"
     components = FLUX_SPEC
     denoiser_name = "transformer"
@@ -163,17 +153,6 @@ class FluxPolicy(DiffusersPolicy):
         return FluxPipeline._unpack_latents(latents, self.height, self.width, self.vae_scale_factor)
 
     unpack = unpack_latents  # the name earlier code used
-
-    # -- sampler ------------------------------------------------------------------------------
-
-    def build_sampler(self, num_steps: int | None = None, eta: float | None = None) -> Sampler:
-        """FlowSDESampler on the pipeline's own sigmas, or on the SD3 shift `sampling_shift`."""
-        from lightning_grpo.samplers import FlowSDESampler
-
-        steps, eta = self.sampler_defaults(num_steps, eta)
-        if self.sampling_shift is not None:
-            return FlowSDESampler(num_steps=steps, eta=eta, shift=self.sampling_shift)
-        return FlowSDESampler(num_steps=steps, eta=eta, sigmas=self.pipeline_sigmas(steps))
 
     def pipeline_call_kwargs(self, num_prompts: int) -> dict[str, Any]:
         return {**super().pipeline_call_kwargs(num_prompts), "guidance_scale": self.guidance, "max_sequence_length": self.max_sequence_length}

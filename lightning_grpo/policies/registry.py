@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lightning_grpo.policies.family import DiffusersPolicy, resolve_class
+from lightning_grpo.policies.stand_ins import VIDEO_FRAMES, VIDEO_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,20 @@ def _build_sd(path: str | Path, seed: int = 0) -> Path:
     return build_tiny_sd(path, seed)
 
 
-_STAND_IN = {"height": 16, "width": 16}  # stand_ins.IMAGE_SIZE (not imported here: it pulls in diffusers)
+def _build_hunyuan_video(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_hunyuan_video
+
+    return build_tiny_hunyuan_video(path, seed)
+
+
+def _build_skyreels_i2v(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_hunyuan_video
+
+    return build_tiny_hunyuan_video(path, seed, image_to_video=True)
+
+
+_STAND_IN = {"height": 16, "width": 16}  # stand_ins.IMAGE_SIZE
+_VIDEO_STAND_IN = {**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "prompt_template": VIDEO_TEMPLATE}
 
 FAMILIES: dict[str, Family] = {}
 
@@ -73,6 +87,17 @@ register_family(Family(
 register_family(Family(
     name="sd", policy_class="lightning_grpo.policies.stable_diffusion.StableDiffusionPolicy", build_stand_in=_build_sd,
     stand_in_kwargs={**_STAND_IN, "guidance_scale": 3.0}, config="configs/sd14_hps.yaml",
+))
+
+register_family(Family(
+    name="hunyuan_video", policy_class="lightning_grpo.policies.hunyuan_video.HunyuanVideoPolicy",
+    build_stand_in=_build_hunyuan_video, config="configs/hunyuan_t2v_videoalign.yaml",
+    stand_in_kwargs=_VIDEO_STAND_IN,
+))
+register_family(Family(
+    name="skyreels_i2v", policy_class="lightning_grpo.policies.skyreels_i2v.SkyReelsI2VPolicy",
+    build_stand_in=_build_skyreels_i2v, config="configs/skyreels_i2v_mq.yaml",
+    stand_in_kwargs=_VIDEO_STAND_IN,
 ))
 
 __all__ = ["FAMILIES", "Family", "register_family"]

@@ -7,7 +7,7 @@ Nothing here touches the network: every component is built from a small config w
 seed, and the tokenizers are built from a handmade vocabulary (a byte-pair CLIP vocabulary and
 a unigram T5 vocabulary), then the whole pipeline is written with `pipeline.save_pretrained`
 so `model_index.json` and the `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`
-(and `transformer/`, `text_encoder_2/`, `tokenizer_2/` for FLUX) subfolders are exactly those a
+(and `transformer/`, `text_encoder_2/`, `tokenizer_2/` for FLUX and the video families) subfolders are exactly those a
 real checkpoint has. Adapters then load them through their own `from_pretrained` code.
 
 In tests: the `tiny_sd_path` / `tiny_flux_path` fixtures of tests/policies/conftest.py, or
@@ -15,6 +15,9 @@ In tests: the `tiny_sd_path` / `tiny_flux_path` fixtures of tests/policies/conft
 
 Sizes: images are 16×16 pixels. SD: VAE ×2 down-sampling → latents [B, 4, 8, 8].
 FLUX: VAE ×2 → [B, 4, 8, 8] unpacked, [B, 16, 16] packed 2×2.
+HunyuanVideo / SkyReels-V1 I2V: clips of 5 frames, VAE ×4 in space and time → [B, 4, 2, 4, 4];
+a byte-pair Llama tokenizer (the template's header tokens as special tokens) and a short prompt
+template (`VIDEO_TEMPLATE`) in the form of the pipeline's.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ def tiny_t5_tokenizer():
     return t5_tokenizer(WORDS, TEXT_MAX_LENGTH)
 
 
-def tiny_clip_text_encoder(tokenizer, seed: int):
-    """A 2-layer CLIPTextModel whose special-token ids match `tokenizer`."""
+def tiny_clip_text_encoder(tokenizer, seed: int, max_positions: int = TEXT_MAX_LENGTH):
+    """A 2-layer CLIPTextModel whose special-token ids match `tokenizer` (`max_positions` tokens)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -56,7 +59,7 @@ def tiny_clip_text_encoder(tokenizer, seed: int):
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=TEXT_MAX_LENGTH,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -197,6 +200,111 @@ def build_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = Tru
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         transformer=transformer,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+# -- HunyuanVideo / SkyReels-V1 ------------------------------------------------------------------
+
+LLAMA_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+"""The chat-header tokens of HunyuanVideo's prompt template (single tokens, as in Llama 3)."""
+
+VIDEO_TEMPLATE = {
+    "template": "<|start_header_id|>system<|end_header_id|>describe the video<|eot_id|><|start_header_id|>user<|end_header_id|>{}<|eot_id|>",
+}
+"""A short prompt template in the form of the pipeline's DEFAULT_PROMPT_TEMPLATE for the tiny
+Llama tokenizer; its `crop_start` is counted by the policy (`template_crop_start`)."""
+
+VIDEO_FRAMES = 5  # frames of the stand-in clips: 4k + 1 with k = 1 → 2 latent frames
+CLIP_POOLED_LENGTH = 77  # HunyuanVideoPipeline encodes CLIP prompts at 77 tokens, fixed
+
+
+def tiny_llama_tokenizer(words=WORDS, max_length: int = 64):
+    """A `LlamaTokenizerFast` (byte-pair, metaspace "▁") over `words`, letters as fallback, with
+    the template's header tokens as special tokens and right padding (the pipeline crops the
+    template's tokens off the front, so prompts must start at the same position)."""
+    from transformers import LlamaTokenizerFast
+
+    from lightning_grpo.toy.tokenizers import LETTERS, PUNCTUATION
+
+    vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "▁": 4}
+    for piece in list(LETTERS) + list(PUNCTUATION):
+        vocab.setdefault(piece, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = ["▁"] + list(word)
+        while len(pieces) > 1:  # merge left to right into one "▁word" token
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    tokenizer = LlamaTokenizerFast(
+        vocab=vocab, merges=list(dict.fromkeys(merges)), pad_token="<pad>", model_max_length=max_length, padding_side="right",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(LLAMA_SPECIAL)})
+    return tokenizer
+
+
+def tiny_llama(tokenizer, seed: int):
+    """A 3-layer LlamaModel (the pipeline reads hidden state 3 from the top) for `tokenizer`."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaModel(config).eval()
+
+
+def tiny_video_vae(seed: int):
+    """A 3-block AutoencoderKLHunyuanVideo: ×4 in space, ×4 in time (causal: F = 4k + 1 frames → k + 1)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(seed)
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 3, up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+        block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        spatial_compression_ratio=4, temporal_compression_ratio=4, mid_block_add_attention=True,
+    ).eval()
+
+
+def build_tiny_hunyuan_video(path: str | Path, seed: int = 0, image_to_video: bool = False) -> Path:
+    """Write a tiny random HunyuanVideo pipeline to `path` and return it.
+
+    Layout as hunyuanvideo-community/HunyuanVideo: model_index.json, transformer/, vae/
+    (AutoencoderKLHunyuanVideo), text_encoder/ + tokenizer/ (Llama, sequence), text_encoder_2/ +
+    tokenizer_2/ (CLIP, pooled, 77 positions), scheduler/ (FlowMatchEulerDiscreteScheduler,
+    static shift 7 as the real checkpoint). `image_to_video`: a SkyReels-V1 I2V pipeline instead
+    (HunyuanSkyreelsImageToVideoPipeline; the transformer takes 2C channels: noise ⊕ first frame).
+    Frames 16×16, VIDEO_FRAMES frames; latents [B, 4, 2, 4, 4], 2×2 patches; text [B, S, 32].
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanSkyreelsImageToVideoPipeline,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    path = Path(path)
+    tokenizer = tiny_llama_tokenizer()
+    text_encoder = tiny_llama(tokenizer, seed)
+    tokenizer_2 = clip_tokenizer(WORDS, CLIP_POOLED_LENGTH)
+    text_encoder_2 = tiny_clip_text_encoder(tokenizer_2, seed + 1, max_positions=CLIP_POOLED_LENGTH)
+    torch.manual_seed(seed + 2)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=8 if image_to_video else 4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1,
+        text_embed_dim=TEXT_HIDDEN, pooled_projection_dim=TEXT_HIDDEN, rope_axes_dim=(2, 2, 4), guidance_embeds=True,
+    ).eval()
+    vae = tiny_video_vae(seed + 3)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    pipeline_class = HunyuanSkyreelsImageToVideoPipeline if image_to_video else HunyuanVideoPipeline
+    pipeline = pipeline_class(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+        scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
     )
     pipeline.save_pretrained(path)
     return path

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from lightning_grpo.cli import run
 from lightning_grpo.module import GRPOModule
-from lightning_grpo.policies import FluxPolicy, StableDiffusionPolicy
+from lightning_grpo.policies import FAMILIES, FluxPolicy, StableDiffusionPolicy
 from tests.policies.tiny import build_tiny_flux, build_tiny_sd
 from tests.rewards.conftest import TINY_OPEN_CLIP, TINY_OPEN_CLIP_CFG
+from tests.rewards.test_videoalign import write_tiny_videoreward
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 POLICY_CLASSES = {"FluxPolicy": FluxPolicy, "StableDiffusionPolicy": StableDiffusionPolicy}
+VIDEO_POLICIES = {"HunyuanVideoPolicy": "hunyuan_video", "SkyReelsI2VPolicy": "skyreels_i2v"}  # class → FAMILIES entry
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +37,22 @@ def stand_ins(tmp_path_factory) -> dict[str, str]:
     clip = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None)
     torch.save({"state_dict": clip.state_dict()}, root / "HPS_v2.1_compressed.pt")
     (root / "prompts.txt").write_text("a red circle\na blue square\na cat on a sofa\na photo of a dog\n")
+    frames = root / "frames"
+    frames.mkdir()
+    rows = []
+    for i, prompt in enumerate(["a red circle", "a blue square", "a cat on a sofa", "a photo of a dog"]):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, dtype=np.uint8)).save(frames / f"{i}.png")
+        rows.append(json.dumps({"prompt": prompt, "image": f"frames/{i}.png"}))
+    (root / "first_frames.jsonl").write_text("\n".join(rows) + "\n")
+    videoreward, qwen, *_ = write_tiny_videoreward(root / "videoalign")
     return {
         "sd": str(build_tiny_sd(root / "sd")),
         "flux": str(build_tiny_flux(root / "flux")),
+        "hunyuan_video": str(FAMILIES["hunyuan_video"].build_stand_in(root / "hunyuan_video")),
+        "skyreels_i2v": str(FAMILIES["skyreels_i2v"].build_stand_in(root / "skyreels_i2v")),
+        "videoalign": str(videoreward),
+        "qwen": str(qwen),
+        "first_frames": str(root / "first_frames.jsonl"),
         "clip": str(root / "HPS_v2.1_compressed.pt"),
         "prompts": str(root / "prompts.txt"),
     }
@@ -60,9 +77,16 @@ def substitute(node, assets: dict[str, str]):
         args.update(checkpoint=assets["clip"], architecture=TINY_OPEN_CLIP)
         if name == "ClipScore":  # the tiny stand-in has no open_clip registry entry (DFN5B's: squash)
             args["pretrained_tag"] = None
+    elif name in VIDEO_POLICIES:  # the family's stand-in at its stand-in geometry
+        family = FAMILIES[VIDEO_POLICIES[name]]
+        args.update(pretrained_model_name_or_path=assets[family.name], **family.stand_in_kwargs)
+    elif name == "VideoAlignReward":
+        args.update(checkpoint_dir=assets["videoalign"], base_model_dir=assets["qwen"], dtype="float32")
     elif name == "PromptDataModule":
         args["train_files"] = assets["prompts"]
-    if name.endswith("Policy") and name in POLICY_CLASSES:
+    elif name == "ImagePromptDataModule":
+        args.update(train_files=assets["first_frames"], image_size=16)
+    if name.endswith("Policy") and (name in POLICY_CLASSES or name in VIDEO_POLICIES):
         args.update(dtype="float32", denoiser_dtype="float32")
     return node
 
@@ -79,7 +103,7 @@ def instantiate(config: Path, assets: dict[str, str], tmp_path: Path):
 
 
 def test_there_are_configs():
-    assert {"tiny.yaml", "flux_hps.yaml", "sd14_hps.yaml"} <= {c.name for c in CONFIGS}
+    assert {"tiny.yaml", "flux_hps.yaml", "sd14_hps.yaml", "hunyuan_t2v_videoalign.yaml", "skyreels_i2v_mq.yaml"} <= {c.name for c in CONFIGS}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -101,15 +125,20 @@ def test_config_opens_with_a_comment_and_instantiates(config, stand_ins, tmp_pat
         args = raw["model"]["policy"]["init_args"]
         assert type(cli.model.sampler) is type(cli.model.policy.build_sampler())
         assert cli.model.sampler.num_steps == args.get("num_sampling_steps", cli.model.policy.default_num_steps)
+        assert cli.model.sampler.eta == args.get("sampling_eta", cli.model.policy.default_eta)
+        if args.get("sampling_shift") is not None:
+            assert cli.model.sampler.shift == args["sampling_shift"]
 
 
-@pytest.mark.parametrize("config_name", ["flux_hps.yaml", "sd14_hps.yaml", "flux_hps_clip.yaml"])
+@pytest.mark.parametrize("config_name", ["flux_hps.yaml", "sd14_hps.yaml", "flux_hps_clip.yaml", "hunyuan_t2v_videoalign.yaml", "skyreels_i2v_mq.yaml"])
 def test_short_cpu_fit_of_each_family(config_name, stand_ins, tmp_path, monkeypatch):
     """One GRPO iteration of the real adapters (tiny stand-ins), with the recipe shrunk to CPU size."""
     monkeypatch.chdir(ROOT)  # any repository-relative path in the recipe resolves as in the README
     raw = substitute(yaml.safe_load((ROOT / "configs" / config_name).read_text()), stand_ins)
     raw["trainer"] = dict(accelerator="cpu", devices=1, max_steps=1, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False, limit_val_batches=0)
-    raw["model"].update(group_size=2, micro_batch_size=2, show_progress=False)
+    raw["model"].update(group_size=2, micro_batch_size=2, samples_per_update=None, show_progress=False)
+    if raw["model"].get("best_of_n"):  # keep top 1 + bottom 1 of the shrunk group
+        raw["model"]["best_of_n"] = [1, 1]
     if "sampler" in raw["model"]:
         raw["model"]["sampler"]["init_args"]["num_steps"] = 3
     else:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
 
 from lightning_grpo.cli import main as cli_main
 from lightning_grpo.module import GRPOModule
@@ -27,11 +26,10 @@ from lightning_grpo.policies.registry import FAMILIES
 from lightning_grpo.rollout import ode_from
 from lightning_grpo.samplers import DDIMSDESampler, FlowSDESampler
 
+from tests.families.fitting import PROMPTS, condition_for, first_frames, fit
 from tests.training.fixtures import Redness
-from tests.training.test_module import fit
 
 NAMES = sorted(FAMILIES)
-PROMPTS = ["a photo of a cat", "a red dog on a sofa"]
 STEPS = 4
 ATOL = 1e-5
 
@@ -48,11 +46,14 @@ def plain_pipeline(policy, path: Path):
 
 
 def pipeline_sample(pipe, policy, noise: torch.Tensor) -> torch.Tensor:
-    return pipe(PROMPTS, latents=noise.clone(), num_inference_steps=STEPS, output_type="latent", **policy.pipeline_call_kwargs(len(PROMPTS))).images
+    frames = first_frames(policy)
+    extra = {} if frames is None else {"image": frames}
+    kwargs = {**policy.pipeline_call_kwargs(len(PROMPTS)), **extra}
+    return pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=STEPS, output_type="latent", return_dict=False, **kwargs)[0]
 
 
 def policy_sample(policy, noise: torch.Tensor) -> torch.Tensor:
-    return ode_from(policy, policy.build_sampler(eta=0.0), noise.clone(), PROMPTS)
+    return ode_from(policy, policy.build_sampler(eta=0.0), noise.clone(), PROMPTS, first_frames(policy))
 
 
 def noise_for(policy) -> torch.Tensor:
@@ -96,7 +97,7 @@ def test_mismatched_sampler_is_refused_naming_both(name, stand_in_paths):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_first_inner_update_ratio_is_one(name, stand_in_paths):
-    _, record = fit(grpo(make_policy(name, stand_in_paths)), PROMPTS, batches=1)
+    _, record = fit(grpo(make_policy(name, stand_in_paths)))
     assert record.metrics[0]["train/ratio/first_update_max_dev"] <= 1e-6
 
 
@@ -115,7 +116,7 @@ def lora_runs(stand_in_paths, tmp_path_factory):
         randomise_lora(policy)
         before = {k: v.detach().clone() for k, v in policy.named_parameters()}
         module = grpo(policy, kl_beta=0.1)
-        trainer, record = fit(module, PROMPTS, batches=1, default_root_dir=folder)
+        trainer, record = fit(module, default_root_dir=folder)
         trainer.save_checkpoint(folder / "grpo.ckpt")
         runs[name] = dict(module=module, before=before, folder=folder, config=config, record=record)
     return runs
@@ -140,7 +141,7 @@ def test_lora_kl_reference_holds_no_second_copy(name, lora_runs, stand_in_paths)
     # ... and it is the base model: adapters disabled equals the same family without LoRA
     base = make_policy(name, stand_in_paths)
     noise, t = noise_for(base), module.sampler.timesteps[:1].expand(len(PROMPTS))
-    condition = base.encode_prompts(PROMPTS)
+    condition = condition_for(base)
     with torch.no_grad():
         reference = module.policy.reference_predict(module.reference_policy, noise, t, condition)
         adapted = module.policy.predict(noise, t, condition)
@@ -184,7 +185,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(name, st
                 m.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
         noise = noise_for(policy)
         t = policy.build_sampler().timesteps[1:2].expand(len(PROMPTS))
-        policy.predict(noise, t, policy.encode_prompts(PROMPTS)).square().mean().backward()
+        policy.predict(noise, t, condition_for(policy)).square().mean().backward()
         grads.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
         calls.append(count[0])
     assert calls[1] > calls[0]  # the blocks ran again in backward: checkpointing is really on

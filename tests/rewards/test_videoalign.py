@@ -66,13 +66,17 @@ def _old_layout(key: str) -> str:
 
 @pytest.fixture(scope="module")
 def videoreward(tmp_path_factory: pytest.TempPathFactory):
-    """(checkpoint_dir, base_dir, peft_model): the official VideoAlign build on tiny sizes:
-    Qwen2-VL + rm_head(bias=False, output_dim=1), reward tokens added, LoRA r=4/α=8 on the language
-    model's linears (lm_head, rm_head, embed_tokens, visual excluded), random non-zero LoRA B."""
+    return write_tiny_videoreward(tmp_path_factory.mktemp("videoreward"))
+
+
+def write_tiny_videoreward(root: Path):
+    """(checkpoint_dir, base_dir, peft_model, tokenizer) under `root`: the official VideoAlign
+    build on tiny sizes: Qwen2-VL + rm_head(bias=False, output_dim=1), reward tokens added, LoRA
+    r=4/α=8 on the language model's linears (lm_head, rm_head, embed_tokens, visual excluded),
+    random non-zero LoRA B. (Also the recipe configs' stand-in, tests/configs.)"""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2VLForConditionalGeneration
 
-    root = tmp_path_factory.mktemp("videoreward")
     base, ckpt = root / "Qwen2-VL-tiny", root / "VideoReward"
     tokenizer = _tokenizer(with_reward_tokens=True)
     config = _config(tokenizer)
