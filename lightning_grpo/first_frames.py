@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,10 @@ class GeneratedFirstFrames(FirstFrames):
         batch_size: prompts sampled at once (memory knob).
         size: (height, width) the frames are fitted to; None (default): the size the caller asks
             for, which `GRPOModule` takes from the video policy.
+        memory_cache_size: frames kept in memory (least recently used go first); None keeps all.
+            Bound it for large prompt sets (a 720×720 frame is 1.5 MB) together with
+            ``cache_dir``, from which evicted frames are read back; without ``cache_dir`` an
+            evicted frame would be sampled again.
     """
 
     def __init__(
@@ -83,18 +88,22 @@ class GeneratedFirstFrames(FirstFrames):
         cache_dir: str | None = None,
         batch_size: int = 8,
         size: tuple[int, int] | None = None,
+        memory_cache_size: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if memory_cache_size is not None and memory_cache_size < 1:
+            raise ValueError(f"memory_cache_size must be >= 1 or None, got {memory_cache_size}")
         self.policy = policy.requires_grad_(False).eval()
         self.sampler = sampler if sampler is not None else policy.build_sampler(num_steps)
         self.seed = int(seed)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.batch_size = batch_size
         self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.memory_cache_size = memory_cache_size
         self.generated = 0  # frames sampled by the policy (not served from a cache) by this instance
-        self._frames: dict[str, Image.Image] = {}  # cache key -> 8-bit RGB frame at the policy's resolution
+        self._frames: OrderedDict[str, Image.Image] = OrderedDict()  # cache key -> 8-bit RGB frame, policy's resolution
 
     def train(self, mode: bool = True) -> GeneratedFirstFrames:
         """The image policy only samples: it stays in eval mode whatever Lightning asks."""
@@ -120,15 +129,31 @@ class GeneratedFirstFrames(FirstFrames):
         if target is None:
             raise ValueError("GeneratedFirstFrames needs a size: give size=(height, width) or call it with one")
         keys = [self.cache_key(prompt) for prompt in prompts]
-        missing = {key: prompt for key, prompt in zip(keys, prompts) if key not in self._frames and not self._read(key)}
-        pending = list(missing.items())
+        found = {key: frame for key in dict.fromkeys(keys) if (frame := self._lookup(key)) is not None}
+        pending = [(key, prompt) for key, prompt in dict(zip(keys, prompts)).items() if key not in found]
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
             for (key, _), frame in zip(chunk, self._sample([prompt for _, prompt in chunk])):
-                self._frames[key] = frame
+                found[key] = frame
+                self._remember(key, frame)
                 self._write(key, frame)
-        frames = torch.stack([fit_image(self._frames[key], target) for key in keys])  # [P, 3, H, W]
+        frames = torch.stack([fit_image(found[key], target) for key in keys])  # [P, 3, H, W]
         return frames.to(self.policy.device)
+
+    def _lookup(self, key: str) -> Image.Image | None:
+        """The cached frame of ``key`` (memory, else disk), or None."""
+        if key in self._frames:
+            self._frames.move_to_end(key)
+            return self._frames[key]
+        frame = self._read(key)
+        if frame is not None:
+            self._remember(key, frame)
+        return frame
+
+    def _remember(self, key: str, frame: Image.Image) -> None:
+        self._frames[key] = frame
+        while self.memory_cache_size is not None and len(self._frames) > self.memory_cache_size:
+            self._frames.popitem(last=False)
 
     def _sample(self, prompts: list[str]) -> list[Image.Image]:
         """Deterministic samples of the policy for ``prompts``, as 8-bit RGB images."""
@@ -147,14 +172,13 @@ class GeneratedFirstFrames(FirstFrames):
     def _path(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{key}.png"
 
-    def _read(self, key: str) -> bool:
-        """Load a frame from the disk cache into memory; False when absent (or no disk cache)."""
+    def _read(self, key: str) -> Image.Image | None:
+        """A frame from the disk cache; None when absent (or no disk cache)."""
         path = self._path(key)
         if path is None or not path.is_file():
-            return False
+            return None
         with Image.open(path) as image:
-            self._frames[key] = image.convert("RGB")
-        return True
+            return image.convert("RGB")
 
     def _write(self, key: str, frame: Image.Image) -> None:
         """Save a frame to the disk cache atomically (a rank reading it never sees half a file)."""

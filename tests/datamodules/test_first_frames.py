@@ -88,6 +88,16 @@ def test_disk_cache_survives_a_restart(tmp_path):
     assert other_steps.generated == 1  # another sampler schedule is another key
 
 
+def test_a_bounded_memory_cache_reads_evicted_frames_back_from_disk(tmp_path):
+    source = frames_source(cache_dir=str(tmp_path / "frames"), memory_cache_size=1)
+    first = source(PROMPTS, size=(12, 12))
+    assert len(source._frames) == 1 and source.generated == 3
+    assert torch.equal(source(PROMPTS, size=(12, 12)), first) and source.generated == 3
+    assert len(source._frames) == 1
+    with pytest.raises(ValueError, match="memory_cache_size"):
+        frames_source(memory_cache_size=0)
+
+
 def test_frames_are_fitted_to_cover_the_size_and_center_cropped():
     source = frames_source()
     native = source(PROMPTS[:1], size=(12, 12))[0]  # the policy's own resolution: unchanged
