@@ -572,6 +572,8 @@ class GRPOModule(LightningModule):
             batch_size=self.hparams.decode_batch_size, keep_pixels=keep, images=self.batch_first_frames(batch), show_progress=False,
             allow_nonfinite=drop,
         )
+        if not batch["prompts"]:  # a data block without one readable image: nothing to log (a weight-0 NaN would poison the mean)
+            return result
         for name, s in result.scores.items():
             finite = torch.isfinite(s)
             # drop_group: non-finite scores are left out of the mean (NaN when none is finite) and counted

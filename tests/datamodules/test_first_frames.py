@@ -251,3 +251,21 @@ def test_the_documented_yaml_builds_generated_frames_from_the_shipped_toy_flux(t
     ((prompts, images),) = cli.model.policy.received
     assert images.shape == (1, 3, 8, 8) and source.generated == 1 and len(list((tmp_path / "frames").glob("*.png"))) == 1
     assert torch.equal(images, source(prompts, size=(8, 8)).cpu())
+
+
+def test_an_unreadable_validation_block_leaves_the_logged_reward_finite(tmp_path):
+    (tmp_path / "red.png").write_bytes(b"")  # an empty file: undecodable
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "good.png")
+    rows = [("v gone", "gone.png"), ("v empty", "red.png"), ("v good", "good.png"), ("v good too", "good.png")]
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": p, "image": f}) + "\n" for p, f in rows))
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"prompt": "t good", "image": "good.png"}) + "\n")
+    dm = ImagePromptDataModule(str(train), val_files=str(val), batch_size=2, remainder="pad", image_size=8, shuffle=False)
+    module = i2v_module()
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(MalformedRecordWarning):
+        (metrics,) = trainer.validate(module, datamodule=dm)
+    assert [prompts for prompts, _ in module.policy.received] == [["v good", "v good too"]]
+    # the good batch's mean redness: an empty block logged nothing rather than a weight-0 NaN
+    assert torch.isfinite(torch.tensor(metrics["val/reward/redness"]))
