@@ -70,3 +70,13 @@ def test_slope_and_table():
     assert memory.slope([9, 17, 33], [1.0, 3.0, 7.0]) == pytest.approx(0.25)
     rows = {9: {"grpo_sample": 2.0, "grpo_update": 1.0, "grpo": 2.0, "refl": 5.0}}
     assert memory.format_table(rows).splitlines()[-1] == "| 9 | 3 | 2.0 | 1.0 | 2.0 | 5.0 | 2.50× |"
+
+
+def test_model_loads_from_a_pipeline_folder(tmp_path):
+    transformer, vae = memory.build_toy_model(seed=3)
+    transformer.save_pretrained(tmp_path / "transformer")
+    vae.save_pretrained(tmp_path / "vae")
+    loaded_transformer, loaded_vae = memory.load_model(str(tmp_path))
+    for built, loaded in ((transformer, loaded_transformer), (vae, loaded_vae)):
+        assert type(loaded) is type(built)
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), loaded.state_dict().values()))
