@@ -281,7 +281,7 @@ def measure(transformer: nn.Module, vae: nn.Module, num_frames: int, args: argpa
     policy = ToyVideoPolicy(transformer, vae, num_frames, args.height, args.width).to(device)
     sampler = FlowSDESampler(num_steps=args.steps, eta=0.25, shift=5.0)  # the HunyuanVideo recipe's eta and shift
     bench = Bench(policy, sampler, FrameReward().to(device), train_index=args.steps // 2)
-    row: dict[str, float] = {}
+    row: dict[str, float] = {"latent_frames": policy.latent_shape[1]}
     for name, step in STEPS.items():
         bench.zero_grad()
         start = time.perf_counter()
@@ -306,7 +306,7 @@ def format_table(rows: dict[int, dict[str, float]]) -> str:
     ]
     for frames, row in rows.items():
         lines.append(
-            f"| {frames} | {(frames - 1) // 4 + 1} | {row['grpo_sample']:.1f} | {row['grpo_update']:.1f} | {row['grpo']:.1f} "
+            f"| {frames} | {row['latent_frames']:.0f} | {row['grpo_sample']:.1f} | {row['grpo_update']:.1f} | {row['grpo']:.1f} "
             f"| {row['refl']:.1f} | {row['refl'] / row['grpo']:.2f}× |"
         )
     return "\n".join(lines)

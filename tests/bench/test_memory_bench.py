@@ -55,6 +55,7 @@ def test_both_steps_at_a_tiny_size(tmp_path):
         assert row["grpo"] == max(row["grpo_sample"], row["grpo_update"]) > memory.model_bytes(transformer, vae) / MIB
         assert row["refl"] > row["grpo_update"]  # the VAE's and the reward's activations
     assert rows[9]["refl"] - rows[5]["refl"] > rows[9]["grpo_update"] - rows[5]["grpo_update"]
+    assert [rows[f]["latent_frames"] for f in (5, 9)] == [2, 3]  # ×4 causal: 4k + 1 frames -> k + 1
     policy = memory.ToyVideoPolicy(transformer, vae, 5, 16, 16)
     bench = memory.Bench(policy, memory.FlowSDESampler(num_steps=2, eta=0.25, shift=5.0), memory.FrameReward(), train_index=1)
     for step in memory.STEPS.values():
@@ -68,7 +69,7 @@ def test_both_steps_at_a_tiny_size(tmp_path):
 
 def test_slope_and_table():
     assert memory.slope([9, 17, 33], [1.0, 3.0, 7.0]) == pytest.approx(0.25)
-    rows = {9: {"grpo_sample": 2.0, "grpo_update": 1.0, "grpo": 2.0, "refl": 5.0}}
+    rows = {9: {"latent_frames": 3, "grpo_sample": 2.0, "grpo_update": 1.0, "grpo": 2.0, "refl": 5.0}}
     assert memory.format_table(rows).splitlines()[-1] == "| 9 | 3 | 2.0 | 1.0 | 2.0 | 5.0 | 2.50× |"
 
 
