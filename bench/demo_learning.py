@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--seed", type=int, default=1234, help="seed of the evaluation noise")
     parser.add_argument("--batch-size", type=int, default=80, help="samples generated at once in evaluation")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--ckpt-path", type=Path, default=None,
+                        help="continue training from this checkpoint of the same demo (exact resume: e.g. a 500-step "
+                             "run's last.ckpt with `-- --trainer.max_steps=1000` equals a 1000-step run); 'before' is "
+                             "still the base pipeline")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -138,10 +142,11 @@ def main(argv: list[str] | None = None) -> float:
 
     before = held_out()
     started = time.perf_counter()
-    trainer.fit(module, datamodule=cli.datamodule)
+    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=None if args.ckpt_path is None else str(args.ckpt_path))
     train_seconds = time.perf_counter() - started
     after = held_out()
     figures = {"family": args.family, "config": str(config), "cli_overrides": extra,
+               "resumed_from": None if args.ckpt_path is None else str(args.ckpt_path),
                "optimizer_steps": trainer.global_step, "train_seconds": round(train_seconds, 1), "splits": {}}
     for split in splits:
         print(f"\n### held-out split: {split} ({len(splits[split])} prompts x {args.samples_per_prompt})\n")

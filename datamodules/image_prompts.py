@@ -20,16 +20,47 @@ from lightning_grpo.datamodules.sources import BadRecordReporter, Record, Record
 from lightning_grpo.datamodules.streaming import PromptStream, StreamConfig
 
 
+#: Modes whose pixels have no defined range (32-bit integer, float): refused rather than guessed.
+UNSCALED_MODES = frozenset({"I", "F", "I;32", "I;32B", "I;32L"})
+
+
 def load_image(source: str | io.BytesIO, size: tuple[int, int]) -> torch.Tensor:
     """Decode an image as RGB, scale it to cover ``size`` = (height, width), center-crop it.
 
+    Any 8-bit mode (L, P, RGB, CMYK, YCbCr, 1) is converted by Pillow; 16-bit grey is scaled to
+    8 bits (Pillow's own conversion would clip it at 255); transparency is composited over black
+    (the shapes world's background) instead of dropping the alpha channel, which would show
+    whatever colour hides under transparent pixels. An animated file gives its first frame.
+
     Returns:
         Float tensor ``[3, H, W]`` with values in [0, 1].
+
+    Raises:
+        ValueError: for a 32-bit integer or float image (no defined pixel range).
+        OSError: for a missing, truncated or undecodable file (Pillow's errors).
     """
-    height, width = size
     with Image.open(source) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        image = ImageOps.fit(image, (width, height), method=Image.Resampling.BICUBIC)
+        rgb = to_rgb(ImageOps.exif_transpose(image))
+    return fit_image(rgb, size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An opaque 8-bit RGB copy of ``image`` (see :func:`load_image` for the rules per mode)."""
+    if image.mode in UNSCALED_MODES:
+        raise ValueError(f"image mode {image.mode!r} has no defined pixel range; save it as 8-bit (RGB, L, P) or 16-bit grey")
+    if image.mode.startswith("I;16"):
+        grey = (np.asarray(image, dtype=np.float64) / 257.0).round().astype(np.uint8)  # 65535 -> 255
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_image(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """Scale an RGB image to cover ``size`` = (height, width) and center-crop it: ``[3, H, W]`` in [0, 1]."""
+    height, width = size
+    image = ImageOps.fit(image, (width, height), method=Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3]
     return pixels.permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
 
@@ -56,10 +87,14 @@ class ImagePromptStream(PromptStream):
     """A :class:`PromptStream` whose batches also hold the decoded images.
 
     A batch is ``{"prompts": list[str], "images": Tensor[B, 3, H, W] in [0, 1]}`` (plus
-    ``"metadata"``). A record whose image is missing or cannot be decoded is reported with its
-    ``path:line`` and left out of its batch under ``on_bad_line="skip"`` (the batch is then
-    smaller; only the worker owning the record opens the image, so the others cannot know), or
-    raises under ``"error"``.
+    ``"metadata"``). A record whose image is missing, undecodable or of an unusable mode is
+    reported with its ``path:line`` (raising under ``on_bad_line="error"``). Under ``"skip"`` the
+    batch keeps its size: the failed records are replaced by repeats of the slice's readable ones
+    (as ``remainder="pad"`` repeats records), or, when none of the slice is readable, by the first
+    readable record of the rest of its block. A shrunken batch would break the update's
+    divisibility (``samples_per_update``) and, under DDP, the ranks' lockstep. Only when a whole
+    block (``world_size × workers × batch_size`` records) holds no readable image is the batch
+    empty, on every rank at once since every shard sees the block; ``GRPOModule`` skips such a step.
     """
 
     def __init__(self, config: StreamConfig, image_key: str, image_root: str | None, image_size: tuple[int, int]):
@@ -68,15 +103,25 @@ class ImagePromptStream(PromptStream):
         self.image_root = image_root
         self.image_size = image_size
 
+    def block_batch(self, block: list[Record], start: int, stop: int, reporter: BadRecordReporter) -> dict[str, Any]:
+        own = block[start:stop]
+        loaded = [(record, self._load(record, reporter)) for record in own]
+        good = [(record, image) for record, image in loaded if image is not None]
+        if not good:  # none of ours is readable: borrow one from the others' slices (quietly: they report theirs)
+            quiet = BadRecordReporter("skip", verbose=False)
+            others = block[stop:] + block[:start]
+            good = next(([(r, im)] for r in others if (im := self._load(r, quiet)) is not None), [])
+        filled = [good[i % len(good)] for i in range(len(own))] if good else []
+        return self._batch([record for record, _ in filled], [image for _, image in filled], reporter)
+
     def make_batch(self, records: list[Record], reporter: BadRecordReporter) -> dict[str, Any]:
-        kept: list[Record] = []
-        images: list[torch.Tensor] = []
-        for record in records:
-            image = self._load(record, reporter)
-            if image is not None:
-                kept.append(record)
-                images.append(image)
-        batch = super().make_batch(kept, reporter)
+        """Records and their images, the unreadable ones left out (used without a block)."""
+        loaded = [(record, self._load(record, reporter)) for record in records]
+        kept = [(record, image) for record, image in loaded if image is not None]
+        return self._batch([r for r, _ in kept], [im for _, im in kept], reporter)
+
+    def _batch(self, records: list[Record], images: list[torch.Tensor], reporter: BadRecordReporter) -> dict[str, Any]:
+        batch = super().make_batch(records, reporter)
         batch["images"] = torch.stack(images) if images else torch.empty(0, 3, *self.image_size)  # [B, 3, H, W]
         return batch
 
@@ -96,9 +141,10 @@ class ImagePromptDataModule(PromptDataModule):
 
     A batch is ``{"prompts": list[str], "images": Tensor[B, 3, H, W]}`` with float pixels in
     [0, 1] (plus ``"metadata"`` when asked). Sources are JSONL, Parquet or ``save_to_disk``
-    datasets with a prompt and an image column; plain text has no image column. A missing or
-    undecodable image is reported with the data file and line and skipped (the batch shrinks,
-    possibly to empty) or raised, per ``on_bad_line``.
+    datasets with a prompt and an image column; plain text has no image column. A missing,
+    undecodable or unusable (32-bit) image is reported with the data file and line and raised
+    (``on_bad_line="error"``) or skipped, its place in the batch taken by a readable record of
+    the same batch or block, so batches keep their size (see :class:`ImagePromptStream`).
 
     Args:
         train_files: Paths or globs of JSONL/Parquet files or ``save_to_disk`` folders.

@@ -243,9 +243,14 @@ class PromptStream(IterableDataset):
         for index, block in enumerate(blocks(remaining, block_size, cfg.remainder)):
             if index == 0 and role < rounds_done:
                 continue  # this role's slice of the first block was consumed before the resume
-            yield self.make_batch(block[start:stop], batch_reporter)
+            yield self.block_batch(block, start, stop, batch_reporter)
         record_reporter.summarize("prompt records")
         batch_reporter.summarize("batch items")
+
+    def block_batch(self, block: list[Record], start: int, stop: int, reporter: BadRecordReporter) -> dict[str, Any]:
+        """This shard's batch of a block: its slice ``block[start:stop]``. Subclasses whose items
+        can fail late (images) may fill the slice from the rest of the block, which every shard sees."""
+        return self.make_batch(block[start:stop], reporter)
 
     def make_batch(self, records: list[Record], reporter: BadRecordReporter) -> dict[str, Any]:
         """Turn this shard's slice of a block into a batch; ``reporter`` takes items that fail."""

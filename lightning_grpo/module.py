@@ -25,6 +25,7 @@ from lightning_grpo.distributed import (
     update_schedule,
 )
 from lightning_grpo.evaluation import EvaluationResult, evaluate, sample_seed
+from lightning_grpo.first_frames import FirstFrames, frame_size
 from lightning_grpo.grpo.advantages import (
     BestOfNAdvantages,
     MultiRewardForm,
@@ -118,6 +119,10 @@ class GRPOModule(LightningModule):
         max_skipped_steps: stop the run (RuntimeError) after this many training steps in a row
             were skipped because every group was dropped: such steps make no optimizer step, so
             `max_steps` would never be reached.
+        first_frames: image-to-video without images in the data: a `FirstFrames` source (e.g.
+            `lightning_grpo.first_frames.GeneratedFirstFrames` with an image policy) called for
+            every batch without `"images"`, at the policy's resolution; None (default): batches
+            bring their own (`ImagePromptDataModule`) or none (text-to-X).
 
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
@@ -161,9 +166,10 @@ class GRPOModule(LightningModule):
         step_schedule: StepSchedule | None = None,
         ode_tail: MultistepODETail | None = None,
         max_skipped_steps: int = 5,
+        first_frames: FirstFrames | None = None,
     ) -> None:  # pragma: no mutate block (a mutmut trampoline would hide these arguments from save_hyperparameters)
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail"])
+        self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail", "first_frames"])
         sampler = policy.build_sampler() if sampler is None else sampler  # the family's own sampler by default
         check_sampler_matches(policy, sampler)
         _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
@@ -185,6 +191,7 @@ class GRPOModule(LightningModule):
                 raise ValueError("ode_tail needs a step_schedule: without one every step is an SDE step and there is no tail")
             ode_tail.sigmas(sampler, 0)  # a flow sampler, or a clear error
         self.ode_tail = ode_tail
+        self.first_frames = first_frames
         self.rewards = MultiReward(list(rewards or []))  # raises without a reward
         check_reward_weights(self.rewards.weights)
         self._skips = SkipGuard(max_skipped_steps)
@@ -237,6 +244,10 @@ class GRPOModule(LightningModule):
         hp = self.hparams
         timer = _PhaseTimer(self.device)
         prompts, images, first_group, members = self._rank_prompts(batch)
+        if not prompts:  # every image of a whole block of the data was unreadable (on every rank alike)
+            warnings.warn("empty training batch (no readable record in it): skipping this step", RuntimeWarning, stacklevel=2)
+            self._skips.step(True, why="empty batches: every record of the data's block was malformed")
+            return
         # 1-2. rollout (in chunks of rollout_batch_size; noise keyed by global group and member)
         with timer("rollout"), self.rollout_weights():
             trajectories = rollout(
@@ -329,7 +340,7 @@ class GRPOModule(LightningModule):
         the same P), all G members. Groups spanning ranks: every rank's prompts (gathered, rank
         order), groups 0.., and this rank's G/W members of each.
         """
-        prompts, images = list(batch["prompts"]), batch.get("images")
+        prompts, images = list(batch["prompts"]), self.batch_first_frames(batch)
         rank = self.global_rank if self._trainer is not None else 0
         if not self._spans_ranks():
             return prompts, images, rank * len(prompts), None
@@ -337,6 +348,15 @@ class GRPOModule(LightningModule):
         prompts = [p for part, _ in parts for p in part]
         images = None if images is None else torch.cat([frames for _, frames in parts]).to(self.device)
         return prompts, images, 0, members_of_rank(self.hparams.group_size, rank, self._world_size())
+
+    def batch_first_frames(self, batch: dict[str, Any]) -> Tensor | None:
+        """The batch's first frames [P, 3, H, W]: its own `"images"`, else made by `first_frames`
+        at the policy's resolution (None without either: text-to-X). Callbacks that sample an
+        image-to-video policy on their own prompts take their frames from here too."""
+        images = batch.get("images")
+        if images is not None or self.first_frames is None or not batch["prompts"]:
+            return images
+        return self.first_frames(list(batch["prompts"]), frame_size(self.policy)).to(self.device)
 
     def _decode_and_score(self, trajectories: Rollout, timer: _PhaseTimer) -> tuple[Tensor, dict[str, Tensor]]:
         """Step 3, `decode_batch_size` samples at a time: pixels [B, ...] and {name: [B]} scores
@@ -549,9 +569,11 @@ class GRPOModule(LightningModule):
         drop = self.hparams.reward_failure == "drop_group"
         result = evaluate(
             self.policy, self.sampler, batch["prompts"], self.rewards, seed=sample_seed(self.hparams.seed, batch_idx, rank),
-            batch_size=self.hparams.decode_batch_size, keep_pixels=keep, images=batch.get("images"), show_progress=False,
+            batch_size=self.hparams.decode_batch_size, keep_pixels=keep, images=self.batch_first_frames(batch), show_progress=False,
             allow_nonfinite=drop,
         )
+        if not batch["prompts"]:  # a data block without one readable image: nothing to log (a weight-0 NaN would poison the mean)
+            return result
         for name, s in result.scores.items():
             finite = torch.isfinite(s)
             # drop_group: non-finite scores are left out of the mean (NaN when none is finite) and counted
@@ -563,9 +585,9 @@ class GRPOModule(LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def _rebuilt_keys(self) -> set[str]:
         """State the config rebuilds exactly, left out of checkpoints: reward models, the KL
-        reference, and the policy's frozen weights (text encoders, VAE, LoRA base weights), which
+        reference, the first-frame image policy, and the policy's frozen weights (text encoders, VAE, LoRA base weights), which
         would otherwise add gigabytes (T5-XXL, ViT-H, Qwen2-VL) to every checkpoint."""
-        keys = {k for k in self.state_dict() if k.startswith(("rewards.", "reference_policy."))}
+        keys = {k for k in self.state_dict() if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
         # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
         keys |= {f"policy.{name}" for name, p in self.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
         return keys

@@ -104,7 +104,8 @@ class DecodedScenes:
     template per unit coverage; `elongation` ratio of the object's principal second moments
     (a streak is long); `inside` share of the foreground in the decoded quadrant; `cx`, `cy`
     the main object's centroid in pixels (0 where the image has no foreground), what the
-    moving-shapes verifier tracks over frames.
+    moving-shapes verifier tracks over frames; `hue_share` [B, K] share of the foreground of
+    each palette hue and on the palette.
     """
 
     colour: Tensor
@@ -120,6 +121,7 @@ class DecodedScenes:
     inside: Tensor
     cx: Tensor
     cy: Tensor
+    hue_share: Tensor | None = None  # [B, K] share of the foreground on each palette hue (purity for every hue)
 
     @property
     def indices(self) -> Tensor:
@@ -302,6 +304,9 @@ def decode_scenes(
     colour = votes.argmax(1)  # [B]
     on_hue = (hue == colour.view(-1, 1, 1)) & (residual <= max_off_palette)  # [B, H, W]
     purity = (on_hue.float() * fg).sum((1, 2)) / area.clamp_min(1.0)
+    hue_share = torch.stack([  # [B, K]: share of ALL foreground on hue k and on the palette (graded colour term)
+        (((hue == k) & (residual <= max_off_palette)).float() * fg).sum((1, 2)) for k in range(len(COLOUR_NAMES))
+    ], dim=1) / area.clamp_min(1.0).unsqueeze(1)
 
     xs, ys = _pixel_grid(height, width, device)
     cx = (main_f * xs).sum((1, 2)) / main_area  # [B]
@@ -329,6 +334,7 @@ def decode_scenes(
         inside=inside,
         cx=cx,
         cy=cy,
+        hue_share=hue_share,
     )
 
 
@@ -359,6 +365,35 @@ def attribute_correctness(
     return correct & decoded.clean_attributes(rules) if strict else correct
 
 
+def graded_attributes(
+    pixels: Tensor,
+    prompts: list[str],
+    min_area_frac: float = 0.01,
+    max_area_frac: float = 0.5,
+    rules: SceneRules | None = None,
+) -> Tensor:
+    """Tensor[B, 3] in [0, 1]: the strict attribute terms with a graded colour term.
+
+    Colour = one object × min(share of the foreground on the NAMED hue and palette / `min_purity`, 1):
+    it is 1 exactly when the strict colour check passes, and otherwise grows with how much of the
+    object is drawn in the named colour, so an orange blob for "red" earns part of it and a pure red
+    one all of it. Shape and position are the strict binary terms. Hence every term is 1 iff the
+    strict term is, and the mean is 1 iff the strict exact match is.
+    Why: the toy FLUX draws many blends of two palette colours, which the strict colour check
+    scores 0 whatever their mix; GRPO then sees no difference between a blend that is mostly the
+    named colour and one that is not (docs/results.md, "graded reward").
+    """
+    if len(prompts) != pixels.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {pixels.shape[0]} images")
+    rules = rules or SceneRules()
+    decoded = decode_scenes(pixels, min_area_frac, max_area_frac, rules.max_off_palette)
+    target = target_indices(prompts, pixels.device)  # [B, 3]
+    strict = (decoded.indices == target) & decoded.clean_attributes(rules)  # [B, 3]
+    named_share = decoded.hue_share.gather(1, target[:, :1]).squeeze(1)  # [B]
+    colour = decoded.one_object(rules).float() * (named_share / rules.min_purity).clamp(max=1.0)
+    return torch.cat([colour.unsqueeze(1), strict[:, 1:].float()], dim=1)
+
+
 def exact_match_accuracy(pixels: Tensor, prompts: list[str], strict: bool = True) -> float:
     """Fraction of images whose colour, shape and position all match their prompt (strict rules by default)."""
     if pixels.shape[0] == 0:
@@ -371,7 +406,10 @@ class ShapesVerifier(Reward):
 
     Args:
         mode: "dense" → mean of (colour, shape, position) correct, in {0, 1/3, 2/3, 1};
-            "exact" → 1 iff all three are correct (the exact-match binary reward).
+            "exact" → 1 iff all three are correct (the exact-match binary reward);
+            "graded" → the dense mean with a graded colour term (`graded_attributes`; strict only):
+            1 iff the exact match is 1, and a blend that is mostly the named colour earns more
+            than one that is not.
         strict: apply the strict rules (`SceneRules`; default): every term also needs exactly one
             object, of one pure colour, matching its shape template well, inside its quadrant.
             False: the lenient verifier (the main object's attributes only).
@@ -386,7 +424,7 @@ class ShapesVerifier(Reward):
 
     def __init__(
         self,
-        mode: Literal["dense", "exact"] = "dense",
+        mode: Literal["dense", "exact", "graded"] = "dense",
         strict: bool = True,
         max_stray: float | None = None,
         min_purity: float | None = None,
@@ -399,8 +437,10 @@ class ShapesVerifier(Reward):
         name: str | None = None,
         weight: float = 1.0,
     ) -> None:
-        if mode not in ("dense", "exact"):
-            raise ValueError(f"ShapesVerifier mode must be 'dense' or 'exact', got {mode!r}")
+        if mode not in ("dense", "exact", "graded"):
+            raise ValueError(f"ShapesVerifier mode must be 'dense', 'exact' or 'graded', got {mode!r}")
+        if mode == "graded" and not strict:
+            raise ValueError("ShapesVerifier mode 'graded' grades the strict colour check: it needs strict=True")
         super().__init__(name or f"shapes_{mode}" + ("" if strict else "_lenient"), weight)
         self.mode = mode
         self.strict = bool(strict)
@@ -412,6 +452,8 @@ class ShapesVerifier(Reward):
 
     def score(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
         """Tensor[B] of per-sample rewards in [0, 1]; an image with no object scores 0."""
+        if self.mode == "graded":
+            return graded_attributes(pixels, prompts, self.min_area_frac, self.max_area_frac, self.rules).mean(1)
         correct = attribute_correctness(
             pixels, prompts, self.min_area_frac, self.max_area_frac, strict=self.strict, rules=self.rules
         ).float()  # [B, 3]

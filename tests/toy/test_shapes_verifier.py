@@ -270,3 +270,43 @@ def test_lenient_verifier_and_rule_validation() -> None:
         SceneRules(min_purity=1.5)
     with pytest.raises(ValueError, match="max_elongation"):
         ShapesVerifier(max_elongation=0)
+
+
+# ----------------------------------------------------------------------------- graded reward
+def test_graded_reward_is_one_exactly_when_the_exact_match_is() -> None:
+    """On clean renders, on every bad-image kind and on wrong prompts: graded = 1 iff strict exact = 1,
+    and graded >= the strict dense reward (it only adds partial colour credit)."""
+    pixels, prompts, scenes = _sample(32, seed=5)
+    wrong = [describe(Scene(COLOUR_NAMES[(COLOUR_NAMES.index(s.colour) + 1) % 4], s.shape, s.position)) for s in scenes]
+    batches = [(pixels, prompts), (pixels, wrong)] + [(bad(pixels, scenes, 32), prompts) for bad in BAD_IMAGES.values()]
+    for images, texts in batches:
+        graded = ShapesVerifier("graded")(images, texts)
+        exact = ShapesVerifier("exact")(images, texts)
+        dense = ShapesVerifier("dense")(images, texts)
+        assert torch.equal(graded == 1, exact == 1)
+        assert (graded >= dense - 1e-6).all()
+        assert ((graded >= 0) & (graded <= 1)).all()
+
+
+def test_graded_colour_term_by_hand() -> None:
+    """A square drawn half in the named red and half in yellow: the colour term is the red share of
+    the foreground over min_purity (0.5 / 0.75 = 2/3), shape and place are right; all yellow scores 0
+    for colour; an orange (off-palette) blend scores 0 for colour. Reward = mean of the three terms."""
+    red, yellow = palette()[COLOUR_NAMES.index("red")], palette()[COLOUR_NAMES.index("yellow")]
+    image = torch.zeros(3, 3, 32, 32)
+    image[0, :, 2:12, 2:7] = red.view(3, 1, 1)  # 10×5 red, left half of a 10×10 square at the top left
+    image[0, :, 2:12, 7:12] = yellow.view(3, 1, 1)
+    image[1, :, 2:12, 2:12] = yellow.view(3, 1, 1)
+    image[2, :, 2:12, 2:12] = ((red + yellow) / 2).view(3, 1, 1)  # orange: off the palette
+    prompt = ["a red square at the top left"] * 3
+    from lightning_grpo.toy.verifier import graded_attributes
+
+    terms = graded_attributes(image, prompt)
+    assert terms[:, 1:].tolist() == [[1.0, 1.0]] * 3  # the square, in the top-left quadrant
+    assert terms[0, 0].item() == pytest.approx(0.5 / SceneRules().min_purity)
+    assert terms[1, 0].item() == 0.0 and terms[2, 0].item() == 0.0
+    rewards = ShapesVerifier("graded")(image, prompt)
+    assert rewards.tolist() == pytest.approx([(2 / 3 + 2) / 3, 2 / 3, 2 / 3])
+    assert ShapesVerifier("graded").name == "shapes_graded"
+    with pytest.raises(ValueError, match="needs strict=True"):
+        ShapesVerifier("graded", strict=False)
