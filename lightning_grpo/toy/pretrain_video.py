@@ -82,7 +82,7 @@ class VideoPretrainConfig:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     t2v_steps: int = 2000
-    i2v_steps: int = 1500
+    i2v_steps: int = 500
     denoiser_batch: int = 32
     denoiser_lr: float = 1e-3
     dataset_size: int = 4000
