@@ -31,7 +31,7 @@ CENTRE_JITTER = 0.04
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+def jitter_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
     """The generator to draw jitter from: the given one, else a CPU one seeded with `seed` (0 if None)."""
     if generator is not None:
         return generator
@@ -76,7 +76,7 @@ def render_indices(
         raise ValueError(f"image size must be at least 8 pixels, got {size}")
     device = indices.device
     n = indices.shape[0]
-    gen = _generator(seed, generator)
+    gen = jitter_generator(seed, generator)
     if jitter:  # drawn on CPU from one generator: identical images on every device
         radius_scale = 1 + RADIUS_JITTER * (2 * torch.rand(n, generator=gen) - 1)
         offset = CENTRE_JITTER * (2 * torch.rand(n, 2, generator=gen) - 1)
@@ -86,10 +86,30 @@ def render_indices(
     centres = torch.tensor([POSITION_CENTRES[p] for p in POSITIONS])  # [P, 2]
     centre = (centres[indices[:, 2].cpu()] + offset).to(device) * size  # [N, 2] pixels
     radius = (RADIUS * size * radius_scale).to(device)  # [N]
+    return rasterize(indices[:, 0], indices[:, 1], centre, radius, size)
 
+
+def rasterize(colour: Tensor, shape: Tensor, centre: Tensor, radius: Tensor, size: int) -> Tensor:
+    """Draw one anti-aliased filled shape per image on the black background.
+
+    The drawing primitive shared by the still renderer (`render_indices`) and the moving-shapes
+    world (`lightning_grpo.toy.motion_render`, which draws every frame of a track with it).
+
+    Args:
+        colour: LongTensor[N] palette indices; shape: LongTensor[N] shape indices.
+        centre: Tensor[N, 2] (x, y) of each shape's bounding-box centre, in pixels.
+        radius: Tensor[N] half the bounding-box side, in pixels.
+        size: image side in pixels.
+
+    Returns:
+        Tensor[N, 3, size, size] float32 in [0, 1], on `centre`'s device.
+    """
+    device = centre.device
+    n = centre.shape[0]
     sub = SUPERSAMPLE
     coords = (torch.arange(size * sub, device=device, dtype=torch.float32) + 0.5) / sub  # sub-pixel centres
-    colours = palette(device)[indices[:, 0]]  # [N, 3]
+    colours = palette(device)[colour.to(device)]  # [N, 3]
+    shape = shape.to(device)
     bg = background(device).view(1, 3, 1, 1)
     chunk = max(1, _CHUNK_ELEMENTS // (size * sub) ** 2)
     out = []
@@ -97,7 +117,7 @@ def render_indices(
         sl = slice(start, start + chunk)
         dx = coords.view(1, 1, -1) - centre[sl, 0].view(-1, 1, 1)  # [n, 1, w]
         dy = coords.view(1, -1, 1) - centre[sl, 1].view(-1, 1, 1)  # [n, h, 1]
-        mask = shape_masks(indices[sl, 1], dx, dy, radius[sl].view(-1, 1, 1))  # [n, h, w]
+        mask = shape_masks(shape[sl], dx, dy, radius[sl].view(-1, 1, 1))  # [n, h, w]
         coverage = F.avg_pool2d(mask.unsqueeze(1).float(), sub)  # [n, 1, size, size]
         out.append(bg * (1 - coverage) + colours[sl].view(-1, 3, 1, 1) * coverage)
     if not out:

@@ -1,0 +1,59 @@
+"""The moving-shapes world in one import: vocabulary, renderer, prompts and split, captioned clips
+(and, from `lightning_grpo.toy.motion_verifier`, the pixel verifiers).
+
+Clips of one coloured shape of the image world (`lightning_grpo.toy.shapes`) moving in a named
+direction: "a red circle moving to the right". The pieces live in small modules (motion_vocab,
+motion_render, motion_prompts, motion_dataset, motion_verifier); this module re-exports their
+public API, e.g. `from lightning_grpo.toy.motion import render_motion_scenes, train_motion_prompts`.
+"""
+
+from lightning_grpo.toy.motion_dataset import noisy_motion_captions, sample_captioned_clips
+from lightning_grpo.toy.motion_prompts import (
+    HELDOUT_MOTION_TEMPLATES,
+    HELDOUT_SPLITS,
+    MOTION_PHRASES,
+    MOTION_TEMPLATES,
+    PROMPT_FILES,
+    describe_motion,
+    heldout_motion_scenes,
+    is_heldout_motion,
+    motion_heldout_split_prompts,
+    motion_heldout_splits,
+    motion_prompts_for,
+    motion_templates_of,
+    motion_words,
+    parse_motion_prompt,
+    train_motion_prompts,
+    train_motion_scenes,
+    write_motion_prompt_files,
+)
+from lightning_grpo.toy.motion_render import (
+    MotionTracks,
+    frame_times,
+    render_first_frames,
+    render_motion_indices,
+    render_motion_scenes,
+    render_tracks,
+    sample_tracks,
+)
+from lightning_grpo.toy.motion_vocab import (
+    DEFAULT_FRAMES,
+    DIRECTION_VECTORS,
+    DIRECTIONS,
+    TRAVEL,
+    MotionScene,
+    all_motion_scenes,
+    direction_vectors,
+    motion_scenes_to_indices,
+)
+
+__all__ = [
+    "DEFAULT_FRAMES", "DIRECTIONS", "DIRECTION_VECTORS", "HELDOUT_MOTION_TEMPLATES", "HELDOUT_SPLITS",
+    "MOTION_PHRASES", "MOTION_TEMPLATES", "PROMPT_FILES", "TRAVEL", "MotionScene", "MotionTracks",
+    "all_motion_scenes", "describe_motion", "direction_vectors", "frame_times", "heldout_motion_scenes",
+    "is_heldout_motion", "motion_heldout_split_prompts", "motion_heldout_splits", "motion_prompts_for",
+    "motion_scenes_to_indices", "motion_templates_of", "motion_words", "noisy_motion_captions",
+    "parse_motion_prompt", "render_first_frames", "render_motion_indices", "render_motion_scenes",
+    "render_tracks", "sample_captioned_clips", "sample_tracks", "train_motion_prompts", "train_motion_scenes",
+    "write_motion_prompt_files",
+]
