@@ -39,7 +39,8 @@ class MotionTracks:
     Attributes:
         colour: LongTensor[N] palette indices; shape: LongTensor[N] shape indices.
         centres: Tensor[N, F, 2] (x, y) centre of the object in every frame.
-        radius: Tensor[N] half the object's bounding-box side.
+        radius: Tensor[N] half the object's bounding-box side (or Tensor[N, F], one per frame,
+            for hand-made clips whose object grows or shrinks).
     """
 
     colour: Tensor
@@ -94,8 +95,9 @@ def render_tracks(tracks: MotionTracks, size: int = 32) -> Tensor:
         raise ValueError(f"image size must be at least 8 pixels, got {size}")
     n, frames = tracks.centres.shape[:2]
     repeat = lambda x: x.repeat_interleave(frames)  # noqa: E731  per clip -> per frame
+    radius = tracks.radius.expand(frames, n).T if tracks.radius.ndim == 1 else tracks.radius  # [N, F]
     pixels = rasterize(repeat(tracks.colour), repeat(tracks.shape), tracks.centres.reshape(-1, 2) * size,
-                       repeat(tracks.radius) * size, size)  # [N·F, 3, size, size]
+                       radius.reshape(-1) * size, size)  # [N·F, 3, size, size]
     return pixels.view(n, frames, 3, size, size)
 
 

@@ -11,7 +11,7 @@ Clip geometry (fractions of the image side, y grows downwards):
 - it starts with its centre at (0.5, 0.5) + U(−`START_JITTER`, `START_JITTER`)² and moves
   `TRAVEL` along its direction over the clip, linearly in time (frame f of F at t = f / (F − 1));
 - with these values the whole object stays inside the image in every frame:
-  0.5 − 0.09 − 0.22 − 0.15 × 1.15 = 0.0175 > 0.
+  0.5 − 0.08 − 0.2 − 0.17 × 1.15 = 0.0245 > 0 (the image world's object size).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ DIRECTION_VECTORS: dict[str, tuple[float, float]] = {
 }
 
 #: Object radius (half its bounding-box side) as a fraction of the image side, before jitter.
-MOTION_RADIUS = 0.15
+MOTION_RADIUS = 0.17
 #: The radius is scaled by U(1 − MOTION_RADIUS_JITTER, 1 + MOTION_RADIUS_JITTER) per clip.
 MOTION_RADIUS_JITTER = 0.15
 #: Distance the centre travels from the first to the last frame, as a fraction of the side.
-TRAVEL = 0.22
+TRAVEL = 0.2
 #: The start centre is (0.5, 0.5) + U(−START_JITTER, START_JITTER) in x and y, for every direction.
-START_JITTER = 0.09
+START_JITTER = 0.08
 #: Default frames per clip: 4k + 1, the frame counts HunyuanVideo's causal VAE encodes exactly
 #: (one latent frame for the first frame, then one per 4).
 DEFAULT_FRAMES = 9

@@ -103,7 +103,9 @@ class DecodedScenes:
     foreground with the main object's hue and on the palette; `shape_error` L1 error of the best
     template per unit coverage; `elongation` ratio of the object's principal second moments
     (a streak is long); `inside` share of the foreground in the decoded quadrant; `hue_share`
-    [B, K] share of the foreground of each palette hue and on the palette.
+    [B, K] share of the foreground of each palette hue and on the palette; `cx`, `cy` the main
+    object's centroid in pixels (0 where the image has no foreground), what the moving-shapes
+    verifier tracks over frames.
     """
 
     colour: Tensor
@@ -117,6 +119,8 @@ class DecodedScenes:
     shape_error: Tensor
     elongation: Tensor
     inside: Tensor
+    cx: Tensor
+    cy: Tensor
     hue_share: Tensor | None = None  # [B, K] share of the foreground on each palette hue (purity for every hue)
 
     @property
@@ -329,6 +333,8 @@ def decode_scenes(
         elongation=elongation,
         inside=inside,
         hue_share=hue_share,
+        cx=cx,
+        cy=cy,
     )
 
 

@@ -1,0 +1,264 @@
+"""Read a moving-shapes clip back from pixels and score it against its prompt (the video verifiers).
+
+Every frame is decoded by the image world's strict verifier (`lightning_grpo.toy.verifier.decode_scenes`:
+foreground by palette coverage, the main object's colour, shape template and centroid, the
+one-object / purity / shape-match measures), all B·F frames in one batch. On top of that:
+
+Motion (the analogue of VideoAlign's motion quality, MQ), from the main object's centroid track
+c_f (fractions of the side) at times t_f = f / (F − 1), u the named direction's unit vector:
+- constant-velocity fit by least squares, c_f ≈ a + t_f·b (b: the displacement over the clip);
+- direction: every frame shows one object, the fitted displacement along u is between
+  `min_travel` and `max_travel` times the world's `TRAVEL`, and its sideways part is at most
+  `max_drift` times the along part (a cone of about ±27° by default);
+- smooth: direction holds, no step goes back along u by more than `max_backstep`, and no frame
+  is more than `max_track_error` from the fitted line (jerky, teleporting, wobbling tracks fail);
+- progress (graded): share of the frames f ≥ 1 where the object is within `progress_tolerance`
+  of where the world's clip would put it, c_0 + t_f·TRAVEL·u (a half-speed clip earns part).
+Appearance (the analogue of visual quality, VQ), per frame with the image world's strict rules
+(`SceneRules`; the position rule is not used, a moving object changes quadrant):
+- colour: one object, decoded colour = the named one, purity ≥ `min_purity`;
+- shape: one object, best template = the named shape with a good match and no streak;
+- stable: one object in every frame, decoded with the same colour and shape in every frame, and
+  its area varies by at most `max_area_change` (max/min).
+
+Rewards: dense motion = mean(direction, smooth, progress); dense appearance = mean(share of
+frames with the right colour, share with the right shape, stable); exact motion = smooth; exact
+appearance = every frame coloured and shaped right and stable; exact match = both exact (shape,
+colour, direction, one object in every frame). Every term needs the object to be there, so a
+blank, static, reversed or two-object clip earns (almost) nothing of the dense forms.
+
+Measured rates: docs/results.md ("Moving-shapes verifier"), from tests/toy/test_motion_verifier.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_grpo.rewards.base import Reward
+from lightning_grpo.toy.motion_prompts import parse_motion_prompt
+from lightning_grpo.toy.motion_render import frame_times
+from lightning_grpo.toy.motion_vocab import TRAVEL, direction_vectors
+from lightning_grpo.toy.verifier import SceneRules, decode_scenes
+
+Aspect = Literal["motion", "appearance", "all"]
+
+
+@dataclass(frozen=True)
+class MotionRules:
+    """Thresholds of the moving-shapes verifier (module doc); lengths are fractions of the side.
+
+    Attributes:
+        min_travel, max_travel: bounds of the fitted displacement along the direction, in units of `TRAVEL`.
+        max_drift: largest sideways / along ratio of the fitted displacement.
+        max_backstep: largest step against the direction between two frames.
+        max_track_error: largest distance of a frame's centroid from the fitted constant-velocity line.
+        progress_tolerance: a frame is on track within this distance of c_0 + t_f·TRAVEL·u.
+        max_area_change: largest ratio of the object's largest to smallest area over the frames.
+        scene: the per-frame strict image rules (one object, purity, shape match).
+    """
+
+    min_travel: float = 0.5
+    max_travel: float = 2.0
+    max_drift: float = 0.5
+    max_backstep: float = 0.03
+    max_track_error: float = 0.05
+    progress_tolerance: float = 0.06
+    max_area_change: float = 1.5
+    scene: SceneRules = field(default_factory=SceneRules)
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name != "scene" and not value > 0:
+                raise ValueError(f"MotionRules.{item.name} must be > 0, got {value}")
+        if self.max_travel <= self.min_travel:
+            raise ValueError(f"MotionRules.max_travel ({self.max_travel}) must exceed min_travel ({self.min_travel})")
+        if self.max_area_change < 1:
+            raise ValueError(f"MotionRules.max_area_change must be >= 1, got {self.max_area_change}")
+
+
+@dataclass(frozen=True)
+class ClipJudgement:
+    """Every check of a batch of clips against its prompts (the terms of the module doc).
+
+    Per clip [B]: `direction`, `smooth`, `stable` BoolTensors; `progress` FloatTensor (share of
+    frames on track); `displacement` [B, 2] the fitted displacement b; `track_error` the largest
+    distance from the fitted line. Per frame [B, F]: `one_object`, `colour`, `shape` BoolTensors
+    and `centres` [B, F, 2] (the main object's centroid, fractions of the side).
+    """
+
+    direction: Tensor
+    smooth: Tensor
+    progress: Tensor
+    stable: Tensor
+    displacement: Tensor
+    track_error: Tensor
+    one_object: Tensor
+    colour: Tensor
+    shape: Tensor
+    centres: Tensor
+
+    def motion_dense(self) -> Tensor:
+        """[B] mean(direction, smooth, progress)."""
+        return (self.direction.float() + self.smooth.float() + self.progress) / 3
+
+    def motion_exact(self) -> Tensor:
+        """[B] 1 iff the track is smooth (hence in the right direction, one object in every frame)."""
+        return self.smooth.float()
+
+    def appearance_dense(self) -> Tensor:
+        """[B] mean(share of right-coloured frames, share of right-shaped frames, stable)."""
+        return (self.colour.float().mean(1) + self.shape.float().mean(1) + self.stable.float()) / 3
+
+    def appearance_exact(self) -> Tensor:
+        """[B] 1 iff every frame has the right colour and shape and the object is stable."""
+        return (self.colour.all(1) & self.shape.all(1) & self.stable).float()
+
+    def exact(self) -> Tensor:
+        """[B] exact match: every attribute right (shape, colour, direction, one object in every frame)."""
+        return self.motion_exact() * self.appearance_exact()
+
+    def score(self, aspect: Aspect, mode: Literal["dense", "exact"]) -> Tensor:
+        """[B] the reward of one aspect ("motion", "appearance" or "all" = both) and mode."""
+        if aspect == "all":
+            return self.exact() if mode == "exact" else (self.motion_dense() + self.appearance_dense()) / 2
+        return getattr(self, f"{aspect}_{mode}")()
+
+
+def _check_clips(pixels: Tensor) -> Tensor:
+    if pixels.ndim != 5 or pixels.shape[2] != 3 or pixels.shape[1] < 2:
+        raise ValueError(f"moving-shapes pixels must be RGB clips [B, F >= 2, 3, H, W], got {tuple(pixels.shape)}")
+    return pixels
+
+
+def fit_tracks(centres: Tensor) -> tuple[Tensor, Tensor]:
+    """Least-squares constant-velocity fit c_f ≈ a + t_f·b of tracks [B, F, 2]: (a [B, 2], b [B, 2]).
+
+    b = Σ_f (t_f − t̄)(c_f − c̄) / Σ_f (t_f − t̄)², a = c̄ − t̄·b (ordinary least squares per coordinate).
+    """
+    t = frame_times(centres.shape[1], centres.device).view(1, -1, 1)  # [1, F, 1]
+    dt = t - t.mean(1, keepdim=True)
+    mean = centres.mean(1, keepdim=True)  # [B, 1, 2]
+    b = (dt * (centres - mean)).sum(1) / dt.square().sum(1)  # [B, 2]
+    return mean.squeeze(1) - t.mean() * b, b
+
+
+def judge_clips(pixels: Tensor, prompts: list[str], rules: MotionRules | None = None) -> ClipJudgement:
+    """Decode every frame of clips [B, F, 3, H, W] in [0, 1] and check them against `prompts`."""
+    pixels = _check_clips(pixels)
+    if len(prompts) != pixels.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {pixels.shape[0]} clips")
+    rules = rules or MotionRules()
+    batch, frames, _, height, width = pixels.shape
+    decoded = decode_scenes(pixels.flatten(0, 1), max_off_palette=rules.scene.max_off_palette)  # B·F frames
+    per_frame = lambda x: x.view(batch, frames)  # noqa: E731
+    targets = torch.tensor([parse_motion_prompt(p).indices for p in prompts], device=pixels.device).view(-1, 3)
+    clean = decoded.clean_attributes(rules.scene)  # [B·F, 3] colour, shape, position
+    one = per_frame(decoded.one_object(rules.scene))
+    colour = per_frame(clean[:, 0]) & (per_frame(decoded.colour) == targets[:, :1])
+    shape = per_frame(clean[:, 1]) & (per_frame(decoded.shape) == targets[:, 1:2])
+    centres = torch.stack([per_frame(decoded.cx) / width, per_frame(decoded.cy) / height], -1)  # [B, F, 2]
+
+    every = one.all(1)
+    unit = direction_vectors(pixels.device)[targets[:, 2]]  # [B, 2]
+    start, displacement = fit_tracks(centres)
+    along = (displacement * unit).sum(1)  # [B]
+    sideways = (displacement[:, 0] * unit[:, 1] - displacement[:, 1] * unit[:, 0]).abs()
+    direction = every & (along >= rules.min_travel * TRAVEL) & (along <= rules.max_travel * TRAVEL) & (sideways <= rules.max_drift * along)
+    t = frame_times(frames, pixels.device).view(1, -1, 1)
+    track_error = (centres - start.unsqueeze(1) - t * displacement.unsqueeze(1)).norm(dim=-1).amax(1)  # [B]
+    steps = ((centres[:, 1:] - centres[:, :-1]) * unit.unsqueeze(1)).sum(-1)  # [B, F-1] along u
+    smooth = direction & (steps >= -rules.max_backstep).all(1) & (track_error <= rules.max_track_error)
+    expected = centres[:, :1] + t[:, 1:] * TRAVEL * unit.unsqueeze(1)  # [B, F-1, 2] the world's track from c_0
+    on_track = ((centres[:, 1:] - expected).norm(dim=-1) <= rules.progress_tolerance) & one[:, 1:] & one[:, :1]
+    area = per_frame(decoded.area)
+    same = (per_frame(decoded.colour) == per_frame(decoded.colour)[:, :1]).all(1) & (per_frame(decoded.shape) == per_frame(decoded.shape)[:, :1]).all(1)
+    stable = every & same & (area.amax(1) <= rules.max_area_change * area.amin(1))
+    return ClipJudgement(direction=direction, smooth=smooth, progress=on_track.float().mean(1), stable=stable,
+                         displacement=displacement, track_error=track_error, one_object=one, colour=colour,
+                         shape=shape, centres=centres)
+
+
+def motion_exact_accuracy(pixels: Tensor, prompts: list[str]) -> float:
+    """Share of clips that are an exact match (every attribute right, one object in every frame)."""
+    if pixels.shape[0] == 0:
+        raise ValueError("motion_exact_accuracy needs at least one clip")
+    return judge_clips(pixels, prompts).exact().mean().item()
+
+
+class MovingShapesVerifier(Reward):
+    """The moving-shapes world's rewards, computed from pixels [B, F, 3, H, W] (module doc).
+
+    Args:
+        aspect: "motion" (direction and smoothness of the track: the image-to-video reward),
+            "appearance" (right colour and shape in every frame, stable) or "all" (both).
+        mode: "dense" (graded terms, for training) or "exact" (1 iff every check of the aspect passes).
+        min_travel, max_travel, max_drift, max_backstep, max_track_error, progress_tolerance,
+            max_area_change: `MotionRules` overrides (None keeps the default).
+        max_stray, min_purity, max_off_palette, max_shape_error, max_elongation: per-frame
+            `SceneRules` overrides (None keeps the default).
+        name: logged name (default "{aspect}_{mode}", "moving_shapes_{mode}" for "all").
+        weight: weight in the multi-reward advantage.
+    """
+
+    default_name = "moving_shapes"
+
+    def __init__(
+        self,
+        aspect: Aspect = "all",
+        mode: Literal["dense", "exact"] = "dense",
+        min_travel: float | None = None,
+        max_travel: float | None = None,
+        max_drift: float | None = None,
+        max_backstep: float | None = None,
+        max_track_error: float | None = None,
+        progress_tolerance: float | None = None,
+        max_area_change: float | None = None,
+        max_stray: float | None = None,
+        min_purity: float | None = None,
+        max_off_palette: float | None = None,
+        max_shape_error: float | None = None,
+        max_elongation: float | None = None,
+        name: str | None = None,
+        weight: float = 1.0,
+    ) -> None:
+        if aspect not in ("motion", "appearance", "all"):
+            raise ValueError(f"MovingShapesVerifier aspect must be 'motion', 'appearance' or 'all', got {aspect!r}")
+        if mode not in ("dense", "exact"):
+            raise ValueError(f"MovingShapesVerifier mode must be 'dense' or 'exact', got {mode!r}")
+        super().__init__(name or f"{'moving_shapes' if aspect == 'all' else aspect}_{mode}", weight)
+        self.aspect, self.mode = aspect, mode
+        scene = {"max_stray": max_stray, "min_purity": min_purity, "max_off_palette": max_off_palette,
+                 "max_shape_error": max_shape_error, "max_elongation": max_elongation}
+        motion = {"min_travel": min_travel, "max_travel": max_travel, "max_drift": max_drift, "max_backstep": max_backstep,
+                  "max_track_error": max_track_error, "progress_tolerance": progress_tolerance, "max_area_change": max_area_change}
+        self.rules = MotionRules(**{k: float(v) for k, v in motion.items() if v is not None},
+                                 scene=SceneRules(**{k: float(v) for k, v in scene.items() if v is not None}))
+
+    def score(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
+        """Tensor[B] of per-clip rewards in [0, 1]."""
+        return judge_clips(pixels, prompts, self.rules).score(self.aspect, self.mode)
+
+
+class FirstFrameFidelity(Reward):
+    """How closely a generated clip starts from its image-to-video condition: 1 − mean |x_0 − image|
+    over pixels and channels (1 = the first frame reproduces the image exactly; values in [0, 1]).
+
+    A measure to log beside the motion reward (never a training reward: it is trivially maximised
+    by a static clip), so an image-to-video run shows that its clips still begin at their first frame.
+    Needs the `images` [B, 3, H, W] the clips were conditioned on (the evaluation passes them).
+    """
+
+    default_name = "first_frame_fidelity"
+
+    def score(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
+        pixels = _check_clips(pixels)
+        if images is None:
+            raise ValueError("first_frame_fidelity needs the conditioning images (image-to-video)")
+        if images.shape != pixels[:, 0].shape:
+            raise ValueError(f"first frames {tuple(images.shape)} do not match the clips' frames {tuple(pixels[:, 0].shape)}")
+        return 1 - (pixels[:, 0].float().clamp(0, 1) - images.to(pixels.device).float().clamp(0, 1)).abs().mean((1, 2, 3))
