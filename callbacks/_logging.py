@@ -1,5 +1,5 @@
-"""Shared helpers of the callbacks: the TensorBoard writers of a trainer, the logging step, and
-finding the module's step record."""
+"""Shared helpers of the callbacks: the TensorBoard writers of a trainer, the logging step,
+finding the module's step record, and writing a clip as a playable TensorBoard video."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
 
 from lightning_grpo.types import StepRecord
 
@@ -32,3 +33,22 @@ def last_step(pl_module: LightningModule) -> StepRecord | None:
     """The `StepRecord` GRPOModule keeps of its last training step (None for other modules)."""
     record = getattr(pl_module, "last_step", None)
     return record if isinstance(record, StepRecord) else None
+
+
+def can_add_video() -> bool:
+    """Whether TensorBoard's `add_video` can encode: it needs `moviepy.editor` (moviepy < 2, a
+    dependency of this package; without it torch prints a notice and writes nothing)."""
+    try:
+        import moviepy.editor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def add_video(writer: SummaryWriter, tag: str, clip: Tensor, step: int, fps: int = 4) -> bool:
+    """Write `clip` [F, 3, H, W] in [0, 1] as a playable TensorBoard video (an animated GIF image
+    summary); False, writing nothing, when moviepy is missing (see `can_add_video`)."""
+    if not can_add_video():
+        return False
+    writer.add_video(tag, clip.detach().float().clamp(0, 1).cpu()[None], global_step=step, fps=fps)  # [1, F, 3, H, W]
+    return True

@@ -17,6 +17,14 @@ the result equals one process updating with every rank's batch in turn (tested w
 `DiversityMonitor` computes them on each rollout in pixel space and latent space, and in CLIP
 image-embedding space when an open_clip model is configured, and logs
 `train/diversity/{space}_within_group` and `train/diversity/{space}_across_prompts`.
+
+Videos [B, F, C, H, W] add, in pixel space, per frame and over time:
+- `pixel_per_frame_{within_group,across_prompts}`: the pair distance of frame f of two samples,
+  averaged over frames and pairs (do the clips differ frame by frame, not only on average);
+- `pixel_motion_{within_group,across_prompts}`: the same on the frame differences x_{f+1} − x_f
+  (do the samples of a prompt move differently, or all the same way);
+- `pixel_temporal_change`: the mean RMS change between consecutive frames of a clip
+  (`temporal_change`); 0 means the policy has collapsed to still images.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 
 from lightning_grpo.callbacks._logging import last_step
 from lightning_grpo.rewards._common import flatten_frames
@@ -167,6 +175,8 @@ class DiversityMonitor(Callback):
         self.clip_options = (clip_checkpoint, clip_architecture, clip_state_dict_key)
         self.clip = None  # an OpenClipCosineReward, resolved at setup
         self.metrics: dict[str, tuple[WithinGroupDiversity, AcrossPromptDiversity]] = {}
+        self.video_metrics: dict[str, tuple[WithinGroupDiversity, AcrossPromptDiversity]] = {}
+        self.temporal_change = MeanMetric()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -176,6 +186,8 @@ class DiversityMonitor(Callback):
         for space in spaces:
             distance: Distance = "cosine" if space == "clip" else "rms"
             self.metrics[space] = (WithinGroupDiversity(distance), AcrossPromptDiversity(distance))
+        if "pixel" in self.spaces:
+            self.video_metrics = {kind: (WithinGroupDiversity("rms"), AcrossPromptDiversity("rms")) for kind in ("per_frame", "motion")}
 
     def _resolve_clip(self, pl_module: LightningModule):
         from lightning_grpo.rewards._open_clip import OpenClipCosineReward
@@ -212,7 +224,32 @@ class DiversityMonitor(Callback):
                 metric.to(features.device).reset()
                 metric.update(features, groups)
                 values[f"train/diversity/{space}_{name}"] = metric.compute()  # synchronised over ranks
+        if record.pixels.ndim == 5 and self.video_metrics:
+            values.update(self.video_values(record.pixels, groups))
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=len(record.prompts))
+
+    def video_values(self, pixels: Tensor, groups: Tensor) -> dict[str, Tensor]:
+        """The per-frame and over-time measures of videos [B, F, C, H, W] (module doc), rank-synchronised."""
+        values: dict[str, Tensor] = {}
+        motion = pixels[:, 1:] - pixels[:, :-1]  # [B, F-1, C, H, W]
+        for kind, clips in (("per_frame", pixels), ("motion", motion)):
+            for name, metric in zip(("within_group", "across_prompts"), self.video_metrics[kind]):
+                metric.to(pixels.device).reset()
+                for f in range(clips.shape[1]):  # every frame has the same pairs: the mean over (pair, frame)
+                    metric.update(clips[:, f], groups)
+                values[f"train/diversity/pixel_{kind}_{name}"] = metric.compute()
+        self.temporal_change.to(pixels.device).reset()
+        self.temporal_change.update(temporal_change(pixels))
+        values["train/diversity/pixel_temporal_change"] = self.temporal_change.compute()
+        return values
+
+
+def temporal_change(pixels: Tensor) -> Tensor:
+    """[B] RMS change between consecutive frames of videos [B, F, C, H, W]:
+    sqrt(mean over f, c, h, w of (x_{f+1} − x_f)²); 0 for a still clip."""
+    if pixels.ndim != 5 or pixels.shape[1] < 2:
+        raise ValueError(f"temporal_change needs videos [B, F >= 2, C, H, W], got {tuple(pixels.shape)}")
+    return (pixels[:, 1:] - pixels[:, :-1]).detach().float().square().flatten(1).mean(1).sqrt()
 
 
 def clip_image_embeddings(clip, pixels: Tensor) -> Tensor:

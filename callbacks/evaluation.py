@@ -8,12 +8,14 @@ evaluating never changes training.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
 
-from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
+from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import EvaluationResult, evaluate, format_before_after
 from lightning_grpo.rewards.base import MultiReward, Reward
@@ -34,12 +36,22 @@ class HeldOutEvaluation(Callback):
     """Evaluate the policy on held-out prompts at fit start and fit end; report the change.
 
     Scores with the module's rewards plus `extra_rewards` (e.g. an exact-match verifier that is
-    not trained on). Logs `heldout/{reward}` (mean) and `heldout/{reward}_ci_low`/`_ci_high` (95%
-    interval) at the step of each evaluation, writes results.csv, results.md and grid.png (rows =
-    prompts with their text, columns = samples; also TensorBoard image `heldout/grid_{before,after}`) into
-    `<log_dir>/heldout_before/` and `<log_dir>/heldout_after/`, and at the end prints (and writes
-    `<log_dir>/heldout_before_after.md`) the before/after table. When an `EMA` callback is present
-    the "after" evaluation uses the EMA weights.
+    not trained on). Prompt sets: `prompts_file`, and/or named `splits` (e.g. the shapes worlds'
+    "new_combinations", "new_phrasings", "both"), each evaluated and reported separately. Per
+    set it logs `heldout/{reward}` (mean) and `heldout/{reward}_ci_low`/`_ci_high` (95% interval)
+    — `heldout/{split}/{reward}...` for a named split — at the step of each evaluation, writes
+    results.csv, results.md and grid.png (rows = prompts with their text, columns = samples;
+    videos as film strips, plus grid.gif animating every frame) into `<log_dir>/heldout_before/`
+    and `<log_dir>/heldout_after/` (a split in its own subfolder), logs the grid as TensorBoard
+    image `heldout/grid_{before,after}` and, for videos, the playable clip
+    `heldout/video_{before,after}` (`add_video`); at the end it prints (and writes
+    `<log_dir>/heldout_before_after.md`) the before/after table of every set. When an `EMA`
+    callback is present the "after" evaluation uses the EMA weights.
+
+    Image-to-video: each prompt's first frame comes from `first_frames` (a module called as
+    ``first_frames(prompts, (height, width))``, e.g. `lightning_grpo.toy.motion_data.MotionFirstFrames`),
+    else from the module's own `first_frames` source when it has one; the same frames before and
+    after, and the rewards receive them (e.g. a first-frame fidelity measure).
 
     Every rank runs the evaluation forward (an FSDP-sharded model needs all of them; the same
     prompts and seeds give every rank the same samples); rank zero writes and logs.
@@ -52,13 +64,17 @@ class HeldOutEvaluation(Callback):
         extra_rewards: rewards scored in addition to the module's (names must differ from them).
         before: evaluate when the fit starts.
         after: evaluate when the fit ends.
-        max_prompts: use only the first this many prompts of the file.
-        grid: write grid.png of the samples with the results.
+        max_prompts: use only the first this many prompts of each file.
+        grid: write grid.png (and grid.gif for videos) of the samples with the results.
+        splits: split name -> prompts file, evaluated and reported separately (names: letters,
+            digits, "_" and "-").
+        first_frames: first-frame source for image-to-video (see above).
+        fps: frames per second of the logged videos and GIFs.
     """
 
     def __init__(
         self,
-        prompts_file: str,
+        prompts_file: str | None = None,
         samples_per_prompt: int = 1,
         seed: int = 1234,
         batch_size: int = 32,
@@ -67,21 +83,36 @@ class HeldOutEvaluation(Callback):
         after: bool = True,
         max_prompts: int | None = None,
         grid: bool = True,
+        splits: dict[str, str] | None = None,
+        first_frames: nn.Module | None = None,
+        fps: int = 4,
     ) -> None:
-        self.prompts = read_prompts(prompts_file)[:max_prompts]
-        if not self.prompts:
-            raise ValueError(f"no prompts in {prompts_file}")
+        self.sets: dict[str, list[str]] = {}
+        files = ({"": prompts_file} if prompts_file is not None else {}) | dict(splits or {})
+        if not files:
+            raise ValueError("HeldOutEvaluation needs a prompts_file or splits")
+        for name, path in files.items():
+            if name and not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"split name {name!r} must be letters, digits, '_' or '-'")
+            self.sets[name] = read_prompts(path)[:max_prompts]
+            if not self.sets[name]:
+                raise ValueError(f"no prompts in {path}")
+        self.prompts = next(iter(self.sets.values()))
         self.samples_per_prompt = samples_per_prompt
         self.seed = seed
         self.batch_size = batch_size
         self.extra_rewards = list(extra_rewards or [])
         self.before, self.after = before, after
         self.grid = grid
-        self.results: dict[str, EvaluationResult] = {}
+        self.first_frames = first_frames
+        self.fps = fps
+        self.results: dict[str, EvaluationResult] = {}  # when -> result of the first set
+        self.split_results: dict[str, dict[str, EvaluationResult]] = {}  # when -> set name -> result
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for reward in self.extra_rewards:  # not part of the module: move them along explicitly
-            reward.to(pl_module.device)
+        for module in [*self.extra_rewards, self.first_frames]:  # not part of the module: move them along explicitly
+            if module is not None:
+                module.to(pl_module.device)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.before:
@@ -91,38 +122,75 @@ class HeldOutEvaluation(Callback):
         if not self.after:
             return
         self._run(trainer, pl_module, "after", use_ema=True)
-        if trainer.is_global_zero and "before" in self.results:
-            table = format_before_after(self.results["before"], self.results["after"])
-            (self._log_dir(trainer) / "heldout_before_after.md").write_text(table)
-            print(f"Held-out evaluation ({len(self.prompts)} prompts x {self.samples_per_prompt}):\n{table}", flush=True)
+        if trainer.is_global_zero and "before" in self.split_results:
+            tables = []
+            for name, prompts in self.sets.items():
+                table = format_before_after(self.split_results["before"][name], self.split_results["after"][name])
+                title = f"Held-out evaluation{f' ({name})' if name else ''} ({len(prompts)} prompts x {self.samples_per_prompt})"
+                tables.append(f"{title}:\n{table}")
+            text = "\n".join(tables)
+            (self._log_dir(trainer) / "heldout_before_after.md").write_text(text)
+            print(text, flush=True)
 
-    def evaluate(self, pl_module: LightningModule) -> EvaluationResult:
-        """Score the module's policy now on the held-out prompts."""
+    def evaluate(self, pl_module: LightningModule, prompts: list[str] | None = None) -> EvaluationResult:
+        """Score the module's policy now on `prompts` (default: the first prompt set)."""
+        prompts = self.prompts if prompts is None else prompts
         rewards = MultiReward([*pl_module.rewards.rewards, *self.extra_rewards])
         return evaluate(
-            pl_module.policy, pl_module.sampler, self.prompts, rewards, samples_per_prompt=self.samples_per_prompt,
+            pl_module.policy, pl_module.sampler, prompts, rewards, samples_per_prompt=self.samples_per_prompt,
             seed=self.seed, batch_size=self.batch_size, keep_pixels=self.grid, show_progress=False,
+            images=self._first_frames(pl_module, prompts),
         )
+
+    def _first_frames(self, pl_module: LightningModule, prompts: list[str]) -> Tensor | None:
+        """First frames [P, 3, H, W] for image-to-video (see the class doc), or None."""
+        source = self.first_frames if self.first_frames is not None else getattr(pl_module, "first_frames", None)
+        if source is None:
+            return None
+        return source(list(prompts), policy_frame_size(pl_module.policy)).to(pl_module.device)
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, when: str, use_ema: bool) -> None:
         context = ema_weights(trainer, pl_module) if use_ema else nullcontext()
         with context:
-            result = self.evaluate(pl_module)  # every rank: FSDP shards the forward
-        self.results[when] = result
+            results = {name: self.evaluate(pl_module, prompts) for name, prompts in self.sets.items()}  # every rank
+        self.split_results[when] = results
+        self.results[when] = next(iter(results.values()))
         if trainer.is_global_zero:
-            result.write(self._log_dir(trainer) / f"heldout_{when}", grid=self.grid)
-            if self.grid and result.pixels is not None:  # the same grid as grid.png, in TensorBoard
-                for writer in tensorboard_writers(trainer):
-                    writer.add_image(f"heldout/grid_{when}", result.grid(), global_step=logging_step(trainer))
-            metrics = {}
-            for name, (mean, low, high, _) in result.summary().items():
-                metrics.update({f"heldout/{name}": mean, f"heldout/{name}_ci_low": low, f"heldout/{name}_ci_high": high})
+            for name, result in results.items():
+                self._write(trainer, result, when, name)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
                 logger.save()
         trainer.strategy.barrier("heldout_evaluation")
+
+    def _write(self, trainer: Trainer, result: EvaluationResult, when: str, name: str) -> None:
+        """Files, TensorBoard grid (and video) and metrics of one prompt set's evaluation."""
+        prefix = f"heldout/{name}/" if name else "heldout/"
+        folder = self._log_dir(trainer) / f"heldout_{when}" / name
+        result.write(folder, grid=self.grid, fps=self.fps)
+        step = logging_step(trainer)
+        if self.grid and result.pixels is not None:  # the same grid as grid.png (and grid.gif), in TensorBoard
+            for writer in tensorboard_writers(trainer):
+                writer.add_image(f"{prefix}grid_{when}", result.grid(), global_step=step)
+                if result.pixels.ndim == 5:
+                    add_video(writer, f"{prefix}video_{when}", result.video(), step, fps=self.fps)
+        metrics = {}
+        for reward, (mean, low, high, _) in result.summary().items():
+            metrics.update({f"{prefix}{reward}": mean, f"{prefix}{reward}_ci_low": low, f"{prefix}{reward}_ci_high": high})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     @staticmethod
     def _log_dir(trainer: Trainer) -> Path:
         return Path(trainer.log_dir or trainer.default_root_dir)
 
+
+def policy_frame_size(policy: nn.Module) -> tuple[int, int]:
+    """(height, width) of the frames `policy` generates: its ``height``/``width``, else its square
+    ``resolution``; a ValueError names the policy when it has neither."""
+    height, width = getattr(policy, "height", None), getattr(policy, "width", None)
+    if isinstance(height, int) and isinstance(width, int):
+        return height, width
+    side = getattr(policy, "resolution", None)
+    if isinstance(side, int):
+        return side, side
+    raise ValueError(f"{type(policy).__name__} has no height/width or resolution: cannot size its first frames")

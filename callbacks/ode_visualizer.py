@@ -17,10 +17,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
+from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
+from lightning_grpo.callbacks.evaluation import policy_frame_size
 from lightning_grpo.evaluation import eval_mode, preserve_rng
-from lightning_grpo.grids import captioned_grid, save_png
+from lightning_grpo.grids import captioned_grid, filmstrip, save_gif, save_png
 from lightning_grpo.rollout import ode_sample
 
 
@@ -31,10 +32,14 @@ class ODEVisualizer(Callback):
     per prompt with the prompt written under it; the left block holds its step-0 samples (one
     column per seed, titled "step 0 · seed s"), the right block, after a wider gap, the current
     samples ("step N · seed s"); cells upscaled by nearest neighbour to `cell_size` pixels. The
-    same PNG is written to `<log_dir>/visualization/ode_samples_step{N}.png`. Videos ([B, F, C, H, W], the policy contract) are shown by their first frame in that
-    grid; `visualization/ode_video` (TensorBoard `add_video`, needs moviepy < 2) gets the same
-    grid for every frame, and without moviepy `visualization/ode_video_frames` shows the current
-    samples' frames side by side as an image instead.
+    same PNG is written to `<log_dir>/visualization/ode_samples_step{N}.png`. Videos ([B, F, C,
+    H, W], the policy contract) are shown as film strips (up to 5 frames) in that grid; the
+    playable clip `visualization/ode_video` (TensorBoard `add_video`, moviepy < 2) shows the
+    grid with every cell at frame f for f = 0 … F − 1, and the same clip is written as
+    `<log_dir>/visualization/ode_samples_step{N}.gif`. Without moviepy,
+    `visualization/ode_video_frames` shows the current samples' frames side by side as an image.
+    Image-to-video: first frames come from the validation batches' ``"images"``, else from the
+    module's `first_frames` source when it has one.
 
     Every rank samples (a model sharded with FSDP needs all ranks in its forward; under DDP the
     ranks draw the same images), from rank zero's prompts; rank zero writes.
@@ -87,6 +92,9 @@ class ODEVisualizer(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.prompts is None:  # every rank reads its shard; all take rank zero's prompts
             self.prompts, self.images = trainer.strategy.broadcast(self._prompts_from_data(trainer))
+        source = getattr(pl_module, "first_frames", None)
+        if self.prompts and self.images is None and source is not None:  # image-to-video from text prompts
+            self.images = source(list(self.prompts), policy_frame_size(pl_module.policy)).cpu()
         if not self.prompts:
             rank_zero_warn("ODEVisualizer: no prompts given and no validation prompts found; visualisation is off")
             self._enabled = False
@@ -152,13 +160,15 @@ class ODEVisualizer(Callback):
         return torch.cat(rows)
 
     # ------------------------------------------------------------------ logging
-    def grid(self, current: Tensor, frame: int = 0, step: int | None = None) -> Tensor:
-        """Readable [C, H', W'] grid (frame `frame` of videos): one row per prompt, its text under
-        it; left block the step-0 samples (one column per seed), right block the current ones,
-        column titles "step 0 · seed s" and "step N · seed s"; cells upscaled (nearest) to `cell_size`."""
+    def grid(self, current: Tensor, frame: int | None = None, step: int | None = None) -> Tensor:
+        """Readable [C, H', W'] grid: one row per prompt, its text under it; left block the step-0
+        samples (one column per seed), right block the current ones, column titles "step 0 · seed
+        s" and "step N · seed s"; cells upscaled (nearest) to `cell_size`. Videos: frame `frame`
+        of every clip, or (None) a film strip of each clip."""
         initial = self.initial
-        if current.ndim == 5:
-            initial, current = initial[:, frame], current[:, frame]  # [S*K, C, H, W]
+        if current.ndim == 5:  # [S*K, C, H, W] one frame, or [S*K, C, H, W'] strips
+            pick = filmstrip if frame is None else (lambda clips: clips[:, frame])
+            initial, current = pick(initial), pick(current)
         k, seeds = len(self.prompts), len(self.seeds)
         now = "now" if step is None else f"step {step}"
 
@@ -173,18 +183,23 @@ class ODEVisualizer(Callback):
     def write(self, trainer: Trainer, current: Tensor) -> None:
         step = logging_step(trainer)
         grid = self.grid(current, step=trainer.global_step)
+        video = self.video(current, trainer.global_step) if current.ndim == 5 else None  # [F, 3, H', W']
         for writer in tensorboard_writers(trainer):
             writer.add_image("visualization/ode_samples", grid, global_step=step)
-            if current.ndim == 5:
-                self._log_video(writer, current, step)
+            if video is not None:
+                self._log_video(writer, current, video, step)
         if self.save_dir is not False and trainer.is_global_zero:
             folder = Path(self.save_dir or Path(trainer.log_dir or trainer.default_root_dir) / "visualization")
             save_png(grid, folder / f"ode_samples_step{trainer.global_step:06d}.png")
+            if video is not None:
+                save_gif(video, folder / f"ode_samples_step{trainer.global_step:06d}.gif", fps=self.fps)
 
-    def _log_video(self, writer, current: Tensor, step: int) -> None:
-        if _has_moviepy_editor():
-            frames = torch.stack([self.grid(current, f, step) for f in range(current.shape[1])])  # [F, C, H', W']
-            writer.add_video("visualization/ode_video", frames[None], global_step=step, fps=self.fps)
+    def video(self, current: Tensor, step: int | None = None) -> Tensor:
+        """The grid at every frame of the clips: [F, 3, H', W'] (what the video and the GIF show)."""
+        return torch.stack([self.grid(current, f, step) for f in range(current.shape[1])])
+
+    def _log_video(self, writer, current: Tensor, video: Tensor, step: int) -> None:
+        if add_video(writer, "visualization/ode_video", video, step, fps=self.fps):
             return
         if not self._warned_video:
             rank_zero_warn("ODEVisualizer: add_video needs moviepy<2 (moviepy.editor); logging video frames as an image")
@@ -194,11 +209,3 @@ class ODEVisualizer(Callback):
         frames = captioned_grid(current, row_captions=captions, column_titles=titles, cell_size=self.cell_size)
         writer.add_image("visualization/ode_video_frames", frames, global_step=step)
 
-
-def _has_moviepy_editor() -> bool:
-    """TensorBoard's `add_video` encodes with `moviepy.editor` (removed in moviepy 2)."""
-    try:
-        import moviepy.editor  # noqa: F401
-    except ImportError:
-        return False
-    return True

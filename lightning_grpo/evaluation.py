@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_grpo.grids import captioned_grid, save_png
+from lightning_grpo.grids import captioned_grid, filmstrip, save_gif, save_png
 from lightning_grpo.noise import sample_seed
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import ode_from
 from lightning_grpo.samplers.base import Sampler
 
-__all__ = ["EvaluationResult", "evaluate", "evaluation_grid", "eval_mode", "format_before_after", "is_binary", "mean_ci", "preserve_rng", "sample_seed"]
+__all__ = ["EvaluationResult", "evaluate", "evaluation_grid", "evaluation_video", "eval_mode", "format_before_after", "is_binary", "mean_ci", "preserve_rng", "sample_seed"]
 
 Summary = tuple[float, float, float, int]
 """(mean, low, high, n) of one reward."""
@@ -150,14 +150,22 @@ class EvaluationResult:
     def grid(self, cell_size: int = 96, rows_per_block: int = 20) -> Tensor:
         """Readable grid [3, H, W] of the kept pixels: rows = prompts (caption under each), columns =
         samples, the first reward's score under each cell; 20 prompts per column block. Videos
-        show their first frame."""
+        show a film strip of (up to 5) frames per cell."""
+        return evaluation_grid(self._kept(), self.prompts, self.samples_per_prompt, self.scores, cell_size, rows_per_block)
+
+    def video(self, cell_size: int = 96, rows_per_block: int = 20) -> Tensor:
+        """The grid of `grid` once per frame, as a clip [F, 3, H, W] (videos only): what grid.gif shows."""
+        return evaluation_video(self._kept(), self.prompts, self.samples_per_prompt, self.scores, cell_size, rows_per_block)
+
+    def _kept(self) -> Tensor:
         if self.pixels is None or not len(self.pixels):
             raise ValueError("no pixels kept: evaluate(..., keep_pixels=True) to draw a grid")
-        return evaluation_grid(self.pixels, self.prompts, self.samples_per_prompt, self.scores, cell_size, rows_per_block)
+        return self.pixels
 
-    def write(self, directory: str | Path, grid: bool = True) -> dict[str, Path]:
+    def write(self, directory: str | Path, grid: bool = True, fps: int = 4) -> dict[str, Path]:
         """Write results.csv, results.md and (when pixels were kept and `grid`) grid.png into
-        `directory`; returns {"csv": ..., "markdown": ..., "grid": ...} for the files written."""
+        `directory`, and for videos grid.gif (the grid animated over the frames, `fps` frames per
+        second); returns {"csv": ..., "markdown": ..., "grid": ..., "gif": ...} for the files written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         written = {"csv": self.to_csv(directory / "results.csv")}
@@ -166,6 +174,8 @@ class EvaluationResult:
         written["markdown"] = markdown
         if grid and self.pixels is not None and len(self.pixels):
             written["grid"] = save_png(self.grid(), directory / "grid.png")
+            if self.pixels.ndim == 5:
+                written["gif"] = save_gif(self.video(), directory / "grid.gif", fps=fps)
         return written
 
 
@@ -177,10 +187,11 @@ def evaluation_grid(
     cell_size: int = 96,
     rows_per_block: int = 20,
 ) -> Tensor:
-    """Grid [3, H, W] of prompt-major samples ([N, C, H, W], or video [N, F, C, H, W] shown by its
-    first frame): one row per prompt with the prompt under it, one column per sample, and the
-    first score of `scores` under each cell (see `lightning_grpo.grids.captioned_grid`)."""
-    images = pixels[:, 0] if pixels.ndim == 5 else pixels  # [N, C, H, W]
+    """Grid [3, H, W] of prompt-major samples ([N, C, H, W], or video [N, F, C, H, W] shown as a
+    film strip of up to 5 frames, `lightning_grpo.grids.filmstrip`): one row per prompt with the
+    prompt under it, one column per sample, and the first score of `scores` under each cell (see
+    `lightning_grpo.grids.captioned_grid`)."""
+    images = filmstrip(pixels) if pixels.ndim == 5 else pixels  # [N, C, H, W'] (W' = strip width for videos)
     if len(images) % samples_per_prompt or len(prompts) != len(images):
         raise ValueError(f"{len(images)} samples, {len(prompts)} prompts, {samples_per_prompt} per prompt do not tile")
     cells = images.reshape(-1, samples_per_prompt, *images.shape[1:])  # [P, S, C, H, W]
@@ -191,6 +202,22 @@ def evaluation_grid(
         captions = [[f"{v:.3g}" for v in row] for row in values.reshape(-1, samples_per_prompt).tolist()]
     return captioned_grid(cells, row_captions=list(prompts[::samples_per_prompt]), column_titles=titles,
                           cell_captions=captions, cell_size=cell_size, rows_per_block=rows_per_block)
+
+
+def evaluation_video(
+    pixels: Tensor,
+    prompts: Sequence[str],
+    samples_per_prompt: int = 1,
+    scores: dict[str, Tensor] | None = None,
+    cell_size: int = 96,
+    rows_per_block: int = 20,
+) -> Tensor:
+    """The evaluation grid of videos [N, F, C, H, W] once per frame: a clip [F, 3, H', W'] whose
+    frame f shows frame f of every sample in the layout of `evaluation_grid`."""
+    if pixels.ndim != 5:
+        raise ValueError(f"evaluation_video needs videos [N, F, C, H, W], got {tuple(pixels.shape)}")
+    return torch.stack([evaluation_grid(pixels[:, f], prompts, samples_per_prompt, scores, cell_size, rows_per_block)
+                        for f in range(pixels.shape[1])])
 
 
 def _number(value: float, binary: bool) -> str:

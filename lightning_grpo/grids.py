@@ -3,7 +3,9 @@
 
 Used by `callbacks.ODEVisualizer` (rows = prompts, columns = seeds at step 0 | seeds now) and by
 `EvaluationResult.write` (rows = prompts, columns = samples). The input is a cell array
-[R, K, C, H, W], so a video caller can pass frames as columns. torchvision's `make_grid` has no
+[R, K, C, H, W]; cells may be wider than tall (W a multiple of about H), so a video can be shown as
+a film strip per cell (`filmstrip`), and `save_gif` writes the per-frame grids of a video as
+an animation (the same clips as TensorBoard's `add_video`, as a file). torchvision's `make_grid` has no
 text; the captions are drawn with Pillow (already a torchvision dependency), with its built-in
 scalable font, so nothing has to be installed or downloaded.
 """
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["GridLayout", "captioned_grid", "save_png"]
+__all__ = ["GridLayout", "captioned_grid", "filmstrip", "save_gif", "save_png"]
 
 #: Caption text size in pixels, line height, and the white space around blocks.
 FONT_SIZE = 12
@@ -33,9 +35,10 @@ MARGIN = 6
 class GridLayout:
     """Pixel geometry of a grid (what `captioned_grid` draws; tests check it).
 
-    cell: upscaled cell side; caption_lines: text lines under each row; title_height: height of
-    the column-title band at the top of each block; block_width / row_height: one column block
-    (rows stacked) and one row with its caption; blocks: column blocks side by side.
+    cell: upscaled cell side (its height); cell_width: its width when cells are wider than
+    tall (film strips; None: square); caption_lines: text lines under each row; title_height:
+    height of the column-title band at the top of each block; block_width / row_height: one
+    column block (rows stacked) and one row with its caption; blocks: column blocks side by side.
     """
 
     cell: int
@@ -46,6 +49,12 @@ class GridLayout:
     cell_caption_lines: int
     title_lines: int
     gap_after: int | None  # a wider gap after this many columns (e.g. step 0 | now)
+    cell_width: int | None = None
+
+    @property
+    def width(self) -> int:
+        """Width of one cell box in pixels."""
+        return self.cell_width or self.cell
 
     @property
     def title_height(self) -> int:
@@ -57,7 +66,7 @@ class GridLayout:
 
     @property
     def block_width(self) -> int:
-        return self.columns * (self.cell + 2) + (3 * MARGIN if self.gap_after else 0)
+        return self.columns * (self.width + 2) + (3 * MARGIN if self.gap_after else 0)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -68,7 +77,7 @@ class GridLayout:
     def cell_origin(self, row: int, column: int) -> tuple[int, int]:
         """(y, x) of the top-left pixel of cell (row, column)."""
         block, r = divmod(row, self.rows_per_block)
-        x = MARGIN + block * (self.block_width + 2 * MARGIN) + column * (self.cell + 2)
+        x = MARGIN + block * (self.block_width + 2 * MARGIN) + column * (self.width + 2)
         if self.gap_after and column >= self.gap_after:
             x += 3 * MARGIN
         return MARGIN + self.title_height + r * self.row_height, x
@@ -86,12 +95,14 @@ def _wrap(text: str, width_px: int) -> list[str]:
     return textwrap.wrap(text, width=max(4, int(width_px / (0.55 * FONT_SIZE)))) or [""]
 
 
-def _upscale(cells: Tensor, cell: int) -> Tensor:
-    """[N, 3, h, w] in [0, 1] → [N, 3, cell, cell] by nearest neighbour (integer factor, then centred pad)."""
+def _upscale(cells: Tensor, cell: int, width: int | None = None) -> Tensor:
+    """[N, 3, h, w] in [0, 1] → [N, 3, cell, width (default cell)] by nearest neighbour (integer
+    factor, then centred pad)."""
     h, w = cells.shape[-2:]
-    factor = max(1, min(cell // h, cell // w))
+    width = width or cell
+    factor = max(1, min(cell // h, width // w))
     big = F.interpolate(cells, scale_factor=factor, mode="nearest")
-    pad_h, pad_w = cell - big.shape[-2], cell - big.shape[-1]
+    pad_h, pad_w = cell - big.shape[-2], width - big.shape[-1]
     return F.pad(big, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=1.0)
 
 
@@ -107,7 +118,8 @@ def captioned_grid(
     """A readable grid as Tensor[3, H', W'] float in [0, 1] (TensorBoard's CHW image).
 
     Args:
-        cells: [R, K, C, H, W] images in [0, 1] (C = 1 or 3): R rows of K columns.
+        cells: [R, K, C, H, W] images in [0, 1] (C = 1 or 3): R rows of K columns. Wide cells
+            (W > H, e.g. `filmstrip`s) get boxes `cell_size` high and ⌈cell_size·W/H⌉ wide.
         row_captions: R texts, each drawn (wrapped) under its row, e.g. the prompt.
         column_titles: K texts drawn above the columns of every block, e.g. "step 0 · seed 1".
         cell_captions: R × K short texts under each cell, e.g. a score.
@@ -125,20 +137,23 @@ def captioned_grid(
     if cell_captions is not None and (len(cell_captions) != rows or any(len(c) != columns for c in cell_captions)):
         raise ValueError(f"cell_captions must be {rows} rows of {columns} texts")
     per_block = min(rows, rows_per_block or rows)
+    height_px, width_px = cells.shape[-2:]
+    cell_width = math.ceil(cell_size * width_px / height_px) if width_px > height_px else None
     layout = GridLayout(cell=cell_size, columns=columns, rows_per_block=per_block, blocks=math.ceil(rows / per_block),
-                        caption_lines=0, cell_caption_lines=1 if cell_captions else 0, title_lines=0, gap_after=gap_after)
+                        caption_lines=0, cell_caption_lines=1 if cell_captions else 0, title_lines=0, gap_after=gap_after,
+                        cell_width=cell_width)
     wrapped_rows = [_wrap(t, layout.block_width) for t in row_captions] if row_captions else []
-    wrapped_titles = [_wrap(t, cell_size) for t in column_titles] if column_titles else []
+    wrapped_titles = [_wrap(t, layout.width) for t in column_titles] if column_titles else []
     layout = GridLayout(
         cell=cell_size, columns=columns, rows_per_block=per_block, blocks=layout.blocks,
         caption_lines=max((len(w) for w in wrapped_rows), default=0), cell_caption_lines=layout.cell_caption_lines,
-        title_lines=max((len(w) for w in wrapped_titles), default=0), gap_after=gap_after,
+        title_lines=max((len(w) for w in wrapped_titles), default=0), gap_after=gap_after, cell_width=cell_width,
     )
     images = cells.float().clamp(0, 1).flatten(0, 1)  # [R·K, C, H, W]
-    images = _upscale(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, cell_size)
+    images = _upscale(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, cell_size, layout.width)
     height, width = layout.size
     canvas = Image.new("RGB", (width, height), "white")
-    tiles = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [R·K, cell, cell, 3]
+    tiles = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [R·K, cell, width, 3]
     draw, font = ImageDraw.Draw(canvas), _font()
     for index, tile in enumerate(tiles):
         row, column = divmod(index, columns)
@@ -165,4 +180,41 @@ def save_png(grid: Tensor, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(array).save(path)
+    return path
+
+
+def filmstrip(clips: Tensor, max_frames: int = 5, gap: int = 1) -> Tensor:
+    """Videos as film strips: [N, F, C, H, W] → [N, C, H, k·W + (k − 1)·gap], the k = min(F,
+    max_frames) frames evenly spaced from the first to the last, side by side, white gaps between.
+
+    A still grid of videos readable at a glance (motion = the object's place changing along the
+    strip); `save_gif` animates the full clips."""
+    if clips.ndim != 5:
+        raise ValueError(f"clips must be [N, F, C, H, W], got {tuple(clips.shape)}")
+    if max_frames < 1 or gap < 0:
+        raise ValueError(f"max_frames must be >= 1 and gap >= 0, got {max_frames}, {gap}")
+    frames = clips.shape[1]
+    chosen = torch.linspace(0, frames - 1, min(frames, max_frames)).round().long()  # [k]
+    pieces = []
+    for i, f in enumerate(chosen.tolist()):
+        if i and gap:
+            pieces.append(torch.ones(*clips.shape[:1], clips.shape[2], clips.shape[3], gap, dtype=clips.dtype))
+        pieces.append(clips[:, f])
+    return torch.cat(pieces, dim=-1)
+
+
+def save_gif(frames: Tensor, path: str | Path, fps: int = 4) -> Path:
+    """Write frames [F, 3, H, W] in [0, 1] as a looping animated GIF (parent folders created).
+
+    Pillow writes it (already a dependency; moviepy, which TensorBoard's `add_video` needs, is not
+    required for files); returns the path."""
+    if frames.ndim != 4 or frames.shape[1] != 3 or not len(frames):
+        raise ValueError(f"frames must be [F >= 1, 3, H, W], got {tuple(frames.shape)}")
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = (frames.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    images = [Image.fromarray(a) for a in arrays]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return path
