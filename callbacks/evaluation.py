@@ -139,15 +139,8 @@ class HeldOutEvaluation(Callback):
         return evaluate(
             pl_module.policy, pl_module.sampler, prompts, rewards, samples_per_prompt=self.samples_per_prompt,
             seed=self.seed, batch_size=self.batch_size, keep_pixels=self.grid, show_progress=False,
-            images=self._first_frames(pl_module, prompts),
+            images=first_frames_for(pl_module, prompts, self.first_frames),
         )
-
-    def _first_frames(self, pl_module: LightningModule, prompts: list[str]) -> Tensor | None:
-        """First frames [P, 3, H, W] for image-to-video (see the class doc), or None."""
-        source = self.first_frames if self.first_frames is not None else getattr(pl_module, "first_frames", None)
-        if source is None:
-            return None
-        return source(list(prompts), policy_frame_size(pl_module.policy)).to(pl_module.device)
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, when: str, use_ema: bool) -> None:
         context = ema_weights(trainer, pl_module) if use_ema else nullcontext()
@@ -182,6 +175,16 @@ class HeldOutEvaluation(Callback):
     @staticmethod
     def _log_dir(trainer: Trainer) -> Path:
         return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def first_frames_for(pl_module: LightningModule, prompts: list[str], source: nn.Module | None = None) -> Tensor | None:
+    """First frames [P, 3, H, W] of `prompts` for image-to-video, on the module's device: from
+    `source` (called as ``source(prompts, (height, width))``), else from the module's own
+    `first_frames` source when it has one; None for text-to-image/video."""
+    source = source if source is not None else getattr(pl_module, "first_frames", None)
+    if source is None:
+        return None
+    return source(list(prompts), policy_frame_size(pl_module.policy)).to(pl_module.device)
 
 
 def policy_frame_size(policy: nn.Module) -> tuple[int, int]:

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
 from lightning_grpo.callbacks.diversity import pairwise_distances
 from lightning_grpo.callbacks.ema import ema_weights
-from lightning_grpo.callbacks.evaluation import read_prompts
+from lightning_grpo.callbacks.evaluation import first_frames_for, read_prompts
 from lightning_grpo.evaluation import EvaluationResult, evaluate
 from lightning_grpo.rewards.base import MultiReward, Reward
 
@@ -139,6 +139,8 @@ class RewardHackingMonitor(Callback):
         max_prompts: use only the first this many prompts.
         z: standard errors of the paired differences a rise / fall must exceed to warn.
         min_change: smallest absolute rise / fall that counts, besides `z`.
+        first_frames: first-frame source for image-to-video, as `HeldOutEvaluation`'s (None: the
+            module's own `first_frames` source, if any).
     """
 
     def __init__(
@@ -153,7 +155,9 @@ class RewardHackingMonitor(Callback):
         max_prompts: int | None = None,
         z: float = 2.0,
         min_change: float = 0.0,
+        first_frames: nn.Module | None = None,
     ) -> None:
+        self.first_frames = first_frames
         self.prompts = read_prompts(prompts_file)[:max_prompts]
         if not self.prompts:
             raise ValueError(f"no prompts in {prompts_file}")
@@ -177,8 +181,9 @@ class RewardHackingMonitor(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for reward in self.gold_rewards:  # not part of the module: move them along explicitly
-            reward.to(pl_module.device)
+        for module in [*self.gold_rewards, self.first_frames]:  # not part of the module: move them along explicitly
+            if module is not None:
+                module.to(pl_module.device)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._observe(trainer, pl_module)
@@ -198,7 +203,7 @@ class RewardHackingMonitor(Callback):
         result: EvaluationResult = evaluate(
             pl_module.policy, pl_module.sampler, self.prompts, MultiReward([*training, *self.gold_rewards]),
             samples_per_prompt=self.samples_per_prompt, seed=self.seed, batch_size=self.batch_size,
-            keep_pixels=self.diversity, show_progress=False,
+            keep_pixels=self.diversity, show_progress=False, images=first_frames_for(pl_module, self.prompts, self.first_frames),
         )
         values = {TRAIN: sum(r.weight * result.scores[r.name] for r in training)}
         values.update({r.name: result.scores[r.name] for r in self.gold_rewards})

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_grpo.callbacks import DiversityMonitor, HeldOutEvaluation, ODEVisualizer, RewardLogger
+from lightning_grpo.callbacks import DiversityMonitor, HeldOutEvaluation, ODEVisualizer, RewardHackingMonitor, RewardLogger
 from lightning_grpo.callbacks._logging import can_add_video
 from lightning_grpo.callbacks.diversity import temporal_change
 from lightning_grpo.evaluation import EvaluationResult
@@ -128,8 +128,10 @@ def test_video_run_logs_playable_clips_files_splits_and_diversity(tmp_path) -> N
     recorder = FirstFrameRecorder()
     heldout = HeldOutEvaluation(splits=splits, samples_per_prompt=2, batch_size=3, first_frames=MotionFirstFrames(seed=3),
                                 extra_rewards=[FirstFrameFidelity(), recorder])
+    hacking = RewardHackingMonitor(splits["both"], gold_rewards=[FirstFrameFidelity()], samples_per_prompt=1, every_n_steps=1,
+                                   first_frames=MotionFirstFrames(seed=3))  # the gold measure needs the first frames
     callbacks = [ODEVisualizer(prompts=MOTION_PROMPTS[:2], seeds=[0], every_n_steps=1), RewardLogger(media_every_n_steps=1),
-                 DiversityMonitor(), heldout]
+                 DiversityMonitor(), heldout, hacking]
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
     trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=logger, log_every_n_steps=1,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
@@ -162,6 +164,7 @@ def test_video_run_logs_playable_clips_files_splits_and_diversity(tmp_path) -> N
     expected = MotionFirstFrames(seed=3)(MOTION_PROMPTS[:2], (8, 8))
     assert torch.equal(recorder.seen[0][[0, 2]], expected)  # samples_per_prompt = 2: rows repeat per prompt
     assert set(heldout.split_results["after"]) == set(splits)
+    assert len(events.Scalars("hacking/gold/first_frame_fidelity")) == 3  # fit start, step 1, step 2
 
     # video diversity: per frame and over time
     for name in ("pixel_per_frame_within_group", "pixel_motion_across_prompts", "pixel_temporal_change"):
