@@ -32,6 +32,7 @@ Measured rates: docs/results.md ("Moving-shapes verifier"), from tests/toy/test_
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -147,12 +148,48 @@ def fit_tracks(centres: Tensor) -> tuple[Tensor, Tensor]:
     return mean.squeeze(1) - t.mean() * b, b
 
 
+class _LastJudgement:
+    """The judgement of the last (clips, prompts, rules), reused while the very same tensor object,
+    unmodified (same version counter), is judged again with the same prompts and rules.
+
+    `MultiReward` hands every reward the same pixels tensor, so a run that logs motion, appearance
+    and exact match beside its training reward decodes each batch once instead of four times.
+    Only a weak reference is kept: a freed tensor can never be mistaken for a new one."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.ref: weakref.ref | None = None
+        self.value: ClipJudgement | None = None
+
+    def get(self, pixels: Tensor, key: tuple) -> ClipJudgement | None:
+        if self.ref is not None and self.ref() is pixels and self.key == (pixels._version, key):
+            return self.value
+        return None
+
+    def put(self, pixels: Tensor, key: tuple, value: ClipJudgement) -> None:
+        self.ref, self.key, self.value = weakref.ref(pixels), (pixels._version, key), value
+
+
+_LAST = _LastJudgement()
+
+
 def judge_clips(pixels: Tensor, prompts: list[str], rules: MotionRules | None = None) -> ClipJudgement:
-    """Decode every frame of clips [B, F, 3, H, W] in [0, 1] and check them against `prompts`."""
+    """Decode every frame of clips [B, F, 3, H, W] in [0, 1] and check them against `prompts`
+    (the same unmodified tensor judged again with the same prompts and rules reuses the result)."""
     pixels = _check_clips(pixels)
     if len(prompts) != pixels.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {pixels.shape[0]} clips")
     rules = rules or MotionRules()
+    key = (tuple(prompts), rules)
+    cached = _LAST.get(pixels, key)
+    if cached is None:
+        cached = _judge(pixels, prompts, rules)
+        _LAST.put(pixels, key, cached)
+    return cached
+
+
+def _judge(pixels: Tensor, prompts: list[str], rules: MotionRules) -> ClipJudgement:
+    """`judge_clips` without the reuse."""
     batch, frames, _, height, width = pixels.shape
     decoded = decode_scenes(pixels.flatten(0, 1), max_off_palette=rules.scene.max_off_palette)  # B·F frames
     per_frame = lambda x: x.view(batch, frames)  # noqa: E731

@@ -283,3 +283,27 @@ def test_reward_names_rules_and_errors() -> None:
         MovingShapesVerifier()(torch.zeros(1, 3, SIZE, SIZE), prompts)
     with pytest.raises(RewardError, match="no direction"):
         MovingShapesVerifier()(torch.zeros(1, FRAMES, 3, SIZE, SIZE), ["a red circle"])
+
+
+def test_rewards_of_one_batch_decode_it_once(monkeypatch) -> None:
+    """MultiReward hands every reward the same tensor: the frames are decoded once; a changed
+    tensor, other prompts or other rules are judged afresh."""
+    import lightning_grpo.toy.motion_verifier as verifier
+    from lightning_grpo.rewards.base import MultiReward
+
+    calls = []
+    original = verifier.decode_scenes
+    monkeypatch.setattr(verifier, "decode_scenes", lambda *a, **k: calls.append(1) or original(*a, **k))
+    prompts, _, tracks = scenes_and_tracks()
+    clips = render_tracks(tracks, SIZE)[:6]
+    prompts = prompts[:6]
+    rewards = MultiReward([MovingShapesVerifier("motion", "dense"), MovingShapesVerifier("appearance", "exact"),
+                           MovingShapesVerifier("all", "exact", name="exact_match")])
+    scores = rewards(clips, prompts)
+    assert len(calls) == 1 and scores["exact_match"].tolist() == [1.0] * 6
+    clips[0] = 0  # in place: the version counter moves, the clip is judged again
+    assert rewards(clips, prompts)["exact_match"].tolist() == [0.0] + [1.0] * 5 and len(calls) == 2
+    MovingShapesVerifier("motion", "dense", max_track_error=0.1)(clips, prompts)  # other rules
+    MovingShapesVerifier("motion", "dense")(clips, prompts[::-1])  # other prompts
+    MovingShapesVerifier("motion", "dense")(clips.clone(), prompts)  # another tensor with the same values
+    assert len(calls) == 5
