@@ -7,6 +7,7 @@ caption maps to many slightly different images (what a text-to-image model shoul
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -14,6 +15,8 @@ from torch import Tensor
 from lightning_grpo.toy.prompts import TEMPLATES, describe
 from lightning_grpo.toy.render import render_scenes
 from lightning_grpo.toy.vocab import Scene, all_scenes
+
+T = TypeVar("T")
 
 
 def sample_captioned_images(
@@ -35,13 +38,22 @@ def sample_captioned_images(
         jitter: randomise object size and position within its quadrant.
         templates: template indices to draw captions from (default: all of `TEMPLATES`).
     """
-    pool = list(all_scenes() if scenes is None else scenes)
-    chosen = list(range(len(TEMPLATES)) if templates is None else templates)
-    if not pool or not chosen:
-        raise ValueError("sample_captioned_images needs a non-empty scene pool and template list")
     gen = torch.Generator().manual_seed(int(seed))
-    scene_ids = torch.randint(len(pool), (n,), generator=gen).tolist()
-    template_ids = torch.randint(len(chosen), (n,), generator=gen).tolist()
-    picked = [pool[i] for i in scene_ids]
-    prompts = [describe(scene, chosen[t]) for scene, t in zip(picked, template_ids)]
+    picked, chosen = draw_captions(n, all_scenes() if scenes is None else scenes, len(TEMPLATES), templates, gen)
+    prompts = [describe(scene, t) for scene, t in zip(picked, chosen)]
     return render_scenes(picked, size=size, jitter=jitter, generator=gen), prompts
+
+
+def draw_captions(
+    n: int, scenes: Sequence[T], num_templates: int, templates: Sequence[int] | None, generator: torch.Generator
+) -> tuple[list[T], list[int]]:
+    """`n` scenes drawn uniformly from `scenes` and, for each, a template index drawn uniformly from
+    `templates` (default: all `num_templates`), in that order from `generator`; shared by the image
+    and the moving-shapes worlds' captioned samplers."""
+    pool = list(scenes)
+    chosen = list(range(num_templates) if templates is None else templates)
+    if not pool or not chosen:
+        raise ValueError("a captioned sampler needs a non-empty scene pool and template list")
+    scene_ids = torch.randint(len(pool), (n,), generator=generator).tolist()
+    template_ids = torch.randint(len(chosen), (n,), generator=generator).tolist()
+    return [pool[i] for i in scene_ids], [chosen[t] for t in template_ids]

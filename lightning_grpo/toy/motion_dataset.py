@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_grpo.toy.dataset import draw_captions
 from lightning_grpo.toy.motion_prompts import MOTION_TEMPLATES, describe_motion, parse_motion_prompt
 from lightning_grpo.toy.motion_render import render_tracks, sample_tracks
 from lightning_grpo.toy.motion_vocab import DEFAULT_FRAMES, DIRECTIONS, MotionScene, all_motion_scenes, motion_scenes_to_indices
@@ -42,15 +43,9 @@ def sample_captioned_clips(
         templates: indices of `MOTION_TEMPLATES` to draw captions from (default: all). The first
             frames of the clips (`pixels[:, 0]`) are the image-to-video conditions.
     """
-    pool = list(all_motion_scenes() if scenes is None else scenes)
-    chosen = list(range(len(MOTION_TEMPLATES)) if templates is None else templates)
-    if not pool or not chosen:
-        raise ValueError("sample_captioned_clips needs a non-empty scene pool and template list")
     gen = torch.Generator().manual_seed(int(seed))
-    scene_ids = torch.randint(len(pool), (n,), generator=gen).tolist()
-    template_ids = torch.randint(len(chosen), (n,), generator=gen).tolist()
-    picked = [pool[i] for i in scene_ids]
-    prompts = [describe_motion(scene, chosen[t]) for scene, t in zip(picked, template_ids)]
+    picked, chosen = draw_captions(n, all_motion_scenes() if scenes is None else scenes, len(MOTION_TEMPLATES), templates, gen)
+    prompts = [describe_motion(scene, t) for scene, t in zip(picked, chosen)]
     tracks = sample_tracks(motion_scenes_to_indices(picked), frames, jitter, generator=gen)
     return render_tracks(tracks, size), prompts
 
