@@ -1,0 +1,47 @@
+"""The module's own advantage and batch-layout steps, by hand: `_select` passes every advantage
+option on to `grpo_advantages`, and `_check_divides` refuses a rollout that does not split into
+optimizer steps of micro-batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_grpo.module import _check_divides
+from tests.training.fixtures import make_module
+
+
+@pytest.mark.parametrize(
+    "std_mode, expected",
+    [
+        # groups [0, 1], [0, 3]: each group's own std (0.7071, 2.1213) makes every advantage ±1/√2
+        ("group", [-1 / math.sqrt(2), 1 / math.sqrt(2), -1 / math.sqrt(2), 1 / math.sqrt(2)]),
+        # the batch std of [0, 1, 0, 3] is √2: centred values ±0.5, ±1.5 divided by it
+        ("global", [-0.5 / math.sqrt(2), 0.5 / math.sqrt(2), -1.5 / math.sqrt(2), 1.5 / math.sqrt(2)]),
+    ],
+)
+def test_select_normalises_with_the_configured_std(std_mode, expected):
+    module = make_module(group_size=2, micro_batch_size=1, samples_per_update=2, advantage_std=std_mode)
+    chosen, scores, advantages = module._select({"redness": torch.tensor([0.0, 1.0, 0.0, 3.0])})
+    assert chosen is None and torch.equal(scores["redness"], torch.tensor([0.0, 1.0, 0.0, 3.0]))
+    torch.testing.assert_close(advantages, torch.tensor(expected))
+
+
+@pytest.mark.parametrize(
+    "num_samples, per_update, micro_batch_size, fits",
+    [
+        (8, 4, 2, True),
+        (8, 8, 1, True),
+        (8, 3, 1, False),  # 8 samples do not make whole optimizer steps of 3 (the micro-batches do)
+        (8, 4, 3, False),  # a step of 4 does not make whole micro-batches of 3 (the steps do)
+        (9, 3, 2, False),  # neither
+    ],
+)
+def test_check_divides_refuses_each_kind_of_misfit(num_samples, per_update, micro_batch_size, fits):
+    if fits:
+        _check_divides(num_samples, per_update, micro_batch_size)
+    else:
+        with pytest.raises(ValueError, match=f"{num_samples} trained samples"):
+            _check_divides(num_samples, per_update, micro_batch_size)
