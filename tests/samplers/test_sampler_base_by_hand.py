@@ -1,0 +1,39 @@
+"""The sampler contract's helpers, by hand: per-sample gathering of schedule values for every
+kind of index, and the Gaussian log-density in fp32 whatever the std's dtype."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_grpo.samplers.base import gather_per_sample, gaussian_log_prob
+
+VALUES = torch.tensor([0.9, 0.75, 0.5, 0.25], dtype=torch.float64)  # a float64 schedule, as DDIM's ᾱ
+
+
+@pytest.mark.parametrize(
+    "index, expected",
+    [
+        (2, [0.5, 0.5, 0.5]),  # an int: every sample at step 2
+        (torch.tensor(1), [0.75, 0.75, 0.75]),  # a 0-d tensor: the same, expanded to B
+        (torch.tensor([3, 0, 1]), [0.25, 0.9, 0.75]),  # one step per sample
+        (torch.tensor([3.0, 0.0, 2.0]), [0.25, 0.9, 0.5]),  # float indices are taken as step numbers
+    ],
+)
+def test_gather_per_sample_gives_b_values_shaped_to_broadcast(index, expected):
+    like = torch.zeros(3, 5, 2, 2)  # B = 3, and a second dim that is not B
+    out = gather_per_sample(VALUES, index, like)
+    assert out.shape == (3, 1, 1, 1) and out.dtype == torch.float32
+    torch.testing.assert_close(out.flatten(), torch.tensor(expected))
+
+
+def test_gaussian_log_prob_is_fp32_and_exact_for_a_float64_std():
+    x, mean = torch.tensor([[0.3, -1.2]]), torch.tensor([[0.1, -0.2]])
+    std = torch.tensor([[0.5, 2.0]], dtype=torch.float64)
+    out = gaussian_log_prob(x, mean, std)
+    assert out.dtype == torch.float32
+    by_hand = [-(0.2**2) / (2 * 0.25) - math.log(0.5), -(1.0**2) / (2 * 4.0) - math.log(2.0)]
+    expected = sum(by_hand) / 2 - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(out, torch.tensor([expected]))
