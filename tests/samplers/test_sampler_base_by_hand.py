@@ -37,3 +37,19 @@ def test_gaussian_log_prob_is_fp32_and_exact_for_a_float64_std():
     by_hand = [-(0.2**2) / (2 * 0.25) - math.log(0.5), -(1.0**2) / (2 * 4.0) - math.log(2.0)]
     expected = sum(by_hand) / 2 - 0.5 * math.log(2 * math.pi)
     torch.testing.assert_close(out, torch.tensor([expected]))
+
+
+@pytest.mark.parametrize("paradigm", ["flow", "diffusion"])
+def test_steps_return_latents_in_the_sample_dtype(paradigm):
+    """The math is fp32 (mean, log-prob), the next latent is in the latents' own dtype (bf16 models)."""
+    from lightning_grpo.samplers import DDIMSDESampler, FlowSDESampler
+
+    sampler = FlowSDESampler(num_steps=4, eta=0.7) if paradigm == "flow" else DDIMSDESampler(num_steps=4, eta=1.0)
+    x = torch.full((2, 3), 0.5, dtype=torch.bfloat16)
+    output = torch.full((2, 3), 0.25, dtype=torch.bfloat16)
+    step = sampler.step(output, x, 1, noise=torch.ones(2, 3))
+    assert step.prev_sample.dtype == torch.bfloat16 and step.mean.dtype == torch.float32
+    torch.testing.assert_close(step.prev_sample.float(), (step.mean + step.std * 1.0).bfloat16().float())
+    ode = sampler.ode_step(output, x, 1)
+    assert ode.dtype == torch.bfloat16
+    torch.testing.assert_close(ode.float(), sampler.mean_and_std(output, x, 1, 0.0)[0].bfloat16().float())
