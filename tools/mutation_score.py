@@ -112,7 +112,10 @@ def verify(survivors: list[str], tests: list[str]) -> None:
     verified = json.loads(VERIFIED_FILE.read_text()) if VERIFIED_FILE.exists() else {}
     for name in survivors:
         os.environ["MUTANT_UNDER_TEST"] = name
-        verified[name] = {"tests": tests, "killed": pytest.main(args) != 0}
+        code = pytest.main(args)
+        if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED, pytest.ExitCode.INTERRUPTED):
+            raise SystemExit(f"pytest could not run the tests on {name} (exit code {code}): nothing recorded for it")
+        verified[name] = {"tests": tests, "killed": code != pytest.ExitCode.OK}  # failed, or stopped collecting
         VERIFIED_FILE.write_text(json.dumps(verified, indent=1))  # after each mutant: a long run can be stopped
     os.environ.pop("MUTANT_UNDER_TEST")
     os.chdir(ROOT)
