@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=1, help="mutmut worker processes (default 1)")
     parser.add_argument("--survivors", action="store_true", help="re-run only the core mutants that survived the last run")
     parser.add_argument("--fresh-stats", action="store_true", help="forget which tests call which function (after adding tests)")
-    parser.add_argument("--verify-with", nargs="+", metavar="TEST", help="run these tests (paths under tests/) on every survivor instead of mutmut")
+    parser.add_argument("--verify-with", nargs="+", metavar="TEST", help="run these tests (paths under tests/) on every survivor (matching `patterns`, if given) instead of mutmut")
     parser.add_argument("--unchecked", action="store_true", help="with --verify-with: the mutants matching `patterns` that mutmut has not run yet, instead of the survivors")
     parser.add_argument("patterns", nargs="*", help="mutant name patterns to (re)run; default: the whole core")
     args = parser.parse_args()
@@ -136,7 +136,8 @@ def main() -> None:
         if args.unchecked:
             chosen = [name for name, s in status.items() if s == "not checked" and any(fnmatch.fnmatchcase(name, p) for p in args.patterns)]
         else:
-            chosen = [name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent_mutants()]
+            chosen = [name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent_mutants()
+                      and (not args.patterns or any(fnmatch.fnmatchcase(name, p) for p in args.patterns))]
         verify(chosen, args.verify_with)
         args.report_only = True
     if args.survivors:
