@@ -162,3 +162,11 @@ def test_module_trains_with_the_flash_tail_and_refuses_it_where_it_cannot_apply(
         make_module(ode_tail=MultistepODETail())
     with pytest.raises(ValueError, match="flow sampler"):
         make_module("diffusion", step_schedule=SlidingWindow(size=2), ode_tail=MultistepODETail())
+
+
+@pytest.mark.parametrize("drop_last, expected", [(False, {0, 1, 2, 3}), (True, {0, 1, 2})])
+def test_drop_last_timestep_leaves_the_last_step_out_of_the_update(drop_last, expected, monkeypatch):
+    module = make_module(timestep_fraction=1.0, drop_last_timestep=drop_last)  # flow, T = 4: every step trainable
+    trained = _record_trained_indices(module, monkeypatch)
+    fit(module, PROMPTS, batches=1)
+    assert set(trained[0]) == expected
