@@ -45,3 +45,19 @@ def test_check_divides_refuses_each_kind_of_misfit(num_samples, per_update, micr
     else:
         with pytest.raises(ValueError, match=f"{num_samples} trained samples"):
             _check_divides(num_samples, per_update, micro_batch_size)
+
+
+def test_an_update_is_a_function_of_the_seed_not_of_the_global_rng():
+    """8 samples in 2 optimizer steps of 4: which samples share a step is drawn from the module's
+    seeded generator, so the global RNG state before the fit does not change the result."""
+    from tests.training.fixtures import PROMPTS
+    from tests.training.test_module import fit
+
+    trained = []
+    for global_seed in (0, 1):
+        module = make_module(samples_per_update=4, seed=5)  # 2 prompts × G = 4 → 8 samples
+        with torch.random.fork_rng():  # the global RNG is restored afterwards
+            torch.manual_seed(global_seed)
+            fit(module, PROMPTS, batches=1)
+        trained.append(torch.cat([p.detach().flatten() for p in module.policy.trainable_parameters()]))
+    torch.testing.assert_close(trained[0], trained[1], rtol=0, atol=0)
