@@ -61,3 +61,33 @@ def test_an_update_is_a_function_of_the_seed_not_of_the_global_rng():
             fit(module, PROMPTS, batches=1)
         trained.append(torch.cat([p.detach().flatten() for p in module.policy.trainable_parameters()]))
     torch.testing.assert_close(trained[0], trained[1], rtol=0, atol=0)
+
+
+def test_one_optimizer_step_follows_the_gradient_of_the_mean_loss_over_samples_and_steps():
+    """`_update` weights each micro-batch loss so that the step's gradient is that of the mean
+    clipped loss over its samples × trained timesteps (one step per rollout here, 8 samples × 4
+    steps); recomputed one (sample, step) at a time on a copy of the module taken before the fit."""
+    import copy
+
+    from lightning_grpo.samplers.step_schedule import trainable_steps
+    from tests.training.fixtures import PROMPTS
+    from tests.training.test_module import fit
+
+    module = make_module(timestep_fraction=1.0, samples_per_update=None, max_grad_norm=None)
+    reference = copy.deepcopy(module)
+    seen = {}
+    update = module._update
+
+    def recording_update(trajectories, advantages, **kwargs):
+        seen.update(trajectories=trajectories, advantages=advantages.detach().clone())
+        return update(trajectories, advantages, **kwargs)
+
+    module._update = recording_update
+    _, record = fit(module, PROMPTS, batches=1)
+    trajectories, advantages = seen["trajectories"], seen["advantages"]
+    steps = trainable_steps(reference.sampler)  # all 4 steps (fraction 1)
+    losses = [reference._micro_loss(trajectories, advantages, torch.tensor([b]), step.view(1))[0]
+              for b in range(trajectories.batch_size) for step in steps]
+    (torch.stack(losses).sum() / len(losses)).backward()
+    grads = [p.grad.flatten() for p in reference.policy.trainable_parameters() if p.grad is not None]
+    assert record.metrics[0]["train/grad_norm"] == pytest.approx(float(torch.cat(grads).norm()), rel=1e-4)
