@@ -5,6 +5,8 @@
     python tools/mutation_score.py --report-only                 # score of the last run only
     python tools/mutation_score.py --survivors --fresh-stats     # after adding tests: re-run the survivors
     python tools/mutation_score.py --verify-with tests/x.py      # quicker: run the new tests on the survivors
+    python tools/mutation_score.py --verify-with tests/x.py -- 'lightning_grpo.rollout.*'            # ... on some survivors
+    python tools/mutation_score.py --unchecked --verify-with tests/grpo -- 'lightning_grpo.grpo.*'   # ... on unrun mutants
 
 The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, the advantage and update
 path of `module.py` and `datamodules/streaming.py` (the mutmut settings are in pyproject.toml).
