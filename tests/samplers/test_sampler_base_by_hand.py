@@ -19,7 +19,6 @@ VALUES = torch.tensor([0.9, 0.75, 0.5, 0.25], dtype=torch.float64)  # a float64 
         (2, [0.5, 0.5, 0.5]),  # an int: every sample at step 2
         (torch.tensor(1), [0.75, 0.75, 0.75]),  # a 0-d tensor: the same, expanded to B
         (torch.tensor([3, 0, 1]), [0.25, 0.9, 0.75]),  # one step per sample
-        (torch.tensor([3.0, 0.0, 2.0]), [0.25, 0.9, 0.5]),  # float indices are taken as step numbers
     ],
 )
 def test_gather_per_sample_gives_b_values_shaped_to_broadcast(index, expected):
