@@ -91,3 +91,34 @@ def test_one_optimizer_step_follows_the_gradient_of_the_mean_loss_over_samples_a
     (torch.stack(losses).sum() / len(losses)).backward()
     grads = [p.grad.flatten() for p in reference.policy.trainable_parameters() if p.grad is not None]
     assert record.metrics[0]["train/grad_norm"] == pytest.approx(float(torch.cat(grads).norm()), rel=1e-4)
+
+
+def _trained_subsets(seed: int) -> list[dict[tuple[int, int], set[int]]]:
+    """Fit two rollouts; per rollout, {sample key (group, member): the timestep indices trained}."""
+    from tests.training.fixtures import PROMPTS
+    from tests.training.test_module import fit
+
+    module = make_module(seed=seed)  # timestep_fraction 0.5: 2 of the 4 steps per sample
+    per_rollout: list[dict] = []
+    update, micro_loss = module._update, module._micro_loss
+
+    def recording_update(*args, **kwargs):
+        per_rollout.append({})
+        return update(*args, **kwargs)
+
+    def recording_loss(trajectories, advantages, samples, index):
+        for key, i in zip(trajectories.sample_keys[samples.cpu()].tolist(), index.tolist()):
+            per_rollout[-1].setdefault(tuple(key), set()).add(i)
+        return micro_loss(trajectories, advantages, samples, index)
+
+    module._update, module._micro_loss = recording_update, recording_loss
+    fit(module, PROMPTS, batches=2)
+    return per_rollout
+
+
+def test_the_trained_timestep_subsets_are_redrawn_every_step_and_follow_the_seed():
+    first, other_seed = _trained_subsets(0), _trained_subsets(1)
+    assert first[0].keys() == first[1].keys() == other_seed[0].keys()  # the same 8 sample keys each time
+    assert all(len(steps) == 2 for steps in first[0].values())
+    assert first[0] != first[1]  # a fresh subset at the next step
+    assert first[0] != other_seed[0]  # and another one under another seed
