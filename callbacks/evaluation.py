@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import EvaluationResult, evaluate, format_before_after
+from lightning_grpo.first_frames import frame_size
 from lightning_grpo.rewards.base import MultiReward, Reward
 
 
@@ -184,16 +185,4 @@ def first_frames_for(pl_module: LightningModule, prompts: list[str], source: nn.
     source = source if source is not None else getattr(pl_module, "first_frames", None)
     if source is None:
         return None
-    return source(list(prompts), policy_frame_size(pl_module.policy)).to(pl_module.device)
-
-
-def policy_frame_size(policy: nn.Module) -> tuple[int, int]:
-    """(height, width) of the frames `policy` generates: its ``height``/``width``, else its square
-    ``resolution``; a ValueError names the policy when it has neither."""
-    height, width = getattr(policy, "height", None), getattr(policy, "width", None)
-    if isinstance(height, int) and isinstance(width, int):
-        return height, width
-    side = getattr(policy, "resolution", None)
-    if isinstance(side, int):
-        return side, side
-    raise ValueError(f"{type(policy).__name__} has no height/width or resolution: cannot size its first frames")
+    return source(list(prompts), frame_size(pl_module.policy)).to(pl_module.device)

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
-from lightning_grpo.callbacks.evaluation import policy_frame_size
 from lightning_grpo.evaluation import eval_mode, preserve_rng
+from lightning_grpo.first_frames import frame_size
 from lightning_grpo.grids import captioned_grid, filmstrip, save_gif, save_png
 from lightning_grpo.rollout import ode_sample
 
@@ -94,7 +94,7 @@ class ODEVisualizer(Callback):
             self.prompts, self.images = trainer.strategy.broadcast(self._prompts_from_data(trainer))
         source = getattr(pl_module, "first_frames", None)
         if self.prompts and self.images is None and source is not None:  # image-to-video from text prompts
-            self.images = source(list(self.prompts), policy_frame_size(pl_module.policy)).cpu()
+            self.images = source(list(self.prompts), frame_size(pl_module.policy)).cpu()
         if not self.prompts:
             rank_zero_warn("ODEVisualizer: no prompts given and no validation prompts found; visualisation is off")
             self._enabled = False

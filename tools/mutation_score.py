@@ -5,6 +5,8 @@
     python tools/mutation_score.py --report-only                 # score of the last run only
     python tools/mutation_score.py --survivors --fresh-stats     # after adding tests: re-run the survivors
     python tools/mutation_score.py --verify-with tests/x.py      # quicker: run the new tests on the survivors
+    python tools/mutation_score.py --verify-with tests/x.py -- 'lightning_grpo.rollout.*'            # ... on some survivors
+    python tools/mutation_score.py --unchecked --verify-with tests/grpo -- 'lightning_grpo.grpo.*'   # ... on unrun mutants
 
 The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, the advantage and update
 path of `module.py` and `datamodules/streaming.py` (the mutmut settings are in pyproject.toml).
@@ -32,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.txt"
 
 # mutmut names a mutant <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>
-_MODULE_UPDATE_PATH = ("_advantages", "_combine", "_update", "_micro_loss", "_optimizer_step", "_trained_group_size")
+_MODULE_UPDATE_PATH = (
+    "_advantages", "_select", "_loss_weights", "_update", "_timestep_indices", "_micro_loss", "_optimizer_step",
+    "_trained_group_size",
+)
 CORE = [
     "lightning_grpo.grpo.*",
     "lightning_grpo.samplers.*",
@@ -81,7 +86,7 @@ def results() -> dict[str, str]:
         import json
 
         for name, outcome in json.loads(VERIFIED_FILE.read_text()).items():
-            if status.get(name) in ("survived", "not checked"):
+            if status.get(name) in ("survived", "no tests", "not checked"):
                 status[name] = "killed (verified)" if outcome["killed"] else "survived (verified)"
     return status
 
@@ -94,9 +99,12 @@ def verify(survivors: list[str], tests: list[str]) -> None:
     added after that run are not tried on old survivors until the stats are collected again
     (--fresh-stats, a full traced run of the suite); this checks them directly."""
     import json
+    import shutil
 
     import pytest
 
+    # mutmut copied tests/ into mutants/ when it last ran: bring the tests written since then along
+    shutil.copytree(ROOT / "tests", ROOT / "mutants" / "tests", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     os.chdir(ROOT / "mutants")
     sys.path.insert(0, str(ROOT / "mutants"))
     args = [*tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
@@ -106,7 +114,10 @@ def verify(survivors: list[str], tests: list[str]) -> None:
     verified = json.loads(VERIFIED_FILE.read_text()) if VERIFIED_FILE.exists() else {}
     for name in survivors:
         os.environ["MUTANT_UNDER_TEST"] = name
-        verified[name] = {"tests": tests, "killed": pytest.main(args) != 0}
+        code = pytest.main(args)
+        if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED, pytest.ExitCode.INTERRUPTED):
+            raise SystemExit(f"pytest could not run the tests on {name} (exit code {code}): nothing recorded for it")
+        verified[name] = {"tests": tests, "killed": code != pytest.ExitCode.OK}  # failed, or stopped collecting
         VERIFIED_FILE.write_text(json.dumps(verified, indent=1))  # after each mutant: a long run can be stopped
     os.environ.pop("MUTANT_UNDER_TEST")
     os.chdir(ROOT)
@@ -118,7 +129,7 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=1, help="mutmut worker processes (default 1)")
     parser.add_argument("--survivors", action="store_true", help="re-run only the core mutants that survived the last run")
     parser.add_argument("--fresh-stats", action="store_true", help="forget which tests call which function (after adding tests)")
-    parser.add_argument("--verify-with", nargs="+", metavar="TEST", help="run these tests (paths under tests/) on every survivor instead of mutmut")
+    parser.add_argument("--verify-with", nargs="+", metavar="TEST", help="run these tests (paths under tests/) on every survivor (matching `patterns`, if given) instead of mutmut")
     parser.add_argument("--unchecked", action="store_true", help="with --verify-with: the mutants matching `patterns` that mutmut has not run yet, instead of the survivors")
     parser.add_argument("patterns", nargs="*", help="mutant name patterns to (re)run; default: the whole core")
     args = parser.parse_args()
@@ -127,7 +138,8 @@ def main() -> None:
         if args.unchecked:
             chosen = [name for name, s in status.items() if s == "not checked" and any(fnmatch.fnmatchcase(name, p) for p in args.patterns)]
         else:
-            chosen = [name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent_mutants()]
+            chosen = [name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent_mutants()
+                      and (not args.patterns or any(fnmatch.fnmatchcase(name, p) for p in args.patterns))]
         verify(chosen, args.verify_with)
         args.report_only = True
     if args.survivors:
@@ -141,21 +153,41 @@ def main() -> None:
         env.pop("PYTHONPATH", None)  # the tests must import the mutated copy in mutants/, not the sources
         command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *(args.patterns or CORE)]
         subprocess.run(command, cwd=ROOT, env=env, check=False)
-    status = results()
-    equivalent = equivalent_mutants()
-    stale = sorted(set(equivalent) - set(status))
-    survivors = sorted(name for name, s in status.items() if s not in KILLED and s != "not checked" and name not in equivalent)
-    unchecked = sorted(name for name, s in status.items() if s == "not checked")
-    killed = sum(s in KILLED for s in status.values())
-    counted = len(status) - len(set(equivalent) & set(status))
-    for name in survivors:
-        print(f"survived ({status[name]}): {name}")
-    for name in stale:
+    report(results(), equivalent_mutants())
+
+def report(status: dict[str, str], listed: dict[str, str]) -> None:
+    """Print the survivors, a per-file table and, last, the score killed / (killed + survived).
+
+    A listed equivalent mutant that a test kills is not equivalent: it counts as killed, with a
+    warning to take it off the list."""
+    from collections import Counter
+
+    outcome = {}
+    for name, s in status.items():
+        if s in KILLED:
+            outcome[name] = "killed"
+        elif name in listed:
+            outcome[name] = "equivalent"
+        else:
+            outcome[name] = "unchecked" if s == "not checked" else "survived"
+    for name in sorted(n for n in listed if n not in status):
         print(f"listed as equivalent but not a current mutant: {name}")
-    checked = counted - len(unchecked)
-    print(f"mutants: {len(status)}, not yet checked: {len(unchecked)}, killed: {killed}, "
-          f"equivalent: {len(status) - counted}, surviving: {len(survivors)}")
-    print(f"mutation score (killed / checked non-equivalent): {killed}/{checked} = {100 * killed / max(checked, 1):.1f}%")
+    for name in sorted(n for n in listed if outcome.get(n) == "killed"):
+        print(f"listed as equivalent but killed (take it off the list): {name}")
+    for name in sorted(n for n, o in outcome.items() if o == "survived"):
+        print(f"survived ({status[name]}): {name}")
+    table: dict[str, Counter] = {}
+    for name, o in outcome.items():
+        table.setdefault(name.split(".x")[0].removeprefix("lightning_grpo."), Counter())[o] += 1
+    print("| module | killed | survived | equivalent | unchecked |\n|---|---|---|---|---|")
+    for module in sorted(table):
+        row = table[module]
+        print(f"| {module} | {row['killed']} | {row['survived']} | {row['equivalent']} | {row['unchecked']} |")
+    total = Counter(outcome.values())
+    checked = total["killed"] + total["survived"]
+    print(f"mutants: {len(status)}, not yet checked: {total['unchecked']}, killed: {total['killed']}, "
+          f"equivalent: {total['equivalent']}, surviving: {total['survived']}")
+    print(f"mutation score (killed / checked non-equivalent): {total['killed']}/{checked} = {100 * total['killed'] / max(checked, 1):.1f}%")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_grpo.datamodules.prompts import PromptDataModule
 from lightning_grpo.datamodules.sources import BadRecordReporter, Record
 from lightning_grpo.datamodules.streaming import PromptStream, StreamConfig, stable_hash
+from lightning_grpo.first_frames import FirstFrames
 from lightning_grpo.toy.motion_prompts import parse_motion_prompt
 from lightning_grpo.toy.motion_render import MotionTracks, render_tracks, sample_tracks
 from lightning_grpo.toy.motion_vocab import motion_scenes_to_indices
@@ -42,8 +43,9 @@ def first_frames_for_prompts(prompts: list[str], size: int = 32, seed: int = 0, 
     return render_tracks(merged, size)[:, 0]
 
 
-class MotionFirstFrames(nn.Module):
-    """First frames of moving-shapes prompts, called as ``frames(prompts, size)`` -> Tensor[P, 3, H, W].
+class MotionFirstFrames(FirstFrames):
+    """First frames of moving-shapes prompts, called as ``frames(prompts, size)`` -> Tensor[P, 3, H, W]
+    (a `lightning_grpo.first_frames.FirstFrames` source: `GRPOModule(first_frames=...)` accepts it).
 
     Args:
         seed: seed mixed into every prompt's frame (the same seed, the same frames).

@@ -102,10 +102,10 @@ class DecodedScenes:
     components; `stray` foreground outside the main object / its area; `purity` share of the
     foreground with the main object's hue and on the palette; `shape_error` L1 error of the best
     template per unit coverage; `elongation` ratio of the object's principal second moments
-    (a streak is long); `inside` share of the foreground in the decoded quadrant; `cx`, `cy`
-    the main object's centroid in pixels (0 where the image has no foreground), what the
-    moving-shapes verifier tracks over frames; `hue_share` [B, K] share of the foreground of
-    each palette hue and on the palette.
+    (a streak is long); `inside` share of the foreground in the decoded quadrant; `hue_share`
+    [B, K] share of the foreground of each palette hue and on the palette; `cx`, `cy` the main
+    object's centroid in pixels (0 where the image has no foreground), what the moving-shapes
+    verifier tracks over frames.
     """
 
     colour: Tensor
@@ -332,9 +332,9 @@ def decode_scenes(
         shape_error=shape_error,
         elongation=elongation,
         inside=inside,
+        hue_share=hue_share,
         cx=cx,
         cy=cy,
-        hue_share=hue_share,
     )
 
 

@@ -140,3 +140,99 @@ def test_ode_tail_start_and_validation():
         MultistepODETail().sigmas(DDIMSDESampler(num_steps=6), 0)
     with pytest.raises(ValueError, match="compression"):
         MultistepODETail(compression=0.0)
+
+
+# ---------------------------------------------------------------- boundaries, by hand
+def test_all_steps_is_a_boolean_mask_that_selects_every_step_and_reprs_as_its_constructor():
+    mask = AllSteps().sde_steps(4, iteration=0)
+    assert mask.dtype == torch.bool
+    assert torch.arange(10, 14)[mask].tolist() == [10, 11, 12, 13]  # usable as a mask, not as indices
+    assert eval(repr(AllSteps()), {"AllSteps": AllSteps}).sde_steps(3, 0).tolist() == [True] * 3
+
+
+def test_sliding_window_accepts_its_smallest_settings():
+    assert _steps(SlidingWindow(size=1, shift_interval=1).sde_steps(5, 3)) == [3]  # one step, moved 3 times
+    frozen = SlidingWindow(size=2, shift_interval=1, first=3, last_start=3)  # last_start == first: one position
+    assert {frozen.start(8, n) for n in range(6)} == {3}
+
+
+def test_random_branch_draws_only_inside_a_range_that_starts_above_zero():
+    branch = RandomBranch(num_sde_steps=1, low=2, high=6)  # starts 2..5 on T = 8
+    generator = torch.Generator().manual_seed(1)
+    starts = {_steps(branch.sde_steps(8, n, generator))[0] for n in range(200)}
+    assert starts == {2, 3, 4, 5}
+
+
+def test_random_branch_sequence_follows_its_generator_and_uses_an_explicit_high():
+    branch = RandomBranch(num_sde_steps=1, low=0, high=8)
+    runs = [[_steps(branch.sde_steps(8, n, generator))[0] for n in range(16)] for generator in
+            (torch.Generator().manual_seed(9), torch.Generator().manual_seed(9))]
+    assert runs[0] == runs[1] and max(runs[0]) >= 4  # high = 8 (not T // 2 = 4): starts past the first half
+    # a range exactly num_sde_steps wide is one position; high is the explicit value, not T // 2 = 5
+    assert _steps(RandomBranch(num_sde_steps=2, low=4, high=6).sde_steps(10, 0, torch.Generator())) == [4, 5]
+
+
+# ---------------------------------------------------------------- ODE tail, by hand
+def test_ode_tail_sigmas_interpolate_the_grid_by_hand():
+    from lightning_grpo.samplers import MultistepODETail
+
+    sampler = FlowSDESampler(num_steps=4, eta=0.7, shift=1.0)  # σ = 1, .75, .5, .25, 0
+    # start 1, 3 steps left, compression 2/3: m = 2, fractional indices 1, 2.5, 4
+    torch.testing.assert_close(MultistepODETail(compression=2 / 3).sigmas(sampler, 1), torch.tensor([0.75, 0.375, 0.0]))
+    # one step left: round(0.4 · 1) = 0, at least one step
+    torch.testing.assert_close(MultistepODETail(compression=0.4).sigmas(sampler, 3), torch.tensor([0.25, 0.0]))
+    # compression 1 (the largest) keeps the grid
+    torch.testing.assert_close(MultistepODETail(compression=1.0).sigmas(sampler, 0), sampler.sigmas)
+    with pytest.raises(ValueError, match="tail start 4"):
+        MultistepODETail().sigmas(sampler, 4)  # past the last step
+    for bad in (dict(compression=1.5), dict(order=0), dict(order=4)):
+        with pytest.raises(ValueError, match="compression|order"):
+            MultistepODETail(**bad)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_ode_tail_integrates_a_constant_velocity_exactly_from_the_grid_sigma(order):
+    """v = c everywhere: x(σ) = x0 + σ·c is the exact path, so any consistent solver lands on
+    x(0) = x_start − σ_start·c; the model sees σ·1000 of the tail's own points."""
+    from lightning_grpo.samplers import MultistepODETail
+
+    sampler = FlowSDESampler(num_steps=8, eta=0.7, shift=1.0)  # σ_2 = 0.75
+    c = torch.tensor([[0.5, -1.25, 2.0]])
+    seen = []
+
+    def velocity(x, t):
+        seen.append(t.clone())
+        return c.expand_as(x)
+
+    x_start = torch.tensor([[1.0, 0.0, -1.0], [0.25, 0.5, 0.75]])
+    tail = MultistepODETail(compression=0.5, order=order)
+    out, calls = tail.integrate(velocity, sampler, x_start, 2)
+    torch.testing.assert_close(out, x_start - 0.75 * c, atol=1e-5, rtol=1e-5)
+    assert calls == 3 and len(seen) == 3
+    torch.testing.assert_close(torch.stack(seen)[:, 0], tail.sigmas(sampler, 2)[:-1] * 1000)
+
+
+def test_ode_tail_order_one_is_less_accurate_than_order_two():
+    from lightning_grpo.samplers import MultistepODETail
+
+    sampler = FlowSDESampler(num_steps=16, eta=0.7, shift=3.0)
+    start, velocity = 4, _gaussian_velocity(1.0)
+    sigma = sampler.sigmas[start].double()
+    x_start = torch.linspace(-2, 2, 5).view(5, 1) * ((1 - sigma) ** 2 + sigma**2).sqrt().float()
+    exact = torch.linspace(-2, 2, 5).view(5, 1)
+    errors = {order: (MultistepODETail(0.5, order).integrate(velocity, sampler, x_start, start)[0] - exact).abs().max() for order in (1, 2)}
+    assert errors[1] > 1.5 * errors[2], errors
+
+
+def test_ode_tail_runs_the_model_in_the_latents_dtype():
+    """A bfloat16 model refuses float32 inputs: the tail feeds it x's dtype and returns x's dtype."""
+    from lightning_grpo.samplers import MultistepODETail
+
+    weight = torch.eye(3, dtype=torch.bfloat16) * 0.5
+
+    def velocity(x, t):
+        return x @ weight  # raises on a float32 x
+
+    x = torch.ones(2, 3, dtype=torch.bfloat16)
+    out, _ = MultistepODETail(0.5).integrate(velocity, FlowSDESampler(num_steps=8, eta=0.7), x, 4)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3) and bool(torch.isfinite(out.float()).all())

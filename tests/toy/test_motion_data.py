@@ -95,3 +95,14 @@ def test_world_from_yaml(tmp_path, monkeypatch) -> None:
     cli.datamodule.setup("fit")
     batch = next(iter(cli.datamodule.train_dataloader()))
     assert batch["images"].shape == (2, 3, 8, 8)
+
+
+def test_first_frames_source_feeds_the_module_hook() -> None:
+    """`GRPOModule(first_frames=MotionFirstFrames())`: a batch of text prompts gets the prompts' first
+    frames at the policy's resolution, exactly as `first_frames_for_prompts` draws them."""
+    from tests.training.fixtures import make_module
+
+    module = make_module(first_frames=MotionFirstFrames(seed=4))
+    prompts = [describe_motion(s) for s in train_motion_scenes()[:3]]
+    frames = module.batch_first_frames({"prompts": prompts})
+    assert torch.equal(frames, first_frames_for_prompts(prompts, size=8, seed=4))

@@ -139,6 +139,8 @@ def test_the_flash_tail_replaces_the_steps_after_the_window_with_fewer_calls(mon
     flash = rollout(policy, sampler, PROMPTS[:2], group_size=3, generator=torch.Generator().manual_seed(7),
                     sde_steps=mask, ode_tail=MultistepODETail(compression=0.5))
     assert len(calls) == 5  # steps 0, 1, 2 on the grid + 2 tail steps (6 without the tail)
+    # the same layout as without the tail: T + 1 latents and T log-probs for each of the 6 samples
+    assert flash.latents.shape == plain.latents.shape and flash.log_probs.shape == plain.log_probs.shape == (6, 6)
     assert calls[3] == pytest.approx(float(sampler.timesteps[3]))
     assert torch.equal(flash.latents[:, :4], plain.latents[:, :4])  # identical up to the tail
     assert torch.equal(flash.log_probs[:, :3], plain.log_probs[:, :3])
@@ -160,3 +162,11 @@ def test_module_trains_with_the_flash_tail_and_refuses_it_where_it_cannot_apply(
         make_module(ode_tail=MultistepODETail())
     with pytest.raises(ValueError, match="flow sampler"):
         make_module("diffusion", step_schedule=SlidingWindow(size=2), ode_tail=MultistepODETail())
+
+
+@pytest.mark.parametrize("drop_last, expected", [(False, {0, 1, 2, 3}), (True, {0, 1, 2})])
+def test_drop_last_timestep_leaves_the_last_step_out_of_the_update(drop_last, expected, monkeypatch):
+    module = make_module(timestep_fraction=1.0, drop_last_timestep=drop_last)  # flow, T = 4: every step trainable
+    trained = _record_trained_indices(module, monkeypatch)
+    fit(module, PROMPTS, batches=1)
+    assert set(trained[0]) == expected
