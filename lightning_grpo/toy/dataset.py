@@ -7,7 +7,7 @@ caption maps to many slightly different images (what a text-to-image model shoul
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -57,3 +57,37 @@ def draw_captions(
     scene_ids = torch.randint(len(pool), (n,), generator=generator).tolist()
     template_ids = torch.randint(len(chosen), (n,), generator=generator).tolist()
     return [pool[i] for i in scene_ids], [chosen[t] for t in template_ids]
+
+
+def noisy_descriptions(
+    prompts: Sequence[str],
+    noise: float,
+    seed: int,
+    parse: Callable[[str], Any],
+    sizes: Sequence[int],
+    num_templates: int,
+    redescribe: Callable[[tuple[int, ...], int], str],
+) -> list[str]:
+    """Re-describe each prompt's scene with each attribute replaced by a uniformly drawn value w.p.
+    `noise`, in a random template: the noisy-caption pretraining of both worlds (image and motion).
+
+    Args:
+        prompts: captions to perturb; `parse(prompt).indices` gives their attribute indices.
+        noise: replacement probability per attribute, in [0, 1].
+        seed: one seed fixes every draw (same seed, same captions).
+        sizes: number of values of each attribute (e.g. colours, shapes, positions).
+        num_templates: training templates to draw from.
+        redescribe: (attribute indices, template) -> caption.
+    """
+    if not 0 <= noise <= 1:
+        raise ValueError(f"caption noise (caption_noise) must be in [0, 1], got {noise}")
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt in prompts:
+        scene = parse(prompt)
+        replace = (torch.rand(len(sizes), generator=generator) < noise).tolist()
+        drawn = [int(torch.randint(k, (1,), generator=generator)) for k in sizes]
+        indices = tuple(d if r else i for i, d, r in zip(scene.indices, drawn, replace))
+        template = int(torch.randint(num_templates, (1,), generator=generator))
+        out.append(redescribe(indices, template))
+    return out

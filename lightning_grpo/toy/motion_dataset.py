@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_grpo.toy.dataset import draw_captions
+from lightning_grpo.toy.dataset import draw_captions, noisy_descriptions
 from lightning_grpo.toy.motion_prompts import MOTION_TEMPLATES, describe_motion, parse_motion_prompt
 from lightning_grpo.toy.motion_render import render_tracks, sample_tracks
 from lightning_grpo.toy.motion_vocab import DEFAULT_FRAMES, DIRECTIONS, MotionScene, all_motion_scenes, motion_scenes_to_indices
@@ -53,16 +53,7 @@ def sample_captioned_clips(
 def noisy_motion_captions(prompts: list[str], noise: float, seed: int) -> list[str]:
     """Re-describe each prompt's scene (in a random training template) with each attribute
     (colour, shape, direction) replaced by a uniformly drawn value with probability `noise`."""
-    if not 0 <= noise <= 1:
-        raise ValueError(f"caption noise must be in [0, 1], got {noise}")
-    generator = torch.Generator().manual_seed(seed)
-    sizes = (len(COLOUR_NAMES), len(SHAPES), len(DIRECTIONS))
-    out = []
-    for prompt in prompts:
-        scene = parse_motion_prompt(prompt)
-        replace = (torch.rand(3, generator=generator) < noise).tolist()
-        drawn = [int(torch.randint(k, (1,), generator=generator)) for k in sizes]
-        indices = [d if r else i for i, d, r in zip(scene.indices, drawn, replace)]
-        template = int(torch.randint(len(MOTION_TEMPLATES), (1,), generator=generator))
-        out.append(describe_motion(MotionScene.from_indices(*indices), template))
-    return out
+    return noisy_descriptions(
+        prompts, noise, seed, parse_motion_prompt, (len(COLOUR_NAMES), len(SHAPES), len(DIRECTIONS)),
+        len(MOTION_TEMPLATES), lambda indices, template: describe_motion(MotionScene.from_indices(*indices), template),
+    )

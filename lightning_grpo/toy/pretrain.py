@@ -61,7 +61,7 @@ from lightning_grpo.toy.components import (
     build_unet,
     build_vae,
 )
-from lightning_grpo.toy.dataset import sample_captioned_images
+from lightning_grpo.toy.dataset import noisy_descriptions, sample_captioned_images
 from lightning_grpo.toy.prompts import TEMPLATES, describe, heldout_prompts, parse_prompt
 from lightning_grpo.toy.vocab import COLOUR_NAMES, POSITIONS, SHAPES, Scene
 
@@ -231,19 +231,8 @@ def encode_training_set(policy, config: PretrainConfig) -> tuple[Tensor, list[st
 
 def noisy_captions(prompts: list[str], noise: float, seed: int) -> list[str]:
     """Re-describe each prompt's scene with each attribute replaced by a random value w.p. `noise`."""
-    if not 0 <= noise <= 1:
-        raise ValueError(f"caption_noise must be in [0, 1], got {noise}")
-    generator = torch.Generator().manual_seed(seed)
-    sizes = (len(COLOUR_NAMES), len(SHAPES), len(POSITIONS))
-    out = []
-    for prompt in prompts:
-        scene = parse_prompt(prompt)
-        replace = (torch.rand(3, generator=generator) < noise).tolist()
-        drawn = [int(torch.randint(k, (1,), generator=generator)) for k in sizes]
-        indices = [d if r else i for i, d, r in zip(scene.indices, drawn, replace)]
-        template = int(torch.randint(len(TEMPLATES), (1,), generator=generator))
-        out.append(describe(Scene.from_indices(*indices), template))
-    return out
+    return noisy_descriptions(prompts, noise, seed, parse_prompt, (len(COLOUR_NAMES), len(SHAPES), len(POSITIONS)),
+                              len(TEMPLATES), lambda indices, template: describe(Scene.from_indices(*indices), template))
 
 
 def _prompt_table(policy, prompts: list[str]) -> tuple[dict, list[int]]:
