@@ -226,20 +226,13 @@ def tiny_llama_tokenizer(words=WORDS, max_length: int = 64):
     template's tokens off the front, so prompts must start at the same position)."""
     from transformers import LlamaTokenizerFast
 
-    from lightning_grpo.toy.tokenizers import LETTERS, PUNCTUATION
+    from lightning_grpo.toy.tokenizers import LETTERS, PUNCTUATION, word_merges
 
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "▁": 4}
     for piece in list(LETTERS) + list(PUNCTUATION):
         vocab.setdefault(piece, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        pieces = ["▁"] + list(word)
-        while len(pieces) > 1:  # merge left to right into one "▁word" token
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
     tokenizer = LlamaTokenizerFast(
-        vocab=vocab, merges=list(dict.fromkeys(merges)), pad_token="<pad>", model_max_length=max_length, padding_side="right",
+        vocab=vocab, merges=word_merges(vocab, words), pad_token="<pad>", model_max_length=max_length, padding_side="right",
     )
     tokenizer.add_special_tokens({"additional_special_tokens": list(LLAMA_SPECIAL)})
     return tokenizer

@@ -58,6 +58,19 @@ def t5_tokenizer(words: Iterable[str], max_length: int):
 LLAMA_SPECIAL_TOKENS: tuple[str, ...] = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
+def word_merges(vocab: dict[str, int], words: Iterable[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges that join each word, "▁"-marked, left to right into one token; every
+    intermediate piece is added to `vocab` (in place). Distinct merges, in first-use order."""
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        pieces = ["▁", *word]
+        while len(pieces) > 1:  # merge left to right into one word token
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    return list(dict.fromkeys(merges))
+
+
 def llama_tokenizer(words: Iterable[str], max_length: int, characters: str = ""):
     """A `transformers.LlamaTokenizerFast` with one token per word of `words` and letters, digits,
     `characters` and bytes (byte fallback) below them; BOS `<|begin_of_text|>` prepended, right
@@ -76,15 +89,8 @@ def llama_tokenizer(words: Iterable[str], max_length: int, characters: str = "")
     vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})  # byte fallback pieces
     for char in ["▁", *LETTERS, *(c.upper() for c in LETTERS), *"0123456789", *PUNCTUATION, *characters]:
         vocab.setdefault(char, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(words):
-        pieces = ["▁", *word]
-        while len(pieces) > 1:  # merge left to right into one word token
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
     tokenizer = LlamaTokenizerFast(
-        vocab=vocab, merges=list(dict.fromkeys(merges)), unk_token="<unk>", bos_token="<|begin_of_text|>",
+        vocab=vocab, merges=word_merges(vocab, words), unk_token="<unk>", bos_token="<|begin_of_text|>",
         eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", add_bos_token=True, add_eos_token=False,
         add_prefix_space=True, legacy=True, padding_side="right",  # legacy: "▁" before every segment model_max_length=max_length,
     )
@@ -94,4 +100,4 @@ def llama_tokenizer(words: Iterable[str], max_length: int, characters: str = "")
     return tokenizer
 
 
-__all__ = ["LETTERS", "LLAMA_SPECIAL_TOKENS", "PUNCTUATION", "clip_tokenizer", "llama_tokenizer", "t5_tokenizer", "words_of"]
+__all__ = ["LETTERS", "LLAMA_SPECIAL_TOKENS", "PUNCTUATION", "clip_tokenizer", "llama_tokenizer", "t5_tokenizer", "word_merges", "words_of"]
