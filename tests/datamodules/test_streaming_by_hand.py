@@ -115,6 +115,34 @@ def test_unit_order_is_reshuffled_every_epoch(tmp_path):
     assert all(sorted(o) == [f"prompt {k}" for k in range(6)] for o in orders)
     assert len({tuple(o) for o in orders}) > 1
     assert order(2) == orders[2]
+    assert orders[0] != orders[1]
+    fresh = PromptStream(config)  # a new stream starts at epoch 0
+    assert [r.prompt for r in fresh.records(BadRecordReporter("skip"))] == orders[0]
+
+
+def test_stream_position_counts_batches_and_restarts_at_a_new_epoch():
+    from lightning_grpo.datamodules.streaming import StreamPosition
+
+    position = StreamPosition(epoch=0, consumed=6, samples_per_batch=2)
+    position.advance(0)
+    assert (position.epoch, position.consumed) == (0, 8)
+    position.advance(1)  # the first batch of epoch 1: the count restarts from it
+    assert (position.epoch, position.consumed) == (1, 2)
+    assert position.start_epoch(1) == 2 and position.start_epoch(2) == 0 and position.epoch == 2
+
+
+def test_resolve_rank_reads_an_initialised_process_group_without_a_trainer(monkeypatch):
+    import torch
+
+    from lightning_grpo.datamodules.streaming import resolve_rank
+
+    assert resolve_rank(None, None, None) == (0, 1)
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    assert resolve_rank(None, None, None) == (3, 4)
+    assert resolve_rank(None, 1, None) == (1, 4) and resolve_rank(None, None, 8) == (3, 8)
 
 
 def shard_batches(tmp_path, monkeypatch, prompts: list[str], rank: int, worker: int, skip: int = 0, remainder: str = "drop"):
