@@ -134,8 +134,9 @@ def _recording_fit(module: GRPOModule, monkeypatch) -> tuple[object, list, list]
 def test_a_rank_with_fewer_samples_takes_part_in_the_other_ranks_steps_with_zero_weight(monkeypatch):
     """Ranks holding 8 and 16 samples, 4 per optimizer step: both run 4 steps; in the last two this
     rank has none and runs one zero-weight backward on sample 0 of the padding rollout at the first
-    trainable step, so DDP's all-reduce meets the other rank's (faked: the count all-gather)."""
-    module = make_module(samples_per_update=4, micro_batch_size=2, timestep_fraction=0.5)  # K = 2 of 4 steps
+    trainable step, so DDP's all-reduce meets the other rank's (faked: the count all-gather). With
+    a KL term (nonzero once the policy moved) only the zero weight keeps that backward's gradient 0."""
+    module = make_module(samples_per_update=4, micro_batch_size=2, timestep_fraction=0.5, kl_beta=0.1)  # K = 2 of 4
     monkeypatch.setattr(module, "_counts_may_differ", lambda: True)
     monkeypatch.setattr(lightning_grpo.distributed, "all_gather_objects", lambda count: [count, 16])
     trainer, calls, grads = _recording_fit(module, monkeypatch)
@@ -259,3 +260,13 @@ def test_the_optimizer_steps_on_gradients_clipped_to_max_grad_norm_and_logs_the_
     else:
         assert seen[0] == pytest.approx(max_grad_norm, rel=1e-3)
     assert all(g is None for g in after[0])
+
+
+def test_max_grad_norm_clips_by_norm_and_a_trainer_set_to_clip_by_value_is_refused():
+    """The module asks Lightning for norm clipping explicitly: a Trainer configured to clip by
+    value conflicts with it and fails at the first optimizer step instead of clipping by value."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    module = make_module(samples_per_update=None, max_grad_norm=1e-4)
+    with pytest.raises(MisconfigurationException, match="gradient_clip_algorithm"):
+        fit(module, PROMPTS, batches=1, gradient_clip_algorithm="value")
