@@ -479,7 +479,9 @@ class GRPOModule(LightningModule):
         stats, grad_norms = [], []
         for k_opt, positions in enumerate(self._progress("update")(schedule.local)):
             samples_of_step = order[positions.start : positions.stop]
-            calls = [(m, k) for m in samples_of_step.split(hp.micro_batch_size) for k in range(num_trained)]
+            # not split() alone: it cuts an empty tensor into one empty micro-batch, not into none
+            micro_batches = samples_of_step.split(hp.micro_batch_size) if len(positions) else ()
+            calls = [(m, k) for m in micro_batches for k in range(num_trained)]
             weight = schedule.weight(k_opt) / num_trained
             if not calls:  # nothing of ours in this step: a zero-weight backward keeps the all-reduce in step
                 pad = torch.zeros(1, dtype=torch.long, device=self.device)

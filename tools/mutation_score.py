@@ -7,6 +7,7 @@
     python tools/mutation_score.py --verify-with tests/x.py      # quicker: run the new tests on the survivors
     python tools/mutation_score.py --verify-with tests/x.py -- 'lightning_grpo.rollout.*'            # ... on some survivors
     python tools/mutation_score.py --unchecked --verify-with tests/grpo -- 'lightning_grpo.grpo.*'   # ... on unrun mutants
+    python tools/mutation_score.py --generate-only               # only write mutants/ (for --unchecked --verify-with)
 
 The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, the advantage and update
 path of `module.py` and `datamodules/streaming.py` (the mutmut settings are in pyproject.toml).
@@ -60,6 +61,23 @@ def link_namespaced_packages() -> None:
         if link.exists():
             raise SystemExit(f"{link} exists and is not a symlink: delete mutants/ and run again")
         link.symlink_to(Path("..") / "callbacks")
+
+
+def generate_mutants() -> None:
+    """Write mutants/ (the mutated copies and their .meta files, every new mutant "not checked")
+    without mutmut's traced stats run or any mutant run: all that `--unchecked --verify-with`
+    needs. These are the first steps of `mutmut run` (mutmut 3.8 has no command for them alone);
+    a source file newer than its copy is mutated again, its changed functions' results reset."""
+    from mutmut import __main__ as mutmut_main
+
+    os.chdir(ROOT)
+    link_namespaced_packages()
+    mutmut_main.set_mutant_under_test("mutant_generation")
+    mutmut_main.copy_src_dir()
+    mutmut_main.copy_also_copy_files()
+    mutmut_main.setup_source_paths()
+    mutmut_main.store_lines_covered_by_tests()
+    print(mutmut_main.create_mutants(1))
 
 
 def equivalent_mutants() -> dict[str, str]:
@@ -128,11 +146,15 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="do not run mutmut, score its last results")
     parser.add_argument("--max-children", type=int, default=1, help="mutmut worker processes (default 1)")
     parser.add_argument("--survivors", action="store_true", help="re-run only the core mutants that survived the last run")
+    parser.add_argument("--generate-only", action="store_true", help="only write mutants/ (no stats, no mutant run), then print the score")
     parser.add_argument("--fresh-stats", action="store_true", help="forget which tests call which function (after adding tests)")
     parser.add_argument("--verify-with", nargs="+", metavar="TEST", help="run these tests (paths under tests/) on every survivor (matching `patterns`, if given) instead of mutmut")
     parser.add_argument("--unchecked", action="store_true", help="with --verify-with: the mutants matching `patterns` that mutmut has not run yet, instead of the survivors")
     parser.add_argument("patterns", nargs="*", help="mutant name patterns to (re)run; default: the whole core")
     args = parser.parse_args()
+    if args.generate_only:
+        generate_mutants()
+        args.report_only = True
     if args.verify_with:
         status = results()
         if args.unchecked:

@@ -115,6 +115,34 @@ def test_unit_order_is_reshuffled_every_epoch(tmp_path):
     assert all(sorted(o) == [f"prompt {k}" for k in range(6)] for o in orders)
     assert len({tuple(o) for o in orders}) > 1
     assert order(2) == orders[2]
+    assert orders[0] != orders[1]
+    fresh = PromptStream(config)  # a new stream starts at epoch 0
+    assert [r.prompt for r in fresh.records(BadRecordReporter("skip"))] == orders[0]
+
+
+def test_stream_position_counts_batches_and_restarts_at_a_new_epoch():
+    from lightning_grpo.datamodules.streaming import StreamPosition
+
+    position = StreamPosition(epoch=0, consumed=6, samples_per_batch=2)
+    position.advance(0)
+    assert (position.epoch, position.consumed) == (0, 8)
+    position.advance(1)  # the first batch of epoch 1: the count restarts from it
+    assert (position.epoch, position.consumed) == (1, 2)
+    assert position.start_epoch(1) == 2 and position.start_epoch(2) == 0 and position.epoch == 2
+
+
+def test_resolve_rank_reads_an_initialised_process_group_without_a_trainer(monkeypatch):
+    import torch
+
+    from lightning_grpo.datamodules.streaming import resolve_rank
+
+    assert resolve_rank(None, None, None) == (0, 1)
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    assert resolve_rank(None, None, None) == (3, 4)
+    assert resolve_rank(None, 1, None) == (1, 4) and resolve_rank(None, None, 8) == (3, 8)
 
 
 def shard_batches(tmp_path, monkeypatch, prompts: list[str], rank: int, worker: int, skip: int = 0, remainder: str = "drop"):
@@ -190,3 +218,29 @@ def test_the_first_shard_summarises_skipped_prompt_records(tmp_path, monkeypatch
     prompts = ["p0", "", "p1", "", "p2", "p3", "p4", "p5"]  # two empty lines
     with pytest.warns(UserWarning, match="skipped 2 malformed prompt records"):
         assert shard_batches(tmp_path, monkeypatch, prompts, 0, 0) == ["p0"]
+
+
+def _loader(path, consumed: int = 0, on_empty=None):
+    """A ResumableLoader over the one-prompt-per-line file `path` (batch 1, one rank, in process)."""
+    from lightning_grpo.datamodules.sources import RecordSpec, resolve_sources
+    from lightning_grpo.datamodules.streaming import PromptStream, ResumableLoader, StreamConfig, StreamPosition
+
+    stream = PromptStream(StreamConfig(resolve_sources(str(path)), RecordSpec(prompt_keys=("prompt",)), batch_size=1))
+    loader = ResumableLoader(stream, batch_size=None, collate_fn=lambda batch: batch, num_workers=0)
+    loader.position = StreamPosition(consumed=consumed, samples_per_batch=1)
+    loader.epoch_fn, loader.count_delivered, loader.on_empty = (lambda: 0), (lambda: True), on_empty
+    return loader
+
+
+def test_on_empty_is_called_only_for_a_pass_that_skipped_nothing_and_delivered_nothing(tmp_path):
+    """A full pass counts its batches and does not call on_empty; a pass resumed after the whole
+    epoch (all 3 records consumed) delivers nothing but skipped, so it does not either; only a
+    pass over no record at all does. Without on_empty (validation), an empty pass just ends."""
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    (tmp_path / "empty.txt").write_text("")
+    calls = []
+    loader = _loader(tmp_path / "three.txt", on_empty=lambda: calls.append("full"))
+    assert [b["prompts"] for b in loader] == [["a"], ["b"], ["c"]] and loader.position.consumed == 3 and calls == []
+    assert list(_loader(tmp_path / "three.txt", consumed=3, on_empty=lambda: calls.append("resumed"))) == [] and calls == []
+    assert list(_loader(tmp_path / "empty.txt", on_empty=lambda: calls.append("empty"))) == [] and calls == ["empty"]
+    assert list(_loader(tmp_path / "empty.txt")) == []

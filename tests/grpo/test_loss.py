@@ -58,3 +58,19 @@ def test_gaussian_kl_hand_worked():
     ref = torch.tensor([[0.0, 2.0], [0.0, 0.0]])
     # ((1)^2/(2·0.25) + 0) / 2 = 1.0
     torch.testing.assert_close(gaussian_kl(mean, ref, torch.tensor(0.5)), torch.tensor([1.0, 0.0]))
+
+
+def test_gaussian_kl_squares_differences_of_either_sign_at_a_general_std():
+    """Differences −2 and 0.5 (per element) and σ = 0.8: ((4 + 0.25) / (2·0.64)) / 2 = 1.66015625;
+    a second sample with differences 0.3, −0.1: ((0.09 + 0.01) / 1.28) / 2 = 0.0390625."""
+    mean = torch.tensor([[-1.0, 1.5], [0.3, -0.1]])
+    ref = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    torch.testing.assert_close(gaussian_kl(mean, ref, torch.tensor(0.8)), torch.tensor([1.66015625, 0.0390625]))
+
+
+def test_a_ratio_exactly_on_the_clip_boundary_is_not_counted_as_clipped():
+    """clip(ρ) leaves a ratio on the boundary unchanged, so the clip fraction counts |ρ − 1| > ε
+    strictly: at ε = 0 a ratio of exactly 1 is not clipped, one of e^0.1 is."""
+    logp = torch.zeros(2)
+    _, stats = clipped_surrogate_loss(torch.tensor([0.0, 0.1]), logp, torch.ones(2), clip_range=0.0)
+    assert stats.clip_fraction.item() == 0.5

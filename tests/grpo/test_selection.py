@@ -68,3 +68,9 @@ def test_timestep_subset_refuses_bad_fraction(fraction):
 def test_timestep_subset_needs_a_stochastic_step():
     with pytest.raises(ValueError, match="eta"):
         sample_timestep_indices(2, torch.zeros(0, dtype=torch.long), 0.5)
+
+
+def test_timestep_subset_keeps_at_least_one_step_when_the_fraction_rounds_to_none():
+    """int(4 · 0.1) = 0 steps: one is kept per sample (and not two)."""
+    idx = sample_timestep_indices(5, torch.tensor([3, 5, 7, 9]), 0.1, torch.Generator().manual_seed(0))
+    assert idx.shape == (5, 1) and set(idx.flatten().tolist()) <= {3, 5, 7, 9}

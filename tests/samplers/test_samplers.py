@@ -3,6 +3,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -185,11 +186,23 @@ def test_ratio_is_one_when_recomputing_a_fresh_sample(sampler):
         (dict(log_prob_reduction="max"), "reduction"),
         (dict(num_steps=2, sigmas=[1.0, 0.5]), "num_steps \\+ 1"),
         (dict(num_steps=2, sigmas=[1.0, 0.2, 0.5]), "decrease"),
+        (dict(num_steps=3, sigmas=[1.0, 0.5, 0.5, 0.0]), "decrease"),  # strictly: a repeated σ
+        (dict(num_steps=2, sigmas=[1.0, 0.5, -0.1]), "decrease"),  # below 0 at the end
+        (dict(num_steps=2, sigmas=[1.2, 0.5, 0.0]), "decrease"),  # above 1 at the start
     ],
 )
 def test_flow_sampler_validates_its_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FlowSDESampler(**kwargs)
+
+
+def test_flow_sampler_accepts_the_edges_of_its_options():
+    """σ from exactly 1 down to exactly 0 is a valid schedule, kept in float32 even when given in
+    float64 (numpy, as pipelines compute it); "sum" is a valid reduction."""
+    sampler = FlowSDESampler(num_steps=3, sigmas=np.array([1.0, 0.6, 0.25, 0.0]), log_prob_reduction="sum")
+    assert sampler.sigmas.dtype == torch.float32 and sampler.timesteps.dtype == torch.float32
+    torch.testing.assert_close(sampler.sigmas, torch.tensor([1.0, 0.6, 0.25, 0.0]))
+    assert sampler.log_prob_reduction == "sum"
 
 
 def test_ddim_sampler_refuses_thresholding_and_missing_config(tmp_path):

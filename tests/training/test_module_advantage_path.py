@@ -29,6 +29,13 @@ def test_select_normalises_with_the_configured_std(std_mode, expected):
     torch.testing.assert_close(advantages, torch.tensor(expected))
 
 
+def test_select_clamps_the_advantages_at_adv_clip_max():
+    """The same groups with adv_clip_max = 0.5: every ±1/√2 ≈ ±0.7071 is cut to ±0.5."""
+    module = make_module(group_size=2, micro_batch_size=1, samples_per_update=2, adv_clip_max=0.5)
+    _, _, advantages = module._select({"redness": torch.tensor([0.0, 1.0, 0.0, 3.0])})
+    torch.testing.assert_close(advantages, torch.tensor([-0.5, 0.5, -0.5, 0.5]))
+
+
 @pytest.mark.parametrize(
     "num_samples, per_update, micro_batch_size, fits",
     [
@@ -122,3 +129,28 @@ def test_the_trained_timestep_subsets_are_redrawn_every_step_and_follow_the_seed
     assert all(len(steps) == 2 for steps in first[0].values())
     assert first[0] != first[1]  # a fresh subset at the next step
     assert first[0] != other_seed[0]  # and another one under another seed
+
+
+def test_the_trained_timestep_subsets_do_not_depend_on_the_rank():
+    """A sample's subset is keyed by (seed, step, sample key) only: rank 1 of a faked trainer at the
+    same global step trains the same timesteps of each sample as rank 0 (samples can move between
+    ranks, e.g. groups spanning ranks), while another step draws other subsets."""
+    from types import SimpleNamespace
+
+    from lightning_grpo.rollout import rollout
+    from lightning_grpo.samplers.step_schedule import trainable_steps
+    from tests.training.fixtures import PROMPTS
+
+    module = make_module(seed=4)  # timestep_fraction 0.5: 2 of the 4 steps
+    trajectories = rollout(module.policy, module.sampler, PROMPTS[:2], 4, torch.Generator().manual_seed(0))
+    candidates = trainable_steps(module.sampler)
+
+    def subsets(rank: int, step: int) -> torch.Tensor:
+        module._trainer = SimpleNamespace(global_rank=rank, global_step=step)
+        try:
+            return module._timestep_indices(trajectories, candidates)
+        finally:
+            module._trainer = None
+
+    assert torch.equal(subsets(0, 3), subsets(1, 3)) and torch.equal(subsets(0, 3), subsets(2, 3))
+    assert not torch.equal(subsets(0, 3), subsets(0, 4))
