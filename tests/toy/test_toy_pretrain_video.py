@@ -105,6 +105,7 @@ def test_llama_tokenizer_matches_the_pipelines_template_crop():
         assert len(pieces) + 1 <= VIDEO_TEXT_MAX_LENGTH  # + <|eot_id|>
         assert clip.unk_token_id not in clip(prompt).input_ids[1:-1], prompt
     assert llama.padding_side == "right"  # the transformer masks the padded tail
+    assert llama.model_max_length == LLAMA_TEMPLATE_TOKENS + VIDEO_TEXT_MAX_LENGTH  # the template plus the prompt budget
 
 
 @pytest.mark.parametrize("family", ["hunyuan_video", "skyreels"])
