@@ -77,11 +77,11 @@ class VideoPretrainConfig:
 
     size: VideoToySize = field(default_factory=VideoToySize)
     seed: int = 0
-    vae_steps: int = 400
+    vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vae_foreground_weight: float = 0.0  # the shape's pixels weigh 1 + this in the VAE loss (pretrain.reconstruction_loss)
+    vae_foreground_weight: float = 4.0  # the shape's pixels weigh 1 + this in the VAE loss (pretrain.reconstruction_loss)
     t2v_steps: int = 2000
     i2v_steps: int = 500
     denoiser_batch: int = 32
