@@ -82,7 +82,7 @@ class VideoPretrainConfig:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_foreground_weight: float = 4.0  # the shape's pixels weigh 1 + this in the VAE loss (pretrain.reconstruction_loss)
-    t2v_steps: int = 2000
+    t2v_steps: int = 3000
     i2v_steps: int = 500
     denoiser_batch: int = 32
     denoiser_lr: float = 1e-3
