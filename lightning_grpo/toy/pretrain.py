@@ -363,14 +363,18 @@ def heldout_accuracy(policy, num_steps: int, samples_per_prompt: int, seed: int 
 
 def _save_denoiser_fp16(policy, folder: Path) -> None:
     """Overwrite the saved denoiser with the trained weights, stored in fp16 (half the bytes)."""
+    save_module_fp16(policy.denoiser, folder / policy.denoiser_name)
+
+
+def save_module_fp16(module: torch.nn.Module, path: Path) -> None:
+    """`module.save_pretrained(path)` with fp16 weights (half the bytes); the module stays float32."""
     from diffusers.utils import logging as diffusers_logging
 
-    name, denoiser = policy.denoiser_name, policy.denoiser
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its "cast with to()" advice is about inference, not storage
     try:
-        denoiser.to(torch.float16).save_pretrained(folder / name)
-        denoiser.to(torch.float32)
+        module.to(torch.float16).save_pretrained(path)
+        module.to(torch.float32)
     finally:
         diffusers_logging.set_verbosity(verbosity)
 

@@ -28,7 +28,7 @@ loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.toy.motion`; see
    (through the adapter's `encode_prompts(prompts, images)`). Its captions are noisier
    (`i2v_caption_noise`): the first frame fixes colour and shape, so what the image-to-video model
    gets wrong is the motion, and an accurate direction from 35% noise would leave little to learn.
-5. The transformers are saved in fp16 (size budget) and the saved folders evaluated on the
+5. The transformers, VAE and text encoders are saved in fp16 (size budget) and the saved folders evaluated on the
    held-out prompts with ODE sampling and the pixel verifiers; `pretrain_report.json` records it.
 
 The number of steps is chosen so the base models are competent but far from perfect (held-out
@@ -59,7 +59,7 @@ from lightning_grpo.toy.components import (
     build_video_transformer,
     build_video_vae,
 )
-from lightning_grpo.toy.pretrain import _save_denoiser_fp16, train_denoiser, train_vae
+from lightning_grpo.toy.pretrain import _save_denoiser_fp16, save_module_fp16, train_denoiser, train_vae
 
 FAMILIES = ("hunyuan_video", "skyreels")
 DEFAULT_OUT = Path(__file__).parent / "pretrained"
@@ -154,6 +154,14 @@ def image_to_video_transformer(t2v, size: VideoToySize, seed: int):
     state["x_embedder.proj.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # [inner, 2C, 1, 2, 2]
     i2v.load_state_dict(state)
     return i2v
+
+
+def save_frozen_fp16(policy, folder: Path) -> None:
+    """Store the frozen components (VAE, text encoders) in fp16, as the denoiser: the size budget
+    (at most 6 MB a pipeline). The policies load every component at float32 by default, so only the
+    stored bytes change; the saved pipeline is evaluated after this, so the report is what ships."""
+    for name in policy.frozen_module_names:
+        save_module_fp16(getattr(policy, name), folder / name)
 
 
 def load_policy(family: str, folder: Path, config: VideoPretrainConfig):
@@ -279,6 +287,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
         data = (latents, captions, first_frames if i2v else None)
         losses = train_denoiser(policy, family, config, data=data, steps=steps)
         _save_denoiser_fp16(policy, folder)
+        save_frozen_fp16(policy, folder)
         policy = load_policy(family, folder, config)  # evaluate what ships
         accuracy = heldout_video_accuracy(policy, family, config.eval_steps, config.eval_samples_per_prompt)
         reports[family] = {
