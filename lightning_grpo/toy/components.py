@@ -11,7 +11,7 @@ packs them 2×2 into [B, 16, 16] tokens; prompts are at most `TEXT_MAX_LENGTH` t
 
 Video geometry (`VideoToySize()`): clips of 9 frames at 32×32; the causal 3D VAE compresses ×4 in
 space and ×4 in time (one latent frame for the first frame, one per 4 after it) to latents
-[B, 8, 3, 8, 8]; the HunyuanVideo transformer patches them 1×2×2 into 3·4·4 = 48 tokens. Prompts
+[B, 16, 3, 8, 8]; the HunyuanVideo transformer patches them 1×2×2 into 3·4·4 = 48 tokens. Prompts
 go through the pipelines' own Llama-3 chat template (95 template tokens cropped, then at most
 `VIDEO_TEXT_MAX_LENGTH` prompt tokens) and a CLIP text encoder at the pipelines' fixed 77 tokens.
 """
@@ -225,13 +225,13 @@ class VideoToySize:
 
     image_size: int = 32
     frames: int = 9
-    latent_channels: int = 8
+    latent_channels: int = 16  # as the real VAE; one latent frame holds 4 frames of motion: 8 channels blurred them
     text_hidden: int = 64
     llama_layers: int = 3  # the pipelines read hidden_states[-3]: with 3 layers, the output of the first
     text_layers: int = 2  # CLIP
-    vae_channels: tuple[int, ...] = (8, 16, 16)
+    vae_channels: tuple[int, ...] = (8, 16, 32)  # full resolution stays narrow (its cost); 32 at 8×8
     head_dim: int = 32
-    heads: int = 2
+    heads: int = 4  # inner width 128: at 64 the transformer could not model the 16-channel latents
     layers: int = 2
     single_layers: int = 2
     refiner_layers: int = 1
@@ -239,7 +239,7 @@ class VideoToySize:
     @classmethod
     def reduced(cls) -> VideoToySize:
         """The same architectures at a few percent of the cost (for the pretraining test)."""
-        return cls(latent_channels=4, text_hidden=32, text_layers=1, vae_channels=(8, 8, 8), head_dim=16,
+        return cls(latent_channels=4, text_hidden=32, text_layers=1, vae_channels=(8, 8, 8), head_dim=16, heads=2,
                    layers=1, single_layers=1)
 
     @property

@@ -28,7 +28,7 @@ loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.toy.motion`; see
    (through the adapter's `encode_prompts(prompts, images)`). Its captions are noisier
    (`i2v_caption_noise`): the first frame fixes colour and shape, so what the image-to-video model
    gets wrong is the motion, and an accurate direction from 35% noise would leave little to learn.
-5. The transformers are saved in fp16 (size budget) and the saved folders evaluated on the
+5. The transformers, VAE and text encoders are saved in fp16 (size budget) and the saved folders evaluated on the
    held-out prompts with ODE sampling and the pixel verifiers; `pretrain_report.json` records it.
 
 The number of steps is chosen so the base models are competent but far from perfect (held-out
@@ -59,7 +59,7 @@ from lightning_grpo.toy.components import (
     build_video_transformer,
     build_video_vae,
 )
-from lightning_grpo.toy.pretrain import _save_denoiser_fp16, train_denoiser, train_vae
+from lightning_grpo.toy.pretrain import _save_denoiser_fp16, save_module_fp16, train_denoiser, train_vae
 
 FAMILIES = ("hunyuan_video", "skyreels")
 DEFAULT_OUT = Path(__file__).parent / "pretrained"
@@ -77,11 +77,12 @@ class VideoPretrainConfig:
 
     size: VideoToySize = field(default_factory=VideoToySize)
     seed: int = 0
-    vae_steps: int = 400
+    vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    t2v_steps: int = 2000
+    vae_foreground_weight: float = 4.0  # the shape's pixels weigh 1 + this in the VAE loss (pretrain.reconstruction_loss)
+    t2v_steps: int = 3000
     i2v_steps: int = 500
     denoiser_batch: int = 32
     denoiser_lr: float = 1e-3
@@ -155,6 +156,14 @@ def image_to_video_transformer(t2v, size: VideoToySize, seed: int):
     return i2v
 
 
+def save_frozen_fp16(policy, folder: Path) -> None:
+    """Store the frozen components (VAE, text encoders) in fp16, as the denoiser: the size budget
+    (at most 6 MB a pipeline). The policies load every component at float32 by default, so only the
+    stored bytes change; the saved pipeline is evaluated after this, so the report is what ships."""
+    for name in policy.frozen_module_names:
+        save_module_fp16(getattr(policy, name), folder / name)
+
+
 def load_policy(family: str, folder: Path, config: VideoPretrainConfig):
     """The policy adapter of `family` on the pipeline in `folder` (the code GRPO uses)."""
     import lightning_grpo.policies as policies
@@ -199,12 +208,32 @@ def heldout_video_accuracy(policy, family: str, num_steps: int, samples_per_prom
     return out
 
 
+@torch.no_grad()
+def vae_ceiling(vae, config: VideoPretrainConfig, clips: int = 96, seed: int = 999, batch: int = 32) -> dict[str, float]:
+    """What the VAE alone lets any generator score: fresh rendered clips (all combinations, true
+    captions) encoded (posterior mode) and decoded, judged by `judge_clips`. A perfect generator of
+    latents scores at most this, so a base model far below the 15–60% band is first a VAE problem."""
+    from lightning_grpo.toy.motion import sample_captioned_clips
+    from lightning_grpo.toy.motion_verifier import judge_clips
+
+    size = config.size
+    pixels, prompts = sample_captioned_clips(clips, frames=size.frames, size=size.image_size, seed=seed)  # [N, F, 3, H, W]
+    x = pixels.transpose(1, 2) * 2 - 1  # the VAE layout [N, 3, F, H, W] in [-1, 1]
+    recon = torch.cat([vae.decode(vae.encode(part).latent_dist.mode()).sample for part in x.split(batch)])
+    recon = ((recon + 1) / 2).clamp(0, 1).transpose(1, 2)  # back to [N, F, 3, H, W] in [0, 1]
+    judged = judge_clips(recon, prompts)
+    return {"exact_match": float(judged.exact().mean()), "motion": float(judged.motion_exact().mean()),
+            "colour": float(judged.colour.all(1).float().mean()), "shape": float(judged.shape.all(1).float().mean()),
+            "mse": float((recon - pixels).square().mean()), "clips": clips}
+
+
 # ----------------------------------------------------------------------------- driver
 
 def train_video_vae(config: VideoPretrainConfig):
     """The toy HunyuanVideo VAE trained on clips, with `scaling_factor` set; (vae, latent statistics)."""
     vae, stats = train_vae(config, build_video_vae(config.size, config.seed), clip_sampler(config.size), stats_samples=512)
     vae.register_to_config(scaling_factor=1 / math.sqrt(stats["std"] ** 2 + stats["mean"] ** 2))
+    stats["ceiling"] = vae_ceiling(vae, config)
     return vae, stats
 
 
@@ -236,7 +265,8 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
     else:
         vae, stats = train_video_vae(config)
         stats["seconds"] = round(time.perf_counter() - started, 1)
-    print(f"vae: latent mean {stats['mean']:.4f}, std {stats['std']:.4f}, final loss {stats['final_loss']:.5f}")
+    print(f"vae: latent mean {stats['mean']:.4f}, std {stats['std']:.4f}, final loss {stats['final_loss']:.5f}"
+          + (f", reconstructions' exact match {stats['ceiling']['exact_match']:.1%}" if "ceiling" in stats else ""))
     reports, clip_set = {}, None
     for family in families:
         family_start = time.perf_counter()
@@ -257,6 +287,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
         data = (latents, captions, first_frames if i2v else None)
         losses = train_denoiser(policy, family, config, data=data, steps=steps)
         _save_denoiser_fp16(policy, folder)
+        save_frozen_fp16(policy, folder)
         policy = load_policy(family, folder, config)  # evaluate what ships
         accuracy = heldout_video_accuracy(policy, family, config.eval_steps, config.eval_samples_per_prompt)
         reports[family] = {

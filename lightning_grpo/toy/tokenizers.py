@@ -92,7 +92,8 @@ def llama_tokenizer(words: Iterable[str], max_length: int, characters: str = "")
     tokenizer = LlamaTokenizerFast(
         vocab=vocab, merges=word_merges(vocab, words), unk_token="<unk>", bos_token="<|begin_of_text|>",
         eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", add_bos_token=True, add_eos_token=False,
-        add_prefix_space=True, legacy=True, padding_side="right",  # legacy: "▁" before every segment model_max_length=max_length,
+        add_prefix_space=True, legacy=True,  # legacy: "▁" before every segment
+        padding_side="right", model_max_length=max_length,
     )
     tokenizer.init_kwargs["legacy"] = True  # saved to tokenizer_config.json: `from_pretrained` rebuilds the pre-tokenizer from it
     tokenizer.add_tokens([AddedToken("\n\n", normalized=False, special=False)])

@@ -46,8 +46,12 @@ def test_script_writes_loadable_video_pipelines(pretrained, family, pipeline):
     policy = load_policy(family, folder, config)
     clips = policy.decode(policy.prepare_latents(2, torch.Generator().manual_seed(0)))
     assert clips.shape == (2, config.size.frames, 3, 32, 32)  # [B, F, 3, H, W]
-    weights = load_file(next((folder / "transformer").glob("*.safetensors")))
-    assert all(t.dtype == torch.float16 for t in weights.values())  # stored at half size
+    for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):  # all stored at half size
+        weights = load_file(next((folder / component).glob("*.safetensors")))
+        assert all(t.dtype == torch.float16 for t in weights.values()), component
+    assert all(p.dtype == torch.float32 for p in policy.vae.parameters())  # ... and loaded at float32
+    report_ceiling = report["vae"]["ceiling"]  # the VAE's own judge ceiling is recorded
+    assert 0 <= report_ceiling["exact_match"] <= min(report_ceiling["colour"], report_ceiling["shape"], report_ceiling["motion"])
     # the image-to-video pipeline shares the text-to-video one's VAE
     vae = load_file(next((folder / "vae").glob("*.safetensors")))
     other = load_file(next((pretrained / "hunyuan_video" / "vae").glob("*.safetensors")))
@@ -105,6 +109,7 @@ def test_llama_tokenizer_matches_the_pipelines_template_crop():
         assert len(pieces) + 1 <= VIDEO_TEXT_MAX_LENGTH  # + <|eot_id|>
         assert clip.unk_token_id not in clip(prompt).input_ids[1:-1], prompt
     assert llama.padding_side == "right"  # the transformer masks the padded tail
+    assert llama.model_max_length == LLAMA_TEMPLATE_TOKENS + VIDEO_TEXT_MAX_LENGTH  # the template plus the prompt budget
 
 
 @pytest.mark.parametrize("family", ["hunyuan_video", "skyreels"])
