@@ -79,6 +79,7 @@ class PretrainConfig:
     vae_batch: int = 64
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
+    vae_foreground_weight: float = 0.0  # plain L2 (`reconstruction_loss`): the shipped image VAEs were trained so
     flux_steps: int = 2000
     sd_steps: int = 1500
     denoiser_batch: int = 64
@@ -138,7 +139,7 @@ def train_vae(config, vae: torch.nn.Module | None = None, sample: Callable[[int,
 
     Args:
         config: a pretraining config with `seed`, `vae_steps`, `vae_batch`, `vae_lr`, `vae_kl_weight`
-            and optionally `vae_foreground_weight` (default 0: plain L2).
+            and `vae_foreground_weight` (0: plain L2).
         vae: the untrained VAE (default: the image world's AutoencoderKL of `config.size`).
         sample: `sample(n, seed)` → n fresh renders in the VAE's input layout, in [0, 1] (default:
             jittered shapes-world images [n, 3, H, W]; the video script passes clips [n, 3, F, H, W]).
@@ -148,14 +149,12 @@ def train_vae(config, vae: torch.nn.Module | None = None, sample: Callable[[int,
     sample = sample if sample is not None else _image_sampler(config.size.image_size)
     generator = torch.Generator().manual_seed(config.seed)
 
-    foreground_weight = getattr(config, "vae_foreground_weight", 0.0)
-
     def loss_fn(step: int) -> Tensor:
         pixels = sample(config.vae_batch, config.seed * 100_003 + step)  # [0, 1]
         x = pixels * 2 - 1  # [-1, 1]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
-        return reconstruction_loss(recon, x, pixels, foreground_weight) + config.vae_kl_weight * posterior.kl().mean()
+        return reconstruction_loss(recon, x, pixels, config.vae_foreground_weight) + config.vae_kl_weight * posterior.kl().mean()
 
     losses = _fit("vae", vae.parameters(), loss_fn, config.vae_steps, config.vae_lr)
     vae.eval()

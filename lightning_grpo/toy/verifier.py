@@ -121,7 +121,7 @@ class DecodedScenes:
     inside: Tensor
     cx: Tensor
     cy: Tensor
-    hue_share: Tensor | None = None  # [B, K] share of the foreground on each palette hue (purity for every hue)
+    hue_share: Tensor  # [B, K] share of the foreground on each palette hue (purity for every hue)
 
     @property
     def indices(self) -> Tensor:
@@ -302,11 +302,10 @@ def decode_scenes(
 
     votes = torch.zeros(batch, len(COLOUR_NAMES), device=device).scatter_add_(1, hue.flatten(1), main_f.flatten(1))
     colour = votes.argmax(1)  # [B]
-    on_hue = (hue == colour.view(-1, 1, 1)) & (residual <= max_off_palette)  # [B, H, W]
-    purity = (on_hue.float() * fg).sum((1, 2)) / area.clamp_min(1.0)
     hue_share = torch.stack([  # [B, K]: share of ALL foreground on hue k and on the palette (graded colour term)
         (((hue == k) & (residual <= max_off_palette)).float() * fg).sum((1, 2)) for k in range(len(COLOUR_NAMES))
     ], dim=1) / area.clamp_min(1.0).unsqueeze(1)
+    purity = hue_share.gather(1, colour.unsqueeze(1)).squeeze(1)  # [B]: the share of the decoded colour
 
     xs, ys = _pixel_grid(height, width, device)
     cx = (main_f * xs).sum((1, 2)) / main_area  # [B]
