@@ -104,6 +104,7 @@ class ImagePromptStream(PromptStream):
         self.image_size = image_size
 
     def block_batch(self, block: list[Record], start: int, stop: int, reporter: BadRecordReporter) -> dict[str, Any]:
+        """This shard's slice with its images, unreadable records replaced (class doc)."""
         own = block[start:stop]
         loaded = [(record, self._load(record, reporter)) for record in own]
         good = [(record, image) for record, image in loaded if image is not None]
@@ -114,13 +115,8 @@ class ImagePromptStream(PromptStream):
         filled = [good[i % len(good)] for i in range(len(own))] if good else []
         return self._batch([record for record, _ in filled], [image for _, image in filled], reporter)
 
-    def make_batch(self, records: list[Record], reporter: BadRecordReporter) -> dict[str, Any]:
-        """Records and their images, the unreadable ones left out (used without a block)."""
-        loaded = [(record, self._load(record, reporter)) for record in records]
-        kept = [(record, image) for record, image in loaded if image is not None]
-        return self._batch([r for r, _ in kept], [im for _, im in kept], reporter)
-
     def _batch(self, records: list[Record], images: list[torch.Tensor], reporter: BadRecordReporter) -> dict[str, Any]:
+        """The base batch of ``records`` plus their already decoded ``images``."""
         batch = super().make_batch(records, reporter)
         batch["images"] = torch.stack(images) if images else torch.empty(0, 3, *self.image_size)  # [B, 3, H, W]
         return batch
