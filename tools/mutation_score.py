@@ -177,6 +177,7 @@ def main() -> None:
         subprocess.run(command, cwd=ROOT, env=env, check=False)
     report(results(), equivalent_mutants())
 
+
 def report(status: dict[str, str], listed: dict[str, str]) -> None:
     """Print the survivors, a per-file table and, last, the score killed / (killed + survived).
 
