@@ -270,7 +270,8 @@ def _per_sample_table(policy, prompts: list[str], images: Tensor, chunk: int = 5
     return table, list(range(len(prompts)))
 
 
-def train_denoiser(policy, family: str, config, data: tuple | None = None, steps: int | None = None) -> list[float]:
+def train_denoiser(policy, family: str, config, data: tuple | None = None, steps: int | None = None,
+                   weights: Tensor | None = None) -> list[float]:
     """Train the adapter's denoiser on the encoded training set (see the module doc for the losses).
 
     Args:
@@ -278,6 +279,8 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
             image world's (`encode_training_set`). With first frames (image-to-video), each sample's
             condition is its own (prompt, image) pair, encoded once by the policy.
         steps: optimizer steps (default `config.flux_steps` / `config.sd_steps` by family).
+        weights: per-element loss weights broadcastable to the latents [N, *L] (rectified flow
+            only; `latent_foreground_weights`); None: the plain mean.
     """
     latents, prompts, images = data if data is not None else (*encode_training_set(policy, config), None)
     dropout = CFG_DROPOUT.get(family, 0.0)
@@ -296,7 +299,8 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
     def loss_fn(step: int) -> Tensor:
         rows = torch.randint(len(latents), (config.denoiser_batch,), generator=generator)
         noise = torch.randn(latents[rows].shape, generator=generator)
-        return loss(policy, latents[rows], noise, sample_index[rows], table, generator, dropout, empty_index)
+        extra = {} if weights is None else {"weight": weights[rows]}
+        return loss(policy, latents[rows], noise, sample_index[rows], table, generator, dropout, empty_index, **extra)
 
     if steps is None:
         steps = config.flux_steps if family == "flux" else config.sd_steps
@@ -306,13 +310,16 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
     return losses
 
 
-def _flow_loss(policy, z: Tensor, noise: Tensor, ids: Tensor, table: dict, generator, dropout: float, empty_index) -> Tensor:
-    """Rectified flow: x_σ = (1 − σ)·z + σ·ε, loss |v_θ(x_σ, σ) − (ε − z)|², σ ~ logit-normal(0, 1)."""
+def _flow_loss(policy, z: Tensor, noise: Tensor, ids: Tensor, table: dict, generator, dropout: float, empty_index,
+               weight: Tensor | None = None) -> Tensor:
+    """Rectified flow: x_σ = (1 − σ)·z + σ·ε, loss mean(w·|v_θ(x_σ, σ) − (ε − z)|²), σ ~ logit-normal(0, 1),
+    w = `weight` (1 when None)."""
     sigma = torch.sigmoid(torch.randn(len(z), generator=generator))  # logit-normal(0, 1)
     s = sigma.view(-1, *([1] * (z.ndim - 1)))
     x = (1 - s) * z + s * noise
     condition = {k: v[ids] for k, v in table.items()}
-    return (policy.predict(x, sigma * 1000, condition) - (noise - z)).square().mean()
+    squared = (policy.predict(x, sigma * 1000, condition) - (noise - z)).square()
+    return squared.mean() if weight is None else (squared * weight).mean()
 
 
 def _v_prediction_loss(alphas_cumprod: Tensor):

@@ -123,6 +123,28 @@ def encode_clip_set(policy, config: VideoPretrainConfig, chunk: int = 256) -> tu
     return latents, prompts, clips[:, 0].contiguous()
 
 
+def latent_foreground_weights(clips: Tensor, latent_shape: tuple[int, ...], foreground_weight: float) -> Tensor:
+    """Denoiser loss weights on the latent grid, 1 + foreground_weight · [the latent cell sees the shape]:
+    Tensor[N, 1, T', H', W'] for clips [N, F, 3, H, W] and latents [N, C, T', H', W'].
+
+    The shape covers a few percent of a clip, so plain L2 on the latents spends the denoiser on the
+    empty background; this is `pretrain.reconstruction_loss`'s weighting carried to the latent grid.
+    A pixel is lit when a channel exceeds 0.1; a latent cell is lit when any pixel it encodes is:
+    HunyuanVideo's causal VAE puts frame 0 alone in latent frame 0 and frames 4k−3 … 4k in latent
+    frame k (temporal ratio (F − 1)/(T' − 1)), each latent cell covering H/H' × W/W' pixels.
+    """
+    n, frames, _, height, width = clips.shape
+    t_lat, h_lat, w_lat = latent_shape[-3:]
+    lit = (clips.amax(dim=2) > 0.1).float()  # [N, F, H, W]
+    if (frames - 1) % max(1, t_lat - 1) or height % h_lat or width % w_lat:
+        raise ValueError(f"clips {tuple(clips.shape)} do not tile latents of shape {tuple(latent_shape)}")
+    ratio = (frames - 1) // max(1, t_lat - 1)
+    rest = lit[:, 1:].reshape(n, t_lat - 1, ratio, height, width).amax(2)  # [N, T'-1, H, W]
+    grouped = torch.cat([lit[:, :1], rest], dim=1)  # [N, T', H, W]
+    cells = torch.nn.functional.max_pool2d(grouped, kernel_size=(height // h_lat, width // w_lat))  # [N, T', H', W']
+    return (1 + foreground_weight * cells).unsqueeze(1)
+
+
 # ----------------------------------------------------------------------------- pipelines
 
 def save_video_pipeline(family: str, folder: Path, vae, config: VideoPretrainConfig, transformer=None) -> None:

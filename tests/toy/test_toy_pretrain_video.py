@@ -139,3 +139,43 @@ def test_the_real_pipelines_sample_from_the_written_folders(pretrained):
     i2v = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(pretrained / "skyreels")
     i2v.set_progress_bar_config(disable=True)
     assert i2v(image=torch.rand(1, 3, 32, 32), true_cfg_scale=1.0, **call).frames.shape == (1, 9, 3, 32, 32)
+
+
+def test_latent_foreground_weights_follow_the_causal_vae_grouping():
+    """Frame 0 alone in latent frame 0, frames 1–4 in latent frame 1, 5–8 in latent frame 2; each
+    latent cell covers a 4×4 pixel block; a cell is lit when any of its pixels is (> 0.1)."""
+    from lightning_grpo.toy.pretrain_video import latent_foreground_weights
+
+    clips = torch.zeros(1, 9, 3, 8, 8)  # [N, F, 3, H, W]
+    clips[0, 0, 1, 0, 0] = 0.5  # frame 0, top-left block  -> latent (0, 0, 0)
+    clips[0, 3, 2, 5, 6] = 0.2  # frame 3, bottom-right    -> latent (1, 1, 1)
+    clips[0, 8, 0, 1, 7] = 0.9  # frame 8, top-right       -> latent (2, 0, 1)
+    clips[0, 5, 0, 6, 1] = 0.05  # below the 0.1 threshold: not lit
+    weights = latent_foreground_weights(clips, (1, 16, 3, 2, 2), foreground_weight=4.0)
+    assert weights.shape == (1, 1, 3, 2, 2)
+    expected = torch.ones(3, 2, 2)
+    expected[0, 0, 0] = expected[1, 1, 1] = expected[2, 0, 1] = 5.0
+    assert torch.equal(weights[0, 0], expected)
+    with pytest.raises(ValueError, match="do not tile"):
+        latent_foreground_weights(torch.zeros(1, 8, 3, 8, 8), (1, 16, 3, 2, 2), 4.0)
+
+
+def test_weighted_flow_loss_is_the_plain_loss_at_unit_weight_and_scales_per_element():
+    """mean(w·e²): w = 1 is the plain loss; weighting one half of the latents by 3 gives
+    (3·S_a + S_b) / n from the two halves' summed squared errors."""
+    from lightning_grpo.toy import pretrain
+
+    class Fixed:
+        def predict(self, x, t, condition):  # v_θ = 0, so the error is −(ε − z)
+            return torch.zeros_like(x)
+
+    z, noise = torch.randn(2, 4, 3, 2, 2, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4, 3, 2, 2)
+    table, ids = {"c": torch.zeros(1, 1)}, torch.zeros(2, dtype=torch.long)
+    loss = lambda w=None: pretrain._flow_loss(Fixed(), z, noise, ids, table, torch.Generator().manual_seed(1), 0.0, None,  # noqa: E731
+                                              **({} if w is None else {"weight": w}))
+    assert loss(torch.ones(2, 1, 3, 2, 2)) == pytest.approx(loss().item(), rel=1e-6)
+    error = (noise - z).square()  # e² = |0 − (ε − z)|² at v_θ = 0, whatever σ was drawn
+    weight = torch.ones(2, 1, 3, 2, 2)
+    weight[:, :, 0] = 3.0
+    by_hand = (3 * error[:, :, 0].sum() + error[:, :, 1:].sum()) / error.numel()
+    assert loss(weight).item() == pytest.approx(by_hand.item(), rel=1e-6)
