@@ -37,6 +37,7 @@ The number of denoiser steps is chosen so the base models are competent but far 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -84,6 +85,7 @@ class PretrainConfig:
     sd_steps: int = 1500
     denoiser_batch: int = 64
     denoiser_lr: float = 1e-3
+    denoiser_sigma_shift: float = 1.0  # rectified flow: σ ~ logit-normal(0, 1) then shifted (`_flow_loss`); 1: unshifted
     dataset_size: int = 20_000
     caption_noise: float = 0.35
     eval_steps: int = 8
@@ -294,7 +296,10 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
     denoiser = policy.denoiser
     denoiser.train()
     generator = torch.Generator().manual_seed(config.seed + 13)
-    loss = _flow_loss if policy.paradigm == "flow" else _v_prediction_loss(policy.make_scheduler().alphas_cumprod)
+    if policy.paradigm == "flow":
+        loss = functools.partial(_flow_loss, sigma_shift=getattr(config, "denoiser_sigma_shift", 1.0))
+    else:
+        loss = _v_prediction_loss(policy.make_scheduler().alphas_cumprod)
 
     def loss_fn(step: int) -> Tensor:
         rows = torch.randint(len(latents), (config.denoiser_batch,), generator=generator)
@@ -311,10 +316,14 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
 
 
 def _flow_loss(policy, z: Tensor, noise: Tensor, ids: Tensor, table: dict, generator, dropout: float, empty_index,
-               weight: Tensor | None = None) -> Tensor:
-    """Rectified flow: x_σ = (1 − σ)·z + σ·ε, loss mean(w·|v_θ(x_σ, σ) − (ε − z)|²), σ ~ logit-normal(0, 1),
-    w = `weight` (1 when None)."""
+               weight: Tensor | None = None, sigma_shift: float = 1.0) -> Tensor:
+    """Rectified flow: x_σ = (1 − σ)·z + σ·ε, loss mean(w·|v_θ(x_σ, σ) − (ε − z)|²), w = `weight` (1 when None),
+    σ = s·u / (1 + (s − 1)·u) with u ~ logit-normal(0, 1) and s = `sigma_shift`: the schedule shift of the
+    flow schedulers (SD3, eq. 23 of Esser et al. 2024) applied to the training noise, which moves
+    its mass to high noise, where the prompt, not the latent, decides what is drawn. s = 1: u itself."""
     sigma = torch.sigmoid(torch.randn(len(z), generator=generator))  # logit-normal(0, 1)
+    if sigma_shift != 1.0:
+        sigma = sigma_shift * sigma / (1 + (sigma_shift - 1) * sigma)
     s = sigma.view(-1, *([1] * (z.ndim - 1)))
     x = (1 - s) * z + s * noise
     condition = {k: v[ids] for k, v in table.items()}

@@ -86,6 +86,7 @@ class VideoPretrainConfig:
     i2v_steps: int = 500
     denoiser_batch: int = 32
     denoiser_lr: float = 1e-3
+    denoiser_sigma_shift: float = 1.0  # training-noise shift of the rectified-flow loss (`pretrain._flow_loss`)
     dataset_size: int = 4000
     caption_noise: float = 0.3  # text-to-video: each attribute of a caption replaced w.p. 0.3
     i2v_caption_noise: float = 0.6  # image-to-video: the frame fixes colour and shape, so motion is what varies

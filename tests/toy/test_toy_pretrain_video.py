@@ -179,3 +179,26 @@ def test_weighted_flow_loss_is_the_plain_loss_at_unit_weight_and_scales_per_elem
     weight[:, :, 0] = 3.0
     by_hand = (3 * error[:, :, 0].sum() + error[:, :, 1:].sum()) / error.numel()
     assert loss(weight).item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_flow_loss_sigma_shift_moves_the_training_noise_up():
+    """σ = s·u / (1 + (s − 1)·u) on the logit-normal draw u (at s = 3: u = 1/2 → 3/4): the timesteps
+    the denoiser sees are 1000·σ of exactly that map, and s = 1 leaves u as drawn."""
+    from lightning_grpo.toy import pretrain
+
+    seen = []
+
+    class Recorder:
+        def predict(self, x, t, condition):
+            seen.append(t.clone())
+            return torch.zeros_like(x)
+
+    z = torch.zeros(64, 2, 1, 1, 1)
+    table, ids = {"c": torch.zeros(1, 1)}, torch.zeros(64, dtype=torch.long)
+    for shift in (1.0, 3.0):
+        pretrain._flow_loss(Recorder(), z, torch.ones_like(z), ids, table, torch.Generator().manual_seed(7), 0.0, None,
+                            sigma_shift=shift)
+    u = torch.sigmoid(torch.randn(64, generator=torch.Generator().manual_seed(7)))
+    assert torch.allclose(seen[0], 1000 * u)
+    assert torch.allclose(seen[1], 1000 * 3 * u / (1 + 2 * u))
+    assert (seen[1] >= seen[0]).all() and seen[1].mean() > seen[0].mean() + 100  # mass moved to high noise
