@@ -269,12 +269,15 @@ def load_vae(folder: Path) -> tuple:
 
 
 def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainConfig, vae_from: Path | None = None,
-                   init_from: Path | None = None) -> dict[str, dict]:
+                   init_from: Path | None = None, t2v_init_from: Path | None = None) -> dict[str, dict]:
     """Build, train, save and evaluate the toy video pipelines of `families` under `out/<family>`.
 
     vae_from: reuse the VAE folder of an earlier run instead of training one (its time is in its report).
     init_from: the text-to-video pipeline to start the image-to-video transformer from (default:
         the one trained in this run, else `out/hunyuan_video`; "none": from its seeded initialisation).
+    t2v_init_from: a text-to-video pipeline whose transformer this run's text-to-video training
+        continues (a staged recipe: each stage its own steps, learning rate and noise shift;
+        default: from the seeded initialisation).
     """
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -295,6 +298,8 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
         family_start = time.perf_counter()
         folder = out / family
         transformer = None
+        if family == "hunyuan_video" and t2v_init_from is not None:
+            transformer = HunyuanVideoTransformer3DModel.from_pretrained(t2v_init_from / "transformer").float()
         if family == "skyreels" and str(init_from) != "none":
             source = init_from if init_from is not None else out / "hunyuan_video"
             t2v = HunyuanVideoTransformer3DModel.from_pretrained(source / "transformer")
@@ -317,7 +322,8 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
             "heldout": accuracy,
             "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
             "vae": stats,
-            "init_from": str(init_from or out / "hunyuan_video") if family == "skyreels" else None,  # "none": from scratch
+            # the transformer this run started from ("none" or null: its seeded initialisation)
+            "init_from": str(init_from or out / "hunyuan_video") if family == "skyreels" else (t2v_init_from and str(t2v_init_from)),
             "seconds": round(time.perf_counter() - family_start, 1),
             "total_seconds_so_far": round(time.perf_counter() - started, 1),
             "config": asdict(config),
@@ -339,16 +345,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-from", type=Path, default=None, help="reuse this trained VAE folder (…/<family>/vae)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="T2V pipeline the I2V transformer starts from ('none': its seeded initialisation)")
-    for key in ("vae_steps", "t2v_steps", "i2v_steps"):
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    parser.add_argument("--t2v-init-from", type=Path, default=None,
+                        help="T2V pipeline whose transformer the T2V training continues (one stage of a staged recipe)")
+    overrides = {"vae_steps": int, "t2v_steps": int, "i2v_steps": int, "denoiser_lr": float, "denoiser_sigma_shift": float}
+    for key, kind in overrides.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"VideoPretrainConfig.{key}")
     args = parser.parse_args(argv)
     config = VideoPretrainConfig.reduced() if args.reduced else VideoPretrainConfig()
     config.seed = args.seed
-    for key in ("vae_steps", "t2v_steps", "i2v_steps"):
+    for key in overrides:
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
     families = FAMILIES if args.family == "all" else (args.family,)
-    pretrain_video(families, args.out, config, args.vae_from, args.init_from)
+    pretrain_video(families, args.out, config, args.vae_from, args.init_from, args.t2v_init_from)
 
 
 if __name__ == "__main__":

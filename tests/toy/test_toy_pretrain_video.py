@@ -202,3 +202,17 @@ def test_flow_loss_sigma_shift_moves_the_training_noise_up():
     assert torch.allclose(seen[0], 1000 * u)
     assert torch.allclose(seen[1], 1000 * 3 * u / (1 + 2 * u))
     assert (seen[1] >= seen[0]).all() and seen[1].mean() > seen[0].mean() + 100  # mass moved to high noise
+
+
+def test_t2v_training_continues_from_an_earlier_pipeline(pretrained, tmp_path):
+    """`--t2v-init-from` (one stage of a staged recipe): zero further steps leave the earlier
+    transformer exactly as it was, and the report names where the stage started."""
+    source = pretrained / "hunyuan_video"
+    main(["--reduced", "--family", "hunyuan_video", "--out", str(tmp_path), "--vae-from", str(source / "vae"),
+          "--t2v-init-from", str(source), "--t2v-steps", "0", "--denoiser-sigma-shift", "3"])
+    before = load_file(next((source / "transformer").glob("*.safetensors")))
+    after = load_file(next((tmp_path / "hunyuan_video" / "transformer").glob("*.safetensors")))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    report = json.loads((tmp_path / "hunyuan_video" / "pretrain_report.json").read_text())
+    assert report["init_from"] == str(source)
+    assert report["config"]["denoiser_sigma_shift"] == 3.0 and report["config"]["t2v_steps"] == 0
