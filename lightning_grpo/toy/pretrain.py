@@ -285,6 +285,10 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
             only; `latent_foreground_weights`); None: the plain mean.
     """
     latents, prompts, images = data if data is not None else (*encode_training_set(policy, config), None)
+    if weights is not None and (weights.ndim != latents.ndim or weights.shape[0] != len(latents)):
+        raise ValueError(f"denoiser loss weights {tuple(weights.shape)} do not match the latents {tuple(latents.shape)}")
+    if not config.denoiser_sigma_shift > 0:
+        raise ValueError(f"denoiser_sigma_shift must be > 0, got {config.denoiser_sigma_shift}")
     dropout = CFG_DROPOUT.get(family, 0.0)
     if images is not None:
         table, sample_index = _per_sample_table(policy, prompts, images)
@@ -297,7 +301,7 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
     denoiser.train()
     generator = torch.Generator().manual_seed(config.seed + 13)
     if policy.paradigm == "flow":
-        loss = functools.partial(_flow_loss, sigma_shift=getattr(config, "denoiser_sigma_shift", 1.0))
+        loss = functools.partial(_flow_loss, sigma_shift=config.denoiser_sigma_shift)
     else:
         loss = _v_prediction_loss(policy.make_scheduler().alphas_cumprod)
 
@@ -318,9 +322,11 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
 def _flow_loss(policy, z: Tensor, noise: Tensor, ids: Tensor, table: dict, generator, dropout: float, empty_index,
                weight: Tensor | None = None, sigma_shift: float = 1.0) -> Tensor:
     """Rectified flow: x_σ = (1 − σ)·z + σ·ε, loss mean(w·|v_θ(x_σ, σ) − (ε − z)|²), w = `weight` (1 when None),
-    σ = s·u / (1 + (s − 1)·u) with u ~ logit-normal(0, 1) and s = `sigma_shift`: the schedule shift of the
-    flow schedulers (SD3, eq. 23 of Esser et al. 2024) applied to the training noise, which moves
-    its mass to high noise, where the prompt, not the latent, decides what is drawn. s = 1: u itself."""
+    σ = s·u / (1 + (s − 1)·u) with u ~ logit-normal(0, 1) and s = `sigma_shift`: the timestep shift of
+    SD3 (Esser et al. 2024), the map FlowMatchEulerDiscreteScheduler applies to its sigmas with `shift`,
+    here applied to the training noise. It moves the loss to high noise, where the prompt, not the
+    latent, decides what is drawn. s = 1: u itself. (Hand-written: diffusers' training utility
+    `compute_density_for_timestep_sampling` draws u but does not shift it.)"""
     sigma = torch.sigmoid(torch.randn(len(z), generator=generator))  # logit-normal(0, 1)
     if sigma_shift != 1.0:
         sigma = sigma_shift * sigma / (1 + (sigma_shift - 1) * sigma)

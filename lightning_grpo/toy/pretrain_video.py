@@ -87,6 +87,7 @@ class VideoPretrainConfig:
     denoiser_batch: int = 32
     denoiser_lr: float = 1e-3
     denoiser_sigma_shift: float = 1.0  # training-noise shift of the rectified-flow loss (`pretrain._flow_loss`)
+    denoiser_foreground_weight: float = 0.0  # latent cells that see the shape weigh 1 + this (`latent_foreground_weights`)
     dataset_size: int = 4000
     caption_noise: float = 0.3  # text-to-video: each attribute of a caption replaced w.p. 0.3
     i2v_caption_noise: float = 0.6  # image-to-video: the frame fixes colour and shape, so motion is what varies
@@ -112,16 +113,20 @@ def clip_sampler(size: VideoToySize):
 
 
 @torch.no_grad()
-def encode_clip_set(policy, config: VideoPretrainConfig, chunk: int = 256) -> tuple[Tensor, list[str], Tensor]:
+def encode_clip_set(policy, config: VideoPretrainConfig, chunk: int = 256) -> tuple[Tensor, list[str], Tensor, Tensor | None]:
     """Jittered clips of all combinations encoded once by the policy's `encode_pixels` (the inverse
-    of its decode), their true captions and first frames: (latents [N, *L], prompts, frames [N, 3, H, W]).
-    Both families share the VAE, so one encoding serves both."""
+    of its decode), their true captions, first frames and denoiser loss weights: (latents [N, *L],
+    prompts, frames [N, 3, H, W], `latent_foreground_weights` [N, 1, T', H', W'] or None when
+    `denoiser_foreground_weight` is 0). Both families share the VAE, so one encoding serves both."""
     from lightning_grpo.toy.motion import sample_captioned_clips
 
     size = config.size
     clips, prompts = sample_captioned_clips(config.dataset_size, frames=size.frames, size=size.image_size, seed=config.seed + 11)
     latents = torch.cat([policy.encode_pixels(part) for part in clips.split(chunk)])
-    return latents, prompts, clips[:, 0].contiguous()
+    weights = None
+    if config.denoiser_foreground_weight:
+        weights = latent_foreground_weights(clips, tuple(latents.shape), config.denoiser_foreground_weight)
+    return latents, prompts, clips[:, 0].contiguous(), weights
 
 
 def latent_foreground_weights(clips: Tensor, latent_shape: tuple[int, ...], foreground_weight: float) -> Tensor:
@@ -307,13 +312,13 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
         save_video_pipeline(family, folder, vae, config, transformer)
         policy = load_policy(family, folder, config)
         clip_set = clip_set if clip_set is not None else encode_clip_set(policy, config)
-        latents, prompts, first_frames = clip_set
+        latents, prompts, first_frames, weights = clip_set
         i2v = family == "skyreels"
         noise = config.i2v_caption_noise if i2v else config.caption_noise
         captions = noisy_motion_captions(prompts, noise, seed=config.seed + (14 if i2v else 12))
         steps = config.i2v_steps if i2v else config.t2v_steps
         data = (latents, captions, first_frames if i2v else None)
-        losses = train_denoiser(policy, family, config, data=data, steps=steps)
+        losses = train_denoiser(policy, family, config, data=data, steps=steps, weights=weights)
         _save_denoiser_fp16(policy, folder)
         save_frozen_fp16(policy, folder)
         policy = load_policy(family, folder, config)  # evaluate what ships
@@ -347,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="T2V pipeline the I2V transformer starts from ('none': its seeded initialisation)")
     parser.add_argument("--t2v-init-from", type=Path, default=None,
                         help="T2V pipeline whose transformer the T2V training continues (one stage of a staged recipe)")
-    overrides = {"vae_steps": int, "t2v_steps": int, "i2v_steps": int, "denoiser_lr": float, "denoiser_sigma_shift": float}
+    overrides = {"vae_steps": int, "t2v_steps": int, "i2v_steps": int, "denoiser_lr": float, "denoiser_sigma_shift": float,
+                 "denoiser_foreground_weight": float}
     for key, kind in overrides.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"VideoPretrainConfig.{key}")
     args = parser.parse_args(argv)

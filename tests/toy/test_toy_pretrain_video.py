@@ -206,13 +206,26 @@ def test_flow_loss_sigma_shift_moves_the_training_noise_up():
 
 def test_t2v_training_continues_from_an_earlier_pipeline(pretrained, tmp_path):
     """`--t2v-init-from` (one stage of a staged recipe): zero further steps leave the earlier
-    transformer exactly as it was, and the report names where the stage started."""
+    transformer exactly as it was, and the report names where the stage started and the loss options."""
     source = pretrained / "hunyuan_video"
     main(["--reduced", "--family", "hunyuan_video", "--out", str(tmp_path), "--vae-from", str(source / "vae"),
-          "--t2v-init-from", str(source), "--t2v-steps", "0", "--denoiser-sigma-shift", "3"])
+          "--t2v-init-from", str(source), "--t2v-steps", "0", "--denoiser-sigma-shift", "3",
+          "--denoiser-foreground-weight", "4"])
     before = load_file(next((source / "transformer").glob("*.safetensors")))
     after = load_file(next((tmp_path / "hunyuan_video" / "transformer").glob("*.safetensors")))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     report = json.loads((tmp_path / "hunyuan_video" / "pretrain_report.json").read_text())
     assert report["init_from"] == str(source)
     assert report["config"]["denoiser_sigma_shift"] == 3.0 and report["config"]["t2v_steps"] == 0
+    assert report["config"]["denoiser_foreground_weight"] == 4.0
+
+
+def test_train_denoiser_rejects_a_bad_shift_and_mismatched_weights_before_any_work():
+    from lightning_grpo.toy.pretrain import train_denoiser
+
+    latents = torch.zeros(4, 16, 3, 2, 2)
+    data = (latents, ["a red circle moving up"] * 4, None)
+    with pytest.raises(ValueError, match="denoiser_sigma_shift must be > 0, got 0.0"):
+        train_denoiser(object(), "hunyuan_video", VideoPretrainConfig(denoiser_sigma_shift=0.0), data=data, steps=1)
+    with pytest.raises(ValueError, match=r"weights \(3, 1, 3, 2, 2\) do not match the latents \(4, 16, 3, 2, 2\)"):
+        train_denoiser(object(), "hunyuan_video", VideoPretrainConfig(), data=data, steps=1, weights=torch.ones(3, 1, 3, 2, 2))
