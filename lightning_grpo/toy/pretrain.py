@@ -165,6 +165,12 @@ def train_vae(config, vae: torch.nn.Module | None = None, sample: Callable[[int,
     return vae, stats
 
 
+def lit_pixels(pixels: Tensor, channel_dim: int) -> Tensor:
+    """Float mask, 1 where any channel of a clean render in [0, 1] exceeds 0.1 (the shape; the shapes
+    world draws on black), the channel axis kept at size 1: the foreground both weighted losses use."""
+    return (pixels.amax(dim=channel_dim, keepdim=True) > 0.1).float()
+
+
 def reconstruction_loss(recon: Tensor, x: Tensor, pixels: Tensor, foreground_weight: float = 0.0) -> Tensor:
     """Weighted squared error  mean(w · (x̂ − x)²),  w = 1 + foreground_weight · [pixel is lit].
 
@@ -177,7 +183,7 @@ def reconstruction_loss(recon: Tensor, x: Tensor, pixels: Tensor, foreground_wei
     squared = (recon - x).square()
     if foreground_weight == 0:
         return squared.mean()
-    lit = (pixels.amax(dim=1, keepdim=True) > 0.1).to(squared.dtype)  # [N, 1, ...]
+    lit = lit_pixels(pixels, channel_dim=1).to(squared.dtype)  # [N, 1, ...]
     return (squared * (1 + foreground_weight * lit)).mean()
 
 
@@ -281,8 +287,8 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
             image world's (`encode_training_set`). With first frames (image-to-video), each sample's
             condition is its own (prompt, image) pair, encoded once by the policy.
         steps: optimizer steps (default `config.flux_steps` / `config.sd_steps` by family).
-        weights: per-element loss weights broadcastable to the latents [N, *L] (rectified flow
-            only; `latent_foreground_weights`); None: the plain mean.
+        weights: per-element loss weights broadcastable to the latents [N, *L]
+            (`pretrain_video.latent_foreground_weights`); None: the plain mean.
     """
     latents, prompts, images = data if data is not None else (*encode_training_set(policy, config), None)
     if weights is not None and (weights.ndim != latents.ndim or weights.shape[0] != len(latents)):
@@ -308,8 +314,8 @@ def train_denoiser(policy, family: str, config, data: tuple | None = None, steps
     def loss_fn(step: int) -> Tensor:
         rows = torch.randint(len(latents), (config.denoiser_batch,), generator=generator)
         noise = torch.randn(latents[rows].shape, generator=generator)
-        extra = {} if weights is None else {"weight": weights[rows]}
-        return loss(policy, latents[rows], noise, sample_index[rows], table, generator, dropout, empty_index, **extra)
+        weight = None if weights is None else weights[rows]
+        return loss(policy, latents[rows], noise, sample_index[rows], table, generator, dropout, empty_index, weight)
 
     if steps is None:
         steps = config.flux_steps if family == "flux" else config.sd_steps
@@ -327,28 +333,32 @@ def _flow_loss(policy, z: Tensor, noise: Tensor, ids: Tensor, table: dict, gener
     here applied to the training noise. It moves the loss to high noise, where the prompt, not the
     latent, decides what is drawn. s = 1: u itself. (Hand-written: diffusers' training utility
     `compute_density_for_timestep_sampling` draws u but does not shift it.)"""
-    sigma = torch.sigmoid(torch.randn(len(z), generator=generator))  # logit-normal(0, 1)
-    if sigma_shift != 1.0:
-        sigma = sigma_shift * sigma / (1 + (sigma_shift - 1) * sigma)
+    u = torch.sigmoid(torch.randn(len(z), generator=generator))  # logit-normal(0, 1)
+    sigma = sigma_shift * u / (1 + (sigma_shift - 1) * u)  # exactly u at s = 1
     s = sigma.view(-1, *([1] * (z.ndim - 1)))
     x = (1 - s) * z + s * noise
     condition = {k: v[ids] for k, v in table.items()}
-    squared = (policy.predict(x, sigma * 1000, condition) - (noise - z)).square()
+    return _weighted_mean((policy.predict(x, sigma * 1000, condition) - (noise - z)).square(), weight)
+
+
+def _weighted_mean(squared: Tensor, weight: Tensor | None) -> Tensor:
+    """mean(w · e²) over every element (the plain mean when `weight` is None), w broadcast to e²."""
     return squared.mean() if weight is None else (squared * weight).mean()
 
 
 def _v_prediction_loss(alphas_cumprod: Tensor):
-    """v-prediction DDPM: x_t = √ᾱ_t·z + √(1 − ᾱ_t)·ε, loss |v_θ(x_t, t) − (√ᾱ_t·ε − √(1 − ᾱ_t)·z)|²,
+    """v-prediction DDPM: x_t = √ᾱ_t·z + √(1 − ᾱ_t)·ε, loss mean(w·|v_θ(x_t, t) − (√ᾱ_t·ε − √(1 − ᾱ_t)·z)|²),
     t ~ U{0..999}; a `dropout` share of empty prompts (ᾱ from the checkpoint's own scheduler)."""
 
-    def loss(policy, z: Tensor, noise: Tensor, ids: Tensor, table: dict, generator, dropout: float, empty_index) -> Tensor:
+    def loss(policy, z: Tensor, noise: Tensor, ids: Tensor, table: dict, generator, dropout: float, empty_index,
+             weight: Tensor | None = None) -> Tensor:
         t = torch.randint(0, len(alphas_cumprod), (len(z),), generator=generator)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x = a.sqrt() * z + (1 - a).sqrt() * noise
         drop = torch.rand(len(z), generator=generator) < dropout
         condition = {k: v[torch.where(drop, empty_index, ids)] for k, v in table.items()}
         target = a.sqrt() * noise - (1 - a).sqrt() * z  # v = √ᾱ·ε − √(1−ᾱ)·z (the scheduler's v-prediction)
-        return (policy.predict(x, t, condition) - target).square().mean()
+        return _weighted_mean((policy.predict(x, t, condition) - target).square(), weight)
 
     return loss
 

@@ -59,7 +59,7 @@ from lightning_grpo.toy.components import (
     build_video_transformer,
     build_video_vae,
 )
-from lightning_grpo.toy.pretrain import _save_denoiser_fp16, save_module_fp16, train_denoiser, train_vae
+from lightning_grpo.toy.pretrain import _save_denoiser_fp16, lit_pixels, save_module_fp16, train_denoiser, train_vae
 
 FAMILIES = ("hunyuan_video", "skyreels")
 DEFAULT_OUT = Path(__file__).parent / "pretrained"
@@ -135,13 +135,13 @@ def latent_foreground_weights(clips: Tensor, latent_shape: tuple[int, ...], fore
 
     The shape covers a few percent of a clip, so plain L2 on the latents spends the denoiser on the
     empty background; this is `pretrain.reconstruction_loss`'s weighting carried to the latent grid.
-    A pixel is lit when a channel exceeds 0.1; a latent cell is lit when any pixel it encodes is:
+    A pixel is lit as in `pretrain.lit_pixels`; a latent cell is lit when any pixel it encodes is:
     HunyuanVideo's causal VAE puts frame 0 alone in latent frame 0 and frames 4k−3 … 4k in latent
     frame k (temporal ratio (F − 1)/(T' − 1)), each latent cell covering H/H' × W/W' pixels.
     """
     n, frames, _, height, width = clips.shape
     t_lat, h_lat, w_lat = latent_shape[-3:]
-    lit = (clips.amax(dim=2) > 0.1).float()  # [N, F, H, W]
+    lit = lit_pixels(clips, channel_dim=2).squeeze(2)  # [N, F, H, W]
     if (frames - 1) % max(1, t_lat - 1) or height % h_lat or width % w_lat:
         raise ValueError(f"clips {tuple(clips.shape)} do not tile latents of shape {tuple(latent_shape)}")
     ratio = (frames - 1) // max(1, t_lat - 1)
