@@ -165,6 +165,46 @@ def train_vae(config, vae: torch.nn.Module | None = None, sample: Callable[[int,
     return vae, stats
 
 
+def finetune_decoder(config, vae: torch.nn.Module, sample: Callable[[int, int], Tensor], steps: int, lr: float) -> list[float]:
+    """Train only the VAE's decoder (`post_quant_conv` and `decoder`) on fresh renders; the encoder is frozen.
+
+    Why a separate stage: every denoiser trained on this VAE learned the ENCODER's latents, so a
+    better decoder must leave the encoder bit for bit as it is; then the trained transformers stay
+    valid and what they generate simply decodes sharper. The loss is `train_vae`'s reconstruction
+    term (`reconstruction_loss` with `vae_foreground_weight`) on posterior samples; the KL term
+    depends only on the encoder and is dropped. Returns the per-step losses; `vae` is left in eval mode.
+
+    Args:
+        config: supplies `seed`, `vae_batch` and `vae_foreground_weight`.
+        sample: `sample(n, seed)` → n renders in the VAE's input layout in [0, 1] (as for `train_vae`);
+            seeds are offset from `train_vae`'s, so the stage sees renders the VAE was not trained on.
+        steps, lr: AdamW steps (warm-up and cosine decay, `_fit`) and peak learning rate.
+    """
+    if steps < 0 or not lr > 0:
+        raise ValueError(f"decoder fine-tuning needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+    trainable = ("decoder.", "post_quant_conv.")
+    params = [q for name, q in vae.named_parameters() if name.startswith(trainable)]
+    if not params:
+        raise ValueError(f"{type(vae).__name__} has no decoder / post_quant_conv parameters to fine-tune")
+    flags = {name: q.requires_grad for name, q in vae.named_parameters()}
+    for name, q in vae.named_parameters():
+        q.requires_grad_(name.startswith(trainable))
+    vae.eval()  # the encoder's behaviour is fixed; the toy VAEs have no dropout or batch norm either way
+    generator = torch.Generator().manual_seed(config.seed + 5)
+
+    def loss_fn(step: int) -> Tensor:
+        pixels = sample(config.vae_batch, config.seed * 100_003 + 7_000_003 + step)  # [0, 1]
+        x = pixels * 2 - 1
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator)
+        return reconstruction_loss(vae.decode(z).sample, x, pixels, config.vae_foreground_weight)
+
+    losses = _fit("vae decoder", params, loss_fn, steps, lr)
+    for name, q in vae.named_parameters():
+        q.requires_grad_(flags[name])
+    return losses
+
+
 def lit_pixels(pixels: Tensor, channel_dim: int) -> Tensor:
     """Float mask, 1 where any channel of a clean render in [0, 1] exceeds 0.1 (the shape; the shapes
     world draws on black), the channel axis kept at size 1: the foreground both weighted losses use."""

@@ -59,7 +59,7 @@ from lightning_grpo.toy.components import (
     build_video_transformer,
     build_video_vae,
 )
-from lightning_grpo.toy.pretrain import _save_denoiser_fp16, lit_pixels, save_module_fp16, train_denoiser, train_vae
+from lightning_grpo.toy.pretrain import _save_denoiser_fp16, finetune_decoder, lit_pixels, save_module_fp16, train_denoiser, train_vae
 
 FAMILIES = ("hunyuan_video", "skyreels")
 DEFAULT_OUT = Path(__file__).parent / "pretrained"
@@ -82,6 +82,8 @@ class VideoPretrainConfig:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_foreground_weight: float = 4.0  # the shape's pixels weigh 1 + this in the VAE loss (pretrain.reconstruction_loss)
+    vae_decoder_steps: int = 0  # then the decoder alone, encoder frozen (`pretrain.finetune_decoder`): latents unchanged
+    vae_decoder_lr: float = 5e-4
     t2v_steps: int = 3000
     i2v_steps: int = 500
     denoiser_batch: int = 32
@@ -265,6 +267,19 @@ def train_video_vae(config: VideoPretrainConfig):
     return vae, stats
 
 
+def sharpen_decoder(vae, stats: dict, config: VideoPretrainConfig) -> dict:
+    """Fine-tune the VAE's decoder alone (`pretrain.finetune_decoder`) and return the latent
+    statistics with a `decoder` entry (steps, lr, loss, time, the ceiling before) and the new
+    ceiling. The encoder, hence the latents and `scaling_factor`, are unchanged: a transformer
+    trained on the earlier VAE works with this one and decodes sharper (the stage-1 VAE rounded
+    squares into discs: 57% of reconstructed square clips kept their shape in every frame)."""
+    started = time.perf_counter()
+    losses = finetune_decoder(config, vae, clip_sampler(config.size), config.vae_decoder_steps, config.vae_decoder_lr)
+    decoder = {"steps": config.vae_decoder_steps, "lr": config.vae_decoder_lr, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+               "seconds": round(time.perf_counter() - started, 1), "ceiling_before": stats.get("ceiling")}
+    return {**stats, "decoder": decoder, "ceiling": vae_ceiling(vae, config)}
+
+
 def load_vae(folder: Path) -> tuple:
     """A VAE trained by an earlier run (`--vae-from`): (vae, the latent statistics in its report)."""
     from diffusers import AutoencoderKLHunyuanVideo
@@ -296,6 +311,8 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
     else:
         vae, stats = train_video_vae(config)
         stats["seconds"] = round(time.perf_counter() - started, 1)
+    if config.vae_decoder_steps:
+        stats = sharpen_decoder(vae, stats, config)
     print(f"vae: latent mean {stats['mean']:.4f}, std {stats['std']:.4f}, final loss {stats['final_loss']:.5f}"
           + (f", reconstructions' exact match {stats['ceiling']['exact_match']:.1%}" if "ceiling" in stats else ""))
     reports, clip_set = {}, None
@@ -352,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="T2V pipeline the I2V transformer starts from ('none': its seeded initialisation)")
     parser.add_argument("--t2v-init-from", type=Path, default=None,
                         help="T2V pipeline whose transformer the T2V training continues (one stage of a staged recipe)")
-    overrides = {"vae_steps": int, "t2v_steps": int, "i2v_steps": int, "denoiser_lr": float, "denoiser_sigma_shift": float,
+    overrides = {"vae_steps": int, "vae_decoder_steps": int, "vae_decoder_lr": float, "t2v_steps": int, "i2v_steps": int, "denoiser_lr": float, "denoiser_sigma_shift": float,
                  "denoiser_foreground_weight": float}
     for key, kind in overrides.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"VideoPretrainConfig.{key}")

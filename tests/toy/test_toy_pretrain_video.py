@@ -229,3 +229,39 @@ def test_train_denoiser_rejects_a_bad_shift_and_mismatched_weights_before_any_wo
         train_denoiser(object(), "hunyuan_video", VideoPretrainConfig(denoiser_sigma_shift=0.0), data=data, steps=1)
     with pytest.raises(ValueError, match=r"weights \(3, 1, 3, 2, 2\) do not match the latents \(4, 16, 3, 2, 2\)"):
         train_denoiser(object(), "hunyuan_video", VideoPretrainConfig(), data=data, steps=1, weights=torch.ones(3, 1, 3, 2, 2))
+
+
+def test_decoder_stage_changes_only_the_decoder(pretrained, tmp_path):
+    """`--vae-decoder-steps` (`pretrain.finetune_decoder`): the encoder and quant_conv, hence every
+    latent an earlier transformer was trained on, stay bit for bit; the decoder moves; the report
+    keeps the ceiling before beside the new one."""
+    source = pretrained / "hunyuan_video"
+    main(["--reduced", "--family", "hunyuan_video", "--out", str(tmp_path), "--vae-from", str(source / "vae"),
+          "--t2v-init-from", str(source), "--t2v-steps", "0", "--vae-decoder-steps", "3", "--vae-decoder-lr", "1e-2"])
+    before = load_file(next((source / "vae").glob("*.safetensors")))
+    after = load_file(next((tmp_path / "hunyuan_video" / "vae").glob("*.safetensors")))
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    report = json.loads((tmp_path / "hunyuan_video" / "pretrain_report.json").read_text())
+    decoder = report["vae"]["decoder"]
+    assert decoder["steps"] == 3 and decoder["lr"] == 1e-2 and decoder["ceiling_before"] is not None
+    assert set(report["vae"]["ceiling"]) == set(decoder["ceiling_before"])
+
+
+def test_finetune_decoder_restores_the_flags_and_rejects_bad_arguments():
+    from lightning_grpo.toy.components import build_video_vae
+    from lightning_grpo.toy.pretrain import finetune_decoder
+    from lightning_grpo.toy.pretrain_video import clip_sampler
+
+    config = VideoPretrainConfig.reduced()
+    vae = build_video_vae(config.size, 0)
+    vae.encoder.requires_grad_(False)  # a caller's own freezing survives the stage
+    losses = finetune_decoder(config, vae, clip_sampler(config.size), steps=2, lr=1e-3)
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    assert not any(p.requires_grad for p in vae.encoder.parameters())
+    assert all(p.requires_grad for p in vae.decoder.parameters())
+    with pytest.raises(ValueError, match="steps >= 0 and lr > 0, got steps=1, lr=0"):
+        finetune_decoder(config, vae, clip_sampler(config.size), steps=1, lr=0)
