@@ -190,7 +190,7 @@ def finetune_decoder(config, vae: torch.nn.Module, sample: Callable[[int, int], 
     for name, q in vae.named_parameters():
         q.requires_grad_(name.startswith(trainable))
     vae.eval()  # the encoder's behaviour is fixed; the toy VAEs have no dropout or batch norm either way
-    generator = torch.Generator().manual_seed(config.seed + 5)
+    generator = torch.Generator().manual_seed(config.seed)  # posterior samples
 
     def loss_fn(step: int) -> Tensor:
         pixels = sample(config.vae_batch, config.seed * 100_003 + 7_000_003 + step)  # [0, 1]

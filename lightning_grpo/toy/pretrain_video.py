@@ -342,7 +342,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
         accuracy = heldout_video_accuracy(policy, family, config.eval_steps, config.eval_samples_per_prompt)
         reports[family] = {
             "heldout": accuracy,
-            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,  # None: a zero-step stage
             "vae": stats,
             # the transformer this run started from ("none" or null: its seeded initialisation)
             "init_from": str(init_from or out / "hunyuan_video") if family == "skyreels" else (t2v_init_from and str(t2v_init_from)),
