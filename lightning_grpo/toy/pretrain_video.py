@@ -9,7 +9,9 @@ loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.toy.motion`; see
 1. VAE: an AutoencoderKLHunyuanVideo (causal 3D convolutions, ×4 in space and time) is trained to
    reconstruct jittered clips of all 48 combinations; its `scaling_factor` is then set from the
    latent statistics. The HunyuanVideo pipelines scale without a shift (z·scale), so
-   scale = 1/√(std² + mean²), as for SD.
+   scale = 1/√(std² + mean²), as for SD. Optionally (`vae_decoder_steps`, also on a VAE reused
+   with `--vae-from`) the decoder is then fine-tuned alone, the encoder frozen
+   (`pretrain.finetune_decoder`): the latents stay those earlier transformers learned.
 2. Text encoders: a LlamaModel (the pipelines read its third-last hidden state under their own
    Llama-3 chat template) and a CLIPTextModel (pooled), with word-level tokenizers, left at their
    seeded random initialisation and frozen, like the frozen encoders of the real pipelines.
