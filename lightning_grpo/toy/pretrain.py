@@ -132,6 +132,12 @@ def _fit(name: str, params, loss_fn, steps: int, lr: float) -> list[float]:
     return losses
 
 
+def tail_mean(losses: list[float], last: int = 50) -> float | None:
+    """Mean of the last `last` losses: the `final_loss` every pretraining report records (None for a
+    zero-step stage, which has no loss, rather than a 0 that reads as a perfect fit)."""
+    return sum(losses[-last:]) / len(losses[-last:]) if losses else None
+
+
 # ----------------------------------------------------------------------------- VAE
 
 def train_vae(config, vae: torch.nn.Module | None = None, sample: Callable[[int, int], Tensor] | None = None,
@@ -469,7 +475,7 @@ def pretrain(families: tuple[str, ...], out: Path, config: PretrainConfig) -> di
         accuracy = heldout_accuracy(policy, config.eval_steps, config.eval_samples_per_prompt)
         reports[family] = {
             "heldout": accuracy,
-            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "final_loss": tail_mean(losses),
             "vae": stats,
             "seconds": round(time.perf_counter() - family_start, 1),
             "total_seconds_so_far": round(time.perf_counter() - started, 1),

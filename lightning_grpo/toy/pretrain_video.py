@@ -61,7 +61,15 @@ from lightning_grpo.toy.components import (
     build_video_transformer,
     build_video_vae,
 )
-from lightning_grpo.toy.pretrain import _save_denoiser_fp16, finetune_decoder, lit_pixels, save_module_fp16, train_denoiser, train_vae
+from lightning_grpo.toy.pretrain import (
+    _save_denoiser_fp16,
+    finetune_decoder,
+    lit_pixels,
+    save_module_fp16,
+    tail_mean,
+    train_denoiser,
+    train_vae,
+)
 
 FAMILIES = ("hunyuan_video", "skyreels")
 DEFAULT_OUT = Path(__file__).parent / "pretrained"
@@ -277,7 +285,7 @@ def sharpen_decoder(vae, stats: dict, config: VideoPretrainConfig) -> dict:
     squares into discs: 57% of reconstructed square clips kept their shape in every frame)."""
     started = time.perf_counter()
     losses = finetune_decoder(config, vae, clip_sampler(config.size), config.vae_decoder_steps, config.vae_decoder_lr)
-    decoder = {"steps": config.vae_decoder_steps, "lr": config.vae_decoder_lr, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+    decoder = {"steps": config.vae_decoder_steps, "lr": config.vae_decoder_lr, "final_loss": tail_mean(losses),
                "seconds": round(time.perf_counter() - started, 1), "ceiling_before": stats.get("ceiling")}
     return {**stats, "decoder": decoder, "ceiling": vae_ceiling(vae, config)}
 
@@ -344,7 +352,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
         accuracy = heldout_video_accuracy(policy, family, config.eval_steps, config.eval_samples_per_prompt)
         reports[family] = {
             "heldout": accuracy,
-            "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,  # None: a zero-step stage
+            "final_loss": tail_mean(losses),
             "vae": stats,
             # the transformer this run started from ("none" or null: its seeded initialisation)
             "init_from": str(init_from or out / "hunyuan_video") if family == "skyreels" else (t2v_init_from and str(t2v_init_from)),
@@ -371,8 +379,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="T2V pipeline the I2V transformer starts from ('none': its seeded initialisation)")
     parser.add_argument("--t2v-init-from", type=Path, default=None,
                         help="T2V pipeline whose transformer the T2V training continues (one stage of a staged recipe)")
-    overrides = {"vae_steps": int, "vae_decoder_steps": int, "vae_decoder_lr": float, "t2v_steps": int, "i2v_steps": int, "denoiser_lr": float, "denoiser_sigma_shift": float,
-                 "denoiser_foreground_weight": float}
+    overrides = {"vae_steps": int, "vae_decoder_steps": int, "vae_decoder_lr": float, "t2v_steps": int, "i2v_steps": int,
+                 "denoiser_lr": float, "denoiser_sigma_shift": float, "denoiser_foreground_weight": float}
     for key, kind in overrides.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"VideoPretrainConfig.{key}")
     args = parser.parse_args(argv)

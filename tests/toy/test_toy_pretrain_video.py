@@ -216,6 +216,7 @@ def test_t2v_training_continues_from_an_earlier_pipeline(pretrained, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     report = json.loads((tmp_path / "hunyuan_video" / "pretrain_report.json").read_text())
     assert report["init_from"] == str(source)
+    assert report["final_loss"] is None  # a zero-step stage has no loss (not a 0 that reads as a perfect fit)
     assert report["config"]["denoiser_sigma_shift"] == 3.0 and report["config"]["t2v_steps"] == 0
     assert report["config"]["denoiser_foreground_weight"] == 4.0
 
