@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--t2v-init-from", type=Path, default=None,
                         help="T2V pipeline whose transformer the T2V training continues (one stage of a staged recipe)")
     overrides = {"vae_steps": int, "vae_decoder_steps": int, "vae_decoder_lr": float, "t2v_steps": int, "i2v_steps": int,
-                 "denoiser_lr": float, "denoiser_sigma_shift": float, "denoiser_foreground_weight": float}
+                 "denoiser_lr": float, "denoiser_sigma_shift": float, "denoiser_foreground_weight": float,
+                 "caption_noise": float}
     for key, kind in overrides.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"VideoPretrainConfig.{key}")
     args = parser.parse_args(argv)
