@@ -59,9 +59,20 @@ def draw_captions(
     return [pool[i] for i in scene_ids], [chosen[t] for t in template_ids]
 
 
+def caption_noise_rates(noise: float | Sequence[float], attributes: int) -> Tensor:
+    """Per-attribute replacement probabilities Tensor[attributes] from one rate or one per attribute;
+    a ValueError names a rate outside [0, 1] or a list of the wrong length."""
+    rates = [noise] * attributes if isinstance(noise, (int, float)) else list(noise)
+    if len(rates) != attributes:
+        raise ValueError(f"caption noise (caption_noise) needs one rate or {attributes} (one per attribute), got {noise!r}")
+    if not all(0 <= r <= 1 for r in rates):
+        raise ValueError(f"caption noise (caption_noise) must be in [0, 1], got {noise!r}")
+    return torch.tensor(rates, dtype=torch.float32)
+
+
 def noisy_descriptions(
     prompts: Sequence[str],
-    noise: float,
+    noise: float | Sequence[float],
     seed: int,
     parse: Callable[[str], Any],
     sizes: Sequence[int],
@@ -73,19 +84,19 @@ def noisy_descriptions(
 
     Args:
         prompts: captions to perturb; `parse(prompt).indices` gives their attribute indices.
-        noise: replacement probability per attribute, in [0, 1].
+        noise: replacement probability of every attribute, in [0, 1], or one per attribute (in
+            `sizes` order: a world whose model should be taught one attribute cleanly).
         seed: one seed fixes every draw (same seed, same captions).
         sizes: number of values of each attribute (e.g. colours, shapes, positions).
         num_templates: training templates to draw from.
         redescribe: (attribute indices, template) -> caption.
     """
-    if not 0 <= noise <= 1:
-        raise ValueError(f"caption noise (caption_noise) must be in [0, 1], got {noise}")
+    rates = caption_noise_rates(noise, len(sizes))
     generator = torch.Generator().manual_seed(seed)
     out = []
     for prompt in prompts:
         scene = parse(prompt)
-        replace = (torch.rand(len(sizes), generator=generator) < noise).tolist()
+        replace = (torch.rand(len(sizes), generator=generator) < rates).tolist()  # the same draws for any rates
         drawn = [int(torch.randint(k, (1,), generator=generator)) for k in sizes]
         indices = tuple(d if r else i for i, d, r in zip(scene.indices, drawn, replace))
         template = int(torch.randint(num_templates, (1,), generator=generator))

@@ -50,9 +50,10 @@ def sample_captioned_clips(
     return render_tracks(tracks, size), prompts
 
 
-def noisy_motion_captions(prompts: list[str], noise: float, seed: int) -> list[str]:
+def noisy_motion_captions(prompts: list[str], noise: float | tuple[float, float, float], seed: int) -> list[str]:
     """Re-describe each prompt's scene (in a random training template) with each attribute
-    (colour, shape, direction) replaced by a uniformly drawn value with probability `noise`."""
+    (colour, shape, direction) replaced by a uniformly drawn value with probability `noise` (one
+    rate, or (colour, shape, direction) rates)."""
     return noisy_descriptions(
         prompts, noise, seed, parse_motion_prompt, (len(COLOUR_NAMES), len(SHAPES), len(DIRECTIONS)),
         len(MOTION_TEMPLATES), lambda indices, template: describe_motion(MotionScene.from_indices(*indices), template),

@@ -20,8 +20,8 @@ loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.toy.motion`; see
    captions by its `encode_prompts`, the loss on its `predict`): rectified flow,
        x_σ = (1 − σ)·z + σ·ε,  loss = |v_θ(x_σ, σ) − (ε − z)|²,  σ ~ logit-normal(0, 1),
    on NOISY captions (each attribute replaced by a random value with probability `caption_noise`,
-   `lightning_grpo.toy.motion.noisy_motion_captions`), so the model follows its prompt only part
-   of the time: what GRPO is for. The clips are encoded once and shared by both families.
+   `lightning_grpo.toy.motion.noisy_motion_captions`; one rate or (colour, shape, direction)
+   rates), so the model follows its prompt only part of the time: what GRPO is for. The clips are encoded once and shared by both families.
 4. Image-to-video: a `HunyuanSkyreelsImageToVideoPipeline` on the same VAE and text encoders, whose
    transformer takes 2C input channels (the noisy latent, then the first frame's latent padded
    with zeros over time). It starts from the text-to-video transformer (the image channels of the
@@ -101,7 +101,8 @@ class VideoPretrainConfig:
     denoiser_sigma_shift: float = 1.0  # training-noise shift of the rectified-flow loss (`pretrain._flow_loss`)
     denoiser_foreground_weight: float = 0.0  # latent cells that see the shape weigh 1 + this (`latent_foreground_weights`)
     dataset_size: int = 4000
-    caption_noise: float = 0.3  # text-to-video: each attribute of a caption replaced w.p. 0.3
+    # text-to-video: each attribute of a caption replaced w.p. 0.3, or (colour, shape, direction) rates
+    caption_noise: float | tuple[float, float, float] = 0.3
     i2v_caption_noise: float = 0.6  # image-to-video: the frame fixes colour and shape, so motion is what varies
     scheduler_shift: float = 1.5
     guidance: float = 6.0  # the distilled guidance the transformer is trained at (HunyuanVideoPipeline's default)
@@ -367,6 +368,15 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
     return reports
 
 
+def caption_noise_arg(text: str) -> float | tuple[float, ...]:
+    """`--caption-noise 0.3` (every attribute) or `--caption-noise 0.3,0,0.3` (colour, shape, direction)."""
+    try:
+        rates = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"caption noise must be a rate or colour,shape,direction rates, got {text!r}") from None
+    return rates[0] if len(rates) == 1 else rates
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: `python -m lightning_grpo.toy.pretrain_video [--family hunyuan_video|skyreels|all] [--out DIR]`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -381,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="T2V pipeline whose transformer the T2V training continues (one stage of a staged recipe)")
     overrides = {"vae_steps": int, "vae_decoder_steps": int, "vae_decoder_lr": float, "t2v_steps": int, "i2v_steps": int,
                  "denoiser_lr": float, "denoiser_sigma_shift": float, "denoiser_foreground_weight": float,
-                 "caption_noise": float}
+                 "caption_noise": caption_noise_arg}
     for key, kind in overrides.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"VideoPretrainConfig.{key}")
     args = parser.parse_args(argv)

@@ -64,6 +64,17 @@ def test_shipped_image_to_video_pipeline_leaves_room_to_learn():
     assert report["vae"]["ceiling"]["motion"] >= 0.9
 
 
+def test_shipped_text_to_video_pipeline_sits_in_its_band():
+    """The toy HunyuanVideo starts at a held-out exact match inside issue 12's band (15–60%), on
+    captions whose shape word was clean in its last stage, and its VAE's reconstructions pass the
+    judge far above it (the ceiling is not what limits it)."""
+    report = json.loads((PRETRAINED / "hunyuan_video" / "pretrain_report.json").read_text())
+    assert report["heldout"]["samples"] >= 256
+    assert 0.15 <= report["heldout"]["exact_match"] <= 0.60
+    assert report["vae"]["ceiling"]["exact_match"] >= 0.9
+    assert report["stages"][-1]["heldout"] == report["heldout"]  # the last stage is what ships
+
+
 @pytest.mark.parametrize("family", ["flux", "sd"])
 def test_shipped_pipeline_leaves_room_to_learn(family):
     report = json.loads((PRETRAINED / family / "pretrain_report.json").read_text())

@@ -164,6 +164,20 @@ def test_captioned_clips_match_their_captions_and_are_seeded() -> None:
         assert torch.allclose(colour, torch.tensor(COLOURS[scene.colour]), atol=1e-6), prompt
 
 
+def test_noisy_captions_take_one_rate_per_attribute() -> None:
+    """(colour, shape, direction) rates: a zero rate keeps that attribute in every caption, the
+    others change at (k − 1)/k of their rate; one rate repeated is the scalar (the same draws)."""
+    _, prompts = sample_captioned_clips(3000, frames=2, size=8, seed=0)
+    noisy = noisy_motion_captions(prompts, (0.3, 0.0, 0.6), seed=1)
+    changed = torch.tensor([[a != b for a, b in zip(parse_motion_prompt(p).indices, parse_motion_prompt(q).indices)]
+                            for p, q in zip(prompts, noisy)]).float().mean(0)  # [3]
+    assert changed[1] == 0 and torch.allclose(changed[[0, 2]], torch.tensor([0.225, 0.45]), atol=0.03), changed
+    assert noisy_motion_captions(prompts[:200], (0.3, 0.3, 0.3), seed=1) == noisy_motion_captions(prompts[:200], 0.3, seed=1)
+    for bad in ((0.3, 0.3), (0.3, -0.1, 0.3)):
+        with pytest.raises(ValueError, match="caption noise"):
+            noisy_motion_captions(prompts[:5], bad, seed=0)
+
+
 def test_noisy_captions_replace_attributes_at_the_given_rate() -> None:
     _, prompts = sample_captioned_clips(3000, frames=2, size=8, seed=0)
     noisy = noisy_motion_captions(prompts, 0.3, seed=1)

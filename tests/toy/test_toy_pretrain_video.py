@@ -210,7 +210,7 @@ def test_t2v_training_continues_from_an_earlier_pipeline(pretrained, tmp_path):
     source = pretrained / "hunyuan_video"
     main(["--reduced", "--family", "hunyuan_video", "--out", str(tmp_path), "--vae-from", str(source / "vae"),
           "--t2v-init-from", str(source), "--t2v-steps", "0", "--denoiser-sigma-shift", "3",
-          "--denoiser-foreground-weight", "4"])
+          "--denoiser-foreground-weight", "4", "--caption-noise", "0.3,0,0.3"])
     before = load_file(next((source / "transformer").glob("*.safetensors")))
     after = load_file(next((tmp_path / "hunyuan_video" / "transformer").glob("*.safetensors")))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -219,6 +219,15 @@ def test_t2v_training_continues_from_an_earlier_pipeline(pretrained, tmp_path):
     assert report["final_loss"] is None  # a zero-step stage has no loss (not a 0 that reads as a perfect fit)
     assert report["config"]["denoiser_sigma_shift"] == 3.0 and report["config"]["t2v_steps"] == 0
     assert report["config"]["denoiser_foreground_weight"] == 4.0
+    assert report["config"]["caption_noise"] == [0.3, 0.0, 0.3]  # (colour, shape, direction) rates
+
+
+def test_caption_noise_argument_takes_one_rate_or_three():
+    from lightning_grpo.toy.pretrain_video import caption_noise_arg
+
+    assert caption_noise_arg("0.3") == 0.3 and caption_noise_arg("0.3,0,0.6") == (0.3, 0.0, 0.6)
+    with pytest.raises(Exception, match="colour,shape,direction"):
+        caption_noise_arg("0.3;0")
 
 
 def test_train_denoiser_rejects_a_bad_shift_and_mismatched_weights_before_any_work():
