@@ -21,7 +21,8 @@ loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.toy.motion`; see
        x_σ = (1 − σ)·z + σ·ε,  loss = |v_θ(x_σ, σ) − (ε − z)|²,  σ ~ logit-normal(0, 1),
    on NOISY captions (each attribute replaced by a random value with probability `caption_noise`,
    `lightning_grpo.toy.motion.noisy_motion_captions`; one rate or (colour, shape, direction)
-   rates), so the model follows its prompt only part of the time: what GRPO is for. The clips are encoded once and shared by both families.
+   rates), so the model follows its prompt only part of the time: what GRPO is for. The clips are
+   encoded once and shared by both families.
 4. Image-to-video: a `HunyuanSkyreelsImageToVideoPipeline` on the same VAE and text encoders, whose
    transformer takes 2C input channels (the noisy latent, then the first frame's latent padded
    with zeros over time). It starts from the text-to-video transformer (the image channels of the
