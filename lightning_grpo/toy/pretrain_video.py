@@ -370,12 +370,18 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
 
 
 def caption_noise_arg(text: str) -> float | tuple[float, ...]:
-    """`--caption-noise 0.3` (every attribute) or `--caption-noise 0.3,0,0.3` (colour, shape, direction)."""
+    """`--caption-noise 0.3` (every attribute) or `--caption-noise 0.3,0,0.3` (colour, shape, direction),
+    checked by `caption_noise_rates` here, so a bad value stops the command line before any training."""
+    from lightning_grpo.toy.dataset import caption_noise_rates
+
     try:
         rates = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"caption noise must be a rate or colour,shape,direction rates, got {text!r}") from None
-    return rates[0] if len(rates) == 1 else rates
+        noise = rates[0] if len(rates) == 1 else rates
+        caption_noise_rates(noise, 3)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"caption noise must be a rate or colour,shape,direction rates in [0, 1], "
+                                         f"got {text!r} ({error})") from None
+    return noise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ template exactly where their hard-coded crop assumes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -226,8 +227,9 @@ def test_caption_noise_argument_takes_one_rate_or_three():
     from lightning_grpo.toy.pretrain_video import caption_noise_arg
 
     assert caption_noise_arg("0.3") == 0.3 and caption_noise_arg("0.3,0,0.6") == (0.3, 0.0, 0.6)
-    with pytest.raises(Exception, match="colour,shape,direction"):
-        caption_noise_arg("0.3;0")
+    for bad in ("0.3;0", "0.3,0.3", "0.3,0,1.5"):  # not numbers, two rates, a rate above 1
+        with pytest.raises(argparse.ArgumentTypeError, match="colour,shape,direction"):
+            caption_noise_arg(bad)
 
 
 def test_train_denoiser_rejects_a_bad_shift_and_mismatched_weights_before_any_work():
