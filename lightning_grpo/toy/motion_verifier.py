@@ -24,8 +24,13 @@ Appearance (the analogue of visual quality, VQ), per frame with the image world'
 Rewards: dense motion = mean(direction, smooth, progress); dense appearance = mean(share of
 frames with the right colour, share with the right shape, stable); exact motion = smooth; exact
 appearance = every frame coloured and shaped right and stable; exact match = both exact (shape,
-colour, direction, one object in every frame). Every term needs the object to be there, so a
-blank, static, reversed or two-object clip earns (almost) nothing of the dense forms.
+colour, direction, one object in every frame). Per attribute, dense colour / shape = the share of
+frames with the named colour / shape, exact = every frame. The product form of "all" is the
+graded exact match, dense motion × colour share × shape share: like the judge it pays nothing to a
+clip whose shape (or colour) is never right, where the mean form still pays 5/6 to a right clip
+of another shape (what the text-to-video demo trains on, docs/results.md). Every term needs the
+object to be there, so a blank, static, reversed or two-object clip earns (almost) nothing of the
+dense and product forms.
 
 Measured rates: docs/results.md ("Moving-shapes verifier"), from tests/toy/test_motion_verifier.py.
 """
@@ -45,7 +50,8 @@ from lightning_grpo.toy.motion_render import frame_times
 from lightning_grpo.toy.motion_vocab import TRAVEL, direction_vectors
 from lightning_grpo.toy.verifier import SceneRules, decode_scenes
 
-Aspect = Literal["motion", "appearance", "all"]
+Aspect = Literal["motion", "appearance", "colour", "shape", "all"]
+Mode = Literal["dense", "exact", "product"]
 
 
 @dataclass(frozen=True)
@@ -119,14 +125,49 @@ class ClipJudgement:
         """[B] 1 iff every frame has the right colour and shape and the object is stable."""
         return (self.colour.all(1) & self.shape.all(1) & self.stable).float()
 
+    def appearance_product(self) -> Tensor:
+        """[B] share of right-coloured frames × share of right-shaped frames (0 if either is never right)."""
+        return self.colour.float().mean(1) * self.shape.float().mean(1)
+
+    def colour_dense(self) -> Tensor:
+        """[B] share of frames with the named colour (one object, pure)."""
+        return self.colour.float().mean(1)
+
+    def colour_exact(self) -> Tensor:
+        """[B] 1 iff every frame has the named colour."""
+        return self.colour.all(1).float()
+
+    def shape_dense(self) -> Tensor:
+        """[B] share of frames with the named shape (one object, clean template match)."""
+        return self.shape.float().mean(1)
+
+    def shape_exact(self) -> Tensor:
+        """[B] 1 iff every frame has the named shape."""
+        return self.shape.all(1).float()
+
     def exact(self) -> Tensor:
         """[B] exact match: every attribute right (shape, colour, direction, one object in every frame)."""
         return self.motion_exact() * self.appearance_exact()
 
-    def score(self, aspect: Aspect, mode: Literal["dense", "exact"]) -> Tensor:
-        """[B] the reward of one aspect ("motion", "appearance" or "all" = both) and mode."""
+    def product(self) -> Tensor:
+        """[B] the graded exact match: motion dense × colour share × shape share.
+
+        Each factor is the graded form of one attribute of `exact`; a product, not a mean, so a clip
+        right in colour and motion but of another shape earns 0, as under the judge. (Under the
+        mean of `dense`, such a clip still earns about 5/6, and a policy that drifts to one shape
+        for every prompt loses little.)"""
+        return self.motion_dense() * self.appearance_product()
+
+    def score(self, aspect: Aspect, mode: Mode) -> Tensor:
+        """[B] the reward of one aspect ("motion", "appearance", "colour", "shape" or "all") and mode.
+
+        "product" is defined for "all" (`product`) and "appearance" (`appearance_product`); for a
+        single-term aspect it equals "dense"."""
         if aspect == "all":
-            return self.exact() if mode == "exact" else (self.motion_dense() + self.appearance_dense()) / 2
+            return {"exact": self.exact, "product": self.product,
+                    "dense": lambda: (self.motion_dense() + self.appearance_dense()) / 2}[mode]()
+        if mode == "product":
+            return self.appearance_product() if aspect == "appearance" else getattr(self, f"{aspect}_dense")()
         return getattr(self, f"{aspect}_{mode}")()
 
 
@@ -232,8 +273,12 @@ class MovingShapesVerifier(Reward):
 
     Args:
         aspect: "motion" (direction and smoothness of the track: the image-to-video reward),
-            "appearance" (right colour and shape in every frame, stable) or "all" (both).
-        mode: "dense" (graded terms, for training) or "exact" (1 iff every check of the aspect passes).
+            "appearance" (right colour and shape in every frame, stable), "colour" or "shape" (one
+            attribute per frame), or "all" (motion and appearance).
+        mode: "dense" (graded terms, mean of the aspect's terms, for training), "exact" (1 iff every
+            check of the aspect passes) or "product" (graded terms multiplied: "all" = motion dense ×
+            colour share × shape share, "appearance" = colour share × shape share; = "dense" for a
+            one-term aspect).
         min_travel, max_travel, max_drift, max_backstep, max_track_error, progress_tolerance,
             max_area_change: `MotionRules` overrides (None keeps the default).
         max_stray, min_purity, max_off_palette, max_shape_error, max_elongation: per-frame
@@ -247,7 +292,7 @@ class MovingShapesVerifier(Reward):
     def __init__(
         self,
         aspect: Aspect = "all",
-        mode: Literal["dense", "exact"] = "dense",
+        mode: Mode = "dense",
         min_travel: float | None = None,
         max_travel: float | None = None,
         max_drift: float | None = None,
@@ -263,10 +308,11 @@ class MovingShapesVerifier(Reward):
         name: str | None = None,
         weight: float = 1.0,
     ) -> None:
-        if aspect not in ("motion", "appearance", "all"):
-            raise ValueError(f"MovingShapesVerifier aspect must be 'motion', 'appearance' or 'all', got {aspect!r}")
-        if mode not in ("dense", "exact"):
-            raise ValueError(f"MovingShapesVerifier mode must be 'dense' or 'exact', got {mode!r}")
+        if aspect not in ("motion", "appearance", "colour", "shape", "all"):
+            raise ValueError("MovingShapesVerifier aspect must be 'motion', 'appearance', 'colour', 'shape' or 'all', "
+                             f"got {aspect!r}")
+        if mode not in ("dense", "exact", "product"):
+            raise ValueError(f"MovingShapesVerifier mode must be 'dense', 'exact' or 'product', got {mode!r}")
         super().__init__(name or f"{'moving_shapes' if aspect == 'all' else aspect}_{mode}", weight)
         self.aspect, self.mode = aspect, mode
         scene = {"max_stray": max_stray, "min_purity": min_purity, "max_off_palette": max_off_palette,

@@ -34,6 +34,7 @@ from lightning_grpo.toy.motion_verifier import (
     judge_clips,
     motion_exact_accuracy,
 )
+from lightning_grpo.toy.vocab import SHAPES
 
 FRAMES, SIZE = 9, 32
 
@@ -218,8 +219,8 @@ def test_empty_and_noise_clips_score_zero_without_nan() -> None:
     prompts = [describe_motion(s) for s in all_motion_scenes()[:4]]
     for clips in (torch.zeros(4, FRAMES, 3, SIZE, SIZE), torch.ones(4, FRAMES, 3, SIZE, SIZE),
                   torch.rand(4, FRAMES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))):
-        for aspect in ("motion", "appearance", "all"):
-            for mode in ("dense", "exact"):
+        for aspect in ("motion", "appearance", "colour", "shape", "all"):
+            for mode in ("dense", "exact", "product"):
                 scores = MovingShapesVerifier(aspect, mode)(clips, prompts)
                 assert torch.isfinite(scores).all() and scores.max() <= 0.1, (aspect, mode)
 
@@ -251,6 +252,33 @@ def test_rewards_graded_values_on_a_hand_built_batch() -> None:
     both = MovingShapesVerifier("all", "dense")(clips, chosen)
     assert torch.allclose(both, (appearance + motion) / 2)
     assert MovingShapesVerifier("all", "exact")(clips, chosen).tolist() == [1.0, 0.0, 0.0]
+    # per attribute: colour share 1, 0, 1; shape share 1, 1, 1 (the static clip keeps its shape)
+    assert MovingShapesVerifier("colour", "dense")(clips, chosen).tolist() == [1.0, 0.0, 1.0]
+    assert MovingShapesVerifier("shape", "dense")(clips, chosen).tolist() == [1.0, 1.0, 1.0]
+    assert MovingShapesVerifier("shape", "product")(clips, chosen).tolist() == [1.0, 1.0, 1.0]  # one term: dense
+    # product = motion dense × colour share × shape share: 1·1·1, 1·0·1, (0.25/3)·1·1
+    product = MovingShapesVerifier("all", "product")(clips, chosen)
+    assert torch.allclose(product, torch.tensor([1.0, 0.0, 0.25 / 3]), atol=1e-6), product
+    assert MovingShapesVerifier("appearance", "product")(clips, chosen).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_product_gives_nothing_to_a_right_clip_of_another_shape() -> None:
+    """Right clips judged against prompts naming the next shape: colour and motion right, shape
+    wrong in every frame, one stable object. The mean form still pays (1 + (1 + 0 + 1)/3)/2 = 5/6
+    (motion; colour share, shape share, stable); the product form and the judge pay 0. Partial
+    credit: frames 4-8 blanked, the shape share is 4/9."""
+    prompts, indices, tracks = scenes_and_tracks()
+    clips = render_tracks(tracks, SIZE)
+    reshaped = [p.replace(SHAPES[int(i)], SHAPES[(int(i) + 1) % 3]) for p, i in zip(prompts, indices[:, 1])]
+    assert all(a != b for a, b in zip(reshaped, prompts))
+    judged = judge_clips(clips, reshaped)
+    assert torch.allclose(judged.score("all", "dense"), torch.full((len(prompts),), 5 / 6), atol=1e-6)
+    assert judged.score("all", "product").max() == 0 and judged.exact().max() == 0
+    assert judged.score("colour", "exact").min() == 1 and judged.score("shape", "dense").max() == 0
+    mixed = clips.clone()
+    mixed[:, 4:] = 0
+    judged = judge_clips(mixed, prompts)
+    assert torch.allclose(judged.shape_dense(), torch.full((len(prompts),), 4 / 9), atol=1e-6)
 
 
 def test_first_frame_fidelity_by_hand() -> None:
@@ -271,7 +299,7 @@ def test_reward_names_rules_and_errors() -> None:
     assert MovingShapesVerifier("appearance", max_stray=0.2, max_track_error=0.1).rules.scene.max_stray == 0.2
     assert MovingShapesVerifier(max_track_error=0.1).rules.max_track_error == 0.1
     with pytest.raises(ValueError, match="aspect"):
-        MovingShapesVerifier("colour")  # type: ignore[arg-type]
+        MovingShapesVerifier("size")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mode"):
         MovingShapesVerifier("motion", "soft")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_travel"):
