@@ -21,7 +21,8 @@ from its conditioning image?).
    and dense) and by gold measures training never optimises: the lenient verifier's exact match
    and the toy CLIP score.
 3. Runs the demo's GRPO training (`trainer.fit`).
-4. Evaluates again with the SAME seeds, and prints every split's before/after table with 95%
+4. Evaluates again with the SAME seeds (with the EMA weights where the config has an `EMA`
+   callback, as its `HeldOutEvaluation` does), and prints every split's before/after table with 95%
    intervals (Wilson for exact match, Student-t otherwise).
 The last line printed is the absolute improvement of the judge (strict exact match; motion accuracy
 for image-to-video) on new combinations, in points.
@@ -125,6 +126,7 @@ def split_figures(before, after) -> dict:
 def main(argv: list[str] | None = None) -> float:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args, extra = parse_args(argv)
+    from lightning_grpo.callbacks.ema import ema_weights
     from lightning_grpo.cli import run
     from lightning_grpo.evaluation import evaluate, format_before_after
 
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> float:
     started = time.perf_counter()
     trainer.fit(module, datamodule=cli.datamodule, ckpt_path=None if args.ckpt_path is None else str(args.ckpt_path))
     train_seconds = time.perf_counter() - started
-    after = held_out()
+    with ema_weights(trainer, module):  # the EMA weights when the config has an EMA callback, as HeldOutEvaluation
+        after = held_out()
     figures = {"family": args.family, "config": str(config), "cli_overrides": extra,
                "resumed_from": None if args.ckpt_path is None else str(args.ckpt_path),
                "optimizer_steps": trainer.global_step, "train_seconds": round(train_seconds, 1), "splits": {}}
