@@ -127,7 +127,7 @@ class ClipJudgement:
 
     def appearance_product(self) -> Tensor:
         """[B] share of right-coloured frames × share of right-shaped frames (0 if either is never right)."""
-        return self.colour.float().mean(1) * self.shape.float().mean(1)
+        return self.colour_dense() * self.shape_dense()
 
     def colour_dense(self) -> Tensor:
         """[B] share of frames with the named colour (one object, pure)."""
