@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -119,7 +119,7 @@ class ClipJudgement:
 
     def appearance_dense(self) -> Tensor:
         """[B] mean(share of right-coloured frames, share of right-shaped frames, stable)."""
-        return (self.colour.float().mean(1) + self.shape.float().mean(1) + self.stable.float()) / 3
+        return (self.colour_dense() + self.shape_dense() + self.stable.float()) / 3
 
     def appearance_exact(self) -> Tensor:
         """[B] 1 iff every frame has the right colour and shape and the object is stable."""
@@ -308,11 +308,10 @@ class MovingShapesVerifier(Reward):
         name: str | None = None,
         weight: float = 1.0,
     ) -> None:
-        if aspect not in ("motion", "appearance", "colour", "shape", "all"):
-            raise ValueError("MovingShapesVerifier aspect must be 'motion', 'appearance', 'colour', 'shape' or 'all', "
-                             f"got {aspect!r}")
-        if mode not in ("dense", "exact", "product"):
-            raise ValueError(f"MovingShapesVerifier mode must be 'dense', 'exact' or 'product', got {mode!r}")
+        if aspect not in get_args(Aspect):
+            raise ValueError(f"MovingShapesVerifier aspect must be one of {list(get_args(Aspect))}, got {aspect!r}")
+        if mode not in get_args(Mode):
+            raise ValueError(f"MovingShapesVerifier mode must be one of {list(get_args(Mode))}, got {mode!r}")
         super().__init__(name or f"{'moving_shapes' if aspect == 'all' else aspect}_{mode}", weight)
         self.aspect, self.mode = aspect, mode
         scene = {"max_stray": max_stray, "min_purity": min_purity, "max_off_palette": max_off_palette,

@@ -1,10 +1,10 @@
 """Two-process DDP (gloo, CPU) on the tiny FLUX stand-in, against one process on the union.
 
 Acceptance of issue 14: after each step the weights are identical across ranks and equal (1e-6,
-up to AdamW-amplified rounding on a few elements: `assert_same_training`) those of one process trained on both ranks' prompts with the same noise; the first update's
-ratio is 1 on every rank; gradients are all-reduced once per optimizer step, not once per
-accumulation micro-step; no prompt is seen twice; groups spanning ranks give the single-process
-advantages. The runs go through tests/distributed/ddp_run.py in subprocesses (Lightning's DDP
+up to AdamW-amplified rounding on a few elements: `assert_same_training`) those of one process
+trained on both ranks' prompts with the same noise; the first update's ratio is 1 on every rank;
+gradients are all-reduced once per optimizer step, not once per accumulation micro-step; no prompt
+is seen twice; groups spanning ranks give the single-process advantages. The runs go through tests/distributed/ddp_run.py in subprocesses (Lightning's DDP
 launcher re-runs a script per rank).
 """
 
@@ -40,9 +40,10 @@ def assert_same_training(weights: torch.Tensor, reference: torch.Tensor) -> None
 
     The ranks sum each gradient in another order than one process, and AdamW divides by |g|: an
     element whose gradient is near zero can turn that rounding into up to ~4e-5 of weight (2 to 25
-    of 78,544 elements on one Xeon; none, or 1 within 5e-6, on the machines before). A real difference (a missing or doubled
-    all-reduce, another gradient scale, another sample) moves most elements by about the learning
-    rate (1e-3): so at most 0.1% of the elements may differ by more than 1e-6, and none by 1e-4."""
+    of 78,544 elements on one Xeon; none, or 1 within 5e-6, on the machines before). A real
+    difference (a missing or doubled all-reduce, another gradient scale, another sample) moves most
+    elements by about the learning rate (1e-3): so at most 0.1% of the elements may differ by more
+    than 1e-6, and none by 1e-4."""
     diff = (weights - reference).abs()
     assert diff.max() <= 1e-4, f"largest weight difference {diff.max():.3g}"
     beyond = (diff > 1e-6).float().mean().item()
