@@ -4,8 +4,8 @@ Acceptance of issue 14: after each step the weights are identical across ranks a
 up to AdamW-amplified rounding on a few elements: `assert_same_training`) those of one process
 trained on both ranks' prompts with the same noise; the first update's ratio is 1 on every rank;
 gradients are all-reduced once per optimizer step, not once per accumulation micro-step; no prompt
-is seen twice; groups spanning ranks give the single-process advantages. The runs go through tests/distributed/ddp_run.py in subprocesses (Lightning's DDP
-launcher re-runs a script per rank).
+is seen twice; groups spanning ranks give the single-process advantages. The runs go through
+tests/distributed/ddp_run.py in subprocesses (Lightning's DDP launcher re-runs a script per rank).
 """
 
 from __future__ import annotations
