@@ -20,9 +20,17 @@ Decoding, batched in torch on the pixels' device:
    of coverage is kept. Coverage is first divided by the object's plateau level, so an
    under-saturated object matches like a full one.
 
+5. Faint coverage off the object (`off_object`): the coverage α summed over the pixels more than
+   `OBJECT_MARGIN` pixels from the main object whose 3×3 average of α (at a 32-pixel side; it
+   averages pixel noise away, not blobs) is ≥ `FAINT_THRESHOLD`, in units of full pixels of a
+   32×32 image (× 32²/(H·W)). It sees what the foreground threshold hides: dim blobs, a faint
+   grid or haze over the background (GRPO-trained toy generators painted dim orange blobs,
+   α < 0.5, beside their objects: docs/results.md).
+
 Strict rules (`SceneRules`, the default judge and reward): a scene is right only if
 - one object: foreground outside the main object ≤ `max_stray` of its area (a second blob, a
-  speckle of stray dots fail);
+  speckle of stray dots fail), and faint coverage off it ≤ `max_off_object` pixels' worth (a
+  dim second blob, a faint pattern or haze over the background fail);
 - one colour, the named one: ≥ `min_purity` of ALL foreground pixels have the named hue and lie
   within `max_off_palette` of it (a mixed-colour smear, an orange-tinged blob, a second object
   of another colour fail);
@@ -58,6 +66,11 @@ FOREGROUND_THRESHOLD = 0.5
 TEMPLATE_BLURS = (0.0, 0.8, 1.6)
 #: Coverage within this many pixels (at a 32-pixel side) of the main object belongs to it.
 OBJECT_MARGIN = 3
+#: 3×3-averaged coverage (at a 32-pixel side) at or above which a pixel off the object counts as faint
+#: foreground. Renders with noise σ = 0.08 per channel reach at most 0.21 (the largest of 240 images;
+#: noise 0.05: 0.13), so a few noise pixels pass it; `SceneRules.max_off_object` allows for them. A
+#: 3×3 blob at 40% of a palette colour counts whole (its corners average 4/9 · 0.4 = 0.18).
+FAINT_THRESHOLD = 0.15
 #: Sub-pixels per side used to anti-alias the shape templates.
 _TEMPLATE_SUPERSAMPLE = 2
 
@@ -68,6 +81,9 @@ class SceneRules:
 
     Attributes:
         max_stray: foreground outside the main object, as a fraction of its area (one object).
+        max_off_object: faint coverage off the main object (module doc, step 5), in full pixels of a
+            32×32 image (one object: a dim blob, a faint grid or a haze fails). 1.5: renders with
+            noise σ = 0.08 reach 1.7 at most (1.2 for 99% of them), a 3×3 blob at 40% is 3.6.
         min_purity: share of the foreground of the named hue and on the palette (one colour).
         max_off_palette: residual (RGB distance to the hue's background-to-colour segment) above
             which a pixel is off the palette; 0.2 passes noise σ = 0.08 but not orange (0.26).
@@ -77,6 +93,7 @@ class SceneRules:
     """
 
     max_stray: float = 0.1
+    max_off_object: float = 1.5
     min_purity: float = 0.75
     max_off_palette: float = 0.2
     max_shape_error: float = 0.45
@@ -87,6 +104,8 @@ class SceneRules:
         for name in ("max_stray", "min_purity", "min_inside"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"SceneRules.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.max_off_object < 0:
+            raise ValueError(f"SceneRules.max_off_object must be >= 0, got {self.max_off_object}")
         for name in ("max_off_palette", "max_shape_error", "max_elongation"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SceneRules.{name} must be > 0, got {getattr(self, name)}")
@@ -99,7 +118,8 @@ class DecodedScenes:
     Fields (all [B]): `colour`, `shape`, `position` LongTensor indices into `COLOUR_NAMES`,
     `SHAPES`, `POSITIONS` (of the main object); `valid` BoolTensor (an object was found);
     `area` foreground pixel count; `objects` LongTensor number of connected foreground
-    components; `stray` foreground outside the main object / its area; `purity` share of the
+    components; `stray` foreground outside the main object / its area; `off_object` faint
+    coverage off the main object in pixels of a 32² image (module doc, step 5); `purity` share of the
     foreground with the main object's hue and on the palette; `shape_error` L1 error of the best
     template per unit coverage; `elongation` ratio of the object's principal second moments
     (a streak is long); `inside` share of the foreground in the decoded quadrant; `hue_share`
@@ -115,6 +135,7 @@ class DecodedScenes:
     area: Tensor
     objects: Tensor
     stray: Tensor
+    off_object: Tensor
     purity: Tensor
     shape_error: Tensor
     elongation: Tensor
@@ -129,8 +150,8 @@ class DecodedScenes:
         return torch.stack([self.colour, self.shape, self.position], dim=1)
 
     def one_object(self, rules: SceneRules) -> Tensor:
-        """BoolTensor[B]: an object was found and almost nothing else is foreground."""
-        return self.valid & (self.stray <= rules.max_stray)
+        """BoolTensor[B]: an object was found and almost nothing else is foreground, faint or not."""
+        return self.valid & (self.stray <= rules.max_stray) & (self.off_object <= rules.max_off_object)
 
     def clean_attributes(self, rules: SceneRules) -> Tensor:
         """BoolTensor[B, 3]: whether colour, shape and position were each read without doubt
@@ -252,14 +273,30 @@ def _elongation(observed: Tensor, cx: Tensor, cy: Tensor, mass: Tensor) -> Tenso
     return (mean + half) / (mean - half).clamp_min(1e-6)
 
 
+def _object_neighbourhood(main: Tensor) -> Tensor:
+    """[B, H, W] float: 1 within `OBJECT_MARGIN` pixels (at a 32-pixel side) of the main object [B, H, W]."""
+    margin = max(1, round(OBJECT_MARGIN * main.shape[-2] / 32))
+    return F.max_pool2d(main.float().unsqueeze(1), 2 * margin + 1, stride=1, padding=margin).squeeze(1)
+
+
+def _off_object(alpha: Tensor, near: Tensor) -> Tensor:
+    """[B] faint coverage off the main object, in full pixels of a 32×32 image (module doc, step 5).
+
+    alpha, near: [B, H, W] coverage and the object's neighbourhood (`_object_neighbourhood`)."""
+    height, width = alpha.shape[-2:]
+    side = 2 * max(1, round(height / 32)) + 1  # 3 at 32 px, odd, scaled with the side
+    local = F.avg_pool2d(alpha.unsqueeze(1), side, stride=1, padding=side // 2, count_include_pad=False).squeeze(1)
+    faint = (local >= FAINT_THRESHOLD).float() * (1 - near)  # [B, H, W]
+    return (alpha * faint).sum((1, 2)) * (32 * 32) / (height * width)
+
+
 def _match_shape(alpha: Tensor, main: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(shape index [B] whose (possibly blurred) template best matches the main object's coverage,
     that match's L1 error per unit coverage [B], the coverage's elongation [B]) (step 4 of the
     module doc)."""
     batch, height, width = alpha.shape
     scale = height / 32
-    margin = max(1, round(OBJECT_MARGIN * scale))
-    near = F.max_pool2d(main.float().unsqueeze(1), 2 * margin + 1, stride=1, padding=margin).squeeze(1)  # [B, H, W]
+    near = _object_neighbourhood(main)  # [B, H, W]
     # A dim object (a generator that under-saturates) is compared at its own plateau level: the
     # peak of the 3×3-averaged coverage, which single noisy pixels cannot raise much.
     level = F.avg_pool2d((alpha * near).unsqueeze(1), 3, stride=1, padding=1).amax((1, 2, 3)).clamp(0.5, 1.0)  # [B]
@@ -327,6 +364,7 @@ def decode_scenes(
         area=area,
         objects=objects,
         stray=(area - main_f.sum((1, 2))) / main_area,
+        off_object=_off_object(alpha, _object_neighbourhood(main)),
         purity=purity,
         shape_error=shape_error,
         elongation=elongation,
@@ -412,8 +450,8 @@ class ShapesVerifier(Reward):
         strict: apply the strict rules (`SceneRules`; default): every term also needs exactly one
             object, of one pure colour, matching its shape template well, inside its quadrant.
             False: the lenient verifier (the main object's attributes only).
-        max_stray, min_purity, max_off_palette, max_shape_error, max_elongation, min_inside: the strict rules'
-            thresholds (see `SceneRules`); None keeps the default.
+        max_stray, max_off_object, min_purity, max_off_palette, max_shape_error, max_elongation, min_inside:
+            the strict rules' thresholds (see `SceneRules`); None keeps the default.
         min_area_frac, max_area_frac: object-size bounds of `decode_scenes`.
         name: logged name (default "shapes_dense" / "shapes_exact", with "_lenient" when not strict).
         weight: weight in the multi-reward advantage.
@@ -426,6 +464,7 @@ class ShapesVerifier(Reward):
         mode: Literal["dense", "exact", "graded"] = "dense",
         strict: bool = True,
         max_stray: float | None = None,
+        max_off_object: float | None = None,
         min_purity: float | None = None,
         max_off_palette: float | None = None,
         max_shape_error: float | None = None,
@@ -443,7 +482,7 @@ class ShapesVerifier(Reward):
         super().__init__(name or f"shapes_{mode}" + ("" if strict else "_lenient"), weight)
         self.mode = mode
         self.strict = bool(strict)
-        overrides = {"max_stray": max_stray, "min_purity": min_purity, "max_off_palette": max_off_palette,
+        overrides = {"max_stray": max_stray, "max_off_object": max_off_object, "min_purity": min_purity, "max_off_palette": max_off_palette,
                      "max_shape_error": max_shape_error, "max_elongation": max_elongation, "min_inside": min_inside}
         self.rules = SceneRules(**{k: float(v) for k, v in overrides.items() if v is not None})
         self.min_area_frac = float(min_area_frac)

@@ -27,6 +27,7 @@ from lightning_grpo.toy.motion import (
     sample_tracks,
 )
 from lightning_grpo.toy.motion_verifier import (
+    FirstFrameAdherence,
     FirstFrameFidelity,
     MotionRules,
     MovingShapesVerifier,
@@ -66,15 +67,16 @@ def _recoloured_half(indices, tracks, field: str, modulus: int) -> Tensor:
     return clips
 
 
-def _second_object(indices, tracks) -> Tensor:
+def _second_object(indices, tracks, level: float = 1.0) -> Tensor:
     """A smaller second object of another colour and shape, moving alongside the first 0.36 of the
-    side away (towards the image's far half, so the two never touch)."""
+    side away (towards the image's far half, so the two never touch), at `level` of its colour (0.4:
+    below the foreground threshold, seen only by the faint-foreground rule)."""
     unit = direction_vectors()[indices[:, 2]]  # [N, 2]
     side = torch.stack([-unit[:, 1], unit[:, 0]], 1)  # perpendicular to the motion
     across = ((tracks.centres[:, 0] - 0.5) * side).sum(1, keepdim=True)  # [N, 1] where the first one is, sideways
     offset = torch.where(across > 0, -1.0, 1.0) * 0.36 * side  # [N, 2]: away from the first object
     other = MotionTracks((tracks.colour + 2) % 4, (tracks.shape + 1) % 3, tracks.centres + offset.unsqueeze(1), tracks.radius * 0.5)
-    return torch.maximum(render_tracks(tracks, SIZE), render_tracks(other, SIZE))
+    return torch.maximum(render_tracks(tracks, SIZE), level * render_tracks(other, SIZE))
 
 
 def _growing(indices, tracks) -> Tensor:
@@ -112,6 +114,7 @@ BAD_CLIPS: dict[str, Callable[[Tensor, MotionTracks], Tensor]] = {
     "flicker (2 blank frames)": _flicker,
     "flicker (dimmed to 40% every other frame)": lambda i, t: render_tracks(t, SIZE) * torch.tensor([1.0, 0.4] * 4 + [1.0]).view(1, -1, 1, 1, 1),
     "two objects": _second_object,
+    "two objects, the second dim (40%)": lambda i, t: _second_object(i, t, level=0.4),
     "colour change mid-clip": lambda i, t: _recoloured_half(i, t, "colour", 4),
     "shape change mid-clip": lambda i, t: _recoloured_half(i, t, "shape", 3),
     "growing shape": _growing,
@@ -165,6 +168,7 @@ REJECTED_BY = {
     "static shape": "motion", "reversed direction": "motion", "perpendicular direction": "motion", "half speed": None,
     "frames out of order": "motion", "sideways wobble": "motion", "flicker (2 blank frames)": "both",
     "flicker (dimmed to 40% every other frame)": "both", "two objects": "both",
+    "two objects, the second dim (40%)": "both",
     "colour change mid-clip": "appearance", "shape change mid-clip": "appearance", "growing shape": "appearance",
 }
 
@@ -293,10 +297,47 @@ def test_first_frame_fidelity_by_hand() -> None:
         FirstFrameFidelity()(clips, ["a", "b"], torch.zeros(2, 3, 8, 8))
 
 
+def test_first_frame_adherence_looks_at_the_object() -> None:
+    """Hand-built clips from one red circle at (0.3, 0.3), radius 0.12, moving right by 0.2; the
+    conditioning image is its clean frame 0. Frame 0 kept: 1. Frame 0 redrawn as a red square, or as
+    a yellow circle: 0 (whole-image fidelity still ≥ 0.95: mostly black pixels agree). Frame 0 moved
+    by 0.15 of the side (> 0.1): 0 for frame 0, while the last frame, checked for colour and shape
+    only, keeps 1. Frame 0 with a dim (40%) second object: 0 (faint foreground counts)."""
+    t = frame_times(FRAMES).view(1, -1, 1)
+    centres = torch.tensor([0.3, 0.3]) + t * torch.tensor([0.2, 0.0])  # [1, F, 2]
+
+    def clip(colour: int = 0, shape: int = 0, shift: float = 0.0) -> Tensor:
+        return render_tracks(MotionTracks(torch.tensor([colour]), torch.tensor([shape]), centres + torch.tensor([shift, 0.0]),
+                                          torch.tensor([0.12])), SIZE)
+
+    kept = clip()
+    image = kept[:, 0]  # [1, 3, H, W]
+    dim = kept.clone()
+    dim[:, 0] = torch.maximum(dim[:, 0], 0.4 * render_tracks(MotionTracks(torch.tensor([2]), torch.tensor([1]),
+                                                                           torch.tensor([[[0.75, 0.75]]]), torch.tensor([0.1])), SIZE)[:, 0])
+    moved = clip(shift=0.15)
+    clips = torch.cat([kept, clip(shape=1), clip(colour=3), moved, dim])  # [5, F, 3, H, W]
+    images = image.expand(5, -1, -1, -1)
+    prompts = ["a red circle moving to the right"] * 5
+    assert FirstFrameAdherence()(clips, prompts, images).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert FirstFrameAdherence(frame=-1)(clips, prompts, images).tolist() == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert (FirstFrameFidelity()(clips, prompts, images) >= 0.95).all()  # what the object measure is for
+    assert FirstFrameAdherence(max_offset=0.2)(clips[3:4], prompts[:1], images[:1]).tolist() == [1.0]
+    assert FirstFrameAdherence().name == "first_frame_adherence" and FirstFrameAdherence(frame=-1).name == "last_frame_adherence"
+    assert FirstFrameAdherence(frame=4).name == "frame4_adherence"
+    with pytest.raises(RewardError, match="needs the conditioning images"):
+        FirstFrameAdherence()(clips, prompts)
+    with pytest.raises(RewardError, match="frame 9 outside clips of 9 frames"):
+        FirstFrameAdherence(frame=9)(clips, prompts, images)
+    with pytest.raises(ValueError, match="max_offset must be > 0"):
+        FirstFrameAdherence(max_offset=0)
+
+
 def test_reward_names_rules_and_errors() -> None:
     assert MovingShapesVerifier().name == "moving_shapes_dense"
     assert MovingShapesVerifier("motion", "exact").name == "motion_exact"
     assert MovingShapesVerifier("appearance", max_stray=0.2, max_track_error=0.1).rules.scene.max_stray == 0.2
+    assert MovingShapesVerifier("appearance", max_off_object=3.0).rules.scene.max_off_object == 3.0
     assert MovingShapesVerifier(max_track_error=0.1).rules.max_track_error == 0.1
     with pytest.raises(ValueError, match="aspect"):
         MovingShapesVerifier("size")  # type: ignore[arg-type]

@@ -198,8 +198,21 @@ def _speckled(pixels: torch.Tensor, size: int, dots_at_32: int = 20) -> torch.Te
     return out
 
 
+def _faint_grid(pixels: torch.Tensor, size: int, level: float = 0.35) -> torch.Tensor:
+    """The right scene plus a 4×4 grid of dim orange blobs (3×3 pixels at 32², `level` of orange,
+    centred every quarter of the side): what the FLUX demo's GRPO run painted (issue 28)."""
+    orange = (palette()[0] + palette()[3]) / 2
+    grid = torch.zeros(3, size, size)
+    half, step = max(1, round(1.5 * size / 32)), size // 4
+    for cy in range(step // 2, size, step):
+        for cx in range(step // 2, size, step):
+            grid[:, cy - half + (size < 64) : cy + half + 1, cx - half + (size < 64) : cx + half + 1] = level * orange.view(3, 1, 1)
+    return torch.maximum(pixels, grid.unsqueeze(0))
+
+
 BAD_IMAGES = {
     "two objects": lambda px, sc, size: _two_objects(px, sc, size, same_colour=False),
+    "two objects, the second dim (40%)": lambda px, sc, size: torch.maximum(px, 0.4 * _two_objects(0 * px, sc, size, same_colour=False)),
     "two objects, same colour": lambda px, sc, size: _two_objects(px, sc, size, same_colour=True),
     "half in another colour": lambda px, sc, size: _recoloured(px, sc, size, "half"),
     "blended colour (e.g. orange)": lambda px, sc, size: _recoloured(px, sc, size, "blend"),
@@ -208,6 +221,7 @@ BAD_IMAGES = {
     "vertical streak": lambda px, sc, size: _smeared(px, size, "vertical"),
     "motion smear": lambda px, sc, size: _smeared(px, size, "motion"),
     "speckle (20 dots per 32²)": lambda px, sc, size: _speckled(px, size),
+    "faint grid (4×4 dim orange blobs)": lambda px, sc, size: _faint_grid(px, size),
 }
 
 
@@ -223,7 +237,7 @@ def test_bad_images_of_right_scenes_are_rejected(size: int, kind: str) -> None:
     lenient = attribute_correctness(bad, prompts, strict=False).all(1).float().mean().item()
     print(f"size {size} {kind}: strict exact {strict:.3f}, dense {dense:.3f}, lenient exact {lenient:.3f}")
     assert strict <= 0.05, kind
-    if kind.startswith("two objects") or kind.startswith("speckle"):
+    if kind.startswith(("two objects", "speckle", "faint")):
         assert dense <= 0.05  # one object is part of every attribute term
     else:
         assert dense <= 0.7  # at most shape and place earned
@@ -251,6 +265,39 @@ def test_strict_rules_measures_on_hand_made_images() -> None:
                                    ["a red square at the top left"]).item() == 1.0
 
 
+def test_faint_foreground_off_the_object_by_hand() -> None:
+    """Dim coverage (α < 0.5, not foreground) away from the object counts (issue 28): a red 8×8 square
+    at the top left alone is an exact match; with a 3×3 blob at 40% of red 10 pixels away,
+    off_object = 9 · 0.4 = 3.6 pixels (every pixel's 3×3 average ≥ 4/9 · 0.4 = 0.18 ≥ 0.15), over
+    the 1.5 allowed: not one object, every term fails. A 2×2 blob at 30% (3×3 averages ≤ 4/9 · 0.3
+    = 0.13) is noise-sized and ignored. A 4×4 grid of 3×3 blobs of 35% red every 8 pixels: the four
+    within 3 pixels of the square are its own halo; the other 12 give 12 · 9 · 0.35 = 37.8. A haze of
+    20% blue over the background: 0.2 · (32² − 14²) = 165.6 (the square's 3-pixel neighbourhood is
+    14 × 14). The foreground-only rules (stray, objects) see none of it."""
+    red, blue = palette()[0], palette()[2]
+    square = torch.zeros(3, 32, 32)
+    square[:, 4:12, 4:12] = red.view(3, 1, 1)
+    blob, speck, grid, haze = (square.clone() for _ in range(4))
+    blob[:, 20:23, 20:23] = 0.4 * red.view(3, 1, 1)
+    speck[:, 20:22, 20:22] = 0.3 * red.view(3, 1, 1)
+    for cy in (4, 12, 20, 28):
+        for cx in (4, 12, 20, 28):
+            grid[:, cy - 1 : cy + 2, cx - 1 : cx + 2] = torch.maximum(grid[:, cy - 1 : cy + 2, cx - 1 : cx + 2], 0.35 * red.view(3, 1, 1))
+    haze = torch.maximum(haze, 0.2 * blue.view(3, 1, 1).expand(3, 32, 32))
+    images = torch.stack([square, blob, speck, grid, haze])
+    decoded = decode_scenes(images)
+    assert decoded.off_object.tolist() == pytest.approx([0.0, 3.6, 0.0, 37.8, 165.6], rel=1e-5)
+    assert decoded.stray.tolist() == [0.0] * 5 and decoded.objects.tolist() == [1] * 5  # all below the foreground threshold
+    assert decoded.one_object(SceneRules()).tolist() == [True, False, True, False, False]
+    prompts = ["a red square at the top left"] * 5
+    assert ShapesVerifier("exact")(images, prompts).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert ShapesVerifier("graded")(images, prompts).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    # the threshold is a rule like the others: allowing 4 pixels' worth passes the single 40% blob
+    assert ShapesVerifier("exact", max_off_object=4.0)(images, prompts).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    # the lenient verifier reads the main object only (a gold measure; it passes them all)
+    assert ShapesVerifier("exact", strict=False)(images, prompts).tolist() == [1.0] * 5
+
+
 def test_connected_components_by_hand() -> None:
     mask = torch.tensor([[1, 1, 0, 0, 1],
                          [0, 1, 0, 0, 1],
@@ -266,6 +313,9 @@ def test_connected_components_by_hand() -> None:
 def test_lenient_verifier_and_rule_validation() -> None:
     assert ShapesVerifier(strict=False).name == "shapes_dense_lenient"
     assert ShapesVerifier("exact", max_stray=0.3).rules.max_stray == 0.3
+    assert ShapesVerifier("exact", max_off_object=0).rules.max_off_object == 0.0
+    with pytest.raises(ValueError, match="max_off_object must be >= 0"):
+        SceneRules(max_off_object=-1)
     with pytest.raises(ValueError, match="min_purity"):
         SceneRules(min_purity=1.5)
     with pytest.raises(ValueError, match="max_elongation"):
