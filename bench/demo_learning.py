@@ -27,12 +27,22 @@ from its conditioning image?).
 The last line printed is the absolute improvement of the judge (strict exact match; motion accuracy
 for image-to-video) on new combinations, in points.
 
+Over seeds (`--seeds 0,1,2`): the base is evaluated once (the same pipeline and evaluation seeds for
+every training seed), then steps 3-4 run once per seed with `seed_everything` set to it (a fresh
+module, datamodule and run folder each; the rollout noise and prompt order follow the seed). After
+every seed's tables, a summary prints each seed's change of the judge (and, for image-to-video,
+of the measures that must not fall) on new combinations, their minimum, and last their mean. The
+mean's interval pools the seeds' samples (the after-proportion over seeds × samples, Wilson), so
+"intervals do not overlap" there compares the base with the mean of the trained runs.
+A config is chosen on that mean over seeds, never on one seed (docs/results.md).
+
 Extra arguments after `--` go to the CLI, e.g. `-- --trainer.max_steps=50`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -53,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--config", type=Path, default=None, help="demo config (default: the family's)")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="held-out samples per prompt, every split")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the evaluation noise")
+    parser.add_argument("--seeds", type=seed_list, default=None,
+                        help="comma-separated training seeds (seed_everything), e.g. 0,1,2: trains once per seed and "
+                             "prints each seed's gain, the minimum and the mean (default: the config's seed, once)")
+    parser.add_argument("--splits", type=split_list, default=None,
+                        help=f"comma-separated held-out splits to evaluate (default all: {', '.join(SPLITS)}); "
+                             "new_combinations is always included (the gain is read there)")
     parser.add_argument("--batch-size", type=int, default=80, help="samples generated at once in evaluation")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     parser.add_argument("--ckpt-path", type=Path, default=None,
@@ -62,7 +78,35 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.seeds is not None and args.ckpt_path is not None:
+        parser.error("--ckpt-path continues one run; it cannot be combined with --seeds")
+    if any(a.startswith("--seed_everything") for a in extra) and args.seeds is not None:
+        parser.error("give the training seeds with --seeds, not --seed_everything after --")
     return args, extra
+
+
+SPLITS = ("new_combinations", "new_phrasings", "both")
+"""The held-out splits of both worlds (`lightning_grpo.toy.prompts`, `lightning_grpo.toy.motion_prompts`)."""
+
+
+def seed_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]: distinct non-negative integers (a clear error for anything else)."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def split_list(text: str) -> list[str]:
+    """'new_combinations,both' -> the named splits in `SPLITS` order, new_combinations always included."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(names) - set(SPLITS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown held-out split(s) {unknown}; choose from {list(SPLITS)}")
+    return [s for s in SPLITS if s in names or s == "new_combinations"]
 
 
 def judge_and_gold_measures(family: str = "flux") -> list:
@@ -84,8 +128,10 @@ def judge_and_gold_measures(family: str = "flux") -> list:
 
 def video_measures(family: str) -> list:
     """The moving-shapes measures: exact match, motion accuracy (exact motion), appearance (exact),
-    the dense forms, and for image-to-video the first-frame fidelity (1 − mean |frame 0 − image|)."""
-    from lightning_grpo.toy.motion_verifier import FirstFrameFidelity, MovingShapesVerifier
+    the dense forms, and for image-to-video whether the first and the last frame keep the
+    conditioning image's object (`FirstFrameAdherence`) and the first-frame fidelity (1 − mean
+    |frame 0 − image|, over every pixel)."""
+    from lightning_grpo.toy.motion_verifier import FirstFrameAdherence, FirstFrameFidelity, MovingShapesVerifier
 
     measures = [
         MovingShapesVerifier(aspect="all", mode="exact", name="exact_match"),
@@ -94,7 +140,8 @@ def video_measures(family: str) -> list:
         MovingShapesVerifier(aspect="motion", mode="dense", name="motion_dense"),
         MovingShapesVerifier(aspect="appearance", mode="dense", name="appearance_dense"),
     ]
-    return measures + ([FirstFrameFidelity()] if family == "i2v" else [])
+    image_to_video = [FirstFrameAdherence(), FirstFrameAdherence(frame=-1), FirstFrameFidelity()]
+    return measures + (image_to_video if family == "i2v" else [])
 
 
 def heldout_split_prompts(family: str) -> dict[str, list[str]]:
@@ -123,18 +170,23 @@ def split_figures(before, after) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> float:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args, extra = parse_args(argv)
+SEED_MEASURES = {"flux": ("exact_match",), "sd": ("exact_match",),
+                 "t2v": ("exact_match", "motion_accuracy", "appearance_exact"),
+                 "i2v": ("motion_accuracy", "exact_match", "appearance_exact", "appearance_dense", "first_frame_adherence")}
+"""Measures summarised over seeds (new combinations): the judge first, then what must rise or hold beside it."""
+
+
+def train_and_evaluate(args: argparse.Namespace, extra: list[str], seed: int | None, splits: dict[str, list[str]],
+                       metrics: list, before: dict | None) -> tuple[dict, dict, dict]:
+    """One training run (the config's seed, or `seed_everything=seed`): (before, after, figures), where
+    before / after map split -> EvaluationResult; the base is evaluated only when `before` is None."""
     from lightning_grpo.callbacks.ema import ema_weights
     from lightning_grpo.cli import run
-    from lightning_grpo.evaluation import evaluate, format_before_after
+    from lightning_grpo.evaluation import evaluate
 
     config = args.config or CONFIGS[args.family]
-    cli = run(["-c", str(config), *extra], subcommand=False)
+    cli = run(["-c", str(config), *extra, *([] if seed is None else [f"--seed_everything={seed}"])], subcommand=False)
     module, trainer = cli.model, cli.trainer
-    metrics = judge_and_gold_measures(args.family)
-    splits = heldout_split_prompts(args.family)
     frames = {split: first_frames(args.family, prompts, module.policy) for split, prompts in splits.items()}
 
     def held_out() -> dict:
@@ -142,32 +194,110 @@ def main(argv: list[str] | None = None) -> float:
                                 seed=args.seed, batch_size=args.batch_size, images=frames[split], show_progress=False)
                 for split, prompts in splits.items()}
 
-    before = held_out()
+    before = held_out() if before is None else before
     started = time.perf_counter()
     trainer.fit(module, datamodule=cli.datamodule, ckpt_path=None if args.ckpt_path is None else str(args.ckpt_path))
     train_seconds = time.perf_counter() - started
     with ema_weights(trainer, module):  # the EMA weights when the config has an EMA callback, as HeldOutEvaluation
         after = held_out()
-    figures = {"family": args.family, "config": str(config), "cli_overrides": extra,
+    figures = {"family": args.family, "config": str(config), "cli_overrides": extra, "seed": seed,
                "resumed_from": None if args.ckpt_path is None else str(args.ckpt_path),
-               "optimizer_steps": trainer.global_step, "train_seconds": round(train_seconds, 1), "splits": {}}
+               "run_dir": trainer.log_dir, "optimizer_steps": trainer.global_step,
+               "train_seconds": round(train_seconds, 1), "splits": {}}
     for split in splits:
-        print(f"\n### held-out split: {split} ({len(splits[split])} prompts x {args.samples_per_prompt})\n")
-        print(format_before_after(before[split], after[split]))
         figures["splits"][split] = split_figures(before[split], after[split])
+    return before, after, figures
+
+
+def print_run(args: argparse.Namespace, splits: dict[str, list[str]], before: dict, after: dict, figures: dict) -> float:
+    """Every split's before/after table and the judge's line per split; returns the judge's change
+    on new combinations (points)."""
+    from lightning_grpo.evaluation import format_before_after
+
+    label = "" if figures["seed"] is None else f"seed {figures['seed']}: "
+    for split in splits:
+        print(f"\n### {label}held-out split: {split} ({len(splits[split])} prompts x {args.samples_per_prompt})\n")
+        print(format_before_after(before[split], after[split]))
     print(json.dumps(figures))
-    if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     judge = JUDGE[args.family]
     for split, measures in figures["splits"].items():
         m = measures[judge]
         (b, bl, bh), (a, al, ah) = ([m[w]["mean"], *m[w]["ci95"]] for w in ("before", "after"))
-        print(f"{split}: {judge} {100 * b:.1f}% [{100 * bl:.1f}, {100 * bh:.1f}] -> "
+        print(f"{label}{split}: {judge} {100 * b:.1f}% [{100 * bl:.1f}, {100 * bh:.1f}] -> "
               f"{100 * a:.1f}% [{100 * al:.1f}, {100 * ah:.1f}] (n = {m['n']} each), {m['change']:+.1f} pts"
               + ("" if m["intervals_overlap"] else ", intervals do not overlap"))
-    improvement = figures["splits"]["new_combinations"][judge]["change"]
-    print(f"improvement (new combinations, {judge}): {improvement:+.1f} points")
-    return improvement
+    return figures["splits"]["new_combinations"][judge]["change"]
+
+
+def seed_summary(family: str, seeds: list[int], before, afters: list) -> dict:
+    """{measure: {"per_seed", "min", "mean", "before", "after_pooled", "intervals_overlap", "points"}} on
+    new combinations, for the measures of `SEED_MEASURES` the evaluation has. The mean change over
+    seeds equals the pooled after-mean minus the base (same n per seed); its interval is that of the
+    pooled after-samples (Wilson for 0/1 scores, Student-t otherwise)."""
+    import torch
+
+    from lightning_grpo.evaluation import is_binary, mean_ci
+
+    out = {}
+    for name in SEED_MEASURES[family]:
+        if name not in before.scores:
+            continue
+        base = before.scores[name]
+        pooled = torch.cat([after.scores[name] for after in afters])
+        scale = 100 if is_binary(base) and is_binary(pooled) else 1
+        b, bl, bh = mean_ci(base)
+        a, al, ah = mean_ci(pooled)
+        per_seed = [scale * (after.scores[name].mean().item() - b) for after in afters]
+        out[name] = {"seeds": seeds, "per_seed": per_seed, "min": min(per_seed), "mean": sum(per_seed) / len(per_seed),
+                     "points": scale == 100, "before": {"mean": b, "ci95": [bl, bh], "n": base.numel()},
+                     "after_pooled": {"mean": a, "ci95": [al, ah], "n": pooled.numel()},
+                     "intervals_overlap": al <= bh and bl <= ah}
+    return out
+
+
+def print_seed_summary(family: str, summary: dict) -> float:
+    """The summary lines over seeds; the judge's mean gain is the LAST line. Returns it."""
+    judge = JUDGE[family]
+    print("\n### over seeds (held-out new combinations)\n")
+    for name, s in summary.items():
+        unit, fmt = (" pts", lambda v: f"{100 * v:.1f}%") if s["points"] else ("", lambda v: f"{v:.3f}")
+        (b, bl, bh), (a, al, ah) = ([s[w]["mean"], *s[w]["ci95"]] for w in ("before", "after_pooled"))
+        gains = " / ".join(f"{g:+.1f}" if s["points"] else f"{g:+.3f}" for g in s["per_seed"])
+        print(f"{name}: seeds {','.join(map(str, s['seeds']))} change {gains}{unit}; base {fmt(b)} [{fmt(bl)}, {fmt(bh)}] "
+              f"-> mean over seeds {fmt(a)} [{fmt(al)}, {fmt(ah)}] (pooled n = {s['after_pooled']['n']})"
+              + ("" if s["intervals_overlap"] else ", intervals do not overlap"))
+    s = summary[judge]
+    for seed, gain in zip(s["seeds"], s["per_seed"]):
+        print(f"seed {seed}: gain (new combinations, {judge}) {gain:+.1f} points")
+    print(f"minimum over seeds (new combinations, {judge}): {s['min']:+.1f} points")
+    print(f"mean gain over seeds {','.join(map(str, s['seeds']))} (new combinations, {judge}): {s['mean']:+.1f} points")
+    return s["mean"]
+
+
+def main(argv: list[str] | None = None) -> float:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args, extra = parse_args(argv)
+    metrics = judge_and_gold_measures(args.family)
+    splits = {k: v for k, v in heldout_split_prompts(args.family).items() if args.splits is None or k in args.splits}
+    if args.seeds is None:
+        before, after, figures = train_and_evaluate(args, extra, None, splits, metrics, None)
+        if args.json is not None:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        improvement = print_run(args, splits, before, after, figures)
+        print(f"improvement (new combinations, {JUDGE[args.family]}): {improvement:+.1f} points")
+        return improvement
+    before, afters, runs = None, [], []
+    for seed in args.seeds:
+        before, after, figures = train_and_evaluate(args, extra, seed, splits, metrics, before)
+        print_run(args, splits, before, after, figures)
+        afters.append(after["new_combinations"])
+        runs.append(figures)
+        gc.collect()
+    summary = seed_summary(args.family, args.seeds, before["new_combinations"], afters)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"family": args.family, "seeds": args.seeds, "runs": runs, "summary": summary},
+                                        indent=2) + "\n")
+    return print_seed_summary(args.family, summary)
 
 
 def first_frames(family: str, prompts: list[str], policy):
