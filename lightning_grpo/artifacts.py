@@ -62,8 +62,8 @@ direction is an artifact (more periodic energy, less adherence). For a set dista
 [−∞, mean + z·std] of the distance between two random halves of the base set, split within each
 prompt (so both halves hold the same prompts; across all samples when prompts have 1 sample).
 Halves hold half the samples, so the band is wider than what a second full draw would show:
-conservative. `z` = 3 by default: with ten measures checked at every evaluation, a base-like
-policy rarely crosses one.
+conservative. Each half-width is at least `MIN_HALF_WIDTH` (about two 8-bit levels). `z` = 3
+by default: with ten measures checked at every evaluation, a base-like policy rarely crosses one.
 """
 
 from __future__ import annotations
@@ -97,6 +97,13 @@ MEASURES: dict[str, Side] = {
 }
 #: Set distances (0 for identical sets; only a rise is drift).
 DISTANCES = ("hue_shift", "kid")
+#: Smallest band half-width per measure: about two 8-bit levels (0.01 in intensity, 1e-4 in
+#: intensity², 1° of hue), so a base whose samples all score the same (clean renders on a black
+#: background: no background energy at all) does not warn on a rounding-level change.
+MIN_HALF_WIDTH: dict[str, float] = {
+    "periodic_energy": 1e-4, "background_energy": 1e-4, "chroma": 0.01, "luminance": 0.01, "clipped": 1e-3,
+    "flicker": 0.01, "first_frame_adherence": 0.01, "hue_shift": 1.0, "kid": 0.0,
+}
 
 BT709 = (0.2126, 0.7152, 0.0722)
 HUE_BINS = 36
@@ -551,7 +558,7 @@ class ArtifactReference:
         paired = all(len(u) >= 2 for u in units)  # seeds within prompts: the spread of a redraw on the same prompts
         bands: dict[str, Band] = {}
         for name, values in self.stats.values.items():
-            half = self.z * math.sqrt(2) * standard_error(values, units if paired else None)
+            half = max(self.z * math.sqrt(2) * standard_error(values, units if paired else None), MIN_HALF_WIDTH[name])
             centre, side = float(values.double().mean()), MEASURES[name]
             bands[name] = Band(name, centre, centre - half if side != "up" else -math.inf, centre + half if side != "down" else math.inf)
         generator = torch.Generator().manual_seed(self.seed)
@@ -563,7 +570,7 @@ class ArtifactReference:
                 first, second = _halves(units if paired else [torch.cat(units)], generator)
                 null.append(_distance(name, self.stats.subset(first), self.stats.subset(second)))
             null_t = torch.tensor(null, dtype=torch.float64)
-            bands[name] = Band(name, 0.0, -math.inf, float(null_t.mean() + self.z * null_t.std()))
+            bands[name] = Band(name, 0.0, -math.inf, max(float(null_t.mean() + self.z * null_t.std()), MIN_HALF_WIDTH[name]))
         return bands
 
     def compare(self, current: ArtifactStats) -> dict[str, Comparison]:

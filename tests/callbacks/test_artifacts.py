@@ -173,9 +173,18 @@ def test_band_by_hand() -> None:
     reference = ArtifactReference(stats, z=2.0)
     assert (reference.bands["chroma"].low, reference.bands["chroma"].high) == (pytest.approx(-0.5), pytest.approx(3.5))
     assert reference.bands["periodic_energy"].low == -math.inf  # only a rise is an artifact
-    assert reference.bands["hue_shift"].high == pytest.approx(0.0, abs=1e-9)  # identical hue everywhere: no spread
+    assert reference.bands["hue_shift"].high == 1.0  # identical hue everywhere: no spread, the 1° floor
     restored = ArtifactReference.from_state(reference.state_dict())
     assert restored.bands == reference.bands
+
+
+def test_band_floor_when_the_base_has_no_spread() -> None:
+    """Clean renders have no background energy at all: the band is the floor (1e-4), so a
+    rounding-level change does not warn and a grid of blobs does."""
+    stats = ArtifactStats({"background_energy": torch.zeros(4)}, hue=torch.ones(4, 36), groups=torch.tensor([0, 0, 1, 1]))
+    band = ArtifactReference(stats).bands["background_energy"]
+    assert (band.low, band.high) == (-math.inf, 1e-4)
+    assert not band.outside((1 / 255) ** 2) and band.outside(0.005)
 
 
 def test_compare_samples_identical_grid_and_colour_shift() -> None:
