@@ -23,7 +23,11 @@ from its conditioning image?).
 3. Runs the demo's GRPO training (`trainer.fit`).
 4. Evaluates again with the SAME seeds (with the EMA weights where the config has an `EMA`
    callback, as its `HeldOutEvaluation` does), and prints every split's before/after table with 95%
-   intervals (Wilson for exact match, Student-t otherwise).
+   intervals (Wilson for exact match, Student-t otherwise), and the artifact and drift measures of
+   the new-combination samples against the base samples' warning band (`lightning_grpo.artifacts`:
+   periodic and background energy, chroma, luminance, clipped highlights, hue shift, KID on the toy
+   CLIP's image features; video: flicker, and for image-to-video first-frame adherence on the
+   object). `--grids DIR` also writes their before/after grids.
 The last line printed is the absolute improvement of the judge (strict exact match; motion accuracy
 for image-to-video) on new combinations, in points.
 
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                              "new_combinations is always included (the gain is read there)")
     parser.add_argument("--batch-size", type=int, default=80, help="samples generated at once in evaluation")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--grids", type=Path, default=None,
+                        help="write the new-combination samples' grids here: before.png, after_seed<k>.png (after.png "
+                             "without --seeds); video: film strips, image-to-video with the conditioning frame first")
     parser.add_argument("--ckpt-path", type=Path, default=None,
                         help="continue training from this checkpoint of the same demo (exact resume: e.g. a 500-step "
                              "run's last.ckpt with `-- --trainer.max_steps=1000` equals a 1000-step run); 'before' is "
@@ -191,7 +198,8 @@ def train_and_evaluate(args: argparse.Namespace, extra: list[str], seed: int | N
 
     def held_out() -> dict:
         return {split: evaluate(module.policy, module.sampler, prompts, metrics, samples_per_prompt=args.samples_per_prompt,
-                                seed=args.seed, batch_size=args.batch_size, images=frames[split], show_progress=False)
+                                seed=args.seed, batch_size=args.batch_size, images=frames[split], show_progress=False,
+                                keep_pixels=True)
                 for split, prompts in splits.items()}
 
     before = held_out() if before is None else before
@@ -206,7 +214,36 @@ def train_and_evaluate(args: argparse.Namespace, extra: list[str], seed: int | N
                "train_seconds": round(train_seconds, 1), "splits": {}}
     for split in splits:
         figures["splits"][split] = split_figures(before[split], after[split])
+    figures["artifacts"] = artifact_figures(before["new_combinations"], after["new_combinations"], args.samples_per_prompt)
+    if args.grids is not None:
+        write_grids(args.grids, before["new_combinations"], after["new_combinations"], seed)
     return before, after, figures
+
+
+def artifact_figures(before, after, samples_per_prompt: int) -> dict:
+    """The artifact and drift measures (`lightning_grpo.artifacts`: periodic and background energy,
+    chroma, luminance, clipped highlights, hue shift, KID on the toy CLIP's image features, and for
+    video flicker and first-frame adherence on the object) of the trained samples against the base
+    samples' warning band, on the same prompts and seeds: {measure: {"base", "value", "band", "outside"}}."""
+    from lightning_grpo.artifacts import compare_samples, encoder_of
+    from lightning_grpo.rewards import ClipScore
+
+    clip = ClipScore(checkpoint=str(TOY_CLIP / "open_clip_model.safetensors"), architecture=str(TOY_CLIP), name="toy_clip")
+    conditioning = before.images if before.pixels.ndim == 5 else None
+    comparisons = compare_samples(before.pixels, after.pixels, conditioning=conditioning, encoder=encoder_of([clip]),
+                                  samples_per_prompt=samples_per_prompt)
+    return {name: {"base": c.band.base, "value": c.value, "band": [c.band.low, c.band.high], "outside": c.outside}
+            for name, c in comparisons.items()}
+
+
+def write_grids(directory: Path, before, after, seed: int | None) -> None:
+    """before.png (once) and after[_seed<k>].png of the new-combination samples (prompt rows, sample columns)."""
+    from lightning_grpo.grids import save_png
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "before.png").exists():
+        save_png(before.grid(cell_size=64), directory / "before.png")
+    save_png(after.grid(cell_size=64), directory / ("after.png" if seed is None else f"after_seed{seed}.png"))
 
 
 def print_run(args: argparse.Namespace, splits: dict[str, list[str]], before: dict, after: dict, figures: dict) -> float:
@@ -219,6 +256,8 @@ def print_run(args: argparse.Namespace, splits: dict[str, list[str]], before: di
         print(f"\n### {label}held-out split: {split} ({len(splits[split])} prompts x {args.samples_per_prompt})\n")
         print(format_before_after(before[split], after[split]))
     print(json.dumps(figures))
+    print(f"\n{label}artifact and drift measures (new combinations), after against the base samples' band:\n")
+    print(format_artifacts(figures["artifacts"]))
     judge = JUDGE[args.family]
     for split, measures in figures["splits"].items():
         m = measures[judge]
@@ -227,6 +266,15 @@ def print_run(args: argparse.Namespace, splits: dict[str, list[str]], before: di
               f"{100 * a:.1f}% [{100 * al:.1f}, {100 * ah:.1f}] (n = {m['n']} each), {m['change']:+.1f} pts"
               + ("" if m["intervals_overlap"] else ", intervals do not overlap"))
     return figures["splits"]["new_combinations"][judge]["change"]
+
+
+def format_artifacts(artifacts: dict) -> str:
+    """A markdown table: measure | base | after | base's band | outside."""
+    lines = ["| measure | base | after | base's band | outside |", "|---|---|---|---|---|"]
+    for name, a in artifacts.items():
+        lines.append(f"| {name} | {a['base']:.4g} | {a['value']:.4g} | [{a['band'][0]:.4g}, {a['band'][1]:.4g}] | "
+                     f"{'**yes**' if a['outside'] else 'no'} |")
+    return "\n".join(lines)
 
 
 def seed_summary(family: str, seeds: list[int], before, afters: list) -> dict:
@@ -294,9 +342,13 @@ def main(argv: list[str] | None = None) -> float:
         runs.append(figures)
         gc.collect()
     summary = seed_summary(args.family, args.seeds, before["new_combinations"], afters)
+    outside = {run["seed"]: [name for name, a in run["artifacts"].items() if a["outside"]] for run in runs}
     if args.json is not None:
-        args.json.write_text(json.dumps({"family": args.family, "seeds": args.seeds, "runs": runs, "summary": summary},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps({"family": args.family, "seeds": args.seeds, "runs": runs, "summary": summary,
+                                         "artifacts_outside": outside}, indent=2) + "\n")
+    print("\n### artifact and drift measures outside the base's band (new combinations)\n")
+    for seed, names in outside.items():
+        print(f"seed {seed}: {', '.join(names) if names else 'none'}")
     return print_seed_summary(args.family, summary)
 
 

@@ -73,12 +73,12 @@ def test_seed_summary_of_graded_measures_is_in_their_units() -> None:
 @pytest.mark.timeout(900)
 def test_two_seeds_through_the_command_line(tmp_path) -> None:
     """The FLUX demo, 1 optimizer step per seed on tiny groups, new combinations only: each seed trains
-    its own run (distinct run folders, different weights, hence after-scores that may differ), the
-    base is evaluated once, and the JSON and the printed summary agree; the mean is the last line."""
+    its own run (distinct run folders), the base is evaluated once, every seed's artifact measures
+    and grids are written, and the JSON and the printed summary agree; the mean is the last line."""
     out = tmp_path / "seeds.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(SCRIPT), "--seeds", "0,1", "--splits", "new_combinations", "--samples-per-prompt", "1",
-               "--json", str(out), "--", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=1",
+               "--json", str(out), "--grids", str(tmp_path / "grids"), "--", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=1",
                "--model.group_size=2", "--data.init_args.batch_size=2", "--model.micro_batch_size=4", "--model.samples_per_update=4"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -91,5 +91,9 @@ def test_two_seeds_through_the_command_line(tmp_path) -> None:
     gains = [r["splits"]["new_combinations"]["exact_match"]["change"] for r in runs]
     assert s["per_seed"] == pytest.approx(gains, abs=1e-4) and s["mean"] == pytest.approx(sum(gains) / 2, abs=1e-4)
     assert s["before"]["n"] == 80 and s["after_pooled"]["n"] == 160
+    # the artifact measures of each seed's samples against the base's band, and the grids
+    assert {"periodic_energy", "background_energy", "chroma", "luminance", "hue_shift", "kid"} <= set(runs[0]["artifacts"])
+    assert set(figures["artifacts_outside"]) == {"0", "1"}
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["after_seed0.png", "after_seed1.png", "before.png"]
     last = done.stdout.strip().splitlines()[-1]
     assert last == f"mean gain over seeds 0,1 (new combinations, exact_match): {s['mean']:+.1f} points"
