@@ -667,6 +667,60 @@ def _ema_on_device(recipe: Recipe) -> bool:
     return False
 
 
+@dataclass
+class DenoiserFigures:
+    """The denoiser's part of an estimate: parameter counts and measured activation peaks."""
+
+    trainable: int  # parameters the optimizer updates (all, or the LoRA adapters)
+    frozen_base: int  # the frozen base under LoRA (0 for full fine-tuning)
+    block: int  # parameters of the largest block (FSDP's unit)
+    train_dtype: torch.dtype
+    group: int
+    samples: int  # per GPU per rollout
+    trained: int  # after best-of-n
+    rollout_batch: int
+    micro_batch: int
+    steps: int
+    rollout_activations: int  # bytes, no-grad forward of `rollout_batch` samples
+    update_activations: int  # bytes, forward + backward of `micro_batch` samples (gradients excluded)
+
+
+def denoiser_figures(recipe: Recipe) -> DenoiserFigures:
+    """Parameters (on meta) and activation peaks (under FakeTensorMode) of the recipe's denoiser
+    at its rollout and update batch sizes (used by `estimate` and bench/gpu_check.py)."""
+    policy_cls = _resolve_class(recipe.policy_class)
+    folder, _ = model_folder(recipe)
+    setting, model = _setting(recipe), recipe.model
+    components = {sub: cls for sub, (kind, cls) in policy_cls.components.items() if kind == "model"}
+    den_name = policy_cls.denoiser_name
+    configs = {sub: _read_json(folder / sub / "config.json") for sub in (den_name, "vae")}
+    geometry = _Geometry(recipe, policy_cls, configs)
+    lora = int(recipe.policy_args.get("lora_rank", 0) or 0) > 0
+    denoiser = meta_component(components[den_name], configs[den_name])
+    if lora:
+        with torch.device("meta"):
+            _add_lora(denoiser, recipe.policy_args, policy_cls)
+    else:
+        denoiser.requires_grad_(True)
+    trainable, frozen_base, block = param_count(denoiser, True), param_count(denoiser, False), _block_params(denoiser)
+    del denoiser
+    group = int(model.get("group_size", 12))
+    samples = recipe.batch_size * group  # per rank (also with groups spanning ranks: P·W prompts × G/W members)
+    best = model.get("best_of_n")
+    trained = recipe.batch_size * sum(best) if best else samples
+    rollout_batch = min(int(model.get("rollout_batch_size") or samples), samples)
+    micro = min(int(model.get("micro_batch_size", 1) or 1), trained)
+    sampler_steps = _init_args(model.get("sampler")).get("num_steps")
+    steps = int(sampler_steps or recipe.policy_args.get("num_sampling_steps") or policy_cls.default_num_steps)
+    den_class, den_config = components[den_name], configs[den_name]
+    return DenoiserFigures(
+        trainable, frozen_base, block, torch.float32 if lora else setting.denoiser,  # peft keeps adapters in fp32
+        group, samples, trained, rollout_batch, micro, steps,
+        _measure_denoiser(recipe, policy_cls, den_class, den_config, geometry, setting, rollout_batch, grad=False),
+        _measure_denoiser(recipe, policy_cls, den_class, den_config, geometry, setting, micro, grad=True),
+    )
+
+
 def estimate(recipe: Recipe) -> Estimate:
     """Per-GPU bytes of every part in every phase (see the module docstring for the method)."""
     from lightning_grpo.policies.family import DiffusersPolicy
@@ -682,36 +736,15 @@ def estimate(recipe: Recipe) -> Estimate:
     geometry = _Geometry(recipe, policy_cls, configs)
     cfg = _uses_cfg(recipe)
     lora = int(recipe.policy_args.get("lora_rank", 0) or 0) > 0
-
-    # parameters, on meta
-    denoiser = meta_component(components[den_name], configs[den_name])
-    if lora:
-        with torch.device("meta"):
-            _add_lora(denoiser, recipe.policy_args, policy_cls)
-    else:
-        denoiser.requires_grad_(True)
-    trainable, frozen_base = param_count(denoiser, True), param_count(denoiser, False)
-    block = _block_params(denoiser)
-    train_dtype = torch.float32 if lora else setting.denoiser  # peft keeps adapters in fp32
-    train_size, base_size = _size(train_dtype), _size(setting.denoiser)
+    den = denoiser_figures(recipe)
+    trainable, frozen_base, block = den.trainable, den.frozen_base, den.block
+    train_dtype, train_size, base_size = den.train_dtype, _size(den.train_dtype), _size(setting.denoiser)
     frozen_parts = {sub: param_count(meta_component(cls, configs[sub])) * _size(setting.frozen) for sub, cls in components.items() if sub != den_name}
-    del denoiser
-
-    # batch sizes
-    group = int(model.get("group_size", 12))
-    samples = recipe.batch_size * group  # per rank (also with groups spanning ranks: P·W prompts × G/W members)
+    group, samples, trained = den.group, den.samples, den.trained
     best = model.get("best_of_n")
-    trained = recipe.batch_size * sum(best) if best else samples
-    rollout_batch = min(int(model.get("rollout_batch_size") or samples), samples)
-    micro = min(int(model.get("micro_batch_size", 1) or 1), trained)
+    rollout_batch, micro, steps = den.rollout_batch, den.micro_batch, den.steps
+    rollout_act, update_act = den.rollout_activations, den.update_activations
     decode_batch = min(int(model.get("decode_batch_size", 8) or 8), samples)
-    sampler_steps = _init_args(model.get("sampler")).get("num_steps")
-    steps = int(sampler_steps or recipe.policy_args.get("num_sampling_steps") or policy_cls.default_num_steps)
-
-    # measured activations
-    den_class, den_config = components[den_name], configs[den_name]
-    rollout_act = _measure_denoiser(recipe, policy_cls, den_class, den_config, geometry, setting, rollout_batch, grad=False)
-    update_act = _measure_denoiser(recipe, policy_cls, den_class, den_config, geometry, setting, micro, grad=True)
     decode_act = _measure_decode(components["vae"], configs["vae"], geometry, recipe, setting.frozen, decode_batch)
     rewards = _reward_costs(recipe, geometry, decode_batch)
 

@@ -205,3 +205,19 @@ def test_cli_prints_a_table_with_the_largest_figure_last(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lightning_grpo", "estimate", "-c", str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr
+
+
+# ------------------------------------------------------------------ the shipped published configs
+@pytest.mark.parametrize("folder, class_name, published", [
+    ("FLUX.1-dev/transformer", "diffusers.FluxTransformer2DModel", 11.90e9),  # "a 12 billion parameter rectified flow transformer"
+    ("FLUX.1-dev/text_encoder_2", "transformers.T5EncoderModel", 4.76e9),  # T5 v1.1 XXL encoder
+    ("FLUX.1-dev/text_encoder", "transformers.CLIPTextModel", 123.1e6),  # CLIP ViT-L/14 text tower
+    ("stable-diffusion-v1-4/unet", "diffusers.UNet2DConditionModel", 859.5e6),  # "860M UNet"
+    ("HunyuanVideo/transformer", "diffusers.HunyuanVideoTransformer3DModel", 12.8e9),  # "13B"
+    ("HunyuanVideo/text_encoder", "transformers.LlamaModel", 7.5e9),  # Llama-3-8B without its LM head
+])
+def test_shipped_configs_build_the_published_sizes(folder, class_name, published):
+    from lightning_grpo.estimate import MODEL_CONFIGS, meta_component, param_count
+
+    config = json.loads((MODEL_CONFIGS / folder / "config.json").read_text())
+    assert param_count(meta_component(class_name, config)) == pytest.approx(published, rel=0.01)
