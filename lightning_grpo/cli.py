@@ -80,6 +80,13 @@ class GRPOCLI(LightningCLI):
         validate_config(self.config[self.subcommand] if self.subcommand else self.config, fit=self.subcommand in (None, "fit"))
         super().instantiate_classes()
 
+    def before_fit(self) -> None:
+        """On CUDA, warn when the memory estimate of this run (`lightning-grpo estimate`) exceeds the
+        GPU's, naming the phase and the knobs; returns at once on other accelerators."""
+        from lightning_grpo.estimate import warn_if_over_capacity
+
+        warn_if_over_capacity(self.config["fit"].as_dict(), self.trainer)
+
     def instantiate_trainer(self, **kwargs):
         """The configured callbacks plus each default whose class the config does not list.
 
@@ -157,7 +164,8 @@ class _StopSignals:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `lightning-grpo` and `python -m lightning_grpo`: LightningCLI's subcommands
-    (fit, validate, test, ...) plus `export` (lightning_grpo/export.py).
+    (fit, validate, test, ...) plus `export` (lightning_grpo/export.py) and `estimate`
+    (lightning_grpo/estimate.py).
 
     SIGTERM or SIGINT during `fit`: the current step finishes, a checkpoint of it is written
     (`GRPOCheckpoint`), and the process exits with status 143 (SIGTERM) or 130 (SIGINT).
@@ -167,6 +175,11 @@ def main(args: list[str] | None = None) -> None:
         from lightning_grpo.export import main as export_main
 
         export_main(args[1:])
+        return
+    if args[:1] == ["estimate"]:
+        from lightning_grpo.estimate import main as estimate_main
+
+        estimate_main(args[1:])
         return
     stops = _StopSignals()
     stops.install()
