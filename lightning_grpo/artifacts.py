@@ -58,12 +58,14 @@ the base policy's samples on the same prompts, other seeds, could show. For a pe
 measure, the base mean ± z·√2·SE, SE the standard error of the base mean over seeds with the
 prompts held fixed (`standard_error`: within-prompt variances when every prompt has ≥ 2
 samples, else the plain s/√N); two independent draws differ by √2·SE. One-sided where only one
-direction is an artifact (more periodic energy, less adherence). For a set distance,
-[−∞, mean + z·std] of the distance between two random halves of the base set, split within each
-prompt (so both halves hold the same prompts; across all samples when prompts have 1 sample).
-Halves hold half the samples, so the band is wider than what a second full draw would show:
-conservative. Each half-width is at least `MIN_HALF_WIDTH` (about two 8-bit levels). `z` = 3
-by default: with ten measures checked at every evaluation, a base-like policy rarely crosses one.
+direction is an artifact (more periodic energy, less adherence). The two energies are
+heavy-tailed: they are summarised by their geometric mean and banded on a log10 scale
+(`LOG_OFFSET`). For a set distance, [−∞, mean + z·std] of the distance between two random
+halves of the base set, split within each prompt (so both halves hold the same prompts; across
+all samples when prompts have 1 sample). Halves hold half the samples, so the band is wider than
+what a second full draw would show: conservative. Each half-width is at least `MIN_HALF_WIDTH`
+(about two 8-bit levels; 0.1 decade for the energies). `z` = 3 by default: with ten measures
+checked at every evaluation, a base-like policy rarely crosses one.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "ArtifactReference", "ArtifactStats", "Band", "Comparison", "ImageEncoder", "MEASURES", "artifact_stats",
+    "ArtifactReference", "ArtifactStats", "Band", "Comparison", "ImageEncoder", "MEASURES", "artifact_stats", "set_summary",
     "background_energy", "chroma", "circular_emd", "clipped", "compare_samples", "encoder_of", "first_frame_adherence",
     "flicker", "format_comparisons", "hue_histograms", "hue_shift", "kid", "luminance", "main_object_masks", "periodic_energy",
 ]
@@ -101,9 +103,33 @@ DISTANCES = ("hue_shift", "kid")
 #: intensity², 1° of hue), so a base whose samples all score the same (clean renders on a black
 #: background: no background energy at all) does not warn on a rounding-level change.
 MIN_HALF_WIDTH: dict[str, float] = {
-    "periodic_energy": 1e-4, "background_energy": 1e-4, "chroma": 0.01, "luminance": 0.01, "clipped": 1e-3,
+    "periodic_energy": 0.1, "background_energy": 0.1,  # decades: these two are compared on a log scale
+    "chroma": 0.01, "luminance": 0.01, "clipped": 1e-3,
     "flicker": 0.01, "first_frame_adherence": 0.01, "hue_shift": 1.0, "kid": 0.0,
 }
+#: Energies span decades and have heavy tails (one sample with a stray second object outweighs
+#: forty clean ones): they are summarised by their geometric mean, 10^mean(log10(ε + v)) − ε,
+#: and banded on that log scale; ε = (0.5/255)², half an 8-bit level squared.
+LOG_OFFSET: dict[str, float] = {"periodic_energy": (0.5 / 255) ** 2, "background_energy": (0.5 / 255) ** 2}
+
+
+def summary_scale(name: str, values: Tensor) -> Tensor:
+    """The per-sample values on the scale their set is summarised and banded on (module doc):
+    log10(ε + v) for the energies (`LOG_OFFSET`), the values themselves otherwise."""
+    values = values.double()
+    return torch.log10(values + LOG_OFFSET[name]) if name in LOG_OFFSET else values
+
+
+def from_summary_scale(name: str, value: float) -> float:
+    """Inverse of `summary_scale` for one number (±inf stay ±inf)."""
+    if name not in LOG_OFFSET or not math.isfinite(value):
+        return value
+    return 10**value - LOG_OFFSET[name]
+
+
+def set_summary(name: str, values: Tensor) -> float:
+    """A set's value of a per-sample measure: the mean, or for the energies the geometric mean."""
+    return from_summary_scale(name, float(summary_scale(name, values).mean()))
 
 BT709 = (0.2126, 0.7152, 0.0722)
 HUE_BINS = 36
@@ -558,9 +584,11 @@ class ArtifactReference:
         paired = all(len(u) >= 2 for u in units)  # seeds within prompts: the spread of a redraw on the same prompts
         bands: dict[str, Band] = {}
         for name, values in self.stats.values.items():
-            half = max(self.z * math.sqrt(2) * standard_error(values, units if paired else None), MIN_HALF_WIDTH[name])
-            centre, side = float(values.double().mean()), MEASURES[name]
-            bands[name] = Band(name, centre, centre - half if side != "up" else -math.inf, centre + half if side != "down" else math.inf)
+            scaled = summary_scale(name, values)
+            half = max(self.z * math.sqrt(2) * standard_error(scaled, units if paired else None), MIN_HALF_WIDTH[name])
+            centre, side = float(scaled.mean()), MEASURES[name]
+            low, high = centre - half if side != "up" else -math.inf, centre + half if side != "down" else math.inf
+            bands[name] = Band(name, *(from_summary_scale(name, v) for v in (centre, low, high)))
         generator = torch.Generator().manual_seed(self.seed)
         for name in DISTANCES:
             if (name == "kid" and self.stats.features is None) or (not paired and len(units) < 4):
@@ -582,7 +610,7 @@ class ArtifactReference:
                     continue
                 out[name] = Comparison(name, _distance(name, self.stats, current), band)
             elif name in current.values:
-                out[name] = Comparison(name, float(current.values[name].double().mean()), band)
+                out[name] = Comparison(name, set_summary(name, current.values[name]), band)
         return out
 
     def state_dict(self) -> dict[str, Any]:

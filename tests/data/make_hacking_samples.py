@@ -6,10 +6,10 @@ about step 250; `i2v`: configs/demo_i2v.yaml, red drifting to yellow/orange and 
 its conditioning image):
 
 1. trains the demo config as shipped through the CLI (`lightning-grpo fit -c <copy>`), the copy
-   changed only where it does not touch training: checkpoints every 50 steps, all kept, into
-   `--work`; the evaluation callbacks (ODEVisualizer, HeldOutEvaluation, RewardHackingMonitor)
-   left out, as they sample on their own generators under `preserve_rng` and never change the
-   training stream (tested in tests/callbacks), and they cost most of the time on 2 cores;
+   changed only where it does not touch training: checkpoints every 50 steps, all kept, and the
+   run folder in `--work` (so its held-out and visualiser grids are there to look at). A run
+   over hundreds of RL steps amplifies rounding differences, so the samples depend on the thread
+   count: the stored sets were made with OMP_NUM_THREADS=1;
 2. samples the base policy (the shipped weights) and the trained checkpoints deterministically
    (eta = 0, `lightning_grpo.evaluation.evaluate`) on the first `--prompts` prompts of the
    monitor's held-out set's 16 scenes (one phrasing each), 3 samples per prompt, at two seed sets for the base (`base`, and
@@ -44,7 +44,6 @@ DEMOS = {
     "flux": ("configs/demo.yaml", "configs/prompts/shapes_heldout_both.txt", [250, 500]),
     "i2v": ("configs/demo_i2v.yaml", "configs/prompts/motion_heldout_both.txt", [150]),
 }
-EVALUATION_CALLBACKS = ("ODEVisualizer", "HeldOutEvaluation", "RewardHackingMonitor")
 SEED, OTHER_SEED = 1234, 98765
 SAMPLES_PER_PROMPT = 3
 
@@ -56,19 +55,14 @@ def one_per_scene(prompts: list[str], phrasings: int = 3) -> list[str]:
 
 
 def training_config(config: str, work: Path, name: str, max_steps: int) -> Path:
-    """A copy of `config` that keeps every 50-step checkpoint in `work/name` and drops the evaluation callbacks."""
+    """A copy of `config` that keeps every 50-step checkpoint and writes its run folder into `work/name`."""
     data = yaml.safe_load((ROOT / config).read_text())
     trainer = data["trainer"]
     trainer["max_steps"] = max_steps
     trainer["logger"]["init_args"].update(save_dir=str(work), name=name)
-    callbacks = [c for c in trainer["callbacks"] if not c["class_path"].endswith(EVALUATION_CALLBACKS)]
-    for callback in callbacks:
+    for callback in trainer["callbacks"]:
         if callback["class_path"].endswith("GRPOCheckpoint"):
             callback["init_args"].update(every_n_train_steps=50, keep_last=-1)
-    # the default ODEVisualizer comes back when the config lists none: turn it into a no-op
-    callbacks.append({"class_path": "lightning_grpo.callbacks.ODEVisualizer",
-                      "init_args": {"prompts": [], "at_fit_start": False, "at_fit_end": False, "every_n_steps": 10**9}})
-    trainer["callbacks"] = callbacks
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
