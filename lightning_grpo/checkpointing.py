@@ -203,7 +203,7 @@ class GRPOCheckpoint(ModelCheckpoint):
         """True when a RewardHackingMonitor evaluated this very step and found nothing."""
         from lightning_grpo.callbacks.reward_hacking import RewardHackingMonitor
 
-        monitors = [c for c in trainer.callbacks if isinstance(c, RewardHackingMonitor)]
+        monitors = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, RewardHackingMonitor)]
         return bool(monitors) and all(m.verdicts.get(step) is True for m in monitors)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
@@ -213,7 +213,7 @@ class GRPOCheckpoint(ModelCheckpoint):
         score = trainer.callback_metrics.get(self.best_monitor)
         self.saved = [s for s in self.saved if s["path"] != filepath]
         self.saved.append({"path": filepath, "step": trainer.global_step, "score": None if score is None else float(score),
-                           "good": self._monitor_verdict(trainer, trainer.global_step)})
+                           "good": bool(self.keep_good) and self._monitor_verdict(trainer, trainer.global_step)})
         if self.keep_last == -1:
             return
         for record in self._to_remove():
