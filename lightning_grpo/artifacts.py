@@ -40,7 +40,7 @@ are the mean over its frames unless said otherwise. Per-sample measures (Tensor[
   conditioning object's colour and shape; unlike a mean over the whole frame, a background of
   black pixels does not hide a changed object.
 
-Set measures, distances between the current set and the base set (0 for identical sets):
+Set measures, distances between the current set and the base set (about 0 for identical sets):
 
 - ``hue_shift``: the circular earth mover's distance between the chroma-weighted hue histograms
   (36 bins, 10°, linear soft binning, each sample's normalised to 1) summed over each set, in degrees: how far, on average, colour
@@ -51,7 +51,11 @@ Set measures, distances between the current set and the base set (0 for identica
   unbiased MMD² with the cubic polynomial kernel k(x, y) = (x·y / d + 1)³ between image-encoder
   features of the two sets, computed by torchmetrics' `KernelInceptionDistance` with the encoder
   as its custom feature extractor (any encoder the run already loads, e.g. a CLIP reward's visual
-  tower, `encoder_of`); one subset of the full size, so the value is deterministic.
+  tower, `encoder_of`); one subset of the full size, so the value is deterministic. Its cross
+  term averages over all pairs, each sample with itself included, so identical sets of m
+  samples give (2/m)·(mean k(x_i, x_j), i ≠ j − mean k(x_i, x_i)), slightly below 0, and sets
+  drawn on the same prompts and seeds sit below 0 too; the band (from within-prompt halves of
+  the base) is on the same footing.
 
 Warning band (from the base set alone, `ArtifactReference`): the band is what a second draw of
 the base policy's samples on the same prompts, other seeds, could show. For a per-sample
@@ -97,7 +101,7 @@ MEASURES: dict[str, Side] = {
     "flicker": "up",
     "first_frame_adherence": "down",
 }
-#: Set distances (0 for identical sets; only a rise is drift).
+#: Set distances (about 0 for identical sets; only a rise is drift).
 DISTANCES = ("hue_shift", "kid")
 #: Smallest band half-width per measure: about two 8-bit levels (0.01 in intensity, 1e-4 in
 #: intensity², 1° of hue), so a base whose samples all score the same (clean renders on a black

@@ -157,12 +157,28 @@ def preview(arrays: np.ndarray, path: Path, samples_per_prompt: int) -> None:
     save_png(captioned_grid(pixels.reshape(-1, samples_per_prompt, *pixels.shape[1:]), cell_size=64, rows_per_block=8), path)
 
 
+def scan(module, work: Path, demo: str, prompts: list[str], images, per_prompt: int, base: np.ndarray, last: int) -> None:
+    """Print each 50-step checkpoint's measures against the base's band (`*`: outside)."""
+    from lightning_grpo.artifacts import ArtifactReference, artifact_stats
+
+    def stats(arrays: np.ndarray):
+        return artifact_stats(torch.from_numpy(arrays).float() / 255, images, samples_per_prompt=per_prompt)
+
+    reference = ArtifactReference(stats(base))
+    for step in range(50, last + 1, 50):
+        load_weights(module, checkpoint_for(work, demo, step))
+        report = reference.compare(stats(sample(module, prompts, SEED, images, per_prompt)))
+        print(f"{demo} step {step}: " + " ".join(f"{n}={c.value:.3g}{'*' if c.outside else ''}" for n, c in report.items()), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder of the training runs and previews")
     parser.add_argument("--demos", default="flux,i2v", help="comma-separated: flux, i2v")
     parser.add_argument("--skip-train", action="store_true", help="sample the runs already in --work")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--scan", action="store_true",
+                        help="only print the measures of every 50-step checkpoint in --work against the base (nothing stored)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -183,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
             stored[f"{demo}/conditioning"] = to_uint8(images)
         per_prompt = SAMPLES_PER_PROMPT[demo]
         sets = {"base": sample(module, prompts, SEED, images, per_prompt), "base_other": sample(module, prompts, OTHER_SEED, images, per_prompt)}
+        if args.scan:
+            scan(module, args.work, demo, prompts, images, per_prompt, sets["base"], max(steps))
+            continue
         for step in steps:
             load_weights(module, checkpoint_for(args.work, demo, step))
             sets[f"step{step}"] = sample(module, prompts, SEED, images, per_prompt)
@@ -192,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             preview(arrays, args.work / f"{demo}_{name}.png", per_prompt)
         stored[f"{demo}/prompts"] = np.array(prompts)
         stored[f"{demo}/samples_per_prompt"] = np.array(per_prompt)
+    if args.scan:
+        return
     save_lzma_npz(args.out, stored)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB): {sorted(stored)}")
 
