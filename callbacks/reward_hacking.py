@@ -49,7 +49,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_grpo.artifacts import ArtifactReference, ArtifactStats, Comparison, artifact_stats, encoder_of
+from lightning_grpo.artifacts import ArtifactReference, ArtifactStats, Comparison, artifact_stats, resolve_encoder
 from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
 from lightning_grpo.callbacks.diversity import pairwise_distances
 from lightning_grpo.callbacks.ema import ema_weights
@@ -254,7 +254,7 @@ class RewardHackingMonitor(Callback):
         self._stats = None
         if self.artifacts:
             conditioning = images if result.pixels.ndim == 5 else None
-            encoder = encoder_of([self.kid_encoder] if self.kid_encoder is not None else [*self.gold_rewards, *training])
+            encoder = resolve_encoder(self.kid_encoder, [*self.gold_rewards, *training])
             self._stats = artifact_stats(result.pixels, conditioning, encoder, self.samples_per_prompt, self.batch_size)
         return values
 

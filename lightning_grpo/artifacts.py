@@ -84,9 +84,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "ArtifactReference", "ArtifactStats", "Band", "Comparison", "ImageEncoder", "MEASURES", "artifact_stats", "set_summary",
+    "ArtifactReference", "ArtifactStats", "Band", "Comparison", "ImageEncoder", "MEASURES", "artifact_stats",
     "background_energy", "chroma", "circular_emd", "clipped", "compare_samples", "encoder_of", "first_frame_adherence",
-    "flicker", "format_comparisons", "hue_histograms", "hue_shift", "kid", "luminance", "main_object_masks", "periodic_energy",
+    "flicker", "format_comparisons", "hue_histograms", "hue_shift", "kid", "luminance", "main_object_masks",
+    "periodic_energy", "resolve_encoder", "set_summary",
 ]
 
 Side = Literal["up", "down", "both"]
@@ -407,6 +408,15 @@ def encoder_of(candidates: Iterable[Any]) -> ImageEncoder | None:
     return None
 
 
+def resolve_encoder(explicit: Any, candidates: Iterable[Any]) -> Callable[[Tensor], Tensor] | None:
+    """The KID encoder: `explicit` when given (a CLIP-like reward, whose visual tower is wrapped,
+    or any module mapping images [B, 3, H, W] in [0, 1] to features [B, D], used as it is), else
+    the first CLIP-like reward among `candidates` (`encoder_of`), else None (no KID)."""
+    if explicit is not None:
+        return encoder_of([explicit]) or explicit
+    return encoder_of(candidates)
+
+
 def encode(encoder: Callable[[Tensor], Tensor], pixels: Tensor, batch_size: int = 64) -> Tensor:
     """Tensor[N, D] float on CPU: features of each image, or of each clip (mean of its frames)."""
     images, frames = _frames(pixels)
@@ -553,7 +563,8 @@ class Comparison:
         return self.band.outside(self.value)
 
     def describe(self) -> str:
-        return f"{self.name} = {self.value:.4g} outside the base's band [{self.band.low:.4g}, {self.band.high:.4g}] (base {self.band.base:.4g})"
+        band = self.band
+        return f"{self.name} = {self.value:.4g} outside the base's band [{band.low:.4g}, {band.high:.4g}] (base {band.base:.4g})"
 
 
 @dataclass
@@ -650,5 +661,6 @@ def format_comparisons(comparisons: dict[str, Comparison]) -> str:
     """A markdown table: measure | base | now | band | outside."""
     lines = ["| measure | base | now | base's band | outside |", "|---|---|---|---|---|"]
     for c in comparisons.values():
-        lines.append(f"| {c.name} | {c.band.base:.4g} | {c.value:.4g} | [{c.band.low:.4g}, {c.band.high:.4g}] | {'**yes**' if c.outside else 'no'} |")
+        band, flag = c.band, "**yes**" if c.outside else "no"
+        lines.append(f"| {c.name} | {band.base:.4g} | {c.value:.4g} | [{band.low:.4g}, {band.high:.4g}] | {flag} |")
     return "\n".join(lines) + "\n"

@@ -227,3 +227,29 @@ def test_artifact_stats_of_videos_with_conditioning_and_encoder() -> None:
     assert torch.allclose(stats.values["first_frame_adherence"], torch.ones(2))
     with pytest.raises(ValueError, match="do not split"):
         artifact_stats(clips, samples_per_prompt=3)
+
+
+def test_kid_encoder_resolution() -> None:
+    """An explicit plain encoder is used as it is; a CLIP-like reward gets its visual tower wrapped;
+    without one, the first CLIP-like candidate; none at all: no KID."""
+    from torch import nn
+
+    from lightning_grpo.artifacts import ImageEncoder, resolve_encoder
+
+    class ClipLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Module()
+            self.model.encode_image = lambda x: x.flatten(1)[:, :4] * 2
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def preprocess(self, images):
+            return images + 1
+
+    plain = nn.Flatten()
+    assert resolve_encoder(plain, [ClipLike()]) is plain
+    wrapped = resolve_encoder(None, [nn.Identity(), ClipLike()])
+    assert isinstance(wrapped, ImageEncoder)
+    assert torch.equal(wrapped(torch.zeros(2, 3, 2, 2)), torch.full((2, 4), 2.0))  # (0 + 1) · 2: preprocess, then the tower
+    assert isinstance(resolve_encoder(ClipLike(), []), ImageEncoder)
+    assert resolve_encoder(None, [nn.Identity()]) is None

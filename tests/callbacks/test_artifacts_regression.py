@@ -83,7 +83,8 @@ def test_i2v_colour_drift_and_first_frame_leave_the_band(stored) -> None:
 
 @pytest.mark.parametrize("demo", ["flux", "i2v"])
 def test_clean_renders_stay_silent(stored, demo) -> None:
-    report = compare_samples(pixels(stored, demo, "clean"), pixels(stored, demo, "clean_other"), samples_per_prompt=per_prompt(stored, demo))
+    report = compare_samples(pixels(stored, demo, "clean"), pixels(stored, demo, "clean_other"),
+                             samples_per_prompt=per_prompt(stored, demo))
     assert outside(report) == []
 
 

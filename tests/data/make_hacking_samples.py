@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
             images = MotionFirstFrames(seed=0)(prompts, 32)  # as the config's HeldOutEvaluation and monitor
             stored[f"{demo}/conditioning"] = to_uint8(images)
         per_prompt = SAMPLES_PER_PROMPT[demo]
-        sets = {"base": sample(module, prompts, SEED, images, per_prompt), "base_other": sample(module, prompts, OTHER_SEED, images, per_prompt)}
+        sets = {"base": sample(module, prompts, SEED, images, per_prompt),
+                "base_other": sample(module, prompts, OTHER_SEED, images, per_prompt)}
         if args.scan:
             scan(module, args.work, demo, prompts, images, per_prompt, sets["base"], max(steps))
             continue
