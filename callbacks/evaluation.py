@@ -12,9 +12,13 @@ import re
 from contextlib import nullcontext
 from pathlib import Path
 
+from typing import Any
+
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_grpo.artifacts import ArtifactReference, Comparison, artifact_stats, format_comparisons, resolve_encoder
 from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import EvaluationResult, evaluate, format_before_after
@@ -57,6 +61,16 @@ class HeldOutEvaluation(Callback):
     Every rank runs the evaluation forward (an FSDP-sharded model needs all of them; the same
     prompts and seeds give every rank the same samples); rank zero writes and logs.
 
+    Artifact and drift measures (`artifacts`, lightning_grpo/artifacts.py): the "before" samples
+    set each measure's warning band (the base's seed-to-seed spread); the "after" samples are
+    measured against it, logged as `heldout/artifacts/{name}` (`heldout/{split}/artifacts/...`)
+    at both evaluations, and tabled under the before/after table ("outside" marks a measure that
+    left the base's band).
+
+    Resume: the "before" scores and the artifact reference are the callback's checkpoint state,
+    so a resumed run reports the change from the base policy, not from the resumed weights, and
+    does not evaluate "before" again.
+
     Args:
         prompts_file: held-out prompts, .txt (one per line) or .jsonl ("prompt"/"caption").
         samples_per_prompt: samples per prompt (sample j of prompt i has its own seeded noise).
@@ -71,6 +85,10 @@ class HeldOutEvaluation(Callback):
             digits, "_" and "-").
         first_frames: first-frame source for image-to-video (see above).
         fps: frames per second of the logged videos and GIFs.
+        artifacts: measure artifacts and drift of the "after" samples against the "before" ones.
+        artifact_z: half-width of each measure's band, in the base's standard errors.
+        kid_encoder: image encoder for KID (see `RewardHackingMonitor`); None: the first
+            CLIP-like reward among the module's and `extra_rewards` (no KID when there is none).
     """
 
     def __init__(
@@ -87,7 +105,16 @@ class HeldOutEvaluation(Callback):
         splits: dict[str, str] | None = None,
         first_frames: nn.Module | None = None,
         fps: int = 4,
+        artifacts: bool = True,
+        artifact_z: float = 3.0,
+        kid_encoder: nn.Module | None = None,
     ) -> None:
+        if artifact_z <= 0:
+            raise ValueError(f"artifact_z must be > 0, got {artifact_z}")
+        self.artifacts, self.artifact_z, self.kid_encoder = artifacts, artifact_z, kid_encoder
+        self.references: dict[str, ArtifactReference] = {}  # set name -> the "before" samples' measures and bands
+        self.comparisons: dict[str, dict[str, dict[str, Comparison]]] = {}  # when -> set name -> measure -> comparison
+        self._restored_before = False
         self.sets: dict[str, list[str]] = {}
         files = ({"": prompts_file} if prompts_file is not None else {}) | dict(splits or {})
         if not files:
@@ -116,6 +143,9 @@ class HeldOutEvaluation(Callback):
                 module.to(pl_module.device)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._restored_before:  # resumed: "before" was measured on the base weights
+            self._restored_before = False
+            return
         if self.before:
             self._run(trainer, pl_module, "before", use_ema=False)
 
@@ -129,6 +159,10 @@ class HeldOutEvaluation(Callback):
                 table = format_before_after(self.split_results["before"][name], self.split_results["after"][name])
                 title = f"Held-out evaluation{f' ({name})' if name else ''} ({len(prompts)} prompts x {self.samples_per_prompt})"
                 tables.append(f"{title}:\n{table}")
+                comparisons = self.comparisons.get("after", {}).get(name)
+                if comparisons:
+                    tables.append(f"Artifact and drift measures{f' ({name})' if name else ''}, after against the "
+                                  f"before samples' band (z = {self.artifact_z:g}):\n{format_comparisons(comparisons)}")
             text = "\n".join(tables)
             (self._log_dir(trainer) / "heldout_before_after.md").write_text(text)
             print(text, flush=True)
@@ -139,9 +173,20 @@ class HeldOutEvaluation(Callback):
         rewards = MultiReward([*pl_module.rewards.rewards, *self.extra_rewards])
         return evaluate(
             pl_module.policy, pl_module.sampler, prompts, rewards, samples_per_prompt=self.samples_per_prompt,
-            seed=self.seed, batch_size=self.batch_size, keep_pixels=self.grid, show_progress=False,
+            seed=self.seed, batch_size=self.batch_size, keep_pixels=self.grid or self.artifacts, show_progress=False,
             images=first_frames_for(pl_module, prompts, self.first_frames),
         )
+
+    def _measure_artifacts(self, pl_module: LightningModule, when: str, name: str, result: EvaluationResult) -> None:
+        """Artifact stats of one set's samples: "before" sets the reference, later ones are compared with it."""
+        if not self.artifacts or result.pixels is None:
+            return
+        conditioning = result.images if result.pixels.ndim == 5 else None
+        encoder = resolve_encoder(self.kid_encoder, [*self.extra_rewards, *pl_module.rewards.rewards])
+        stats = artifact_stats(result.pixels, conditioning, encoder, self.samples_per_prompt, self.batch_size)
+        if when == "before" or name not in self.references:
+            self.references[name] = ArtifactReference(stats, z=self.artifact_z)
+        self.comparisons.setdefault(when, {})[name] = self.references[name].compare(stats)
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, when: str, use_ema: bool) -> None:
         context = ema_weights(trainer, pl_module) if use_ema else nullcontext()
@@ -151,6 +196,7 @@ class HeldOutEvaluation(Callback):
         self.results[when] = next(iter(results.values()))
         if trainer.is_global_zero:
             for name, result in results.items():
+                self._measure_artifacts(pl_module, when, name, result)
                 self._write(trainer, result, when, name)
             for logger in trainer.loggers:
                 logger.save()
@@ -170,8 +216,40 @@ class HeldOutEvaluation(Callback):
         metrics = {}
         for reward, (mean, low, high, _) in result.summary().items():
             metrics.update({f"{prefix}{reward}": mean, f"{prefix}{reward}_ci_low": low, f"{prefix}{reward}_ci_high": high})
+        for measure, comparison in self.comparisons.get(when, {}).get(name, {}).items():
+            metrics[f"{prefix}artifacts/{measure}"] = comparison.value
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """The "before" evaluation (per-sample scores of every set, no pixels) and the artifact
+        references: what the end-of-fit table compares with after a resume."""
+        before = self.split_results.get("before")
+        if before is None:
+            return {}
+        return {
+            "before": {name: {"prompts": r.prompts, "scores": dict(r.scores), "samples_per_prompt": r.samples_per_prompt}
+                       for name, r in before.items()},
+            "references": {name: ref.state_dict() for name, ref in self.references.items()},
+            "sets": {name: list(prompts) for name, prompts in self.sets.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict or "before" not in state_dict:
+            return
+        if state_dict.get("sets") != {name: list(prompts) for name, prompts in self.sets.items()}:
+            rank_zero_warn("HeldOutEvaluation: the held-out prompts differ from the checkpoint's; evaluating 'before' "
+                           "again on the resumed weights")
+            return
+        self.split_results["before"] = {
+            name: EvaluationResult(prompts=list(r["prompts"]), scores=dict(r["scores"]),
+                                   samples_per_prompt=int(r["samples_per_prompt"]))
+            for name, r in state_dict["before"].items()
+        }
+        self.results["before"] = next(iter(self.split_results["before"].values()))
+        self.references = {name: ArtifactReference.from_state(ref) for name, ref in state_dict.get("references", {}).items()}
+        self._restored_before = True
 
     @staticmethod
     def _log_dir(trainer: Trainer) -> Path:

@@ -21,8 +21,19 @@ from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboa
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import eval_mode, preserve_rng
 from lightning_grpo.first_frames import frame_size
-from lightning_grpo.grids import captioned_grid, filmstrip, save_gif, save_png
+from lightning_grpo.grids import captioned_grid, filmstrip, save_gif, save_png, with_condition
 from lightning_grpo.rollout import ode_sample
+
+
+def spread_indices(total: int, k: int) -> list[int]:
+    """min(k, total) indices spread evenly over range(total): ⌊i·total/k⌋ for i < k."""
+    k = min(k, total)
+    return [i * total // k for i in range(k)]
+
+
+def to_uint8(pixels: Tensor) -> Tensor:
+    """[0, 1] floats -> uint8 (round(255·x)); x / 255 gives back what a saved PNG holds."""
+    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 class ODEVisualizer(Callback):
@@ -39,15 +50,27 @@ class ODEVisualizer(Callback):
     `<log_dir>/visualization/ode_samples_step{N}.gif`. Without moviepy,
     `visualization/ode_video_frames` shows the current samples' frames side by side as an image.
     Image-to-video: first frames come from the validation batches' ``"images"``, else from the
-    module's `first_frames` source when it has one.
+    module's `first_frames` source when it has one; the grids show each prompt's conditioning
+    frame as their first column ("condition"), beside its clips.
+
+    Prompts: by default `num_prompts` spread evenly over the first `max_scan` validation prompts
+    (`prompt_choice="spread"`): a validation file lists each scene in several phrasings in a row,
+    so its first prompts are one scene; "first" takes the first K as they come.
+
+    Resume: the step-0 samples (as uint8), the prompts, first frames and last step are the
+    callback's checkpoint state, so a resumed run shows the true step-0 samples beside its own.
 
     Every rank samples (a model sharded with FSDP needs all ranks in its forward; under DDP the
     ranks draw the same images), from rank zero's prompts; rank zero writes.
 
     Args:
-        prompts: prompts to draw; default: the first `num_prompts` prompts of the validation
-            dataloader (the visualiser turns itself off with a warning when there are none).
+        prompts: prompts to draw; default: `num_prompts` prompts of the validation dataloader,
+            chosen by `prompt_choice` (the visualiser turns itself off with a warning when there
+            are none).
         num_prompts: K, prompts taken from the validation data when `prompts` is not given.
+        prompt_choice: "spread" (K prompts evenly spaced over the first `max_scan` validation
+            prompts: several attribute combinations) or "first" (the first K).
+        max_scan: validation prompts read at most when choosing by "spread".
         seeds: one generator seed per column; prompt k uses that generator's k-th noise draw.
         every_n_steps: visualise when the optimizer-step count crosses a multiple of this.
         at_fit_start: visualise before the first step (the step-0 reference is always drawn).
@@ -68,9 +91,16 @@ class ODEVisualizer(Callback):
         fps: int = 4,
         cell_size: int = 128,
         save_dir: str | bool | None = None,
+        prompt_choice: str = "spread",
+        max_scan: int = 1000,
     ) -> None:
         if every_n_steps < 1 or num_prompts < 1:
             raise ValueError(f"every_n_steps and num_prompts must be >= 1, got {every_n_steps}, {num_prompts}")
+        if prompt_choice not in ("spread", "first"):
+            raise ValueError(f"prompt_choice must be 'spread' or 'first', got {prompt_choice!r}")
+        if max_scan < num_prompts:
+            raise ValueError(f"max_scan ({max_scan}) must be >= num_prompts ({num_prompts})")
+        self.prompt_choice, self.max_scan = prompt_choice, max_scan
         self.prompts = list(prompts) if prompts is not None else None
         self.num_prompts = num_prompts
         self.seeds = list(seeds) if seeds is not None else [0, 1]
@@ -87,9 +117,13 @@ class ODEVisualizer(Callback):
         self.last_step = -1
         self._enabled = True
         self._warned_video = False
+        self._restored = False
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._restored:  # resumed: the step-0 samples came with the checkpoint
+            self._restored = False
+            return
         if self.prompts is None:  # every rank reads its shard; all take rank zero's prompts
             self.prompts, self.images = trainer.strategy.broadcast(self._prompts_from_data(trainer))
         source = getattr(pl_module, "first_frames", None)
@@ -122,13 +156,14 @@ class ODEVisualizer(Callback):
 
     # ------------------------------------------------------------------ sampling
     def _prompts_from_data(self, trainer: Trainer) -> tuple[list[str], Tensor | None]:
-        """The first K validation prompts (and first frames, for image-to-video data).
+        """K validation prompts (and first frames, for image-to-video data), by `prompt_choice`.
 
         Iterating a DataLoader draws its base seed from the global generator, hence `preserve_rng`.
         """
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             return [], None
+        wanted = self.num_prompts if self.prompt_choice == "first" else self.max_scan
         prompts: list[str] = []
         images: list[Tensor] = []
         with preserve_rng():
@@ -138,12 +173,36 @@ class ODEVisualizer(Callback):
                     prompts.extend(batch["prompts"])
                     if batch.get("images") is not None:
                         images.extend(batch["images"])
-                    if len(prompts) >= self.num_prompts:
+                    if len(prompts) >= wanted:
                         break
-                if len(prompts) >= self.num_prompts:
+                if len(prompts) >= wanted:
                     break
-        first_frames = torch.stack(images[: self.num_prompts]) if len(images) >= len(prompts[: self.num_prompts]) and images else None
-        return prompts[: self.num_prompts], first_frames
+        prompts = prompts[:wanted]
+        chosen = spread_indices(len(prompts), self.num_prompts)
+        first_frames = torch.stack([images[i] for i in chosen]) if images and len(images) >= len(prompts) else None
+        return [prompts[i] for i in chosen], first_frames
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """The step-0 samples (uint8: what the grids show, 4× smaller than float), prompts, first
+        frames and last step: a resumed run shows the true step 0, not its resumed weights."""
+        if self.initial is None:
+            return {}
+        return {"initial": to_uint8(self.initial), "prompts": list(self.prompts or []),
+                "images": None if self.images is None else to_uint8(self.images), "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict or state_dict.get("initial") is None:
+            return
+        if self.prompts is not None and list(self.prompts) != list(state_dict["prompts"]):
+            rank_zero_warn("ODEVisualizer: the configured prompts differ from the checkpoint's; drawing new step-0 samples "
+                           "from the resumed weights")
+            return
+        self.prompts = list(state_dict["prompts"])
+        self.initial = state_dict["initial"].float() / 255
+        self.images = None if state_dict.get("images") is None else state_dict["images"].float() / 255
+        self.last_step = int(state_dict.get("last_step", -1))
+        self._restored = True
 
     @torch.no_grad()
     def sample(self, trainer: Trainer, pl_module: LightningModule) -> Tensor:
@@ -164,7 +223,8 @@ class ODEVisualizer(Callback):
         """Readable [C, H', W'] grid: one row per prompt, its text under it; left block the step-0
         samples (one column per seed), right block the current ones, column titles "step 0 · seed
         s" and "step N · seed s"; cells upscaled (nearest) to `cell_size`. Videos: frame `frame`
-        of every clip, or (None) a film strip of each clip."""
+        of every clip, or (None) a film strip of each clip; image-to-video: the conditioning
+        frame first ("condition")."""
         initial = self.initial
         if current.ndim == 5:  # [S*K, C, H, W] one frame, or [S*K, C, H, W'] strips
             pick = filmstrip if frame is None else (lambda clips: clips[:, frame])
@@ -177,8 +237,12 @@ class ODEVisualizer(Callback):
 
         cells = torch.cat([by_prompt(initial), by_prompt(current)], dim=1)  # [K, 2S, C, H, W]
         titles = [f"step 0 · seed {s}" for s in self.seeds] + [f"{now} · seed {s}" for s in self.seeds]
+        if self.images is not None and current.ndim == 4 and current.shape[-2] == self.images.shape[-2]:
+            cells = with_condition(cells, self.images)  # [K, 1 + 2S, C, H, W]
+            titles = ["condition", *titles]
+        gap = seeds + (1 if len(titles) > 2 * seeds else 0)
         return captioned_grid(cells, row_captions=list(self.prompts), column_titles=titles,
-                              cell_size=self.cell_size, gap_after=seeds)
+                              cell_size=self.cell_size, gap_after=gap)
 
     def write(self, trainer: Trainer, current: Tensor) -> None:
         step = logging_step(trainer)

@@ -18,6 +18,22 @@ highest so far; warn if, since then, the training reward rose AND the gold measu
 more than `z` standard errors of the paired per-sample differences (the same samples are scored
 each time, so the differences are paired). The warning goes to the console (`rank_zero_warn`) and
 to TensorBoard text `hacking/warning`; every evaluation is also a row of `<log_dir>/reward_hacking.csv`.
+
+Artifact and drift measures (`artifacts=True`, lightning_grpo/artifacts.py), independent of every
+reward: periodic-pattern energy, energy off the object, colour and exposure (chroma, luma,
+clipped highlights, hue shift), KID against the base samples on the features of an encoder the
+run already loads (`kid_encoder`, by default the visual tower of the first CLIP-like gold or
+training reward), and for video flicker and first-frame adherence on the object. The first
+evaluation (the base policy at fit start) is the reference: its samples set each measure's
+warning band (`artifact_z`, `ArtifactReference`); a later evaluation whose measure leaves the band
+warns, naming the measure, its value, the band and the step the excursion began. Logged as
+`hacking/artifacts/{name}` (with `_band_low` / `_band_high` where finite).
+
+Acting on it: `stop_on_hacking=True` stops the run after the evaluation that warned;
+`GRPOCheckpoint(keep_good=k)` keeps the last k checkpoints saved at an evaluation this monitor
+found clean (`verdicts`), so a run that began to hack still holds its last good model.
+The history, the artifact reference and the verdicts are saved in the checkpoint: a resumed
+run keeps its baseline (the base policy's samples), not the resumed weights'.
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_grpo.artifacts import ArtifactReference, ArtifactStats, Comparison, artifact_stats, resolve_encoder
 from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
 from lightning_grpo.callbacks.diversity import pairwise_distances
 from lightning_grpo.callbacks.ema import ema_weights
@@ -141,6 +158,13 @@ class RewardHackingMonitor(Callback):
         min_change: smallest absolute rise / fall that counts, besides `z`.
         first_frames: first-frame source for image-to-video, as `HeldOutEvaluation`'s (None: the
             module's own `first_frames` source, if any).
+        artifacts: also track the artifact and drift measures (module doc) against the base
+            samples' band; they count as gold measures (a monitor with only these is valid).
+        artifact_z: half-width of each measure's warning band, in the base's standard errors.
+        kid_encoder: image encoder for KID (images [B, 3, H, W] in [0, 1] -> features [B, D]),
+            or a CLIP-like reward whose visual tower to use; None: the first gold or training
+            reward with an open_clip visual tower (no KID when there is none).
+        stop_on_hacking: stop training after an evaluation that warned (gold or artifact).
     """
 
     def __init__(
@@ -156,6 +180,10 @@ class RewardHackingMonitor(Callback):
         z: float = 2.0,
         min_change: float = 0.0,
         first_frames: nn.Module | None = None,
+        artifacts: bool = True,
+        artifact_z: float = 3.0,
+        kid_encoder: nn.Module | None = None,
+        stop_on_hacking: bool = False,
     ) -> None:
         self.first_frames = first_frames
         self.prompts = read_prompts(prompts_file)[:max_prompts]
@@ -163,8 +191,10 @@ class RewardHackingMonitor(Callback):
             raise ValueError(f"no prompts in {prompts_file}")
         self.gold_rewards = list(gold_rewards or [])
         self.diversity = diversity
-        if not self.gold_rewards and not diversity:
-            raise ValueError("RewardHackingMonitor needs at least one gold measure (gold_rewards or diversity=True)")
+        if not self.gold_rewards and not diversity and not artifacts:
+            raise ValueError("RewardHackingMonitor needs at least one gold measure (gold_rewards, diversity=True or artifacts=True)")
+        if artifact_z <= 0:
+            raise ValueError(f"artifact_z must be > 0, got {artifact_z}")
         if diversity and samples_per_prompt < 2:
             raise ValueError(f"diversity needs samples_per_prompt >= 2, got {samples_per_prompt}")
         if every_n_steps < 1 or samples_per_prompt < 1:
@@ -176,7 +206,15 @@ class RewardHackingMonitor(Callback):
         self.every_n_steps = every_n_steps
         self.seed, self.batch_size = seed, batch_size
         self.detector = HackingDetector(names, z=z, min_change=min_change)
+        self.artifacts, self.artifact_z = artifacts, artifact_z
+        self.kid_encoder = kid_encoder
+        self.stop_on_hacking = stop_on_hacking
+        self.reference: ArtifactReference | None = None  # the base samples' measures and bands
+        self.artifact_history: list[tuple[int, dict[str, float]]] = []  # (step, measure -> value)
+        self.out_since: dict[str, int] = {}  # measure -> step its current excursion out of the band began
+        self.verdicts: dict[int, bool] = {}  # step -> no warning at that evaluation (GRPOCheckpoint keep_good)
         self.warnings: list[str] = []
+        self._stats: ArtifactStats | None = None
         self._last_step = -1
 
     # ------------------------------------------------------------------ hooks
@@ -186,6 +224,8 @@ class RewardHackingMonitor(Callback):
                 module.to(pl_module.device)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.detector.history and self.detector.history[-1].step == trainer.global_step:
+            return  # resumed from a checkpoint saved right after this step's evaluation
         self._observe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -198,33 +238,73 @@ class RewardHackingMonitor(Callback):
 
     # ------------------------------------------------------------------ measuring
     def measure(self, pl_module: LightningModule) -> dict[str, Tensor]:
-        """Per-unit values now: `TRAIN` (weighted sum of the module's rewards) and each gold measure."""
+        """Per-unit values now: `TRAIN` (weighted sum of the module's rewards) and each gold measure
+        (and, with `artifacts`, the samples' `ArtifactStats` in `self._stats`)."""
         training = list(pl_module.rewards.rewards)
+        images = first_frames_for(pl_module, self.prompts, self.first_frames)
         result: EvaluationResult = evaluate(
             pl_module.policy, pl_module.sampler, self.prompts, MultiReward([*training, *self.gold_rewards]),
             samples_per_prompt=self.samples_per_prompt, seed=self.seed, batch_size=self.batch_size,
-            keep_pixels=self.diversity, show_progress=False, images=first_frames_for(pl_module, self.prompts, self.first_frames),
+            keep_pixels=self.diversity or self.artifacts, show_progress=False, images=images,
         )
         values = {TRAIN: sum(r.weight * result.scores[r.name] for r in training)}
         values.update({r.name: result.scores[r.name] for r in self.gold_rewards})
         if self.diversity:
             values[DIVERSITY] = within_prompt_diversity(result.pixels, self.samples_per_prompt)
+        self._stats = None
+        if self.artifacts:
+            conditioning = images if result.pixels.ndim == 5 else None
+            encoder = resolve_encoder(self.kid_encoder, [*self.gold_rewards, *training])
+            self._stats = artifact_stats(result.pixels, conditioning, encoder, self.samples_per_prompt, self.batch_size)
         return values
+
+    def check_artifacts(self, step: int, stats: ArtifactStats) -> tuple[dict[str, Comparison], list[str]]:
+        """Compare `stats` with the reference (the first stats seen become it): (comparisons,
+        one warning per measure outside its band, naming the step its excursion began)."""
+        if self.reference is None:
+            self.reference = ArtifactReference(stats, z=self.artifact_z)
+        comparisons = self.reference.compare(stats)
+        messages = []
+        for name, comparison in comparisons.items():
+            if not comparison.outside:
+                self.out_since.pop(name, None)
+                continue
+            began = self.out_since.setdefault(name, step)
+            messages.append(f"possible reward hacking at step {step}: artifact measure {name!r} left the base samples' band "
+                            f"at step {began}: {comparison.describe()}")
+        self.artifact_history.append((step, {name: c.value for name, c in comparisons.items()}))
+        return comparisons, messages
 
     def _observe(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = trainer.global_step
+        stop = False
         if trainer.is_global_zero:
             with ema_weights(trainer, pl_module):
                 values = self.measure(pl_module)
             messages = self.detector.add(Observation(trainer.global_step, values))
-            self._log(trainer, messages)
+            comparisons: dict[str, Comparison] = {}
+            if self._stats is not None:
+                comparisons, artifact_messages = self.check_artifacts(trainer.global_step, self._stats)
+                messages += artifact_messages
+            self.verdicts[trainer.global_step] = not messages
+            self._log(trainer, messages, comparisons)
+            stop = bool(messages) and self.stop_on_hacking
         trainer.strategy.barrier("reward_hacking_monitor")
+        if self.stop_on_hacking and trainer.strategy.broadcast(stop, src=0):
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                rank_zero_warn(f"RewardHackingMonitor: stop_on_hacking: stopping the run at step {trainer.global_step}")
 
-    def _log(self, trainer: Trainer, messages: list[str]) -> None:
+    def _log(self, trainer: Trainer, messages: list[str], comparisons: dict[str, Comparison] | None = None) -> None:
         now = self.detector.history[-1]
         metrics = {f"hacking/{TRAIN}": now.mean(TRAIN)}
         metrics.update({f"hacking/gold/{name}": now.mean(name) for name in self.detector.gold})
         metrics.update({f"hacking/gap/{name}": gap for name, gap in self.detector.gaps().items()})
+        for name, comparison in (comparisons or {}).items():
+            metrics[f"hacking/artifacts/{name}"] = comparison.value
+            for bound in ("low", "high"):
+                if math.isfinite(getattr(comparison.band, bound)):
+                    metrics[f"hacking/artifacts/{name}_band_{bound}"] = getattr(comparison.band, bound)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=logging_step(trainer))
         for message in messages:
@@ -233,6 +313,30 @@ class RewardHackingMonitor(Callback):
                 writer.add_text("hacking/warning", message, global_step=logging_step(trainer))
         self.warnings.extend(messages)
         self._append_csv(trainer, metrics, messages)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """The history, the artifact reference (the base samples' stats and bands), the current
+        excursions and verdicts: a resumed run keeps comparing with the base, not the resumed weights."""
+        return {
+            "history": [(o.step, dict(o.values)) for o in self.detector.history],
+            "reference": None if self.reference is None else self.reference.state_dict(),
+            "artifact_history": list(self.artifact_history),
+            "out_since": dict(self.out_since),
+            "verdicts": dict(self.verdicts),
+            "warnings": list(self.warnings),
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.detector.history = [Observation(step, dict(values)) for step, values in state_dict.get("history", [])]
+        reference = state_dict.get("reference")
+        self.reference = None if reference is None else ArtifactReference.from_state(reference)
+        self.artifact_history = [(int(step), dict(values)) for step, values in state_dict.get("artifact_history", [])]
+        self.out_since = dict(state_dict.get("out_since", {}))
+        self.verdicts = {int(k): bool(v) for k, v in state_dict.get("verdicts", {}).items()}
+        self.warnings = list(state_dict.get("warnings", []))
+        self._last_step = int(state_dict.get("last_step", -1))
 
     def _append_csv(self, trainer: Trainer, metrics: dict[str, float], messages: list[str]) -> None:
         log_dir = trainer.log_dir or trainer.default_root_dir

@@ -118,7 +118,13 @@ class GRPOCheckpoint(ModelCheckpoint):
       extended from it would skip the rest of that epoch's prompts;
     - on an exception, a checkpoint is written for a stop signal (SIGTERM, or SIGINT forwarded as
       SIGTERM by the CLI), raised by Lightning between steps, and for any exception outside a
-      training step; never for one inside a step, whose weights may be half updated.
+      training step; never for one inside a step, whose weights may be half updated;
+    - keep the last good model (`keep_good`): with a `RewardHackingMonitor` in the trainer, a
+      checkpoint saved at a step the monitor evaluated and found clean (no gold or artifact
+      warning) is "good"; the `keep_good` most recent good ones are kept besides the others, and
+      `good_model_path` names the latest (printed at the end of fit). Lightning runs checkpoint
+      callbacks after the others, so the monitor's verdict of a step is in before its save; give
+      the monitor an `every_n_steps` that `every_n_train_steps` divides, or no save is checked.
 
     Args:
         keep_last: the most recent checkpoints to keep (>= 1); -1 keeps all.
@@ -128,6 +134,7 @@ class GRPOCheckpoint(ModelCheckpoint):
         every_n_train_steps: optimizer steps between checkpoints.
         dirpath, filename: as for ModelCheckpoint (default: `<log_dir>/checkpoints`).
         save_last: also keep `last.ckpt`, the most recent state.
+        keep_good: checkpoints to keep that the `RewardHackingMonitor` found clean (0 = none).
     """
 
     def __init__(
@@ -140,7 +147,10 @@ class GRPOCheckpoint(ModelCheckpoint):
         dirpath: str | None = None,
         filename: str | None = None,
         save_last: bool = True,
+        keep_good: int = 0,
     ) -> None:
+        if keep_good < 0:
+            raise ValueError(f"keep_good must be >= 0, got {keep_good}")
         if keep_last == 0 or keep_last < -1:
             raise ValueError(f"keep_last must be >= 1 (or -1 to keep all), got {keep_last}")
         if keep_best < 0:
@@ -151,7 +161,7 @@ class GRPOCheckpoint(ModelCheckpoint):
             dirpath=dirpath, filename=filename, every_n_train_steps=every_n_train_steps,
             save_last=save_last, save_top_k=-1, save_on_exception=True,
         )
-        self.keep_last, self.keep_best = keep_last, keep_best
+        self.keep_last, self.keep_best, self.keep_good = keep_last, keep_best, keep_good
         self.best_monitor, self.best_mode = best_monitor, best_mode
         self.saved: list[dict[str, Any]] = []  # [{"path", "step", "score"}] in save order
         self._in_training_step = False
@@ -168,6 +178,13 @@ class GRPOCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.keep_good and trainer.is_global_zero:
+            found = self.good_model_path
+            rank_zero_info(f"Last checkpoint the RewardHackingMonitor found clean: {found}" if found else
+                           "No checkpoint was saved at a step the RewardHackingMonitor found clean")
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) or not self._in_training_step:
             super().on_exception(trainer, pl_module, exception)
@@ -175,21 +192,40 @@ class GRPOCheckpoint(ModelCheckpoint):
                 rank_zero_info(f"Stopped by a signal at step {trainer.global_step}: resume with --ckpt_path={self.last_model_path}")
 
     # -- retention
+    @property
+    def good_model_path(self) -> str | None:
+        """The most recent kept checkpoint that the RewardHackingMonitor found clean (None: none)."""
+        good = [s["path"] for s in self.saved if s.get("good")]
+        return good[-1] if good else None
+
+    @staticmethod
+    def _monitor_verdict(trainer, step: int) -> bool:
+        """True when a RewardHackingMonitor evaluated this very step and found nothing."""
+        from lightning_grpo.callbacks.reward_hacking import RewardHackingMonitor
+
+        monitors = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, RewardHackingMonitor)]
+        return bool(monitors) and all(m.verdicts.get(step) is True for m in monitors)
+
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        if filepath == self.last_model_path or self.keep_last == -1:
+        if filepath == self.last_model_path or (self.keep_last == -1 and not self.keep_good):
             return
         score = trainer.callback_metrics.get(self.best_monitor)
         self.saved = [s for s in self.saved if s["path"] != filepath]
-        self.saved.append({"path": filepath, "step": trainer.global_step, "score": None if score is None else float(score)})
+        self.saved.append({"path": filepath, "step": trainer.global_step, "score": None if score is None else float(score),
+                           "good": bool(self.keep_good) and self._monitor_verdict(trainer, trainer.global_step)})
+        if self.keep_last == -1:
+            return
         for record in self._to_remove():
             self.saved.remove(record)
             if record["path"] != self.last_model_path:
                 self._remove_checkpoint(trainer, record["path"])
 
     def _to_remove(self) -> list[dict[str, Any]]:
-        """Saved checkpoints that are neither among the last `keep_last` nor the best `keep_best`."""
+        """Saved checkpoints neither among the last `keep_last`, the best `keep_best`, nor the last `keep_good` good ones."""
         keep = {id(s) for s in self.saved[-self.keep_last :]}
+        good = [s for s in self.saved if s.get("good")]
+        keep |= {id(s) for s in good[len(good) - self.keep_good :]} if self.keep_good else set()
         scored = [s for s in self.saved if s["score"] is not None and s["score"] == s["score"]]  # not NaN
         scored.sort(key=lambda s: s["score"], reverse=self.best_mode == "max")
         keep |= {id(s) for s in scored[: self.keep_best]}

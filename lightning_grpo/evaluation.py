@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_grpo.grids import captioned_grid, filmstrip, save_gif, save_png
+from lightning_grpo.grids import captioned_grid, filmstrip, save_gif, save_png, with_condition
 from lightning_grpo.noise import sample_seed
 from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
@@ -114,12 +114,15 @@ class EvaluationResult:
         scores: reward name -> Tensor[N] float on CPU.
         pixels: [N, C, H, W] (or video [N, F, C, H, W]) in [0, 1] on CPU when `keep_pixels`, else None.
         samples_per_prompt: S, used to lay out the image grid one prompt per row.
+        images: image-to-video conditioning frames [P, C, H, W] on CPU (one per prompt) when
+            pixels were kept, shown as the grid's first column; else None.
     """
 
     prompts: list[str]
     scores: dict[str, Tensor]
     pixels: Tensor | None = None
     samples_per_prompt: int = field(default=1)
+    images: Tensor | None = None
 
     def summary(self, confidence: float = 0.95) -> dict[str, Summary]:
         """reward name -> (mean, low, high, n), see `mean_ci`."""
@@ -150,12 +153,15 @@ class EvaluationResult:
     def grid(self, cell_size: int = 96, rows_per_block: int = 20) -> Tensor:
         """Readable grid [3, H, W] of the kept pixels: rows = prompts (caption under each), columns =
         samples, the first reward's score under each cell; 20 prompts per column block. Videos
-        show a film strip of (up to 5) frames per cell."""
-        return evaluation_grid(self._kept(), self.prompts, self.samples_per_prompt, self.scores, cell_size, rows_per_block)
+        show a film strip of (up to 5) frames per cell; image-to-video clips the conditioning
+        frame first."""
+        return evaluation_grid(self._kept(), self.prompts, self.samples_per_prompt, self.scores, cell_size, rows_per_block,
+                               conditioning=self.images)
 
     def video(self, cell_size: int = 96, rows_per_block: int = 20) -> Tensor:
         """The grid of `grid` once per frame, as a clip [F, 3, H, W] (videos only): what grid.gif shows."""
-        return evaluation_video(self._kept(), self.prompts, self.samples_per_prompt, self.scores, cell_size, rows_per_block)
+        return evaluation_video(self._kept(), self.prompts, self.samples_per_prompt, self.scores, cell_size, rows_per_block,
+                                conditioning=self.images)
 
     def _kept(self) -> Tensor:
         if self.pixels is None or not len(self.pixels):
@@ -186,11 +192,13 @@ def evaluation_grid(
     scores: dict[str, Tensor] | None = None,
     cell_size: int = 96,
     rows_per_block: int = 20,
+    conditioning: Tensor | None = None,
 ) -> Tensor:
     """Grid [3, H, W] of prompt-major samples ([N, C, H, W], or video [N, F, C, H, W] shown as a
     film strip of up to 5 frames, `lightning_grpo.grids.filmstrip`): one row per prompt with the
     prompt under it, one column per sample, and the first score of `scores` under each cell (see
-    `lightning_grpo.grids.captioned_grid`)."""
+    `lightning_grpo.grids.captioned_grid`). `conditioning` ([P, C, H, W], image-to-video): each
+    prompt's conditioning frame as a first column ("condition")."""
     images = filmstrip(pixels) if pixels.ndim == 5 else pixels  # [N, C, H, W'] (W' = strip width for videos)
     if len(images) % samples_per_prompt or len(prompts) != len(images):
         raise ValueError(f"{len(images)} samples, {len(prompts)} prompts, {samples_per_prompt} per prompt do not tile")
@@ -200,6 +208,10 @@ def evaluation_grid(
     captions = None
     if values is not None:
         captions = [[f"{v:.3g}" for v in row] for row in values.reshape(-1, samples_per_prompt).tolist()]
+    if conditioning is not None:
+        cells = with_condition(cells, conditioning)  # [P, 1 + S, C, H, W']
+        titles = ["condition", *titles]
+        captions = None if captions is None else [["", *row] for row in captions]
     return captioned_grid(cells, row_captions=list(prompts[::samples_per_prompt]), column_titles=titles,
                           cell_captions=captions, cell_size=cell_size, rows_per_block=rows_per_block)
 
@@ -211,12 +223,14 @@ def evaluation_video(
     scores: dict[str, Tensor] | None = None,
     cell_size: int = 96,
     rows_per_block: int = 20,
+    conditioning: Tensor | None = None,
 ) -> Tensor:
     """The evaluation grid of videos [N, F, C, H, W] once per frame: a clip [F, 3, H', W'] whose
-    frame f shows frame f of every sample in the layout of `evaluation_grid`."""
+    frame f shows frame f of every sample in the layout of `evaluation_grid` (the conditioning
+    frame, when given, in the first column of every frame)."""
     if pixels.ndim != 5:
         raise ValueError(f"evaluation_video needs videos [N, F, C, H, W], got {tuple(pixels.shape)}")
-    return torch.stack([evaluation_grid(pixels[:, f], prompts, samples_per_prompt, scores, cell_size, rows_per_block)
+    return torch.stack([evaluation_grid(pixels[:, f], prompts, samples_per_prompt, scores, cell_size, rows_per_block, conditioning)
                         for f in range(pixels.shape[1])])
 
 
@@ -339,4 +353,5 @@ def evaluate(
         scores={name: torch.cat(scores[name]) if scores else torch.zeros(0) for name in names},
         pixels=torch.cat(pixels_kept) if pixels_kept else None,
         samples_per_prompt=samples_per_prompt,
+        images=images.detach().float().cpu() if keep_pixels and images is not None else None,
     )

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["GridLayout", "captioned_grid", "filmstrip", "save_gif", "save_png"]
+__all__ = ["GridLayout", "captioned_grid", "filmstrip", "save_gif", "save_png", "with_condition"]
 
 #: Caption text size in pixels, line height, and the white space around blocks.
 FONT_SIZE = 12
@@ -201,6 +201,24 @@ def filmstrip(clips: Tensor, max_frames: int = 5, gap: int = 1) -> Tensor:
             pieces.append(torch.ones(*clips.shape[:1], clips.shape[2], clips.shape[3], gap, dtype=clips.dtype))
         pieces.append(clips[:, f])
     return torch.cat(pieces, dim=-1)
+
+
+def with_condition(cells: Tensor, conditioning: Tensor) -> Tensor:
+    """Image-to-video grids: the conditioning frame as a first column beside each row's clips.
+
+    cells [R, K, C, H, W'] (W' ≥ W: film strips, or frames with W' = W), conditioning
+    [R, C, H, W] in [0, 1] -> [R, K + 1, C, H, W'], the frame padded with white on the right to
+    the cells' width (grids need cells of one size)."""
+    if conditioning.ndim != 4 or len(conditioning) != len(cells) or conditioning.shape[-2] != cells.shape[-2]:
+        raise ValueError(f"conditioning must be [{len(cells)}, C, {cells.shape[-2]}, W], got {tuple(conditioning.shape)}")
+    pad = cells.shape[-1] - conditioning.shape[-1]
+    if pad < 0:
+        raise ValueError(f"conditioning frames ({conditioning.shape[-1]} px wide) are wider than the cells ({cells.shape[-1]} px)")
+    frame = conditioning.to(cells.dtype)
+    if frame.shape[1] != cells.shape[2]:
+        frame = frame.expand(-1, cells.shape[2], -1, -1) if frame.shape[1] == 1 else frame
+    frame = F.pad(frame, (0, pad), value=1.0)
+    return torch.cat([frame[:, None], cells], dim=1)
 
 
 def save_gif(frames: Tensor, path: str | Path, fps: int = 4) -> Path:

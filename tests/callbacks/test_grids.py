@@ -69,3 +69,40 @@ def test_heldout_grid_is_prompts_by_samples(tmp_path) -> None:
     assert image.size == (layout.size[1], layout.size[0])
     assert tuple(result.grid().shape) == (3, *layout.size)
     assert layout.size[0] < 3000  # not a 2,641-pixel-tall single column any more
+
+
+def _red_pixels(grid: torch.Tensor) -> int:
+    """Pixels of pure red (the conditioning frames below; samples are green, text black)."""
+    return int(((grid[0] > 0.99) & (grid[1] < 0.01) & (grid[2] < 0.01)).sum())
+
+
+def test_i2v_grids_show_the_conditioning_frame_first() -> None:
+    """Conditioning frames pure red, clips pure green: the red pixels of each grid are exactly one
+    upscaled frame per prompt row (cell 32 = 4 × 8 px), in the first column ("condition")."""
+    from lightning_grpo.callbacks.ode_visualizer import ODEVisualizer
+    from lightning_grpo.evaluation import evaluation_grid, evaluation_video
+    from lightning_grpo.grids import with_condition
+
+    red = torch.zeros(2, 3, 8, 8)
+    red[:, 0] = 1.0
+    clips = torch.zeros(4, 3, 3, 8, 8)  # 2 prompts × 2 samples, 3 frames
+    clips[:, :, 1] = 1.0
+    grid = evaluation_grid(clips, ["p0", "p0", "p1", "p1"], 2, cell_size=32, conditioning=red)
+    assert _red_pixels(grid) == 2 * 32 * 32
+    assert _red_pixels(evaluation_grid(clips, ["p0", "p0", "p1", "p1"], 2, cell_size=32)) == 0
+    frames = evaluation_video(clips, ["p0", "p0", "p1", "p1"], 2, cell_size=32, conditioning=red)
+    assert frames.shape[0] == 3 and all(_red_pixels(f) == 2 * 32 * 32 for f in frames)
+    result = EvaluationResult(["p0", "p0", "p1", "p1"], {"r": torch.zeros(4)}, clips, 2, images=red)
+    assert _red_pixels(result.grid(cell_size=32)) == 2 * 32 * 32
+
+    visualiser = ODEVisualizer(prompts=["p0", "p1"], seeds=[0], cell_size=32)
+    visualiser.images, visualiser.initial = red, clips[:2]
+    assert _red_pixels(visualiser.grid(clips[2:])) == 2 * 32 * 32  # strips: one condition cell per row
+    assert _red_pixels(visualiser.grid(clips[2:], frame=1)) == 2 * 32 * 32  # the per-frame grid of the GIF
+
+    cells = with_condition(torch.zeros(2, 3, 3, 8, 20), red)  # a frame beside 20-px-wide strips: padded white
+    assert cells.shape == (2, 4, 3, 8, 20) and torch.equal(cells[:, 0, :, :, :8], red) and (cells[:, 0, :, :, 8:] == 1).all()
+    with pytest.raises(ValueError, match="conditioning must be"):
+        with_condition(torch.zeros(3, 3, 3, 8, 20), red)
+    with pytest.raises(ValueError, match="wider than the cells"):
+        with_condition(torch.zeros(2, 3, 3, 8, 4), red)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_grpo.callbacks.reward_hacking import (
@@ -16,6 +16,7 @@ from lightning_grpo.callbacks.reward_hacking import (
     paired_change,
     within_prompt_diversity,
 )
+from lightning_grpo.checkpointing import GRPOCheckpoint
 from lightning_grpo.rewards.base import Reward
 from tests.training.fixtures import PROMPTS, ListPrompts, make_module
 
@@ -112,7 +113,8 @@ def test_an_aligned_gold_measure_does_not_warn(tmp_path) -> None:
 
     prompts = tmp_path / "fixed.txt"
     prompts.write_text("a red circle\na green square\n")
-    monitor = RewardHackingMonitor(str(prompts), gold_rewards=[Red()], samples_per_prompt=4, every_n_steps=4)
+    # artifacts off: painting everything red is a real colour drift, which the artifact measures flag
+    monitor = RewardHackingMonitor(str(prompts), gold_rewards=[Red()], samples_per_prompt=4, every_n_steps=4, artifacts=False)
     _fit(tmp_path, monitor, learning_rate=1e-2)
     assert monitor.warnings == [] and len(monitor.detector.history) == 4
 
@@ -121,8 +123,70 @@ def test_monitor_argument_errors(tmp_path) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     with pytest.raises(ValueError, match="at least one gold measure"):
-        RewardHackingMonitor(str(prompts))
+        RewardHackingMonitor(str(prompts), artifacts=False)
+    with pytest.raises(ValueError, match="artifact_z"):
+        RewardHackingMonitor(str(prompts), artifact_z=0)
+    with pytest.raises(ValueError, match="keep_good must be >= 0"):
+        GRPOCheckpoint(keep_good=-1)
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         RewardHackingMonitor(str(prompts), diversity=True, samples_per_prompt=1)
     with pytest.raises(ValueError, match="unique"):
         RewardHackingMonitor(str(prompts), gold_rewards=[Greenness(), Greenness()])
+
+
+class Saboteur(Callback):
+    """From optimizer step `at` on, the policy paints everything redder: the velocity's red
+    channel gets a constant bias (a drift no reward here asked for)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.done = at, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.at and not self.done:
+            with torch.no_grad():
+                pl_module.policy.conv_out.bias[0] -= 1.5
+            self.done = True
+
+
+def _artifact_prompts(tmp_path):
+    prompts = tmp_path / "fixed.txt"
+    prompts.write_text("a red circle\na green square\na blue circle\na red square\n")
+    return str(prompts)
+
+
+def test_artifact_drift_warns_names_the_step_it_began_and_stops_the_run(tmp_path) -> None:
+    """Artifacts alone (no gold reward): the weights barely move (lr 1e-12) until a saboteur
+    reddens the policy at step 4. The monitor is silent at steps 0 and 2, warns at step 4 naming
+    the colour measures and the step, stops the run (stop_on_hacking), and GRPOCheckpoint keeps
+    the step-2 checkpoint as the last good model although keep_last=1 alone would have dropped it."""
+    monitor = RewardHackingMonitor(_artifact_prompts(tmp_path), samples_per_prompt=4, every_n_steps=2, stop_on_hacking=True)
+    checkpoints = GRPOCheckpoint(every_n_train_steps=2, keep_last=1, keep_best=0, keep_good=1, dirpath=str(tmp_path / "ckpt"))
+    torch.manual_seed(0)
+    trainer = Trainer(accelerator="cpu", max_steps=10, logger=TensorBoardLogger(tmp_path, name="run"),
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[Saboteur(4), monitor, checkpoints])
+    with pytest.warns(UserWarning, match="artifact measure 'hue_shift' left the base samples' band at step 4"):
+        trainer.fit(make_module(learning_rate=1e-12), datamodule=ListPrompts(PROMPTS))
+    assert trainer.global_step == 4  # stopped after the evaluation that warned, not at max_steps
+    assert monitor.verdicts == {0: True, 2: True, 4: False}
+    assert [step for step, _ in monitor.artifact_history] == [0, 2, 4]
+    assert checkpoints.good_model_path is not None and checkpoints.good_model_path.endswith("step=2.ckpt")
+    kept = sorted(p.name.split("-")[-1] for p in (tmp_path / "ckpt").glob("*.ckpt"))
+    assert kept == ["last.ckpt", "step=2.ckpt", "step=4.ckpt"]  # the last good one, the last one, last.ckpt
+    header = (tmp_path / "run" / "version_0" / "reward_hacking.csv").read_text().splitlines()[0]
+    assert "hacking/artifacts/periodic_energy" in header and "hacking/artifacts/hue_shift_band_high" in header
+
+
+def test_monitor_state_round_trip(tmp_path) -> None:
+    """The history, the artifact reference and the verdicts survive state_dict / load_state_dict:
+    a resumed monitor compares with the base, not with its resumed weights."""
+    monitor = RewardHackingMonitor(_artifact_prompts(tmp_path), samples_per_prompt=4, every_n_steps=2)
+    torch.manual_seed(0)
+    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                      enable_model_summary=False, callbacks=[monitor])
+    trainer.fit(make_module(learning_rate=1e-12), datamodule=ListPrompts(PROMPTS))
+    fresh = RewardHackingMonitor(_artifact_prompts(tmp_path), samples_per_prompt=4, every_n_steps=2)
+    fresh.load_state_dict(monitor.state_dict())
+    assert [o.step for o in fresh.detector.history] == [0, 2]
+    assert fresh.reference.bands == monitor.reference.bands
+    assert torch.equal(fresh.reference.stats.hue, monitor.reference.stats.hue)
+    assert fresh.verdicts == monitor.verdicts == {0: True, 2: True}
