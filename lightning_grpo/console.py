@@ -36,9 +36,6 @@ class Noise:
 QUIET_WARNINGS = (
     Noise("lightning.pytorch.utilities._pytree (torch >= 2.10)", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
           "Lightning's own use of a torch API torch deprecated; nothing a user can change"),
-    Noise("lightning.pytorch.cli", r"LightningCLI's args parameter is intended",
-          "`lightning_grpo.cli.run` always passes the arguments to parse (main strips --verbose from the command "
-          "line), so the check against sys.argv, meant for scripts that pass both by mistake, does not apply"),
 )
 
 QUIET_LOGS = (
