@@ -305,6 +305,7 @@ def main(args: list[str] | None = None) -> None:
     command = COMMANDS.get(args[0])
     if command is not None and command.module is not None:
         quiet_third_party(verbose)
+        quiet_loading_bars(verbose)  # export loads the text encoders
         importlib.import_module(command.module).main(args[1:])
         return
     stops = _StopSignals()

@@ -5,13 +5,16 @@ diffusers defaults, 512×512 and 28 steps, the toy pipeline draws speckle)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from lightning_grpo.cli import main, run
+from lightning_grpo.cli import run
 from lightning_grpo.toy.verifier import SceneRules, decode_scenes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +38,11 @@ def test_the_exported_demo_generates_objects_with_its_recorded_settings(tmp_path
     folder = tmp_path / "runs" / "demo" / "version_0"
 
     out = tmp_path / "exported"
-    main(["export", "-c", str(folder / "config.yaml"), "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"), "--out", str(out)])
+    export = subprocess.run([sys.executable, "-m", "lightning_grpo", "export", "-c", str(folder / "config.yaml"), "--ckpt_path",
+                             str(folder / "checkpoints" / "last.ckpt"), "--out", str(out)],
+                            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert "generation settings in" in export.stdout and "Loading weights" not in export.stderr  # quiet, and says what it wrote
     settings = json.loads((out / "generation_settings.json").read_text())
     assert settings["call"] == {"height": 32, "width": 32, "guidance_scale": 3.5, "max_sequence_length": 16, "num_inference_steps": 8}
     assert settings["pipeline"] == "FluxPipeline" and settings["weights"] == "full pipeline"
