@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
+from lightning_grpo.callbacks._logging import add_video, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import eval_mode, preserve_rng
 from lightning_grpo.first_frames import frame_size
@@ -245,18 +245,21 @@ class ODEVisualizer(Callback):
                               cell_size=self.cell_size, gap_after=gap)
 
     def write(self, trainer: Trainer, current: Tensor) -> None:
-        step = logging_step(trainer)
-        grid = self.grid(current, step=trainer.global_step)
-        video = self.video(current, trainer.global_step) if current.ndim == 5 else None  # [F, 3, H', W']
+        # One step number for the TensorBoard image, the grid's title and the file name: the
+        # optimizer step (the scalars' x-axis counts rollouts from 0, so after the rollout that
+        # made step 50 it reads 49; an image there would not match `ode_samples_step000050.png`).
+        step = trainer.global_step
+        grid = self.grid(current, step=step)
+        video = self.video(current, step) if current.ndim == 5 else None  # [F, 3, H', W']
         for writer in tensorboard_writers(trainer):
             writer.add_image("visualization/ode_samples", grid, global_step=step)
             if video is not None:
                 self._log_video(writer, current, video, step)
         if self.save_dir is not False and trainer.is_global_zero:
             folder = Path(self.save_dir or Path(trainer.log_dir or trainer.default_root_dir) / "visualization")
-            save_png(grid, folder / f"ode_samples_step{trainer.global_step:06d}.png")
+            save_png(grid, folder / f"ode_samples_step{step:06d}.png")
             if video is not None:
-                save_gif(video, folder / f"ode_samples_step{trainer.global_step:06d}.gif", fps=self.fps)
+                save_gif(video, folder / f"ode_samples_step{step:06d}.gif", fps=self.fps)
 
     def video(self, current: Tensor, step: int | None = None) -> Tensor:
         """The grid at every frame of the clips: [F, 3, H', W'] (what the video and the GIF show)."""

@@ -112,7 +112,8 @@ class GRPOCheckpoint(ModelCheckpoint):
     Beyond ModelCheckpoint:
     - retention: ModelCheckpoint ranks by one monitor per instance; two instances (last k by step,
       best by reward) would write every checkpoint twice, so the rule is applied here after each
-      save: a file is kept if it is among the last `keep_last` or the best `keep_best`;
+      save: a file is kept if it is among the last `keep_last` or the best `keep_best`, and the
+      best one is named in `best.txt` beside them;
     - the step that reaches `max_steps` is saved at that batch's end, while the data epoch is still
       open: ModelCheckpoint's end-of-fit save comes after Lightning closed the epoch, and a run
       extended from it would skip the rest of that epoch's prompts;
@@ -128,7 +129,8 @@ class GRPOCheckpoint(ModelCheckpoint):
 
     Args:
         keep_last: the most recent checkpoints to keep (>= 1); -1 keeps all.
-        keep_best: checkpoints to keep by `best_monitor` besides the recent ones (0 = none).
+        keep_best: checkpoints to keep by `best_monitor` besides the recent ones (0 = none); the
+            best of them is named in `<dirpath>/best.txt` (file name, score, step).
         best_monitor: logged metric that ranks checkpoints (default: the mean reward "reward").
         best_mode: "max" or "min".
         every_n_train_steps: optimizer steps between checkpoints.
@@ -220,6 +222,27 @@ class GRPOCheckpoint(ModelCheckpoint):
             self.saved.remove(record)
             if record["path"] != self.last_model_path:
                 self._remove_checkpoint(trainer, record["path"])
+        self._mark_best(trainer)
+
+    BEST_FILE = "best.txt"
+
+    def best(self) -> dict[str, Any] | None:
+        """The kept checkpoint with the best `best_monitor` score ({"path", "step", "score"}), or
+        None (keep_best = 0, or no scored checkpoint yet)."""
+        scored = [s for s in self.saved if s["score"] is not None and s["score"] == s["score"]]  # not NaN
+        if self.keep_best == 0 or not scored:
+            return None
+        return (max if self.best_mode == "max" else min)(scored, key=lambda s: s["score"])
+
+    def _mark_best(self, trainer) -> None:
+        """Name the best kept checkpoint in `<dirpath>/best.txt`, one line rewritten after every
+        save: its file name, the score and the step (no symlink: copies and object stores keep it)."""
+        best = self.best()
+        if best is None or not trainer.is_global_zero or self.dirpath is None:
+            return
+        line = f"{os.path.basename(best['path'])}  {self.best_monitor}={best['score']:.6g} ({self.best_mode})  step={best['step']}\n"
+        with self._fs.open(f"{str(self.dirpath).rstrip('/')}/{self.BEST_FILE}", "w") as file:
+            file.write(line)
 
     def _to_remove(self) -> list[dict[str, Any]]:
         """Saved checkpoints neither among the last `keep_last`, the best `keep_best`, nor the last `keep_good` good ones."""

@@ -106,7 +106,7 @@ class GRPOModule(LightningModule):
             group, member) key (`lightning_grpo.noise`), so ranks differ, one process on the
             union of the ranks' prompts draws the same noise, and a resumed run draws the same
             noise it would have drawn.
-        show_progress: show progress bars for the rollout and update phases (rank zero).
+        show_progress: show progress bars for the rollout and update phases (rank zero, in a terminal).
         test_grid_size: `lightning-grpo test` keeps the pixels of this many samples (per rank) for
             the image grid it writes with its results.
         step_schedule: which rollout steps are SDE steps (noise, log-prob, trainable), the others
@@ -640,7 +640,9 @@ class GRPOModule(LightningModule):
 
     def _progress(self, phase: str):
         enabled = self.hparams.show_progress and (self._trainer is None or self.trainer.is_global_zero)
-        return lambda iterable: tqdm(iterable, desc=phase, leave=False, disable=not enabled, dynamic_ncols=True)
+        # disable=None: tqdm turns itself off when stderr is not a terminal (a log file would get
+        # a carriage-return-joined line of bar frames per rollout)
+        return lambda iterable: tqdm(iterable, desc=phase, leave=False, disable=None if enabled else True, dynamic_ncols=True)
 
     def _log_step(self, scores, advantages, stats, grad_norms, timer, num_samples) -> None:
         logs: dict[str, Tensor | float] = {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_grpo.evaluation import EvaluationResult
-from lightning_grpo.grids import LINE_HEIGHT, MARGIN, GridLayout, captioned_grid
+from lightning_grpo.grids import LINE_HEIGHT, MARGIN, GridLayout, _wrap, captioned_grid
 
 
 def _cells(rows: int, columns: int, side: int = 8) -> torch.Tensor:
@@ -42,6 +42,22 @@ def test_captioned_grid_size_and_cells() -> None:
     assert (gap == 1).all()
     title = grid[:, MARGIN : MARGIN + 2 * LINE_HEIGHT, x : x + 64]
     assert (title.mean(0) < 0.5).sum() > 20
+
+
+def test_captions_wrap_at_word_boundaries() -> None:
+    """A 96-pixel cell holds 14 characters (96 / 6.6): words are never cut; a reward name longer
+    than the line breaks after its underscores (was `movin / g_shapes_produ / ct`)."""
+    assert _wrap("rank 1 · moving_shapes_product", 96) == ["rank 1 ·", "moving_shapes_", "product"]
+    assert _wrap("a red circle moving to the right", 96) == ["a red circle", "moving to the", "right"]
+    assert _wrap("sample 0 · exact_match", 128) == ["sample 0 ·", "exact_match"]  # 19 characters: fits whole
+    assert _wrap("antidisestablishment", 40) == ["antidisestablishment"]  # one word wider than the line stays whole
+    assert _wrap("", 40) == [""]
+    text = "there is a green triangle in the top left of the image, moving_shapes_product"
+    for width in (40, 64, 96, 128, 300):
+        lines = _wrap(text, width)
+        assert " ".join(lines).replace("_ ", "_") == text  # nothing lost, nothing cut but at the boundaries
+        words = set(text.split()) | {"moving_", "shapes_", "product", "moving_shapes_", "shapes_product"}
+        assert all(word in words for line in lines for word in line.split()), (width, lines)
 
 
 def test_rows_wrap_into_blocks_and_bad_input() -> None:
