@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
+from lightning_grpo.callbacks._logging import RunFolder, add_video, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import eval_mode, preserve_rng
 from lightning_grpo.first_frames import frame_size
@@ -87,8 +87,12 @@ class ODEVisualizer(Callback):
         self.last_step = -1
         self._enabled = True
         self._warned_video = False
+        self._folder = RunFolder()
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._folder.resolve(trainer)  # a collective: on every rank here, read by rank zero in `write`
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.prompts is None:  # every rank reads its shard; all take rank zero's prompts
             self.prompts, self.images = trainer.strategy.broadcast(self._prompts_from_data(trainer))
@@ -189,7 +193,7 @@ class ODEVisualizer(Callback):
             if video is not None:
                 self._log_video(writer, current, video, step)
         if self.save_dir is not False and trainer.is_global_zero:
-            folder = Path(self.save_dir or Path(trainer.log_dir or trainer.default_root_dir) / "visualization")
+            folder = Path(self.save_dir or self._folder.get(trainer) / "visualization")
             save_png(grid, folder / f"ode_samples_step{trainer.global_step:06d}.png")
             if video is not None:
                 save_gif(video, folder / f"ode_samples_step{trainer.global_step:06d}.gif", fps=self.fps)

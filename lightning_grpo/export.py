@@ -10,6 +10,8 @@ The config is the one the run saved (LightningCLI writes `config.yaml` into the 
     full fine-tuning   a diffusers pipeline folder:   FluxPipeline.from_pretrained("exported/")
     LoRA               pytorch_lora_weights.safetensors:
                        FluxPipeline.from_pretrained(base).load_lora_weights("exported/")
+
+Launched on several ranks (torchrun, srun), rank 0 exports and the others do nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 import yaml
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from lightning_grpo.policies.family import DiffusersPolicy, resolve_class
 
@@ -68,12 +71,19 @@ def export_checkpoint(config: str | Path | dict[str, Any], checkpoint: str | Pat
     return policy.export(out)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
+    """`lightning-grpo export`. Under a multi-process launcher (torchrun, srun, a job script that
+    runs every command on N ranks: RANK / LOCAL_RANK / SLURM_PROCID set) only rank zero exports;
+    the others return None at once, so the folder is written once and never by two processes.
+    Exporting needs no collective: no process group is started."""
     parser = argparse.ArgumentParser(prog="lightning-grpo export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", "-c", required=True, help="the run's config.yaml (model.policy is read)")
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint of that run")
     parser.add_argument("--out", required=True, help="folder to write (pipeline folder, or LoRA weights)")
     args = parser.parse_args(argv)
+    if rank_zero_only.rank != 0:  # Lightning reads the launcher's rank variables at import
+        print(f"export: rank {rank_zero_only.rank} leaves the export to rank 0")
+        return None
     out = export_checkpoint(args.config, args.ckpt_path, args.out)
     print(f"exported to {out}")
     return out

@@ -20,6 +20,7 @@ from lightning_grpo.distributed import (
     gather_by_key,
     local_selection,
     members_of_rank,
+    replicated_state_names,
     sharded_root,
     skip_gradient_sync,
     update_schedule,
@@ -211,6 +212,16 @@ class GRPOModule(LightningModule):
         if self.reference_policy is not None:
             self.reference_policy.eval()
         return self
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """What DDP leaves alone (read by `DistributedDataParallel` when Lightning's DDP strategy
+        wraps this module, and by Lightning's state sync before `validate`/`test`): every frozen
+        parameter and every buffer, so the frozen parts are never broadcast and no buffer
+        broadcast runs in the forward (`distributed.replicated_state_names` says why). A property,
+        so the list is made when DDP asks, from the parameters trainable at that moment; any DDP
+        strategy a config names gets it, without a flag."""
+        return replicated_state_names(self)
 
     # ------------------------------------------------------------------ optimisation set-up
     def configure_optimizers(self) -> Any:
@@ -555,8 +566,8 @@ class GRPOModule(LightningModule):
         for name, (mean, low, high, n) in result.summary().items():
             interval = {f"test/reward/{name}_ci_low": low, f"test/reward/{name}_ci_high": high, f"test/reward/{name}_n": float(n)}
             self.log_dict(interval, rank_zero_only=True)
+        directory = Path(self.trainer.log_dir or ".") / "test"  # a collective (a broadcast): on every rank
         if self.trainer.is_global_zero:
-            directory = Path(self.trainer.log_dir or ".") / "test"
             result.write(directory)
             print(f"Held-out test, {len(result.prompts)} samples (written to {directory}):\n{result.to_markdown()}")
 
