@@ -79,7 +79,7 @@ class RewardLogger(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         record = last_step(pl_module)
-        if record is None or batch_idx % self.log_every_n_steps:
+        if record is None or not record.num_samples or batch_idx % self.log_every_n_steps:  # no collective here
             return
         stats: dict[str, Tensor] = {}
         for name, normalised in record.reward_advantages.items():

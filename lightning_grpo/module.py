@@ -128,6 +128,8 @@ class GRPOModule(LightningModule):
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
             advantages, final latents, pixels), or None; released when the next step starts.
+            On several ranks a rank that trained nothing while others did holds an empty record
+            (`num_samples` 0), so callbacks with collectives run on every rank alike.
         rollout_weights: context-manager factory entered around the rollout (default: nothing);
             the EMA callback sets it to roll out with averaged weights (`use_for_rollouts`).
         test_results: `EvaluationResult` of the last `lightning-grpo test` (all ranks gathered).
@@ -295,6 +297,8 @@ class GRPOModule(LightningModule):
             dropped = rolled_out.batch_size < len(prompts) * len(members or range(hp.group_size))
             stats, grad_norms = self._update(trajectories, advantages, allow_partial=dropped, padding=rolled_out)
         if trajectories.batch_size == 0:
+            if self._world_size() > 1:  # other ranks trained: the callbacks run alike on every rank
+                self.last_step = self._empty_record(rolled_out, pixels, record_size)
             return
         self._log_step(scores, advantages, stats, grad_norms, timer, trajectories.batch_size)
         self.last_step = self._step_record(rolled_out, pixels, all_scores, advantages, record_size, reward_advantages)
@@ -314,6 +318,21 @@ class GRPOModule(LightningModule):
             latents=rolled_out.latents[:, -1].detach().clone(),  # clone: do not keep all T+1 steps alive
             pixels=pixels.detach(), scores={k: v.detach() for k, v in scores.items()},
             reward_advantages=per_reward, advantages=effective_advantages(advantages.detach(), self._loss_weights(advantages)),
+        )
+
+    def _empty_record(self, rolled_out: Rollout, pixels: Tensor, group_size: int) -> StepRecord:
+        """The step record of a rank that trained no sample while others did (it dropped every
+        group, or best-of-n kept none of its members): no sample, the shapes of its rollout.
+
+        Callbacks run a collective on a step's record (DiversityMonitor's metric sync), so under
+        DDP every rank must hold a record or none: a rank without one would leave the others
+        waiting in that collective (issue 27). Callbacks skip a record without samples
+        (`StepRecord.num_samples`) apart from their collectives."""
+        none = torch.zeros(0, device=pixels.device)
+        return StepRecord(
+            prompts=[], group_size=group_size, latents=rolled_out.latents[:0, -1].detach(), pixels=pixels[:0].detach(),
+            scores={r.name: none for r in self.rewards.rewards}, reward_advantages={r.name: none for r in self.rewards.rewards},
+            advantages=none,
         )
 
     def setup(self, stage: str) -> None:

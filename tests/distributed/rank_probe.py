@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from lightning_grpo.rewards.base import Reward
 
 
 def trainable_weights(pl_module: LightningModule) -> dict[str, torch.Tensor]:
@@ -24,14 +27,15 @@ def trainable_weights(pl_module: LightningModule) -> dict[str, torch.Tensor]:
 
 def ddp_sync(wrapped: object, pl_module: LightningModule) -> dict | None:
     """What a DistributedDataParallel wrapper synchronises (None when the model is not wrapped):
-    whether it broadcasts buffers in the forward, and how many of the module's frozen parameters
-    it would broadcast (from rank zero, when wrapping) and how many it ignores."""
+    the buffers it broadcasts from rank zero in every forward (with `broadcast_buffers`), the
+    module's frozen parameters and how many of them it broadcast when wrapping, and the
+    trainable parameters it broadcast and all-reduces."""
     if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
         return None
     frozen = {name for name, p in pl_module.named_parameters() if not p.requires_grad}
     ignored = set(wrapped.parameters_to_ignore)
     return {
-        "syncs_buffers": wrapped.will_sync_module_buffers(), "buffers": len(wrapped.modules_buffers),
+        "buffers": len(wrapped.modules_buffers) if wrapped.broadcast_buffers else 0,
         "frozen": len(frozen), "frozen_synced": len(frozen - ignored),
         "trainable_synced": sum(1 for name, p in pl_module.named_parameters() if p.requires_grad and name not in ignored),
     }
@@ -61,3 +65,21 @@ class RankWeights(Callback):
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save("test", trainer, pl_module)
+
+
+class NaNOnRank(Reward):
+    """Test stand-in reward: the mean pixel value, but NaN for every sample of rank `rank` in its
+    first `calls` calls (with `reward_failure="drop_group"` that rank drops all its groups then,
+    while the other ranks train)."""
+
+    default_name = "brightness"
+
+    def __init__(self, rank: int = 1, calls: int = 1, name: str | None = None, weight: float = 1.0) -> None:
+        super().__init__(name, weight)
+        self.rank, self.calls, self.seen = rank, calls, 0
+
+    def score(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
+        scores = pixels.float().flatten(1).mean(1)
+        self.seen += 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return torch.full_like(scores, float("nan")) if rank == self.rank and self.seen <= self.calls else scores

@@ -251,7 +251,7 @@ def test_ddp_fit_resume_and_test(demo, request, tmp_path):
     # but still every trainable one (equal starting weights) and all-reduces their gradients
     for record in records:
         sync = record["ddp"]
-        assert sync["syncs_buffers"] is False and sync["buffers"] == 0
+        assert sync["buffers"] == 0
         assert sync["frozen"] > 0 and sync["frozen_synced"] == 0
         assert sync["trainable_synced"] == len(record["weights"])
     last = fit.version(0) / "checkpoints" / "last.ckpt"
@@ -350,3 +350,30 @@ def test_export_launched_on_two_ranks_writes_once(flux_fit, tmp_path):
     weights = {k.removeprefix("transformer."): v for k, v in checkpoint_weights(last).items() if k.startswith("transformer.")}
     state = exported.state_dict()
     assert weights and all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in weights.items())
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 60)
+def test_ddp_rank_that_drops_every_group_keeps_the_callbacks_in_step(tmp_path):
+    """`reward_failure="drop_group"` on 2 processes with the default callbacks (configs/tiny.yaml):
+    at step 0 rank 1's reward is NaN on all its samples (`rank_probe.NaNOnRank`), so it drops
+    every group while rank 0 trains. Rank 1 then holds an empty step record, so DiversityMonitor
+    synchronises its metrics on both ranks; before, rank 1 had none and rank 0 waited for it."""
+    config = absolute_paths(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text()))
+    config["trainer"]["max_steps"] = 4  # 2 rollouts of 2 optimizer steps
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    config["trainer"]["callbacks"].append({"class_path": "rank_probe.RankWeights", "init_args": {"out": str(tmp_path / "probe")}})
+    config["model"]["rewards"] = [{"class_path": "rank_probe.NaNOnRank", "init_args": {"rank": 1, "calls": 1}}]
+    config["model"]["reward_failure"] = "drop_group"
+    path = tmp_path / "tiny_drop.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    run = lightning_grpo(["fit", "-c", str(path), *DDP], cwd=tmp_path / "cwd", log=tmp_path / "fit.log")
+    run.check("2-process fit with a rank dropping every group")
+    assert "dropping 2 of 2 groups at step 0, skipping this update" in run.output  # rank 1, at its first rollout
+    assert_ranks_equal(probes(tmp_path / "probe", "fit"), 4)
+    (version,) = (tmp_path / "runs" / "tiny").iterdir()
+    (events,) = version.glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(events)).Reload().Scalars("train/diversity/pixel_within_group")
+    assert [s.step for s in scalars] == [0, 1]  # logged at both rollouts, the one rank 1 sat out included
+    assert list((tmp_path / "cwd").iterdir()) == []
