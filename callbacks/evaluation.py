@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_grpo.artifacts import ArtifactReference, Comparison, artifact_stats, format_comparisons, resolve_encoder
-from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
+from lightning_grpo.callbacks._logging import RunFolder, add_video, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import EvaluationResult, evaluate, format_before_after
 from lightning_grpo.first_frames import frame_size
@@ -136,8 +136,10 @@ class HeldOutEvaluation(Callback):
         self.fps = fps
         self.results: dict[str, EvaluationResult] = {}  # when -> result of the first set
         self.split_results: dict[str, dict[str, EvaluationResult]] = {}  # when -> set name -> result
+        self._folder = RunFolder()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._folder.resolve(trainer)  # a collective: on every rank here, read by rank zero in `_write`
         for module in [*self.extra_rewards, self.first_frames]:  # not part of the module: move them along explicitly
             if module is not None:
                 module.to(pl_module.device)
@@ -251,9 +253,8 @@ class HeldOutEvaluation(Callback):
         self.references = {name: ArtifactReference.from_state(ref) for name, ref in state_dict.get("references", {}).items()}
         self._restored_before = True
 
-    @staticmethod
-    def _log_dir(trainer: Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
+    def _log_dir(self, trainer: Trainer) -> Path:
+        return self._folder.get(trainer)
 
 
 def first_frames_for(pl_module: LightningModule, prompts: list[str], source: nn.Module | None = None) -> Tensor | None:

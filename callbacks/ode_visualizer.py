@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_grpo.callbacks._logging import add_video, tensorboard_writers
+from lightning_grpo.callbacks._logging import RunFolder, add_video, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import eval_mode, preserve_rng
 from lightning_grpo.first_frames import frame_size
@@ -118,8 +118,12 @@ class ODEVisualizer(Callback):
         self._enabled = True
         self._warned_video = False
         self._restored = False
+        self._folder = RunFolder()
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._folder.resolve(trainer)  # a collective: on every rank here, read by rank zero in `write`
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._restored:  # resumed: the step-0 samples came with the checkpoint
             self._restored = False
@@ -256,7 +260,7 @@ class ODEVisualizer(Callback):
             if video is not None:
                 self._log_video(writer, current, video, step)
         if self.save_dir is not False and trainer.is_global_zero:
-            folder = Path(self.save_dir or Path(trainer.log_dir or trainer.default_root_dir) / "visualization")
+            folder = Path(self.save_dir or self._folder.get(trainer) / "visualization")
             save_png(grid, folder / f"ode_samples_step{step:06d}.png")
             if video is not None:
                 save_gif(video, folder / f"ode_samples_step{step:06d}.gif", fps=self.fps)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +49,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_grpo.artifacts import ArtifactReference, ArtifactStats, Comparison, artifact_stats, resolve_encoder
-from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
+from lightning_grpo.callbacks._logging import RunFolder, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.diversity import pairwise_distances
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.callbacks.evaluation import first_frames_for, read_prompts
@@ -216,9 +215,11 @@ class RewardHackingMonitor(Callback):
         self.warnings: list[str] = []
         self._stats: ArtifactStats | None = None
         self._last_step = -1
+        self._folder = RunFolder()
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._folder.resolve(trainer)  # a collective: on every rank here, read by rank zero in `_append_csv`
         for module in [*self.gold_rewards, self.first_frames]:  # not part of the module: move them along explicitly
             if module is not None:
                 module.to(pl_module.device)
@@ -339,10 +340,7 @@ class RewardHackingMonitor(Callback):
         self._last_step = int(state_dict.get("last_step", -1))
 
     def _append_csv(self, trainer: Trainer, metrics: dict[str, float], messages: list[str]) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if log_dir is None:
-            return
-        path = Path(log_dir) / "reward_hacking.csv"
+        path = self._folder.get(trainer) / "reward_hacking.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with path.open("a", newline="") as handle:

@@ -166,6 +166,33 @@ def local_selection(position: Tensor, chosen: Tensor, num_full: int) -> tuple[Te
     return local[order], rows[local[order]]
 
 
+# ---------------------------------------------------------------------------- DDP
+def replicated_state_names(module: nn.Module) -> list[str]:
+    """Names (within `module`) of its frozen parameters and of all its buffers: the state that DDP
+    must neither broadcast nor reduce (`GRPOModule._ddp_params_and_buffers_to_ignore`).
+
+    Why each can be left alone:
+    - frozen parameters (text encoders, VAE, rewards, KL reference) are loaded from the same
+      files on every rank and never change; DDP would broadcast them from rank zero when it wraps
+      the module, and Lightning's `_sync_module_states` at every `validate`/`test` (gigabytes for
+      T5-XXL or a reward VLM) for nothing;
+    - buffers: GRPO keeps the policy in eval mode (`GRPOModule.train`) and every frozen part is a
+      constant, so no forward changes a buffer (no BatchNorm statistics). DDP's default
+      `broadcast_buffers` broadcasts them from rank zero at *every* wrapped forward (each
+      `training_step`): a collective per step for nothing, and one that couples the ranks: a
+      collective that one rank calls alone (e.g. `Trainer.log_dir` in a rank-zero branch) pairs
+      with the other rank's buffer broadcast and writes its bytes into the text encoder's
+      `position_ids` (the "index out of range" of issue 27). DDP also re-reads the module's
+      buffers before each broadcast, so a buffer created lazily on one rank only would misalign
+      the ranks' coalesced broadcasts. With every buffer ignored DDP's buffer list is empty and it
+      skips the broadcast altogether (`DistributedDataParallel.will_sync_module_buffers`).
+    Trainable parameters stay in: DDP broadcasts them once at wrap time (equal starting weights)
+    and all-reduces their gradients.
+    """
+    frozen = [name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    return frozen + [name for name, _ in module.named_buffers(remove_duplicate=False)]
+
+
 # ---------------------------------------------------------------------------- sharding
 DENOISER_NAMES = ("transformer", "unet")
 """Attribute names under which the family adapters keep their trainable denoiser."""
@@ -218,7 +245,7 @@ def count_allreduce_hook(state: CommHookCounter, bucket):  # (state, dist.GradBu
 __all__ = [
     "CommHookCounter", "DenoiserFSDPStrategy", "GatheredScores", "UpdateSchedule", "all_gather_objects", "all_gather_tensor",
     "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "local_selection", "members_of_rank",
-    "skip_gradient_sync", "update_schedule",
+    "replicated_state_names", "skip_gradient_sync", "update_schedule",
 ]
 
 

@@ -16,6 +16,8 @@ the pipeline class, the base model, and the keyword arguments of the pipeline ca
 what the run's deterministic samples show (resolution, frames, steps, guidance, sequence length,
 prompt template, negative prompt): `pipe(prompt, **settings["call"])`. A toy pipeline asked for
 the diffusers defaults instead (512×512, 28 steps, 512 tokens) draws noise.
+
+Launched on several ranks (torchrun, srun), rank 0 exports and the others do nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 import yaml
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from lightning_grpo.policies.family import DiffusersPolicy, resolve_class
 
@@ -139,12 +142,19 @@ def export_checkpoint(config: str | Path | dict[str, Any], checkpoint: str | Pat
     return out
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
+    """`lightning-grpo export`. Under a multi-process launcher (torchrun, srun, a job script that
+    runs every command on N ranks: RANK / LOCAL_RANK / SLURM_PROCID set) only rank zero exports;
+    the others return None at once, so the folder is written once and never by two processes.
+    Exporting needs no collective: no process group is started."""
     parser = argparse.ArgumentParser(prog="lightning-grpo export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", "-c", required=True, help="the run's config.yaml (model.policy is read)")
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint of that run")
     parser.add_argument("--out", required=True, help="folder to write (pipeline folder, or LoRA weights)")
     args = parser.parse_args(argv)
+    if rank_zero_only.rank != 0:  # Lightning reads the launcher's rank variables at import
+        print(f"export: rank {rank_zero_only.rank} leaves the export to rank 0")
+        return None
     out = export_checkpoint(args.config, args.ckpt_path, args.out)
     settings = json.loads((Path(out) / SETTINGS_FILE).read_text())
     print(f"exported to {out}; generation settings in {Path(out) / SETTINGS_FILE}: {settings['call']}")

@@ -20,6 +20,7 @@ from lightning_grpo.distributed import (
     gather_by_key,
     local_selection,
     members_of_rank,
+    replicated_state_names,
     sharded_root,
     skip_gradient_sync,
     update_schedule,
@@ -127,6 +128,8 @@ class GRPOModule(LightningModule):
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
             advantages, final latents, pixels), or None; released when the next step starts.
+            On several ranks a rank that trained nothing while others did holds an empty record
+            (`num_samples` 0), so callbacks with collectives run on every rank alike.
         rollout_weights: context-manager factory entered around the rollout (default: nothing);
             the EMA callback sets it to roll out with averaged weights (`use_for_rollouts`).
         test_results: `EvaluationResult` of the last `lightning-grpo test` (all ranks gathered).
@@ -212,6 +215,16 @@ class GRPOModule(LightningModule):
             self.reference_policy.eval()
         return self
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """What DDP leaves alone (read by `DistributedDataParallel` when Lightning's DDP strategy
+        wraps this module, and by Lightning's state sync before `validate`/`test`): every frozen
+        parameter and every buffer, so the frozen parts are never broadcast and no buffer
+        broadcast runs in the forward (`distributed.replicated_state_names` says why). A property,
+        so the list is made when DDP asks, from the parameters trainable at that moment; any DDP
+        strategy a config names gets it, without a flag."""
+        return replicated_state_names(self)
+
     # ------------------------------------------------------------------ optimisation set-up
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -284,6 +297,8 @@ class GRPOModule(LightningModule):
             dropped = rolled_out.batch_size < len(prompts) * len(members or range(hp.group_size))
             stats, grad_norms = self._update(trajectories, advantages, allow_partial=dropped, padding=rolled_out)
         if trajectories.batch_size == 0:
+            if self._world_size() > 1:  # other ranks trained: the callbacks run alike on every rank
+                self.last_step = self._empty_record(rolled_out, pixels, record_size)
             return
         self._log_step(scores, advantages, stats, grad_norms, timer, trajectories.batch_size)
         self.last_step = self._step_record(rolled_out, pixels, all_scores, advantages, record_size, reward_advantages)
@@ -303,6 +318,21 @@ class GRPOModule(LightningModule):
             latents=rolled_out.latents[:, -1].detach().clone(),  # clone: do not keep all T+1 steps alive
             pixels=pixels.detach(), scores={k: v.detach() for k, v in scores.items()},
             reward_advantages=per_reward, advantages=effective_advantages(advantages.detach(), self._loss_weights(advantages)),
+        )
+
+    def _empty_record(self, rolled_out: Rollout, pixels: Tensor, group_size: int) -> StepRecord:
+        """The step record of a rank that trained no sample while others did (it dropped every
+        group, or best-of-n kept none of its members): no sample, the shapes of its rollout.
+
+        Callbacks run a collective on a step's record (DiversityMonitor's metric sync), so under
+        DDP every rank must hold a record or none: a rank without one would leave the others
+        waiting in that collective (issue 27). Callbacks skip a record without samples
+        (`StepRecord.num_samples`) apart from their collectives."""
+        none = torch.zeros(0, device=pixels.device)
+        return StepRecord(
+            prompts=[], group_size=group_size, latents=rolled_out.latents[:0, -1].detach(), pixels=pixels[:0].detach(),
+            scores={r.name: none for r in self.rewards.rewards}, reward_advantages={r.name: none for r in self.rewards.rewards},
+            advantages=none,
         )
 
     def setup(self, stage: str) -> None:
@@ -555,8 +585,8 @@ class GRPOModule(LightningModule):
         for name, (mean, low, high, n) in result.summary().items():
             interval = {f"test/reward/{name}_ci_low": low, f"test/reward/{name}_ci_high": high, f"test/reward/{name}_n": float(n)}
             self.log_dict(interval, rank_zero_only=True)
+        directory = Path(self.trainer.log_dir or ".") / "test"  # a collective (a broadcast): on every rank
         if self.trainer.is_global_zero:
-            directory = Path(self.trainer.log_dir or ".") / "test"
             result.write(directory)
             print(f"Held-out test, {len(result.prompts)} samples (written to {directory}):\n{result.to_markdown()}")
 
