@@ -124,7 +124,8 @@ class RewardHackingMonitor(Callback):
     """Track gold measures beside the training reward on a fixed held-out set; warn on divergence.
 
     Works with any rewards: e.g. a run trained on HPS with PickScore and CLIP score as gold, or the
-    shapes demo trained on the verifier with the toy CLIP as gold. Runs on rank zero (others wait).
+    shapes demo trained on the verifier with the toy CLIP as gold. Every rank measures (FSDP needs
+    all of them); rank zero logs.
 
     Args:
         prompts_file: the fixed held-out prompts (.txt or .jsonl, as `HeldOutEvaluation`).
@@ -212,11 +213,13 @@ class RewardHackingMonitor(Callback):
         return values
 
     def _observe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Measure on every rank (a denoiser sharded by FSDP needs all of them in its forward;
+        the same prompts and seeds give every rank the same values); rank zero logs and warns."""
         self._last_step = trainer.global_step
+        with ema_weights(trainer, pl_module):
+            values = self.measure(pl_module)
+        messages = self.detector.add(Observation(trainer.global_step, values))
         if trainer.is_global_zero:
-            with ema_weights(trainer, pl_module):
-                values = self.measure(pl_module)
-            messages = self.detector.add(Observation(trainer.global_step, values))
             self._log(trainer, messages)
         trainer.strategy.barrier("reward_hacking_monitor")
 
