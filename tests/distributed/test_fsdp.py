@@ -30,7 +30,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from lightning_grpo.callbacks import EMA
-from lightning_grpo.checkpointing import CheckpointError, check_checkpoint_file
+from lightning_grpo.checkpointing import AtomicCheckpointIO, CheckpointError, check_checkpoint_file
 from lightning_grpo.distributed import DenoiserFSDPStrategy, denoiser_blocks
 from lightning_grpo.module import GRPOModule
 from lightning_grpo.policies import FluxPolicy, StableDiffusionPolicy
@@ -140,6 +140,38 @@ def test_the_denoiser_blocks_are_the_units_and_the_frozen_parts_stay_whole(flux_
     assert [m for m in module.modules() if isinstance(m, FSDPModule)] == units
 
 
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_a_sharded_denoiser_rolls_out_and_backpropagates_outside_any_wrapper(flux_dir, one_rank, lora_rank):
+    """After sharding, the module's own rollout and `_micro_loss` run as without FSDP (no
+    wrapper around the LightningModule): the same trajectory and loss as the unsharded module,
+    and the backward fills the sharded gradients of the trained parameters only (LoRA: the
+    adapters, whose base weights share their units)."""
+    from lightning_grpo.rollout import rollout
+
+    def loss_of(module):
+        torch.manual_seed(0)
+        trajectories = rollout(module.policy, module.sampler, ["a red circle"], 2, torch.Generator().manual_seed(1))
+        advantages = torch.tensor([1.0, -1.0])
+        loss, _ = module._micro_loss(trajectories, advantages, torch.arange(2), torch.zeros(2, dtype=torch.long))
+        return trajectories, loss
+
+    plain = flux_module(flux_dir)
+    plain.policy = FluxPolicy(flux_dir, height=16, width=16, max_sequence_length=16, lora_rank=lora_rank)
+    sharded = flux_module(flux_dir)
+    sharded.policy = FluxPolicy(flux_dir, height=16, width=16, max_sequence_length=16, lora_rank=lora_rank)
+    sharded.policy.load_state_dict(plain.policy.state_dict())  # same LoRA initialisation
+    strategy_on(one_rank).shard_module(sharded)
+    (expected_rollout, expected), (got_rollout, got) = loss_of(plain), loss_of(sharded)
+    torch.testing.assert_close(got_rollout.latents, expected_rollout.latents)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    trained = {n for n, p in sharded.policy.named_parameters() if p.requires_grad}
+    assert trained and all(("lora_" in n) == (lora_rank > 0) for n in trained)
+    for name, p in sharded.policy.transformer.named_parameters():
+        assert isinstance(p, DTensor)
+        assert (p.grad is not None) == p.requires_grad, name
+
+
 def test_a_trainable_parameter_outside_the_denoiser_is_refused(flux_dir, one_rank):
     module = flux_module(flux_dir)
     module.policy.vae.decoder.conv_out.weight.requires_grad_(True)
@@ -206,6 +238,45 @@ def test_incomplete_and_foreign_checkpoints_are_named(tmp_path):
     torch.save({"state_dict": {}}, single)
     with pytest.raises(CheckpointError, match="is a single file .* resumes from its own sharded checkpoint folders only"):
         DenoiserFSDPStrategy().load_checkpoint(single)
+    with pytest.raises(CheckpointError, match="step=2.ckpt' is a folder of shards written by DenoiserFSDPStrategy: resume it with that strategy"):
+        AtomicCheckpointIO().load_checkpoint(folder)  # DDP / one device
+
+
+def test_a_sharded_checkpoint_of_another_model_is_named(flux_dir, one_rank, tmp_path):
+    from torch.distributed.checkpoint import save as dcp_save
+
+    module = flux_module(flux_dir)
+    strategy = strategy_on(one_rank)
+    strategy.shard_module(module)
+    strategy.connect(module)
+    folder = tmp_path / "other.ckpt"
+    dcp_save({"state_dict": {"policy.transformer.other.weight": torch.zeros(2)}}, checkpoint_id=folder)
+    torch.save({}, folder / "meta.pt")
+    with pytest.raises(CheckpointError, match=r"other.ckpt' does not hold this model's trainable state: "
+                       r"missing \['policy.transformer.\S+', .*unexpected \['policy.transformer.other.weight'\]"):
+        strategy.load_checkpoint(folder)
+
+
+def test_a_learning_rate_given_on_resume_reaches_the_optimizer_the_strategy_loaded(flux_dir):
+    """A sharded checkpoint's optimizer state is loaded by the strategy before `on_load_checkpoint`
+    (it is not under "optimizer_states"): the new rate is written into the live optimizer and the
+    scheduler state, keeping the schedule's position (here 1e-4 -> 3e-4 at factor 0.5)."""
+    from types import SimpleNamespace
+
+    from lightning_grpo.checkpointing import SIGNATURE_KEY, model_signature
+
+    module = flux_module(flux_dir, learning_rate=3e-4)
+    optimizer = torch.optim.AdamW(module.policy.trainable_parameters(), lr=0.5e-4)  # as restored: lr 1e-4 × 0.5
+    optimizer.param_groups[0]["initial_lr"] = 1e-4
+    module._trainer = SimpleNamespace(
+        ckpt_path="step=2.ckpt", state=SimpleNamespace(fn="fit"), max_steps=4, strategy=SimpleNamespace(optimizers=[optimizer]),
+    )
+    hparams = {**dict(module.hparams), "learning_rate": 1e-4}
+    checkpoint = {"global_step": 2, "hyper_parameters": hparams, SIGNATURE_KEY: model_signature(module),
+                  "lr_schedulers": [{"base_lrs": [1e-4], "_last_lr": [0.5e-4]}]}
+    module.on_load_checkpoint(checkpoint)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4) and optimizer.param_groups[0]["initial_lr"] == 3e-4
+    assert checkpoint["lr_schedulers"][0]["base_lrs"] == [3e-4] and checkpoint["lr_schedulers"][0]["_last_lr"] == [pytest.approx(1.5e-4)]
 
 
 # ------------------------------------------------------------------------------------ training
