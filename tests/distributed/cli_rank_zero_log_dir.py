@@ -2,12 +2,14 @@
 
 Lightning's `Trainer.log_dir` broadcasts rank zero's folder: a collective. The callbacks that
 write files on rank zero only (ODEVisualizer, RewardLogger, HeldOutEvaluation,
-RewardHackingMonitor) call it there, so every multi-process run with them hangs; the fix of
-those callbacks is another part of issue 27 (the DDP work). Until it lands, the FSDP CLI tests
-run the real CLI through this file, where `log_dir` returns the calling rank's own logger folder
-(rank zero's is the one files go to) without communicating. Remove it once the callbacks resolve
-their folder on every rank. Usage: python tests/distributed/cli_rank_zero_log_dir.py fit -c ...
-(Lightning's launcher re-runs this same file for the other ranks, so they are patched too.)
+RewardHackingMonitor, GRPOModule.on_test_epoch_end) call it there, so every multi-process run
+with them hangs; fixing those callbacks is another part of issue 27 (the DDP work, branch wip/ddp:
+`callbacks/_logging.RunFolder`, resolved in every rank's `setup`). Until that is merged, the FSDP
+CLI tests run the real CLI through this file, where `log_dir` returns the calling rank's own
+logger folder (rank zero's is the one files go to) without communicating. Once it is merged,
+delete this file and run `lightning_grpo` in tests/distributed/test_fsdp_cli.py instead.
+Usage: python tests/distributed/cli_rank_zero_log_dir.py fit -c ... (Lightning's launcher re-runs
+this same file for the other ranks, so they are patched too).
 """
 
 from __future__ import annotations

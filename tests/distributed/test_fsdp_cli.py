@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * TIMEOUT + 300)]
 
 def demo_config(tmp: Path, name: str) -> Path:
     """configs/demo.yaml on 2 processes with DenoiserFSDPStrategy, 4 optimizer steps, cheap
-    callbacks (2 prompts each) and a RankProbe; logs under tmp/name."""
+    callbacks (2 prompts each) and an FSDPProbe; logs under tmp/name."""
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     trainer = raw["trainer"]
     trainer.update(devices=2, max_steps=4, enable_progress_bar=False)
@@ -51,7 +51,7 @@ def demo_config(tmp: Path, name: str) -> Path:
     callbacks["ODEVisualizer"]["init_args"] = {"num_prompts": 2, "seeds": [0], "every_n_steps": 2}
     callbacks["HeldOutEvaluation"]["init_args"].update(max_prompts=2, samples_per_prompt=1, batch_size=2)
     callbacks["RewardHackingMonitor"]["init_args"].update(max_prompts=2, every_n_steps=2, batch_size=4)
-    trainer["callbacks"].append({"class_path": "tests.distributed.rank_probe.RankProbe", "init_args": {"out": str(tmp / name / "probe")}})
+    trainer["callbacks"].append({"class_path": "tests.distributed.fsdp_probe.FSDPProbe", "init_args": {"out": str(tmp / name / "probe")}})
     model = raw["model"]
     model["sampler"]["init_args"]["num_steps"] = 4
     model.update(group_size=4, micro_batch_size=2, samples_per_update=4, decode_batch_size=8)

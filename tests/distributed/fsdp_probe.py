@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from lightning_grpo.callbacks import HeldOutEvaluation, ODEVisualizer, RewardHackingMonitor
 
 
-class RankProbe(Callback):
+class FSDPProbe(Callback):
     def __init__(self, out: str) -> None:
         self.out = Path(out)
 
