@@ -265,7 +265,8 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
             (FSDP2 `CPUOffloadPolicy`): each block is copied to the device for its forward and
             backward, and AdamW steps on the CPU. Saves the optimizer state's 8 bytes per trained
             parameter (and the weights' and gradients') of device memory, at the cost of the
-            copies and a CPU optimizer step.
+            copies and a CPU optimizer step. On CUDA the default process group then pairs gloo
+            (for the offloaded CPU tensors) with NCCL.
         param_dtype: dtype the gathered weights are computed in ("bfloat16": half the all-gather
             traffic and memory of a gathered block; the sharded fp32 weights stay the master
             copy); None: the weights' own dtype.
@@ -287,6 +288,10 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{name} must be one of {', '.join(DTYPES)} or None, got {value!r}")
+        if cpu_offload and process_group_backend is None and torch.cuda.is_available():
+            # offloaded gradients are CPU tensors: their norm's all-reduce needs a CPU backend
+            # beside NCCL (the usual set-up for FSDP2 CPU offload; not run here: no GPU was lent)
+            process_group_backend = "cpu:gloo,cuda:nccl"
         super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend, timeout=timeout)
         self.sharding_strategy = sharding_strategy
         self.cpu_offload = cpu_offload

@@ -10,9 +10,9 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from torch.distributed.tensor import DTensor
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from lightning_grpo.checkpointing import SIGNATURE_KEY, apply_resume_overrides, check_max_steps, check_signature, model_signature
