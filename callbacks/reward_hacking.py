@@ -140,7 +140,8 @@ class RewardHackingMonitor(Callback):
     """Track gold measures beside the training reward on a fixed held-out set; warn on divergence.
 
     Works with any rewards: e.g. a run trained on HPS with PickScore and CLIP score as gold, or the
-    shapes demo trained on the verifier with the toy CLIP as gold. Runs on rank zero (others wait).
+    shapes demo trained on the verifier with the toy CLIP as gold. Every rank measures (FSDP needs
+    all of them); rank zero logs.
 
     Args:
         prompts_file: the fixed held-out prompts (.txt or .jsonl, as `HeldOutEvaluation`).
@@ -277,19 +278,21 @@ class RewardHackingMonitor(Callback):
         return comparisons, messages
 
     def _observe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Measure on every rank (a denoiser sharded by FSDP needs all of them in its forward;
+        the same prompts and seeds give every rank the same values); rank zero logs and warns."""
         self._last_step = trainer.global_step
-        stop = False
+        with ema_weights(trainer, pl_module):
+            values = self.measure(pl_module)
+        # every rank keeps the same detector, reference and verdicts (same prompts, seeds, weights)
+        messages = self.detector.add(Observation(trainer.global_step, values))
+        comparisons: dict[str, Comparison] = {}
+        if self._stats is not None:
+            comparisons, artifact_messages = self.check_artifacts(trainer.global_step, self._stats)
+            messages += artifact_messages
+        self.verdicts[trainer.global_step] = not messages
         if trainer.is_global_zero:
-            with ema_weights(trainer, pl_module):
-                values = self.measure(pl_module)
-            messages = self.detector.add(Observation(trainer.global_step, values))
-            comparisons: dict[str, Comparison] = {}
-            if self._stats is not None:
-                comparisons, artifact_messages = self.check_artifacts(trainer.global_step, self._stats)
-                messages += artifact_messages
-            self.verdicts[trainer.global_step] = not messages
             self._log(trainer, messages, comparisons)
-            stop = bool(messages) and self.stop_on_hacking
+        stop = bool(messages) and self.stop_on_hacking
         trainer.strategy.barrier("reward_hacking_monitor")
         if self.stop_on_hacking and trainer.strategy.broadcast(stop, src=0):
             trainer.should_stop = True

@@ -437,7 +437,11 @@ def kid(base: Tensor, current: Tensor) -> float:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=nn.Identity(), subsets=1, subset_size=min(len(base), len(current)))
+        # sync_on_compute=False: both feature sets are this process's own, and a torchmetrics
+        # all-gather here would hang a run that measures on one rank only (the monitor on rank 0)
+        metric = KernelInceptionDistance(
+            feature=nn.Identity(), subsets=1, subset_size=min(len(base), len(current)), sync_on_compute=False,
+        )
     metric.update(base.double(), real=True)
     metric.update(current.double(), real=False)
     with torch.random.fork_rng(devices=[]):

@@ -74,22 +74,67 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None) -> dict[str, Any]:
+        if _is_local_file_protocol(path) and is_sharded_checkpoint(path):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is a folder of shards written by DenoiserFSDPStrategy: resume it with that strategy "
+                "(`lightning-grpo export` reads it too)"
+            )
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
             raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt and cannot be resumed from: {err}") from err
 
 
+SHARDED_METADATA = "meta.pt"
+"""File of a sharded checkpoint folder (`DenoiserFSDPStrategy`) holding everything but the shards
+(loops, callbacks, schedulers, hyperparameters), written by rank zero (Lightning's name)."""
+SHARD_INDEX = ".metadata"
+"""torch distributed checkpoint's index of the shard files, written once every rank's shard is."""
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A sharded checkpoint folder (torch distributed checkpoint shards + `meta.pt`), not a file."""
+    return Path(path).is_dir()
+
+
 def check_checkpoint_file(path: str | os.PathLike) -> None:
-    """Cheap check that a local checkpoint exists and is a complete file: `torch.save` writes a zip
-    archive, whose directory sits at the very end, so a truncated file is not a zip."""
+    """Cheap check that a local checkpoint exists and is complete: `torch.save` writes a zip
+    archive, whose directory sits at the very end, so a truncated file is not a zip; a sharded
+    checkpoint folder has its shard index and `meta.pt`, both written after the shards."""
     text = str(path)
     if not _is_local_file_protocol(text):
+        return
+    if is_sharded_checkpoint(text):
+        absent = [name for name in (SHARD_INDEX, SHARDED_METADATA) if not (Path(text) / name).is_file()]
+        if absent:
+            raise CheckpointError(f"sharded checkpoint {text!r} is incomplete and cannot be resumed from: no {' or '.join(absent)} in it")
         return
     if not Path(text).is_file():
         raise FileNotFoundError(f"checkpoint {text!r} does not exist")
     if not zipfile.is_zipfile(text):
         raise CheckpointError(f"checkpoint {text!r} is truncated or corrupt and cannot be resumed from: not a complete torch.save archive")
+
+
+def read_sharded_state(path: str | os.PathLike, template: dict[str, torch.Tensor], prefix: str = "state_dict") -> dict[str, torch.Tensor]:
+    """Read entries `prefix.<key>` of a sharded checkpoint into full tensors shaped like
+    `template`'s (in place; returned), in one process: e.g. the trained weights for export.
+    Every key of `template` must be in the checkpoint (torch distributed checkpoint names any
+    that is not)."""
+    from torch.distributed.checkpoint import load as dcp_load
+
+    check_checkpoint_file(path)
+    state = {prefix: template}
+    dcp_load(state, checkpoint_id=Path(path), no_dist=True)
+    return state[prefix]
+
+
+def sharded_keys(path: str | os.PathLike, prefix: str = "state_dict") -> set[str]:
+    """The keys under `prefix` that a sharded checkpoint holds (read from its shard index)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    check_checkpoint_file(path)
+    saved = FileSystemReader(Path(path)).read_metadata().state_dict_metadata
+    return {key.removeprefix(f"{prefix}.") for key in saved if key.startswith(f"{prefix}.")}
 
 
 def _umask() -> int:

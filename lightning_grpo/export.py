@@ -3,6 +3,8 @@
     lightning-grpo export --config runs/grpo/version_0/config.yaml \
         --ckpt_path runs/grpo/version_0/checkpoints/last.ckpt --out exported/
 
+(`last.ckpt` is a file, or a folder of shards for runs sharded by `DenoiserFSDPStrategy`.)
+
 The config is the one the run saved (LightningCLI writes `config.yaml` into the run folder); its
 `model.policy` rebuilds the policy (frozen parts from the base model folder), the checkpoint's
 `policy.*` entries fill in the trained weights, and `DiffusersPolicy.export` writes:
@@ -31,6 +33,7 @@ import torch
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from lightning_grpo.checkpointing import is_sharded_checkpoint, read_sharded_state, sharded_keys
 from lightning_grpo.policies.family import DiffusersPolicy, resolve_class
 
 
@@ -60,23 +63,31 @@ def policy_from_config(config: str | Path | dict[str, Any]) -> DiffusersPolicy:
 
 
 def load_trained_weights(policy: DiffusersPolicy, checkpoint: str | Path) -> None:
-    """Copy the checkpoint's `policy.*` weights into `policy`.
+    """Copy the checkpoint's `policy.*` weights into `policy`: a checkpoint file, or a sharded
+    checkpoint folder (`DenoiserFSDPStrategy`), whose shards are read here in one process.
 
     Checkpoints hold only the trainable weights (frozen ones are rebuilt from the base model), so
     every trainable parameter must be there and nothing unknown; each mismatch is named.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
-    missing = sorted(trainable - set(weights))
-    result = policy.load_state_dict(weights, strict=False)
-    if missing or result.unexpected_keys:
+    if is_sharded_checkpoint(path):  # DenoiserFSDPStrategy: the shards of every rank, read in this process
+        saved = {k.removeprefix("policy.") for k in sharded_keys(path) if k.startswith("policy.")}
+        missing, unexpected = sorted(trainable - saved), sorted(saved - {name for name, _ in policy.named_parameters()})
+        if not missing and not unexpected:
+            params = dict(policy.named_parameters())
+            read_sharded_state(path, {f"policy.{name}": params[name].detach() for name in sorted(saved)})  # in place
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        missing = sorted(trainable - set(weights))
+        unexpected = policy.load_state_dict(weights, strict=False).unexpected_keys
+    if missing or unexpected:
         raise ValueError(
             f"checkpoint {str(path)!r} does not match the configured policy: missing trainable weights "
-            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
         )
 
 

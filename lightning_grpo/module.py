@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from lightning_grpo.checkpointing import SIGNATURE_KEY, apply_resume_overrides, check_max_steps, check_signature, model_signature
@@ -21,7 +22,6 @@ from lightning_grpo.distributed import (
     local_selection,
     members_of_rank,
     replicated_state_names,
-    sharded_root,
     skip_gradient_sync,
     update_schedule,
 )
@@ -226,6 +226,14 @@ class GRPOModule(LightningModule):
         return replicated_state_names(self)
 
     # ------------------------------------------------------------------ optimisation set-up
+    def configure_model(self) -> None:
+        """Let a sharding strategy shard the denoiser (`DenoiserFSDPStrategy.shard_module`: its
+        blocks become FSDP units) once the processes are set up and before the optimizer is
+        built; nothing under any other strategy."""
+        shard = getattr(self.trainer.strategy, "shard_module", None) if self._trainer is not None else None
+        if callable(shard):
+            shard(self)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = self.policy.trainable_parameters()
@@ -553,14 +561,15 @@ class GRPOModule(LightningModule):
 
     def _optimizer_step(self, optimizer, scheduler) -> Tensor:
         max_norm = self.hparams.max_grad_norm
-        root = sharded_root(self._strategy_model())
-        if root is not None:  # FSDP: the global norm over all shards (Lightning's clipping refuses FSDP)
-            grad_norm = root.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
+        params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
+        if any(isinstance(p, DTensor) for p in params):  # FSDP: the norm over every rank's shards
+            grad_norm = _full(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            if max_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
         else:
-            params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])) if params else torch.zeros(())
-        if max_norm is not None and root is None:
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            if max_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -615,10 +624,11 @@ class GRPOModule(LightningModule):
         return result
 
     # ------------------------------------------------------------------ checkpoints
-    def _rebuilt_keys(self) -> set[str]:
+    def rebuilt_keys(self) -> set[str]:
         """State the config rebuilds exactly, left out of checkpoints: reward models, the KL
         reference, the first-frame image policy, and the policy's frozen weights (text encoders, VAE, LoRA base weights), which
-        would otherwise add gigabytes (T5-XXL, ViT-H, Qwen2-VL) to every checkpoint."""
+        would otherwise add gigabytes (T5-XXL, ViT-H, Qwen2-VL) to every checkpoint. (Under FSDP
+        `state_dict()` returns each rank's shards: nothing is gathered to list the keys.)"""
         keys = {k for k in self.state_dict() if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
         # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
         keys |= {f"policy.{name}" for name, p in self.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
@@ -626,7 +636,7 @@ class GRPOModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in self._rebuilt_keys() & set(state):
+        for key in self.rebuilt_keys() & set(state):
             del state[key]
         checkpoint[SIGNATURE_KEY] = model_signature(self)
 
@@ -637,13 +647,15 @@ class GRPOModule(LightningModule):
         check_signature(checkpoint, self, path)
         if self._trainer is not None and self.trainer.state.fn == "fit":
             check_max_steps(checkpoint, self.trainer.max_steps, path)
-            changes = apply_resume_overrides(checkpoint, self.hparams)
+            changes = apply_resume_overrides(_with_loaded_optimizers(checkpoint, self.trainer), self.hparams)
             if changes:
                 listed = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
                 rank_zero_info(f"Resuming with changed settings (applied from the next step): {listed}")
+        if "state_dict" not in checkpoint:  # sharded (FSDP): the strategy loaded the weights already
+            return
         # keep strict loading: the rebuilt entries are filled in from the freshly built module
         state, current = checkpoint["state_dict"], self.state_dict()
-        for key in self._rebuilt_keys():
+        for key in self.rebuilt_keys():
             state.setdefault(key, current[key])
 
     # ------------------------------------------------------------------ helpers
@@ -720,6 +732,20 @@ class _PhaseTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _full(value: Tensor) -> Tensor:
+    """A DTensor's full value (a norm reduced over the ranks' shards), a plain tensor as is."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _with_loaded_optimizers(checkpoint: dict[str, Any], trainer: Any) -> dict[str, Any]:
+    """The checkpoint, or, when the strategy has already loaded the optimizer state itself (a
+    sharded checkpoint holds it in its shards, not under "optimizer_states"), the checkpoint with
+    the live optimizers' parameter groups in that place, so resume overrides are written there."""
+    if "optimizer_states" in checkpoint or "state_dict" in checkpoint:
+        return checkpoint
+    return {**checkpoint, "optimizer_states": [{"param_groups": o.param_groups} for o in trainer.strategy.optimizers]}
 
 
 def _gather_results(parts: list[EvaluationResult], grid_size: int) -> EvaluationResult:
