@@ -213,7 +213,7 @@ def expected_fit_files(demo: Demo, video: bool) -> set[str]:
     """The files one fit of `demo` writes into its version folder (one process or N)."""
     steps = demo.max_steps
     checkpoints = {f"checkpoints/epoch=0-step={s}.ckpt" for s in range(demo.checkpoint_every, steps + 1, demo.checkpoint_every)}
-    checkpoints |= {f"checkpoints/epoch=0-step={steps}.ckpt", "checkpoints/last.ckpt"}
+    checkpoints |= {f"checkpoints/epoch=0-step={steps}.ckpt", "checkpoints/last.ckpt", "checkpoints/best.txt"}
     media = {f"visualization/ode_samples_step{s:06d}.png" for s in (0, steps)} | {"rollouts/step000000.png"}
     if video:
         media |= {name.replace(".png", ".gif") for name in media}
