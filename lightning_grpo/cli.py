@@ -157,7 +157,8 @@ class _StopSignals:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `lightning-grpo` and `python -m lightning_grpo`: LightningCLI's subcommands
-    (fit, validate, test, ...) plus `export` (lightning_grpo/export.py).
+    (fit, validate, test, ...) plus `export` (lightning_grpo/export.py) and `serve-reward`
+    (lightning_grpo/serving.py: serve a reward over HTTP).
 
     SIGTERM or SIGINT during `fit`: the current step finishes, a checkpoint of it is written
     (`GRPOCheckpoint`), and the process exits with status 143 (SIGTERM) or 130 (SIGINT).
@@ -167,6 +168,11 @@ def main(args: list[str] | None = None) -> None:
         from lightning_grpo.export import main as export_main
 
         export_main(args[1:])
+        return
+    if args[:1] == ["serve-reward"]:  # serve a reward over HTTP for RemoteReward (lightning_grpo/serving.py)
+        from lightning_grpo.serving import main as serve_main
+
+        serve_main(args[1:])
         return
     stops = _StopSignals()
     stops.install()
