@@ -46,7 +46,7 @@ from lightning_grpo.samplers.base import Sampler
 from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule, trainable_steps
 from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
-from lightning_grpo.validation import SkipGuard, check_reward_weights, validate_fit
+from lightning_grpo.validation import ConfigError, SkipGuard, check_reward_weights, validate_fit
 
 
 class GRPOModule(LightningModule):
@@ -129,7 +129,8 @@ class GRPOModule(LightningModule):
             staleness; see `lightning_grpo/scoring.py`): a step takes about max(rollout + update,
             scoring) instead of their sum, which pays when the rewards run elsewhere
             (`RemoteReward`). The first step only rolls out; resume is exact (the pending rollout
-            is saved in checkpoints). Off (default): score, then train on the same rollout.
+            is saved in checkpoints). One process only for now (refused under DDP/FSDP). Off
+            (default): score, then train on the same rollout.
 
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
@@ -328,6 +329,12 @@ class GRPOModule(LightningModule):
         options manual optimisation refuses): they fail here, before any rollout or evaluation."""
         if stage == "fit" and self._trainer is not None:
             validate_fit(self, self.trainer)
+            if self._scoring is not None and self._world_size() > 1:
+                # each rank's pending rollout would have to be gathered into the checkpoint for an exact resume
+                raise ConfigError(
+                    f"model.async_scoring runs on one process for now (trainer world size {self._world_size()}): "
+                    "set model.async_scoring=false, or train on one device"
+                )
 
     def on_fit_start(self) -> None:
         if self._spans_ranks():

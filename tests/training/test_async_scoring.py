@@ -153,3 +153,19 @@ def test_async_resume_is_exact(tmp_path):
         assert torch.equal(resumed["state_dict"][name], value), f"{name} differs after the async resume"
     assert not torch.equal(straight["state_dict"]["policy.conv_out.weight"], short["state_dict"]["policy.conv_out.weight"])
     assert resumed[ASYNC_SCORING_KEY]["trajectories"]["prompts"] == straight[ASYNC_SCORING_KEY]["trajectories"]["prompts"]
+
+
+def test_async_scoring_is_refused_on_several_processes():
+    from types import SimpleNamespace
+
+    from lightning_grpo.module import GRPOModule
+    from lightning_grpo.policies.tiny import TinyPolicy
+    from lightning_grpo.rewards import JpegIncompressibility
+    from lightning_grpo.validation import ConfigError
+
+    module = GRPOModule(TinyPolicy(resolution=8), rewards=[JpegIncompressibility()], group_size=4, async_scoring=True)
+    module._trainer = SimpleNamespace(world_size=2, datamodule=None, accumulate_grad_batches=1, gradient_clip_val=None)
+    with pytest.raises(ConfigError, match=r"model.async_scoring runs on one process for now \(trainer world size 2\)"):
+        module.setup("fit")
+    module._trainer.world_size = 1
+    module.setup("fit")  # one process: accepted
