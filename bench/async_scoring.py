@@ -7,7 +7,8 @@ VLM judge on its own GPU); the demo's model and data (configs/demo.yaml, FLUX to
 samples, 8 steps) train through `RemoteReward` (one request per reward call: batch_size = the
 decode batch), first with `async_scoring=false`, then `true`, `--steps` training batches each.
 
-Reported (medians over the batches after `--warmup`): the synchronous step and its phases
+Reported (medians over the batches after `--warmup`, the last one left out: it writes the final
+checkpoint, which under asynchronous scoring waits for the pending scores): the synchronous step and its phases
 (a = rollout + decode + update, s = scoring wait), the asynchronous step, the ideal
 max(a, s) and the sum a + s. Asynchronous scoring should take the step from about a + s to about
 max(a, s). Printed last: the ratio asynchronous / synchronous step time.
@@ -101,7 +102,7 @@ def train(url: str, asynchronous: bool, steps: int, workdir: Path) -> StepTimes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="extra seconds the reward server takes per request")
-    parser.add_argument("--steps", type=int, default=8, help="training batches per mode (optimizer steps: one per batch)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per mode (one per batch; async adds one batch)")
     parser.add_argument("--warmup", type=int, default=2, help="first batches left out of the medians")
     options = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,18 +118,24 @@ def main() -> None:
         finally:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(30)
+    # left out: the warm-up batches, the async run's first batch (it only rolls out) and each run's
+    # last batch (it writes the final checkpoint, which under async scoring waits for the pending scores)
     skip = options.warmup
-    sync_step = statistics.median(sync.seconds[skip:])
-    async_step = statistics.median(asyn.seconds[skip + 1 :])
-    phase = lambda name: statistics.median(p.get(name, 0.0) for p in sync.phases[skip:])  # noqa: E731
+    sync_kept, async_kept = slice(skip, -1), slice(skip + 1, -1)
+    sync_step = statistics.median(sync.seconds[sync_kept])
+    async_step = statistics.median(asyn.seconds[async_kept])
+    phase = lambda name: statistics.median(p.get(name, 0.0) for p in sync.phases[sync_kept])  # noqa: E731
     a = phase("rollout") + phase("decode") + phase("update")
     s = phase("reward")
-    wait = statistics.median(p.get("reward_wait", 0.0) for p in asyn.phases[skip + 1 :])
-    print(f"reward server: Delayed(ShapesVerifier, seconds={options.seconds}), {options.steps} batches per mode, medians after {skip}")
+    wait = statistics.median(p.get("reward_wait", 0.0) for p in asyn.phases[async_kept])
+    print(f"reward server: Delayed(ShapesVerifier, seconds={options.seconds}); medians of {len(sync.seconds[sync_kept])} sync and {len(asyn.seconds[async_kept])} async batches")
     print(f"synchronous step   {sync_step:7.3f} s   (a = rollout + decode + update {a:.3f} s, s = scoring {s:.3f} s)")
     print(f"asynchronous step  {async_step:7.3f} s   (waiting for scores {wait:.3f} s)")
     print(f"sum a + s          {a + s:7.3f} s")
     print(f"ideal max(a, s)    {max(a, s):7.3f} s")
+    if os.environ.get("BENCH_DEBUG"):
+        print("sync phases", sync.phases, sync.seconds)
+        print("async phases", asyn.phases, asyn.seconds)
     print(f"async / sync step time: {async_step / sync_step:.3f}")
 
 

@@ -167,8 +167,9 @@ def serve_reward(
         host: interface to listen on: 127.0.0.1 (this machine only, the default) or 0.0.0.0 / ::
             (every interface: a reward node that training nodes reach over the network).
         port: TCP port (1024-65535).
-        accelerator, devices: where the workers run (LitServe's; "cuda" with devices=2 starts
-            workers on cuda:0 and cuda:1).
+        accelerator: where the workers run (LitServe's; "auto": CUDA when available).
+        devices: how many devices ("cuda" with devices=2 starts workers on cuda:0 and cuda:1;
+            "auto": all; with "cpu" one).
         workers_per_device: reward copies per device (each a process holding the model).
         max_batch_size: requests merged into one reward call (>= 1).
         batch_timeout: seconds a worker waits to fill a batch of requests.

@@ -138,13 +138,15 @@ class RemoteReward(Reward):
 
     # -- HTTP
     def _http(self):
-        if self._client is None:
-            try:
-                import httpx
-            except ImportError as err:
-                raise ImportError("RemoteReward needs httpx: pip install 'lightning-grpo[serve]'") from err
-            self._client = httpx.Client(timeout=httpx.Timeout(self.timeout))
-        return self._client
+        """One shared httpx client (thread-safe; keeps connections alive between requests)."""
+        with self._lock:
+            if self._client is None:
+                try:
+                    import httpx
+                except ImportError as err:
+                    raise ImportError("RemoteReward needs httpx: pip install 'lightning-grpo[serve]'") from err
+                self._client = httpx.Client(timeout=httpx.Timeout(self.timeout))
+            return self._client
 
     def _post_with_retries(self, body: dict, count: int, server: int) -> Tensor:
         """Scores [count] of one request, trying servers server, server+1, ... with back-off;
