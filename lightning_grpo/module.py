@@ -41,12 +41,12 @@ from lightning_grpo.noise import keyed_timestep_indices
 from lightning_grpo.policies.base import PolicyAdapter, check_sampler_matches
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
-from lightning_grpo.scoring import AsyncScoring
+from lightning_grpo.scoring import AsyncScoring, checkpoint_entry, rank_state
 from lightning_grpo.samplers.base import Sampler
 from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule, trainable_steps
 from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
-from lightning_grpo.validation import ConfigError, SkipGuard, check_reward_weights, validate_fit
+from lightning_grpo.validation import SkipGuard, check_reward_weights, validate_fit
 
 
 class GRPOModule(LightningModule):
@@ -129,8 +129,8 @@ class GRPOModule(LightningModule):
             staleness; see `lightning_grpo/scoring.py`): a step takes about max(rollout + update,
             scoring) instead of their sum, which pays when the rewards run elsewhere
             (`RemoteReward`). The first step only rolls out; resume is exact (the pending rollout
-            is saved in checkpoints). One process only for now (refused under DDP/FSDP). Off
-            (default): score, then train on the same rollout.
+            is saved in checkpoints, every rank's under DDP/FSDP). Off (default): score, then
+            train on the same rollout.
 
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
@@ -329,12 +329,6 @@ class GRPOModule(LightningModule):
         options manual optimisation refuses): they fail here, before any rollout or evaluation."""
         if stage == "fit" and self._trainer is not None:
             validate_fit(self, self.trainer)
-            if self._scoring is not None and self._world_size() > 1:
-                # each rank's pending rollout would have to be gathered into the checkpoint for an exact resume
-                raise ConfigError(
-                    f"model.async_scoring runs on one process for now (trainer world size {self._world_size()}): "
-                    "set model.async_scoring=false, or train on one device"
-                )
 
     def on_fit_start(self) -> None:
         if self._spans_ranks():
@@ -637,7 +631,7 @@ class GRPOModule(LightningModule):
             del state[key]
         checkpoint[SIGNATURE_KEY] = model_signature(self)
         if self._scoring is not None:  # the rollout being scored, with its scores: exact resume
-            checkpoint[ASYNC_SCORING_KEY] = self._scoring.state_dict()
+            checkpoint[ASYNC_SCORING_KEY] = checkpoint_entry(self._scoring.state_dict())  # every rank's, on rank zero
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model (naming what differs) or one with nothing left to
@@ -655,7 +649,8 @@ class GRPOModule(LightningModule):
         for key in self._rebuilt_keys():
             state.setdefault(key, current[key])
         if self._scoring is not None:
-            self._scoring.load_state_dict(checkpoint.get(ASYNC_SCORING_KEY) or {})
+            rank = self.global_rank if self._trainer is not None else 0
+            self._scoring.load_state_dict(rank_state(checkpoint.get(ASYNC_SCORING_KEY), rank, self._world_size()))
 
     def teardown(self, stage: str) -> None:
         if self._scoring is not None:  # stop the scoring thread; a pending rollout lives on in the last checkpoint

@@ -21,6 +21,9 @@ scores) is written into every checkpoint by `state_dict` (which waits for the sc
 `load_state_dict` puts it back, so a resumed run trains on exactly what the uninterrupted run
 would have. Its size is one rollout (latents of every step, log-probs, the condition).
 
+Several processes (DDP, FSDP): each rank has its own pending rollout; `checkpoint_entry` gathers
+them to rank zero (which writes the checkpoint) and `rank_state` gives each rank its own back.
+
 Why a thread and not a process: the work in the background is a reward call, which is either
 I/O (a reward server) or a model forward that releases the GIL; the trajectories stay where
 they are, nothing is copied between processes.
@@ -34,6 +37,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_grpo.types import Rollout
@@ -117,6 +121,37 @@ class AsyncScoring:
         return self._executor
 
 
+def checkpoint_entry(state: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint entry of this rank's `AsyncScoring.state_dict()`: {"world_size": W, "ranks":
+    [state of rank 0, ...]}. Called on every rank (Lightning builds the checkpoint on all ranks,
+    rank zero writes it): the states are gathered to rank zero only (other ranks get
+    "ranks": None, and write nothing), so no rank holds more than its own rollout but rank zero."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {"world_size": 1, "ranks": [state]}
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(state, gathered, dst=0)
+    return {"world_size": world, "ranks": gathered}
+
+
+def rank_state(entry: dict[str, Any] | None, rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's pending rollout from a `checkpoint_entry` ({} when there is none). A checkpoint
+    written by another number of processes cannot be split: its pending rollouts are dropped with
+    a warning (the first step after the resume rolls out anew; the resume is not exact)."""
+    if not entry:
+        return {}
+    if entry.get("world_size") != world_size:
+        import warnings
+
+        warnings.warn(
+            f"the checkpoint's async_scoring state was written by {entry.get('world_size')} process(es), this run has "
+            f"{world_size}: its pending rollouts are dropped and the first step rolls out anew (not an exact resume)",
+            RuntimeWarning, stacklevel=2,
+        )
+        return {}
+    return entry["ranks"][rank] or {}
+
+
 def asdict_shallow(rollout: Rollout) -> dict[str, Any]:
     """The fields of a Rollout as a dict, without copying tensors (`dataclasses.asdict` deep-copies)."""
     return {f.name: getattr(rollout, f.name) for f in fields(rollout)}
@@ -147,4 +182,4 @@ def _to_device(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-__all__ = ["AsyncScoring", "Scored", "asdict_shallow"]
+__all__ = ["AsyncScoring", "Scored", "asdict_shallow", "checkpoint_entry", "rank_state"]

@@ -141,7 +141,8 @@ def test_async_resume_is_exact(tmp_path):
     the checkpoint, so the resumed run trains on it instead of rolling out anew."""
     run(tiny_args(tmp_path / "short", 2, "--model.async_scoring=true"))
     short = last_checkpoint(tmp_path / "short")
-    pending = short[ASYNC_SCORING_KEY]
+    assert short[ASYNC_SCORING_KEY]["world_size"] == 1
+    pending = short[ASYNC_SCORING_KEY]["ranks"][0]
     assert short["global_step"] == 2 and len(pending["trajectories"]["prompts"]) == 8  # 2 prompts × G = 4
     assert pending["scores"]["jpeg_incompressibility"].shape == (8,)
     last = tmp_path / "short" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
@@ -152,20 +153,18 @@ def test_async_resume_is_exact(tmp_path):
     for name, value in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), f"{name} differs after the async resume"
     assert not torch.equal(straight["state_dict"]["policy.conv_out.weight"], short["state_dict"]["policy.conv_out.weight"])
-    assert resumed[ASYNC_SCORING_KEY]["trajectories"]["prompts"] == straight[ASYNC_SCORING_KEY]["trajectories"]["prompts"]
+    pending = [c[ASYNC_SCORING_KEY]["ranks"][0]["trajectories"]["prompts"] for c in (resumed, straight)]
+    assert pending[0] == pending[1]
 
 
-def test_async_scoring_is_refused_on_several_processes():
-    from types import SimpleNamespace
 
-    from lightning_grpo.module import GRPOModule
-    from lightning_grpo.policies.tiny import TinyPolicy
-    from lightning_grpo.rewards import JpegIncompressibility
-    from lightning_grpo.validation import ConfigError
+def test_a_checkpoint_of_another_world_size_drops_the_pending_rollout_with_a_warning():
+    from lightning_grpo.scoring import checkpoint_entry, rank_state
 
-    module = GRPOModule(TinyPolicy(resolution=8), rewards=[JpegIncompressibility()], group_size=4, async_scoring=True)
-    module._trainer = SimpleNamespace(world_size=2, datamodule=None, accumulate_grad_batches=1, gradient_clip_val=None)
-    with pytest.raises(ConfigError, match=r"model.async_scoring runs on one process for now \(trainer world size 2\)"):
-        module.setup("fit")
-    module._trainer.world_size = 1
-    module.setup("fit")  # one process: accepted
+    entry = checkpoint_entry({"pixels": torch.zeros(1)})  # one process
+    assert entry["world_size"] == 1 and rank_state(entry, 0, 1)["pixels"].shape == (1,)
+    with pytest.warns(RuntimeWarning, match=r"written by 1 process\(es\), this run has 2: its pending rollouts are dropped"):
+        assert rank_state(entry, 1, 2) == {}
+    assert rank_state(None, 0, 1) == {}
+    two = {"world_size": 2, "ranks": [{"a": 0}, {}]}
+    assert rank_state(two, 0, 2) == {"a": 0} and rank_state(two, 1, 2) == {}
