@@ -41,10 +41,10 @@ from lightning_grpo.noise import keyed_timestep_indices
 from lightning_grpo.policies.base import PolicyAdapter, check_sampler_matches
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
-from lightning_grpo.scoring import AsyncScoring, checkpoint_entry, rank_state
 from lightning_grpo.samplers.base import Sampler
 from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule, trainable_steps
+from lightning_grpo.scoring import AsyncScoring, checkpoint_entry, rank_state
 from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
 from lightning_grpo.validation import SkipGuard, check_reward_weights, validate_fit
 

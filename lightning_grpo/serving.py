@@ -162,6 +162,10 @@ def serve_reward(
 ) -> None:
     """Serve `reward` over HTTP until stopped (Ctrl+C / SIGTERM).
 
+    This signature is what `lightning-grpo serve-reward` parses (`parser`); `main` serves, passing
+    the reward's config to the workers rather than an instance, so the main process never loads
+    the reward's weights.
+
     Args:
         reward: the reward, as in a training config (`class_path`, `init_args`).
         host: interface to listen on: 127.0.0.1 (this machine only, the default) or 0.0.0.0 / ::
