@@ -75,7 +75,6 @@ class RewardAPI(ls.LitAPI):
         self.reward: Reward | None = None
 
     def setup(self, device: str) -> None:
-        torch.set_grad_enabled(False)
         self.device = torch.device(device)
         self.reward = build_reward(self.reward_config).to(self.device).eval()
 

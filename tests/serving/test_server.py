@@ -47,6 +47,7 @@ def test_endpoints_scores_and_bad_requests(tiny_server):
 def test_requests_merged_by_litserve_are_scored_per_shape_and_split_back():
     api = RewardAPI(JPEG, max_batch_size=4)
     api.setup("cpu")
+    assert torch.is_grad_enabled()  # setup runs in the caller's process here: no global switch may leak out
     requests = [
         (["a", "b"], torch.rand(2, 3, 8, 8), None),
         (["c"], torch.rand(1, 3, 16, 16), None),  # another shape: scored in its own call
