@@ -13,11 +13,13 @@ Reply = tuple[int, Any]  # (HTTP status, JSON body or str)
 
 
 class StubServer:
-    """Answers every POST with `reply(path, body, index)`; keeps the requests it got."""
+    """Answers every POST with `reply(path, body, index)` and every GET with `get(path, index)`
+    (default: 501, as http.server does); keeps the requests it got (GETs in `gets`)."""
 
-    def __init__(self, reply: Callable[[str, Any, int], Reply]) -> None:
-        self.reply = reply
+    def __init__(self, reply: Callable[[str, Any, int], Reply], get: Callable[[str, int], Reply] | None = None) -> None:
+        self.reply, self.get = reply, get
         self.requests: list[tuple[str, Any]] = []
+        self.gets: list[str] = []
         self._lock = threading.Lock()
         stub = self
 
@@ -29,6 +31,19 @@ class StubServer:
                     index = len(stub.requests)
                     stub.requests.append((self.path, body))
                 status, payload = stub.reply(self.path, body, index)
+                self._send(status, payload)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if stub.get is None:
+                    self.send_error(501)
+                    return
+                with stub._lock:
+                    index = len(stub.gets)
+                    stub.gets.append(self.path)
+                status, payload = stub.get(self.path, index)
+                self._send(status, payload)
+
+            def _send(self, status: int, payload: Any) -> None:
                 data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -66,6 +66,10 @@ class RemoteReward(Reward):
         max_in_flight: requests sent at once (default: the number of servers).
         expected_version: the served version to accept (see `lightning-grpo serve-reward`'s
             /info); None accepts the first one seen and then only that one.
+        startup_timeout: before its first request, wait up to this many seconds for every server
+            to answer /health (a reward model may take minutes to load: training and server can
+            then be started together); 0 (default) sends at once, and a server not yet up costs
+            the retries.
         score_path: the scoring endpoint of the servers.
     """
 
@@ -83,6 +87,7 @@ class RemoteReward(Reward):
         backoff: float = 1.0,
         max_in_flight: int | None = None,
         expected_version: str | None = None,
+        startup_timeout: float = 0.0,
         score_path: str = "/score",
     ) -> None:
         super().__init__(name, weight)
@@ -95,6 +100,8 @@ class RemoteReward(Reward):
             raise ValueError(f"reward {self.name!r}: encoding must be one of {ENCODINGS}, got {encoding!r}")
         if timeout <= 0 or retries < 0 or backoff < 0:
             raise ValueError(f"reward {self.name!r}: need timeout > 0, retries >= 0, backoff >= 0 (got {timeout}, {retries}, {backoff})")
+        if startup_timeout < 0:
+            raise ValueError(f"reward {self.name!r}: startup_timeout must be >= 0, got {startup_timeout}")
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"reward {self.name!r}: max_in_flight must be >= 1, got {max_in_flight}")
         self.urls = [u.rstrip("/") for u in urls]
@@ -102,6 +109,8 @@ class RemoteReward(Reward):
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.max_in_flight = max_in_flight or len(self.urls)
         self.score_path = score_path if score_path.startswith("/") else f"/{score_path}"
+        self.startup_timeout = float(startup_timeout)
+        self._waited = startup_timeout == 0
         self.served_version = expected_version  # the version every answer must carry (None: the first one seen)
         self.served_name: str | None = None
         self._allow_nonfinite = False
@@ -117,6 +126,9 @@ class RemoteReward(Reward):
         return super().forward(pixels, prompts, images, allow_nonfinite=allow_nonfinite)
 
     def score(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
+        if not self._waited:  # once per process: the servers may still be loading their models
+            self.wait_until_ready(self.startup_timeout)
+            self._waited = True
         chunks = list(torch.arange(pixels.shape[0]).split(self.batch_size))
         with self._lock:
             first, self._next_server = self._next_server, (self._next_server + len(chunks)) % len(self.urls)

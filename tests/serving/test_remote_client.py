@@ -105,6 +105,7 @@ def test_an_answer_that_is_not_a_score_list_is_named():
         ({"url": "http://h:1", "encoding": "jpeg"}, r"encoding must be one of"),
         ({"url": "http://h:1", "timeout": 0}, r"need timeout > 0"),
         ({"url": "http://h:1", "max_in_flight": 0}, r"max_in_flight must be >= 1"),
+        ({"url": "http://h:1", "startup_timeout": -1}, r"startup_timeout must be >= 0"),
     ],
 )
 def test_bad_options_are_named(kwargs, match):
@@ -126,3 +127,17 @@ def test_remote_reward_survives_deepcopy_and_pickle():
     reward._http()  # a live client is not copied
     for clone in (copy.deepcopy(reward), pickle.loads(pickle.dumps(reward))):
         assert clone.urls == reward.urls and clone._client is None
+
+
+def test_startup_timeout_waits_for_health_before_the_first_request():
+    loading = lambda path, index: (503, "not ready") if index < 3 else (200, "ok")  # noqa: E731
+    with StubServer(scoring_reply(), get=loading) as server:
+        reward = remote(server.url, retries=0, startup_timeout=30)
+        assert reward(torch.zeros(1, 3, 4, 4), ["a"]).tolist() == [0.0]
+        assert server.gets == ["/health"] * 4 and len(server.requests) == 1  # 3 × 503, then ready, then the request
+        reward(torch.zeros(1, 3, 4, 4), ["a"])
+        assert len(server.gets) == 4  # only before the first request
+    with StubServer(scoring_reply(), get=lambda path, index: (503, "not ready")) as server:
+        with pytest.raises(RewardError, match=rf"not ready after 0.5 s: {server.url} \(HTTP 503\)"):
+            remote(server.url, startup_timeout=0.5)(torch.zeros(1, 3, 4, 4), ["a"])
+        assert server.requests == []
