@@ -15,6 +15,8 @@ Endpoints (all on `host:port`):
 - `GET /live` (liveness): 200 as soon as the HTTP server answers, with the served version.
 - `GET /info`: the reward config, its version and the server settings.
 
+Stopping: Ctrl+C or SIGTERM to the main process shuts the workers down with it.
+
 The version is `<lightning-grpo version>+<first 12 hex digits of the SHA-256 of the reward
 config>`: two servers of the same reward config report the same version, a server restarted
 with another reward (or other options) reports another, and `RemoteReward` refuses to mix them.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -210,7 +213,17 @@ def main(args: list[str] | None = None) -> None:
         max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout, timeout=config.timeout,
     )
     print(f"serving reward {reward_config.get('class_path')} version {reward_version(reward_config)} on http://{config.host}:{config.port}{SCORE_PATH}", flush=True)
-    server.run(host=config.host, port=config.port, log_level=config.log_level, generate_client_file=False, num_api_servers=1)
+    # LitServe shuts its workers down on KeyboardInterrupt only; SIGTERM (`kill`, a scheduler) would
+    # kill this process alone and leave the workers, and the GPU memory they hold, behind
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.run(host=config.host, port=config.port, log_level=config.log_level, generate_client_file=False, num_api_servers=1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _plain(value: Any) -> Any:

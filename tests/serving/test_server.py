@@ -88,3 +88,26 @@ def test_bad_server_options_stop_before_serving(option, match, capsys):
     with pytest.raises(SystemExit):
         main(["serve-reward", "-c", str(SERVE_TINY), option])
     assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_server_stops_its_workers_too(start_server):
+    """`kill <pid>` (a scheduler's SIGTERM) of the main process: LitServe only shuts its workers down
+    on KeyboardInterrupt, so without serve-reward's handler they outlived it (checked: the group
+    was still alive 30 s later), holding the reward model's memory."""
+    import os
+    import signal
+    import time
+
+    server = start_server()
+    group = server.process.pid  # the server leads its own process group (conftest)
+    os.kill(server.process.pid, signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)  # any process left in the group?
+        except ProcessLookupError:
+            return
+        time.sleep(0.25)
+    pytest.fail("LitServe workers outlived the server's main process")
