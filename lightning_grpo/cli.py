@@ -272,6 +272,8 @@ COMMANDS: dict[str, Command] = {
                       "lightning_grpo.export"),
     "estimate": Command("per-GPU peak memory of a recipe at full size (rollout, update, checkpoint) before renting GPUs",
                         "lightning_grpo.estimate"),
+    "serve-reward": Command("serve a reward over HTTP (LitServe) for RemoteReward, e.g. on a dedicated reward GPU",
+                            "lightning_grpo.serving"),
     "list": Command("list the shipped rewards, policies, samplers, step schedules, callbacks and data modules",
                     "lightning_grpo.catalog"),
 }
@@ -299,7 +301,7 @@ def top_level_help() -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `lightning-grpo` and `python -m lightning_grpo`: the subcommands of
-    `COMMANDS` (LightningCLI's fit, validate, test; export; estimate; list), `--help`, `--verbose`.
+    `COMMANDS` (LightningCLI's fit, validate, test; export; estimate; serve-reward; list), `--help`, `--verbose`.
 
     SIGTERM or SIGINT during `fit`: the current step finishes, a checkpoint of it is written
     (`GRPOCheckpoint`), and the process exits with status 143 (SIGTERM) or 130 (SIGINT).

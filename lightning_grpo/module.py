@@ -45,6 +45,7 @@ from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers.base import Sampler
 from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule, trainable_steps
+from lightning_grpo.scoring import AsyncScoring, checkpoint_entry, rank_state
 from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
 from lightning_grpo.validation import SkipGuard, check_reward_weights, validate_fit
 
@@ -124,6 +125,13 @@ class GRPOModule(LightningModule):
             `lightning_grpo.first_frames.GeneratedFirstFrames` with an image policy) called for
             every batch without `"images"`, at the policy's resolution; None (default): batches
             bring their own (`ImagePromptDataModule`) or none (text-to-X).
+        async_scoring: score each rollout in the background while the next one is rolled out,
+            and train each step on the previous rollout once its scores are in (one step of
+            staleness; see `lightning_grpo/scoring.py`): a step takes about max(rollout + update,
+            scoring) instead of their sum, which pays when the rewards run elsewhere
+            (`RemoteReward`). The first step only rolls out; resume is exact (the pending rollout
+            is saved in checkpoints, every rank's under DDP/FSDP). Off (default): score, then
+            train on the same rollout.
 
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
@@ -170,6 +178,7 @@ class GRPOModule(LightningModule):
         ode_tail: MultistepODETail | None = None,
         max_skipped_steps: int = 5,
         first_frames: FirstFrames | None = None,
+        async_scoring: bool = False,
     ) -> None:  # pragma: no mutate block (a mutmut trampoline would hide these arguments from save_hyperparameters)
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail", "first_frames"])
@@ -205,6 +214,7 @@ class GRPOModule(LightningModule):
         self.rollout_weights: Callable[[], AbstractContextManager] = nullcontext
         self.test_results: EvaluationResult | None = None
         self._test_parts: list[EvaluationResult] = []
+        self._scoring = AsyncScoring(self._score) if async_scoring else None
 
     def train(self, mode: bool = True) -> GRPOModule:
         """Lightning toggles train mode; the policy stays in eval mode (no dropout), because GRPO
@@ -272,13 +282,22 @@ class GRPOModule(LightningModule):
         # 1-2. rollout (in chunks of rollout_batch_size; noise keyed by global group and member)
         with timer("rollout"), self.rollout_weights():
             trajectories = rollout(
-                self.policy, self.sampler, prompts, hp.group_size, self._generator(offset=0, per_rank=False),
+                self.policy, self.sampler, prompts, hp.group_size, self._rollout_generator(),
                 shared_noise=hp.shared_noise, images=images, progress=self._progress("rollout"),
                 chunk_size=hp.rollout_batch_size, first_group=first_group, members=members,
                 sde_steps=self._sde_steps(), ode_tail=self.ode_tail,
             )
         # 3. decode + reward, in chunks of decode_batch_size
-        pixels, scores = self._decode_and_score(trajectories, timer)  # [B, C, H, W] or [B, F, C, H, W]; {name: [B]}
+        if self._scoring is None:
+            pixels, scores = self._decode_and_score(trajectories, timer)  # [B, C, H, W] or [B, F, C, H, W]; {name: [B]}
+        else:  # asynchronous: this rollout is scored in the background; train on the previous one
+            pixels = self._decode(trajectories, timer)
+            with timer("reward_wait"):
+                scored = self._scoring.exchange(trajectories, pixels)
+            if scored is None:  # the first rollout of the run: nothing scored yet, no update
+                return
+            trajectories, pixels, scores = scored.trajectories, scored.pixels, scored.scores
+        num_rolled = trajectories.batch_size
         rolled_out, record_size, reward_advantages = trajectories, hp.group_size, None
         if self._spans_ranks():  # 4. on the gathered groups
             local_scores = scores
@@ -302,7 +321,7 @@ class GRPOModule(LightningModule):
                 trajectories, scores, advantages = self._advantages(trajectories, scores)
         # 5. update
         with timer("update"):
-            dropped = rolled_out.batch_size < len(prompts) * len(members or range(hp.group_size))
+            dropped = rolled_out.batch_size < num_rolled
             stats, grad_norms = self._update(trajectories, advantages, allow_partial=dropped, padding=rolled_out)
         if trajectories.batch_size == 0:
             if self._world_size() > 1:  # other ranks trained: the callbacks run alike on every rank
@@ -399,19 +418,31 @@ class GRPOModule(LightningModule):
     def _decode_and_score(self, trajectories: Rollout, timer: _PhaseTimer) -> tuple[Tensor, dict[str, Tensor]]:
         """Step 3, `decode_batch_size` samples at a time: pixels [B, ...] and {name: [B]} scores
         (non-finite kept with `reward_failure="drop_group"`)."""
+        pixels = self._decode(trajectories, timer)
+        with timer("reward"):
+            return pixels, self._score(trajectories, pixels)
+
+    def _decode(self, trajectories: Rollout, timer: _PhaseTimer) -> Tensor:
+        """The final latents decoded, `decode_batch_size` at a time: pixels [B, C, H, W] or [B, F, C, H, W]."""
+        final = trajectories.latents[:, -1]
+        with timer("decode"), torch.no_grad():
+            return torch.cat([self.policy.decode(final[chunk]) for chunk in self._decode_chunks(trajectories.batch_size, final.device)])
+
+    def _score(self, trajectories: Rollout, pixels: Tensor) -> dict[str, Tensor]:
+        """{name: [B]} scores of every reward, on `decode_batch_size` samples at a time (non-finite
+        kept with `reward_failure="drop_group"`). Runs on the scoring thread with `async_scoring`:
+        it must not log."""
         drop = self.hparams.reward_failure == "drop_group"
-        final, pixels, scores = trajectories.latents[:, -1], [], {}
-        images = trajectories.images
-        for chunk in torch.arange(trajectories.batch_size, device=final.device).split(self.hparams.decode_batch_size):
-            with timer("decode"), torch.no_grad():
-                chunk_pixels = self.policy.decode(final[chunk])
-            with timer("reward"):
-                prompts = [trajectories.prompts[i] for i in chunk.tolist()]
-                chunk_scores = self.rewards(chunk_pixels, prompts, None if images is None else images[chunk], allow_nonfinite=drop)
-            pixels.append(chunk_pixels)
+        images, scores = trajectories.images, {}
+        for chunk in self._decode_chunks(trajectories.batch_size, pixels.device):
+            prompts = [trajectories.prompts[i] for i in chunk.tolist()]
+            chunk_scores = self.rewards(pixels[chunk], prompts, None if images is None else images[chunk], allow_nonfinite=drop)
             for name, values in chunk_scores.items():
                 scores.setdefault(name, []).append(values)
-        return torch.cat(pixels), {name: torch.cat(values) for name, values in scores.items()}
+        return {name: torch.cat(values) for name, values in scores.items()}
+
+    def _decode_chunks(self, num_samples: int, device: torch.device) -> tuple[Tensor, ...]:
+        return torch.arange(num_samples, device=device).split(self.hparams.decode_batch_size)
 
     def _advantages_across_ranks(self, trajectories: Rollout, scores: dict[str, Tensor]):
         """Step 3b-4 for groups spanning ranks, on the gathered rewards of whole groups.
@@ -639,6 +670,8 @@ class GRPOModule(LightningModule):
         for key in self.rebuilt_keys() & set(state):
             del state[key]
         checkpoint[SIGNATURE_KEY] = model_signature(self)
+        if self._scoring is not None:  # the rollout being scored, with its scores: exact resume
+            checkpoint[ASYNC_SCORING_KEY] = checkpoint_entry(self._scoring.state_dict())  # every rank's, on rank zero
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model (naming what differs) or one with nothing left to
@@ -657,6 +690,13 @@ class GRPOModule(LightningModule):
         state, current = checkpoint["state_dict"], self.state_dict()
         for key in self.rebuilt_keys():
             state.setdefault(key, current[key])
+        if self._scoring is not None:
+            rank = self.global_rank if self._trainer is not None else 0
+            self._scoring.load_state_dict(rank_state(checkpoint.get(ASYNC_SCORING_KEY), rank, self._world_size()))
+
+    def teardown(self, stage: str) -> None:
+        if self._scoring is not None:  # stop the scoring thread; a pending rollout lives on in the last checkpoint
+            self._scoring.close()
 
     # ------------------------------------------------------------------ helpers
     def _sde_steps(self) -> Tensor | None:
@@ -671,6 +711,15 @@ class GRPOModule(LightningModule):
         if self._trainer is not None:
             self.log("train/sde_steps/first", float(mask.nonzero()[0, 0]) if mask.any() else -1.0, on_step=True, batch_size=1)
         return mask
+
+    def _rollout_generator(self) -> torch.Generator:
+        """The rollout's noise generator: keyed by the global step (synchronous scoring), or by
+        the rollout's index in training with `async_scoring` (whose first two rollouts share
+        global step 0). Both are restored on resume; the sample keys are added by `rollout`."""
+        if self._scoring is None or self._trainer is None:
+            return self._generator(offset=0, per_rank=False)
+        iteration = max(self.trainer.fit_loop.epoch_loop.total_batch_idx, 0)
+        return torch.Generator(device=self.device).manual_seed((self.hparams.seed * 1_000_003 + iteration * 1_009 + 7) % (2**63))
 
     def _generator(self, offset: int, device: torch.device | str | None = None, per_rank: bool = True) -> torch.Generator:
         """Seeded by (seed, global step, rank, offset): distinct per rank, reproducible on resume.
@@ -714,6 +763,10 @@ class GRPOModule(LightningModule):
     def _trained_group_size(self) -> int:
         best = self.hparams.best_of_n
         return self.hparams.group_size if best is None else sum(best)
+
+
+ASYNC_SCORING_KEY = "grpo_async_scoring"
+"""Checkpoint entry of the rollout pending under `async_scoring` (see `AsyncScoring.state_dict`)."""
 
 
 class _PhaseTimer:
