@@ -32,10 +32,10 @@ def test_top_level_help_lists_every_subcommand_with_its_purpose():
     assert result.returncode == 0, result.stderr
     listed = {}
     for line in result.stdout.splitlines():
-        match = re.match(r"^  (\w+)\s{2,}(\S.*)$", line)
+        match = re.match(r"^  ([\w-]+)\s{2,}(\S.*)$", line)
         if match:
             listed[match.group(1)] = match.group(2)
-    for name in ("fit", "validate", "test", "export", "list"):
+    for name in ("fit", "validate", "test", "export", "estimate", "serve-reward", "list"):
         assert name in listed, f"{name} missing from:\n{result.stdout}"
     for name, entry in cli.COMMANDS.items():
         assert listed.get(name) == entry.purpose  # the whole purpose on its line, never cut mid-sentence
