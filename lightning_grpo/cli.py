@@ -6,14 +6,27 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_grpo import stopping
 from lightning_grpo.callbacks import DiversityMonitor, ODEVisualizer, RewardLogger
-from lightning_grpo.checkpointing import GRPOCheckpoint, check_checkpoint_file, use_atomic_checkpoints
+from lightning_grpo.checkpointing import (
+    GRPOCheckpoint,
+    RunLock,
+    check_checkpoint_file,
+    find_last_checkpoint,
+    run_folder_of,
+    use_atomic_checkpoints,
+)
+from lightning_grpo.errors import InputError, NonFiniteError
 from lightning_grpo.module import GRPOModule
+from lightning_grpo.stopping import EXIT_STATUS, StopNow, StopSignals
 from lightning_grpo.validation import validate_config
 
 TRAINER_DEFAULTS = {
@@ -53,8 +66,21 @@ class GRPOCLI(LightningCLI):
     """LightningCLI for GRPOModule; any LightningDataModule that yields {"prompts": [...]} batches.
 
     `max_steps` counts optimizer steps (Lightning's convention under manual optimisation): one
-    rollout makes (trained samples / samples_per_update) of them.
+    rollout makes (trained samples / samples_per_update) of them; a `max_steps` between two
+    rollouts is rounded up to the next rollout's end, with a warning (`validation.validate_fit`).
+
+    `--optimizer` and `--lr_scheduler` are not options (`auto_configure_optimizers=False`): the
+    module builds its AdamW and warm-up itself from `--model.learning_rate`, `weight_decay`,
+    `adam_betas`, `adam_eps` and `lr_warmup_steps`, and an optimizer given there would be ignored.
+
+    `--ckpt_path=last` resumes the newest `last.ckpt` of the logger's `save_dir/name` across its
+    version folders, and a fit resumed from a checkpoint in a version folder of that logger writes
+    on into that folder (unless `--trainer.logger.init_args.version` says otherwise), where
+    `RunLock` makes sure no other live run writes.
     """
+
+    appending_to: str | None = None
+    """The version folder a resumed fit writes on into, or None."""
 
     def add_arguments_to_parser(self, parser) -> None:
         # One seed for everything: `seed_everything` also seeds the rollout noise (model.seed).
@@ -65,19 +91,44 @@ class GRPOCLI(LightningCLI):
         `model` hyperparameters over the parsed config, so options given on resume
         (`--model.learning_rate=...`) were silently dropped, and a large checkpoint was read twice.
         Here the config stays as given; `GRPOModule.on_load_checkpoint` applies the changed options
-        or refuses them (see `checkpointing`). The file is only checked to exist and be complete,
-        so a truncated checkpoint is named before anything loads."""
-        if not self.config.get("subcommand"):
+        or refuses them (see `checkpointing`).
+
+        Here, before anything loads: `last` becomes the newest `last.ckpt` of the run's name across
+        its versions (Lightning's own `last` looks in this run's new version folder only, so a
+        requeued run restarted from step 0); the file is checked to exist and to match its
+        checksums (`verify_checkpoint`); a fit resumed from a checkpoint of one of the logger's
+        version folders writes on into that folder."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
             return
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            check_checkpoint_file(ckpt_path)
+        section = self.config[subcommand]
+        ckpt_path = section.get("ckpt_path")
+        if not ckpt_path:
+            return
+        logger = _logger_init_args(section.get("trainer"))
+        if ckpt_path == "last" and logger is not None:
+            found = find_last_checkpoint(logger["save_dir"], logger["name"])
+            where = Path(logger["save_dir"]) / logger["name"]
+            if found is None:
+                rank_zero_info(f"--ckpt_path=last: no last.ckpt in any version folder of {str(where)!r}: starting a new run")
+                section["ckpt_path"] = None
+                return
+            ckpt_path = section["ckpt_path"] = str(found)
+            rank_zero_info(f"--ckpt_path=last: resuming from {ckpt_path}")
+        if ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        check_checkpoint_file(ckpt_path)
+        if subcommand == "fit" and logger is not None and logger.get("version") is None:
+            version = run_folder_of(ckpt_path, logger["save_dir"], logger["name"])
+            if version is not None:
+                section["trainer"]["logger"]["init_args"]["version"] = version
+                self.appending_to = str(Path(logger["save_dir"]) / logger["name"] / version)
 
     def instantiate_classes(self) -> None:
         """Validate the parsed config (batch divisibility, resolutions, reward weights, paths,
         enough prompts for one step) before anything is built: no weights load for a run that
         cannot work (see `lightning_grpo.validation`)."""
-        validate_config(self.config[self.subcommand] if self.subcommand else self.config, fit=self.subcommand in (None, "fit"))
+        validate_config(self.config[self.subcommand] if self.subcommand else self.config, stage=self.subcommand or "fit")
         super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):
@@ -99,7 +150,28 @@ class GRPOCLI(LightningCLI):
         finally:
             self.trainer_defaults = defaults
         use_atomic_checkpoints(trainer)
+        if self.subcommand in (None, "fit"):
+            trainer.callbacks.insert(0, RunLock())  # first: before any callback writes into the folder
+        if self.appending_to is not None:
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            rank_zero_info(f"Resuming into the run folder {self.appending_to}")
+        stopping.attach(trainer)
         return trainer
+
+
+def _logger_init_args(trainer: Any) -> dict[str, Any] | None:
+    """The `init_args` (a live Namespace, so `version` can be set) of a TensorBoard or CSV logger
+    configured as `trainer.logger`, with `save_dir` and `name` present; None for other loggers."""
+    logger = trainer.get("logger") if trainer is not None else None
+    class_path = str(logger.get("class_path", "")) if hasattr(logger, "get") else ""
+    if class_path.rsplit(".", 1)[-1] not in ("TensorBoardLogger", "CSVLogger"):
+        return None
+    init_args = logger.get("init_args")
+    if init_args is None or init_args.get("save_dir") is None:
+        return None
+    if init_args.get("name") is None:
+        init_args["name"] = "lightning_logs"
+    return init_args
 
 
 # Lightning warnings that describe GRPO's intended set-up, not a mistake; each is explained here.
@@ -120,47 +192,18 @@ def _as_seed(value: int | bool | None) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-EXIT_STATUS = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
-"""Exit status after a stop signal (the shell convention 128 + signal number): never 0, so a
-scheduler does not take an interrupted run for a finished one."""
-
-
-class _StopSignals:
-    """SIGINT handled like SIGTERM: finish the current step, checkpoint, exit non-zero.
-
-    Lightning handles SIGTERM itself (`Trainer.received_sigterm`: the loops stop between steps and
-    raise `SIGTERMException`, which `GRPOCheckpoint` saves on; with SLURM auto-requeue its own
-    handler checkpoints and requeues). Two things are hand-written here: SIGINT reaches Lightning
-    as a KeyboardInterrupt at any point, possibly halfway through an update, so the first one is
-    forwarded as SIGTERM (a second one interrupts at once); and `SIGTERMException` is a
-    `SystemExit` without a code, i.e. exit status 0, so `main` turns it into 128 + signal.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous = signal.getsignal(signal.SIGINT)
-
-    def install(self) -> None:
-        signal.signal(signal.SIGINT, self._on_sigint)
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGINT, self._previous)
-
-    def _on_sigint(self, signum, frame) -> None:
-        lightning_handles_sigterm = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-        if self.received is not None or not lightning_handles_sigterm:
-            raise KeyboardInterrupt  # second Ctrl+C, or before training started: stop now
-        self.received = signal.SIGINT
-        print("\nSIGINT: stopping after the current step and saving a checkpoint (again to stop at once)", file=sys.stderr)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of `lightning-grpo` and `python -m lightning_grpo`: LightningCLI's subcommands
     (fit, validate, test, ...) plus `export` (lightning_grpo/export.py).
 
-    SIGTERM or SIGINT during `fit`: the current step finishes, a checkpoint of it is written
-    (`GRPOCheckpoint`), and the process exits with status 143 (SIGTERM) or 130 (SIGINT).
+    SIGTERM or SIGINT (see `lightning_grpo.stopping`): in a training step, the step finishes, a
+    checkpoint of it is written; in an evaluation, it stops at its next batch; a second signal
+    stops at once. Exit status 143 (SIGTERM) or 130 (SIGINT).
+
+    Errors: an `InputError` (a bad option, file, checkpoint, data or run folder) prints its
+    message alone and exits with status 2, as the parser does for an unknown option; a
+    `NonFiniteError` prints its message alone and exits with status 1. Set
+    LIGHTNING_GRPO_TRACEBACK=1 to see their tracebacks.
     """
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["export"]:
@@ -168,12 +211,20 @@ def main(args: list[str] | None = None) -> None:
 
         export_main(args[1:])
         return
-    stops = _StopSignals()
+    stops = StopSignals()
     stops.install()
     try:
         run(args)
-    except SIGTERMException:
+    except (SIGTERMException, StopNow):
         sys.exit(EXIT_STATUS[stops.received or signal.SIGTERM])
+    except SystemExit as exit_:
+        # Lightning turns a KeyboardInterrupt (our StopNow) into sys.exit(1) after its clean-up
+        sys.exit(EXIT_STATUS[stops.received] if stops.received else exit_.code)
+    except (InputError, NonFiniteError) as err:
+        if os.environ.get("LIGHTNING_GRPO_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, InputError) else 1)
     finally:
         stops.restore()
 
@@ -188,6 +239,7 @@ def run(args: list[str] | None = None, subcommand: bool = True) -> GRPOCLI:
         GRPOModule,
         subclass_mode_model=False,
         subclass_mode_data=True,
+        auto_configure_optimizers=False,  # the module builds its own optimizer (see GRPOCLI)
         trainer_defaults={**TRAINER_DEFAULTS, "callbacks": default_callbacks()},
         save_config_kwargs={"overwrite": True},
         run=subcommand,
