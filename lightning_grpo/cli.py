@@ -86,6 +86,19 @@ class GRPOCLI(LightningCLI):
         # One seed for everything: `seed_everything` also seeds the rollout noise (model.seed).
         parser.link_arguments("seed_everything", "model.seed", compute_fn=_as_seed)
 
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's, refusing `--optimizer` / `--lr_scheduler` with the options to use instead
+        (the module builds its own optimizer; the parser alone would say "unrecognized arguments")."""
+        given = sys.argv[1:] if args is None else args
+        for arg in given if isinstance(given, (list, tuple)) else []:
+            name = str(arg).split("=", 1)[0]
+            if name.startswith(("--optimizer", "--lr_scheduler")):
+                parser.error(
+                    f"{name} is not an option: GRPOModule trains with its own AdamW; set it with --model.learning_rate, "
+                    "--model.weight_decay, --model.adam_betas, --model.adam_eps and --model.lr_warmup_steps (linear warm-up)"
+                )
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's: that one loads the whole checkpoint here and writes its saved
         `model` hyperparameters over the parsed config, so options given on resume
@@ -200,8 +213,8 @@ def main(args: list[str] | None = None) -> None:
     checkpoint of it is written; in an evaluation, it stops at its next batch; a second signal
     stops at once. Exit status 143 (SIGTERM) or 130 (SIGINT).
 
-    Errors: an `InputError` (a bad option, file, checkpoint, data or run folder) prints its
-    message alone and exits with status 2, as the parser does for an unknown option; a
+    Errors: an `InputError` (a bad option, file, checkpoint, data or run folder) or a missing file
+    prints its message alone and exits with status 2, as the parser does for an unknown option; a
     `NonFiniteError` prints its message alone and exits with status 1. Set
     LIGHTNING_GRPO_TRACEBACK=1 to see their tracebacks.
     """
@@ -220,11 +233,11 @@ def main(args: list[str] | None = None) -> None:
     except SystemExit as exit_:
         # Lightning turns a KeyboardInterrupt (our StopNow) into sys.exit(1) after its clean-up
         sys.exit(EXIT_STATUS[stops.received] if stops.received else exit_.code)
-    except (InputError, NonFiniteError) as err:
+    except (InputError, FileNotFoundError, NonFiniteError) as err:
         if os.environ.get("LIGHTNING_GRPO_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, InputError) else 1)
+        sys.exit(1 if isinstance(err, NonFiniteError) else 2)
     finally:
         stops.restore()
 

@@ -440,7 +440,9 @@ def _build(class_path: str, args: Mapping[str, Any]) -> Any:
 
 def _check_log_folder(trainer: Mapping[str, Any]) -> None:
     """The logger's folder (or default_root_dir) must be writable: found out only once the model
-    has loaded and the first file is written, otherwise."""
+    has loaded and the first file is written, otherwise. Probed by creating (and removing) a
+    temporary file in the folder, or in its nearest existing parent (a permission bit check would
+    pass for root on a read-only filesystem)."""
     logger = _as_dict(trainer.get("logger"))
     folder = _init_args(logger).get("save_dir") if logger else None
     folder = folder if folder is not None else trainer.get("default_root_dir")
@@ -448,9 +450,17 @@ def _check_log_folder(trainer: Mapping[str, Any]) -> None:
         return
     path = Path(folder).expanduser()
     existing = next((p for p in [path, *path.parents] if p.exists()), None)
-    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
-        what = "is not a folder" if not existing.is_dir() else "is not writable"
-        raise ConfigError(f"the log folder {str(path)!r} cannot be written: {str(existing)!r} {what} (trainer.logger.init_args.save_dir)")
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ConfigError(f"the log folder {str(path)!r} cannot be created: {str(existing)!r} is not a folder (trainer.logger.init_args.save_dir)")
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"the log folder {str(path)!r} cannot be written: {err.strerror} in {str(existing)!r} (trainer.logger.init_args.save_dir)") from err
 
 
 def _uses_cfg(policy: Mapping[str, Any]) -> bool | None:
