@@ -102,7 +102,7 @@ POLICY_RANGES: dict[str, Range] = {
     "lora_rank": Range(0, integer=True),
     "lora_alpha": Range(0, low_open=True, optional=True),
     "num_sampling_steps": Range(1, integer=True, optional=True),
-    "sampling_eta": Range(0, optional=True),
+    "sampling_eta": Range(0, low_open=True, optional=True, why="the training sampler needs noise"),
     "sampling_shift": Range(0, low_open=True, optional=True),
     "max_sequence_length": Range(1, integer=True),
     "guidance": Range(0),

@@ -6,28 +6,27 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_grpo.checkpointing import acquire_run_lock
 from lightning_grpo.cli import run
-from lightning_grpo.datamodules.prompts import NoEvaluationPromptsError, NoTrainingBatchError
-from lightning_grpo.datamodules.sources import CorruptFileError
-from lightning_grpo.errors import NonFiniteError
+from lightning_grpo.datamodules.prompts import NoTrainingBatchError
 from lightning_grpo.policies.tiny import TinyPolicy
 from lightning_grpo.validation import ConfigError
-from tests.reliability.test_reliability import DEMO, PROMPTS, ROOT, TINY, TOY_FLUX, forbid_building, tiny_args
+from tests.reliability.test_reliability import PROMPTS, ROOT, TOY_FLUX, forbid_building, tiny_args
+
+# Exceptions are matched by their message and a base class that the code before these checks had
+# too (ValueError, OSError, RuntimeError), so each test fails there on the behaviour, not on an
+# import; the new classes are checked where they matter (printed alone by the command).
 
 HERE = Path(__file__).resolve().parent
 DEMO_T2V = str(ROOT / "configs" / "demo_t2v.yaml")
@@ -172,12 +171,14 @@ def test_a_second_live_run_in_the_same_run_folder_is_refused(tmp_path):
 
 def test_the_lock_dies_with_its_process(tmp_path):
     """A killed run's lock is released by the kernel: its requeued run is not refused."""
+    from lightning_grpo.checkpointing import RunLockedError, acquire_run_lock
+
     holder = subprocess.Popen([sys.executable, "-c", f"from lightning_grpo.checkpointing import acquire_run_lock; "
                                f"from pathlib import Path; import time; acquire_run_lock(Path({str(tmp_path)!r})); "
                                f"print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True, env=environment())
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(Exception, match="in use by another run"):
+        with pytest.raises(RunLockedError, match="in use by another run"):
             acquire_run_lock(tmp_path)
     finally:
         holder.kill()
@@ -208,20 +209,17 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 180) -> Non
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("subcommand, signum", [("fit", signal.SIGINT), ("test", signal.SIGTERM)])
-def test_a_signal_during_an_evaluation_stops_it_at_its_next_batch(tmp_path, subcommand, signum):
-    """Ctrl+C during the before-training evaluation, SIGTERM during `test` (was: the whole
-    evaluation, and in a fit one training step too, ran before stopping). Each evaluation is about
-    40 batches of 1 s (a slow reward); after the signal at most the batch in progress finishes."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_evaluation_before_training_stops_it_at_its_next_batch(tmp_path, signum):
+    """Ctrl+C or SIGTERM during the held-out evaluation at the start of a fit (was: the whole
+    evaluation, then one training step, ran before stopping: 23 s on the toy). The evaluation is
+    40 batches of 1 s (a slow reward); after the signal at most the batch in progress finishes.
+    (`test` and `validate` stopped between batches already: Lightning's evaluation loop does.)"""
     marker = tmp_path / "evaluating"
-    slow = ["stop_helpers.SlowReward", f"marker={marker}"]
-    if subcommand == "fit":
-        extra = ["--trainer.callbacks+=lightning_grpo.callbacks.HeldOutEvaluation", f"--trainer.callbacks.prompts_file={PROMPTS}",
-                 "--trainer.callbacks.batch_size=1", "--trainer.callbacks.max_prompts=40", "--trainer.callbacks.grid=false",
-                 f"--trainer.callbacks.extra_rewards+={slow[0]}", f"--trainer.callbacks.extra_rewards.{slow[1]}"]
-    else:  # 90% of the 48 prompts held out, one a batch
-        extra = [f"--model.rewards+={slow[0]}", f"--model.rewards.{slow[1]}", "--data.init_args.batch_size=1", "--data.init_args.val_fraction=0.9"]
-    process = subprocess.Popen(command(*tiny(tmp_path, 4, *extra, subcommand=subcommand)), stdout=subprocess.PIPE,
+    extra = ["--trainer.callbacks+=lightning_grpo.callbacks.HeldOutEvaluation", f"--trainer.callbacks.prompts_file={PROMPTS}",
+             "--trainer.callbacks.batch_size=1", "--trainer.callbacks.max_prompts=40", "--trainer.callbacks.grid=false",
+             "--trainer.callbacks.extra_rewards+=stop_helpers.SlowReward", f"--trainer.callbacks.extra_rewards.marker={marker}"]
+    process = subprocess.Popen(command(*tiny(tmp_path, 4, *extra)), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=environment())
     try:
         wait_for(marker, process)
@@ -341,8 +339,8 @@ def test_a_log_folder_that_cannot_be_written_fails_before_the_model_loads(tmp_pa
 # ------------------------------------------------------------------ runs that cannot learn
 def test_a_reward_constant_within_every_group_warns(tmp_path):
     """Was: all advantages 0 at every step, no warning."""
-    with pytest.warns(RuntimeWarning, match=r"the reward was constant within every group for 2 training steps in a row .* nothing is learned"):
-        run(tiny(tmp_path, 4, "--model.rewards=[tests.reliability.stop_helpers.ConstantReward]", "--model.constant_reward_steps=2"))
+    with pytest.warns(RuntimeWarning, match=r"the reward was constant within every group for 5 training steps in a row .* nothing is learned"):
+        run(tiny(tmp_path, 10, "--model.rewards=[tests.reliability.stop_helpers.ConstantReward]"))  # 5 rollouts: the default constant_reward_steps
 
 
 # ------------------------------------------------------------------ data: the reason, or no prompt at all
@@ -350,11 +348,11 @@ def test_a_reward_constant_within_every_group_warns(tmp_path):
 def test_validate_and_test_without_held_out_prompts_are_refused(tmp_path, monkeypatch, subcommand):
     """Was: exit 0 having evaluated nothing."""
     forbid_building(monkeypatch, TinyPolicy)
-    with pytest.raises(NoEvaluationPromptsError, match=rf"`{subcommand}` evaluates the held-out prompts and there are none: set data\.init_args\.val_files"):
+    with pytest.raises(ValueError, match=rf"`{subcommand}` evaluates the held-out prompts and there are none: set data\.init_args\.val_files"):
         run(tiny(tmp_path, 3, "--data.init_args.val_fraction=0", subcommand=subcommand))
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(NoEvaluationPromptsError, match=rf"`{subcommand}` has no held-out prompt to evaluate \(val_files '{empty}'\): the files are empty"):
+    with pytest.raises(ValueError, match=rf"`{subcommand}` has no held-out prompt to evaluate \(val_files '{empty}'\): the files are empty"):
         run(tiny(tmp_path, 3, "--data.init_args.val_fraction=0", f"--data.init_args.val_files={empty}", subcommand=subcommand))
 
 
@@ -399,13 +397,13 @@ def test_truncated_compressed_and_parquet_files_are_named(tmp_path, monkeypatch)
     compressed.write_bytes(gzip.compress(("".join(f"prompt {i}\n" for i in range(2000))).encode())[:300])
     datamodule = PromptDataModule(str(compressed), batch_size=2, shuffle=False)
     datamodule.check_training_prompts(world_size=1)  # its first lines are intact
-    with pytest.raises(CorruptFileError, match=rf"'{compressed}' is truncated or corrupt \(a compressed file that ends early\?\)"):
+    with pytest.raises(OSError, match=rf"'{compressed}' is truncated or corrupt \(a compressed file that ends early\?\)"):
         list(datamodule.train_dataloader())
     forbid_building(monkeypatch, TinyPolicy)
     table = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(100)]}), table)
     table.write_bytes(table.read_bytes()[:-40])
-    with pytest.raises(CorruptFileError, match=rf"'{table}' is not a readable Parquet file"):
+    with pytest.raises(OSError, match=rf"'{table}' is not a readable Parquet file"):
         run(tiny(tmp_path, 3, f"--data.init_args.train_files={table}"))
 
 
@@ -425,11 +423,13 @@ def test_a_config_that_does_not_match_its_weights_names_the_component_and_shape(
     import shutil
 
     from lightning_grpo.policies import FluxPolicy
-    from lightning_grpo.policies.loading import WeightsMismatchError
 
     folder = tmp_path / "flux"
     shutil.copytree(TOY_FLUX, folder)
     config = folder / "transformer" / "config.json"
     config.write_text(config.read_text().replace(*edit))
-    with pytest.raises(WeightsMismatchError, match=message):
+    with pytest.raises(OSError, match=message) as error:
         FluxPolicy(str(folder), height=32, width=32, max_sequence_length=16)
+    from lightning_grpo.errors import InputError
+
+    assert isinstance(error.value, InputError)  # the command prints it alone
