@@ -78,12 +78,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own `_atomic_save` serialises the whole checkpoint into memory first (a FLUX
     checkpoint with optimizer state is hundreds of GB) and then writes the target in place, so
     a crash mid-write still leaves a truncated file under the real name. Remote filesystems
-    (fsspec URLs) keep Lightning's behaviour. A checkpoint holding NaN/inf is refused
-    (`check_finite`): a resume from it could only fail.
+    (fsspec URLs) keep Lightning's behaviour. A checkpoint holding NaN/inf is refused at load
+    (`check_finite`; `GRPOModule.on_save_checkpoint` refuses to write one, for every strategy).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        check_finite(checkpoint, f"refusing to write checkpoint {str(path)!r}")
         if not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
@@ -333,10 +332,19 @@ def find_nonfinite(state: Any) -> str | None:
 
 
 def _local(value: Any) -> torch.Tensor | None:
-    """A plain tensor, or this rank's shard of a DTensor; None for anything else."""
-    if hasattr(value, "to_local") and isinstance(value, torch.Tensor):
-        return value.to_local()
-    return value if isinstance(value, torch.Tensor) and not value.is_meta else None
+    """A plain tensor, or this rank's part of a DTensor or ShardedTensor; None for anything else
+    (then not checked)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        if hasattr(value, "to_local"):  # DTensor
+            return value.to_local()
+        if hasattr(value, "local_shards"):  # ShardedTensor (FSDP1 sharded state dicts)
+            shards = [shard.tensor.flatten() for shard in value.local_shards()]
+            return torch.cat(shards) if shards else None
+    except Exception:
+        return None
+    return None if value.is_meta else value
 
 
 def check_finite(checkpoint: Any, context: str) -> None:

@@ -92,6 +92,27 @@ def test_a_checkpoint_with_overwritten_bytes_is_refused_by_fit_and_test(tmp_path
         assert re.search(r"the tensor \['state_dict'\]\['policy\.[\w.]+'\]", result.stdout), result.stdout[-2000:]
 
 
+def test_a_folder_checkpoint_is_verified_file_by_file(tmp_path):
+    """A sharded checkpoint (a folder): zip files by their own CRCs, other files against the
+    `checksums.json` written after the save; a flipped byte or a missing file names the file."""
+    from lightning_grpo.checkpointing import CheckpointError, record_checksums, verify_checkpoint
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    torch.save({"step": 3}, folder / "meta.pt")
+    (folder / "__0_0.distcp").write_bytes(bytes(range(256)) * 64)
+    record_checksums(folder)
+    verify_checkpoint(folder)  # intact
+    shard = bytearray((folder / "__0_0.distcp").read_bytes())
+    shard[5000] ^= 0xFF
+    (folder / "__0_0.distcp").write_bytes(bytes(shard))
+    with pytest.raises(CheckpointError, match=r"last\.ckpt' is corrupt: '__0_0\.distcp' does not match the checksum"):
+        verify_checkpoint(folder)
+    (folder / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match=r"is incomplete: '__0_0\.distcp' listed in checksums\.json is missing"):
+        verify_checkpoint(folder)
+
+
 # ------------------------------------------------------------------ non-finite values
 def test_a_diverging_run_stops_within_two_steps_and_no_checkpoint_holds_nan(tmp_path):
     """`--model.learning_rate=1e30` (was: NaN loss from step 0, NaN weights in every checkpoint, exit 0)."""
