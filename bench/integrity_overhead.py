@@ -5,8 +5,9 @@ non-finite guard against the optimizer step it guards.
   two moments (3× the weights on disk), written by `AtomicCheckpointIO` (CRC-32 per record, as
   always); `verify_checkpoint` (every record re-read and its CRC checked) is timed against
   `torch.load` of the same file. The file is read once before timing (page cache warm for both).
-- guard: what the guard adds to an optimizer step, `GRPOModule._check_weights_finite`'s work (one
-  max-abs `_foreach_norm` over the trainable tensors) plus the finiteness test of the gradient norm
+- guard: what the guard adds to an optimizer step, `GRPOModule._check_weights_finite`'s work
+  (`checkpointing.nonfinite_tensors`: a fused L2 norm per trainable tensor) plus the finiteness
+  test of the gradient norm
   (computed before the guard existed, for logging), against `torch.optim.AdamW.step` on the same
   `--params-millions` parameters with gradients.
 Medians of `--repeats` runs after one warm-up. The last line is the guard's share of an optimizer step.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_grpo.checkpointing import _VERIFIED, AtomicCheckpointIO, verify_checkpoint
+from lightning_grpo.checkpointing import _VERIFIED, AtomicCheckpointIO, nonfinite_tensors, verify_checkpoint
 
 
 def median_time(fn, repeats: int) -> float:
@@ -75,8 +76,7 @@ def guard_costs(millions: float, repeats: int) -> tuple[float, float]:
 
     def guard() -> None:
         assert math.isfinite(float(norm))
-        peaks = torch._foreach_norm([p.detach() for p in params], float("inf"))
-        assert bool(torch.isfinite(torch.stack(peaks)).all())
+        assert not nonfinite_tensors([p.detach() for p in params])
 
     return median_time(guard, repeats), median_time(optimizer.step, repeats)
 

@@ -14,7 +14,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_grpo.checkpointing import SIGNATURE_KEY, apply_resume_overrides, check_finite, check_max_steps, check_signature, model_signature
+from lightning_grpo.checkpointing import (
+    SIGNATURE_KEY,
+    apply_resume_overrides,
+    check_finite,
+    check_max_steps,
+    check_signature,
+    model_signature,
+    nonfinite_tensors,
+)
 from lightning_grpo.distributed import (
     all_gather_objects,
     gather_by_key,
@@ -588,22 +596,20 @@ class GRPOModule(LightningModule):
         return grad_norm
 
     def _check_weights_finite(self, losses: list[Tensor] | None) -> None:
-        """NonFiniteError naming the first trainable tensor holding NaN/inf after a step: one
-        max-abs reduction per tensor (NaN propagates through it), on this rank's shards; with
+        """NonFiniteError naming the first trainable tensor holding NaN/inf after a step
+        (`checkpointing.nonfinite_tensors`: a fused norm per tensor, on this rank's shards); with
         several ranks the verdict is all-reduced (a sharded model's NaN may sit on one rank only,
         and a rank stopping alone would leave the others waiting)."""
-        params = [p.detach() for p in self.policy.trainable_parameters()]
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-        names = [name for name, p in self.policy.named_parameters() if p.requires_grad]
-        sized = [(name, t) for name, t in zip(names, local) if t.numel()]
-        peaks = torch._foreach_norm([t for _, t in sized], float("inf")) if sized else []
-        finite = torch.isfinite(torch.stack([p.float().to(peaks[0].device) for p in peaks])).tolist() if peaks else []  # one sync
-        bad = torch.tensor([0.0 if all(finite) else 1.0], device=self.device)
+        named = [(name, p.detach()) for name, p in self.policy.named_parameters() if p.requires_grad]
+        named = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in named]
+        named = [(name, t) for name, t in named if t.numel()]
+        bad_indices = nonfinite_tensors([t for _, t in named])
+        bad = torch.tensor([1.0 if bad_indices else 0.0], device=self.device)
         if self._world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if not bad.item():
             return
-        name = next((f"policy.{n}" for (n, _), ok in zip(sized, finite) if not ok), "on another rank")
+        name = f"policy.{named[bad_indices[0]][0]}" if bad_indices else "on another rank"
         raise NonFiniteError(self._nonfinite_message(f"weight {name}", float("nan"), losses, after_step=True))
 
     def _nonfinite_message(self, quantity: str, value: float, losses: list[Tensor] | None, after_step: bool = False) -> str:
