@@ -417,8 +417,8 @@ class RunLock(Callback):
         self.folder: Path | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or self._handle is not None:
-            return
+        if stage != "fit" or self._handle is not None or trainer.logger is None:
+            return  # without a logger there is no run folder (default_root_dir may be the working directory)
         folder = trainer.log_dir  # on every rank: a broadcast under DDP
         if not trainer.is_global_zero or not folder or not _is_local_file_protocol(str(folder)):
             return

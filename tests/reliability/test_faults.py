@@ -310,6 +310,27 @@ def test_numeric_options_out_of_range_fail_before_the_model_is_built(tmp_path, m
         run(tiny(tmp_path, 3, override))
 
 
+@pytest.mark.parametrize(
+    "allowed, value, problem",
+    [
+        (dict(low=0, low_open=True), 0, "must be > 0"),  # open end: the bound itself is refused
+        (dict(low=0, low_open=True), 1e-12, None),
+        (dict(low=0), 0, None),  # closed end: the bound itself is accepted
+        (dict(low=0), -1e-12, "must be >= 0"),
+        (dict(low=0, high=1, high_open=True), 1, "must be < 1 and >= 0"),
+        (dict(low=1, integer=True), 2.5, "must be an integer"),
+        (dict(low=1, integer=True), True, "must be an integer"),  # a bool is not a count
+        (dict(low=0), float("inf"), "must be finite"),
+        (dict(low=0), None, "must be set"),
+        (dict(low=0, optional=True), None, None),
+    ],
+)
+def test_range_bounds(allowed, value, problem):
+    from lightning_grpo.validation import Range
+
+    assert Range(**allowed).problem(value) == problem
+
+
 def test_a_configuration_error_prints_the_message_alone_with_status_2(tmp_path):
     result = lightning_grpo(*tiny(tmp_path, 3, "--model.adv_clip_max=-1"))
     assert_input_error(result, r"error: model\.adv_clip_max must be > 0, got -1.0", status=2)
