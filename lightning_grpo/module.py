@@ -217,6 +217,7 @@ class GRPOModule(LightningModule):
         check_reward_weights(self.rewards.weights)
         self._skips = SkipGuard(max_skipped_steps)
         self._constant_steps = 0  # training steps in a row whose advantages were all 0
+        self._step_losses: list[Tensor] = []  # micro-batch losses of the optimizer step being made
         # KL reference: only what the initial policy needs beyond the trained one (LoRA: nothing)
         self.reference_policy = policy.kl_reference() if kl_beta > 0 else None
         self.automatic_optimization = False
@@ -524,8 +525,9 @@ class GRPOModule(LightningModule):
                     loss, step_stats = self._micro_loss(trajectories, advantages, samples, steps[samples, k])
                     self.manual_backward(loss * samples.numel() * weight)
                 stats.append(step_stats)
-                losses.append(loss)
-            grad_norms.append(self._optimizer_step(optimizer, scheduler, losses))
+                losses.append(loss.detach())
+            self._step_losses = losses  # named by the non-finite guard's message
+            grad_norms.append(self._optimizer_step(optimizer, scheduler))
         return stats, grad_norms
 
     def _watch_constant_reward(self, advantages: Tensor) -> None:
@@ -569,10 +571,11 @@ class GRPOModule(LightningModule):
             reward_weights=self._loss_weights(advantages),
         )
 
-    def _optimizer_step(self, optimizer, scheduler, losses: list[Tensor] | None = None) -> Tensor:
+    def _optimizer_step(self, optimizer, scheduler) -> Tensor:
         """Clip, step, and guard against non-finite values: the gradient norm (the same on every
         rank: gradients are all-reduced, so a NaN loss on one rank reaches every rank's norm) is
         checked before the step, the trainable weights after it (`nonfinite`)."""
+        losses, self._step_losses = self._step_losses, []
         max_norm = self.hparams.max_grad_norm
         root = sharded_root(self._strategy_model())
         if root is not None:  # FSDP: the global norm over all shards (Lightning's clipping refuses FSDP)
