@@ -15,7 +15,15 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from lightning_grpo.checkpointing import SIGNATURE_KEY, apply_resume_overrides, check_max_steps, check_signature, model_signature
+from lightning_grpo.checkpointing import (
+    SIGNATURE_KEY,
+    apply_resume_overrides,
+    check_finite,
+    check_max_steps,
+    check_signature,
+    model_signature,
+    nonfinite_tensors,
+)
 from lightning_grpo.distributed import (
     all_gather_objects,
     gather_by_key,
@@ -47,7 +55,8 @@ from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule, trainable_steps
 from lightning_grpo.scoring import AsyncScoring, checkpoint_entry, rank_state
 from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
-from lightning_grpo.validation import SkipGuard, check_reward_weights, validate_fit
+from lightning_grpo.errors import NonFiniteError
+from lightning_grpo.validation import SkipGuard, check_module_options, check_reward_weights, validate_fit
 
 
 class GRPOModule(LightningModule):
@@ -119,8 +128,17 @@ class GRPOModule(LightningModule):
             2nd-order solver (`MultistepODETail`, MixGRPO-Flash; flow samplers); None: the
             sampler's own ODE step on its grid.
         max_skipped_steps: stop the run (RuntimeError) after this many training steps in a row
-            were skipped because every group was dropped: such steps make no optimizer step, so
-            `max_steps` would never be reached.
+            were skipped because every group was dropped (or every optimizer step of the step was
+            skipped under `nonfinite="skip"`): such steps make no optimizer step, so `max_steps`
+            would never be reached.
+        nonfinite: what a NaN/inf gradient norm does (a NaN/inf loss makes one): "stop" the run
+            with a `NonFiniteError` naming the optimizer step, the gradient norm and the loss
+            (default), or "skip" that optimizer step (gradients dropped, weights unchanged, a
+            warning; `max_skipped_steps` skipped training steps in a row stop the run). Weights
+            that are NaN/inf after an optimizer step always stop the run. Nothing of the failing
+            step is ever checkpointed (checkpoints with NaN/inf are refused besides).
+        constant_reward_steps: warn when every advantage was 0 (each reward constant within
+            every group: nothing is learned) for this many training steps in a row.
         first_frames: image-to-video without images in the data: a `FirstFrames` source (e.g.
             `lightning_grpo.first_frames.GeneratedFirstFrames` with an image policy) called for
             every batch without `"images"`, at the policy's resolution; None (default): batches
@@ -179,14 +197,17 @@ class GRPOModule(LightningModule):
         max_skipped_steps: int = 5,
         first_frames: FirstFrames | None = None,
         async_scoring: bool = False,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        constant_reward_steps: int = 5,
     ) -> None:  # pragma: no mutate block (a mutmut trampoline would hide these arguments from save_hyperparameters)
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail", "first_frames"])
         sampler = policy.build_sampler() if sampler is None else sampler  # the family's own sampler by default
         check_sampler_matches(policy, sampler)
-        _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
-        if rollout_batch_size is not None and rollout_batch_size < 1:
-            raise ValueError(f"rollout_batch_size must be >= 1 or None, got {rollout_batch_size}")
+        check_module_options(dict(self.hparams), prefix="")  # every numeric option in its range (validation.MODULE_RANGES)
+        _check_training_sampler(sampler)
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if reward_failure not in ("raise", "drop_group"):
             raise ValueError(f"reward_failure must be 'raise' or 'drop_group', got {reward_failure!r}")
         if multi_reward not in ("sum", "per_reward"):
@@ -207,6 +228,8 @@ class GRPOModule(LightningModule):
         self.rewards = MultiReward(list(rewards or []))  # raises without a reward
         check_reward_weights(self.rewards.weights)
         self._skips = SkipGuard(max_skipped_steps)
+        self._constant_steps = 0  # training steps in a row whose advantages were all 0
+        self._step_losses: list[Tensor] = []  # micro-batch losses of the optimizer step being made
         # KL reference: only what the initial policy needs beyond the trained one (LoRA: nothing)
         self.reference_policy = policy.kl_reference() if kl_beta > 0 else None
         self.automatic_optimization = False
@@ -277,7 +300,10 @@ class GRPOModule(LightningModule):
         prompts, images, first_group, members = self._rank_prompts(batch)
         if not prompts:  # every image of a whole block of the data was unreadable (on every rank alike)
             warnings.warn("empty training batch (no readable record in it): skipping this step", RuntimeWarning, stacklevel=2)
-            self._skips.step(True, why="empty batches: every record of the data's block was malformed")
+            self._skips.step(
+                True, why="every record of the data's block was malformed or its image unreadable",
+                what="their batches were empty", remedy="fix the data (the malformed records are named in the warnings above)",
+            )
             return
         # 1-2. rollout (in chunks of rollout_batch_size; noise keyed by global group and member)
         with timer("rollout"), self.rollout_weights():
@@ -319,6 +345,7 @@ class GRPOModule(LightningModule):
                 # 4. advantages (+ best-of-n)
                 rolled_out, all_scores = trajectories, scores
                 trajectories, scores, advantages = self._advantages(trajectories, scores)
+        self._watch_constant_reward(advantages)
         # 5. update
         with timer("update"):
             dropped = rolled_out.batch_size < num_rolled
@@ -327,6 +354,11 @@ class GRPOModule(LightningModule):
             if self._world_size() > 1:  # other ranks trained: the callbacks run alike on every rank
                 self.last_step = self._empty_record(rolled_out, pixels, record_size)
             return
+        if hp.nonfinite == "skip":
+            self._skips.step(
+                not any(torch.isfinite(g) for g in grad_norms), why="nonfinite='skip'",
+                what="every optimizer step had a NaN/inf gradient norm", remedy="lower model.learning_rate, check the reward",
+            )
         self._log_step(scores, advantages, stats, grad_norms, timer, trajectories.batch_size)
         self.last_step = self._step_record(rolled_out, pixels, all_scores, advantages, record_size, reward_advantages)
 
@@ -556,13 +588,31 @@ class GRPOModule(LightningModule):
                 pad = torch.zeros(1, dtype=torch.long, device=self.device)
                 loss, _ = self._micro_loss(padding, torch.zeros(1, device=self.device), pad, candidates[:1].to(self.device))
                 self.manual_backward(loss * 0.0)
+            losses = []
             for n, (samples, k) in enumerate(calls):
                 with nullcontext() if n == len(calls) - 1 else skip_gradient_sync(self._strategy_model()):
                     loss, step_stats = self._micro_loss(trajectories, advantages, samples, steps[samples, k])
                     self.manual_backward(loss * samples.numel() * weight)
                 stats.append(step_stats)
+                losses.append(loss.detach())
+            self._step_losses = losses  # named by the non-finite guard's message
             grad_norms.append(self._optimizer_step(optimizer, scheduler))
         return stats, grad_norms
+
+    def _watch_constant_reward(self, advantages: Tensor) -> None:
+        """Warn once `constant_reward_steps` training steps in a row had every advantage 0 (each
+        reward constant within every group): such steps change nothing."""
+        if advantages.numel() == 0:
+            return
+        self._constant_steps = self._constant_steps + 1 if bool((advantages == 0).all()) else 0
+        if self._constant_steps == self.hparams.constant_reward_steps:
+            step = self.trainer.global_step if self._trainer is not None else 0
+            warnings.warn(
+                f"the reward was constant within every group for {self._constant_steps} training steps in a row (up to "
+                f"optimizer step {step}): every advantage is 0 and nothing is learned; check the reward (one that never "
+                "varies, e.g. a verifier that always fails?) or sample more varied groups (group_size, the sampler's eta)",
+                RuntimeWarning, stacklevel=3,
+            )
 
     def _timestep_indices(self, trajectories: Rollout, candidates: Tensor) -> Tensor:
         """Each sample's random subset of trained steps [B, K], keyed by its (group, member), so
@@ -591,20 +641,63 @@ class GRPOModule(LightningModule):
         )
 
     def _optimizer_step(self, optimizer, scheduler) -> Tensor:
+        """Clip, step, and guard against non-finite values: the gradient norm (the same on every
+        rank: gradients are all-reduced, so a NaN loss on one rank reaches every rank's norm) is
+        checked before the step, the trainable weights after it (`nonfinite`)."""
+        losses, self._step_losses = self._step_losses, []
         max_norm = self.hparams.max_grad_norm
         params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
-        if any(isinstance(p, DTensor) for p in params):  # FSDP: the norm over every rank's shards
+        sharded = any(isinstance(p, DTensor) for p in params)
+        if sharded:  # FSDP: the norm over every rank's shards
             grad_norm = _full(torch.nn.utils.get_total_norm([p.grad for p in params]))
-            if max_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])) if params else torch.zeros(())
-            if max_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        if not torch.isfinite(grad_norm):
+            message = self._nonfinite_message("gradient norm", float(grad_norm), losses)
+            if self.hparams.nonfinite == "stop":
+                raise NonFiniteError(message)
+            warnings.warn(f"{message}: skipping this optimizer step (nonfinite='skip')", RuntimeWarning, stacklevel=3)
+            optimizer.zero_grad(set_to_none=True)
+            return grad_norm
+        if max_norm is not None and sharded:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
+        elif max_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        self._check_weights_finite(losses)
         return grad_norm
+
+    def _check_weights_finite(self, losses: list[Tensor] | None) -> None:
+        """NonFiniteError naming the first trainable tensor holding NaN/inf after a step
+        (`checkpointing.nonfinite_tensors`: a fused norm per tensor, on this rank's shards); with
+        several ranks the verdict is all-reduced (a sharded model's NaN may sit on one rank only,
+        and a rank stopping alone would leave the others waiting)."""
+        named = [(name, p.detach()) for name, p in self.policy.named_parameters() if p.requires_grad]
+        named = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in named]
+        named = [(name, t) for name, t in named if t.numel()]
+        bad_indices = nonfinite_tensors([t for _, t in named])
+        bad = torch.tensor([1.0 if bad_indices else 0.0], device=self.device)
+        if self._world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if not bad.item():
+            return
+        name = f"policy.{named[bad_indices[0]][0]}" if bad_indices else "on another rank"
+        raise NonFiniteError(self._nonfinite_message(f"weight {name}", float("nan"), losses, after_step=True))
+
+    def _nonfinite_message(self, quantity: str, value: float, losses: list[Tensor] | None, after_step: bool = False) -> str:
+        """"training diverged at optimizer step N: the <quantity> is <value> (mean loss ...)" with the remedy."""
+        step = self.trainer.global_step if self._trainer is not None else 0
+        step = step if after_step else step + 1  # the optimizer step that was being made
+        loss = torch.stack([l.detach().float() for l in losses]).mean().item() if losses else None
+        what = "not finite after the update" if after_step else f"{value}"
+        return (
+            f"training diverged at optimizer step {step}: the {quantity} is {what}"
+            + ("" if loss is None else f" (mean loss of the step: {loss:.4g})")
+            + f"; lower model.learning_rate (now {self.hparams.learning_rate:g}) or set model.max_grad_norm; "
+            "nothing of this step is saved, the last checkpoint holds the weights before it"
+        )
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -672,6 +765,8 @@ class GRPOModule(LightningModule):
         checkpoint[SIGNATURE_KEY] = model_signature(self)
         if self._scoring is not None:  # the rollout being scored, with its scores: exact resume
             checkpoint[ASYNC_SCORING_KEY] = checkpoint_entry(self._scoring.state_dict())  # every rank's, on rank zero
+        # never write NaN/inf weights or optimizer state (the non-finite guard stops a run first)
+        check_finite(checkpoint, "refusing to write a checkpoint")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model (naming what differs) or one with nothing left to
@@ -822,21 +917,7 @@ def _concat_results(parts: list[EvaluationResult], grid_size: int) -> Evaluation
     )
 
 
-def _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler) -> None:
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (advantages compare samples of a prompt), got {group_size}")
-    if not 0 < timestep_fraction <= 1:
-        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if samples_per_update is not None and (samples_per_update < 1 or samples_per_update % micro_batch_size):
-        raise ValueError(f"samples_per_update ({samples_per_update}) must be a positive multiple of micro_batch_size ({micro_batch_size})")
-    if clip_range <= 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    if best_of_n is not None:
-        top, bottom = best_of_n
-        if top < 0 or bottom < 0 or not 2 <= top + bottom <= group_size:
-            raise ValueError(f"best_of_n {tuple(best_of_n)} must keep between 2 and group_size ({group_size}) samples per group")
+def _check_training_sampler(sampler: Sampler) -> None:
     if sampler.eta <= 0:
         raise ValueError(f"the training sampler needs eta > 0 (got {sampler.eta}): an ODE sampler has no log-probability")
 
