@@ -1,8 +1,9 @@
-"""Shared helpers of the callbacks: the TensorBoard writers of a trainer, the logging step,
-finding the module's step record, and writing a clip as a playable TensorBoard video."""
+"""Shared helpers of the callbacks: the run folder, the TensorBoard writers of a trainer, the
+logging step, finding the module's step record, and writing a clip as a playable TensorBoard video."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning.pytorch import LightningModule, Trainer
@@ -13,6 +14,39 @@ from lightning_grpo.types import StepRecord
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The run folder: `trainer.log_dir` (the first logger's version folder, else the trainer's
+    `default_root_dir`).
+
+    `Trainer.log_dir` broadcasts rank zero's value, a collective: reached in a branch that only
+    rank zero runs (`if trainer.is_global_zero: write(...)`), it waits for ranks that never come,
+    or pairs with their next collective (DDP's buffer broadcast, a gradient all-reduce) and
+    corrupts both. Callbacks call this in `setup`, which every rank runs in the same order, and
+    keep the result for their rank-zero writes (`RunFolder`).
+    """
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class RunFolder:
+    """The run folder resolved once on every rank (`resolve`, from a callback's `setup`), read by
+    the rank-zero writers (`get`) without a collective."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def resolve(self, trainer: Trainer) -> Path:
+        self.path = run_dir(trainer)
+        return self.path
+
+    def get(self, trainer: Trainer) -> Path:
+        """The resolved folder; resolved now only on one process (where no collective can hang)."""
+        if self.path is None:
+            if trainer.world_size > 1:
+                raise RuntimeError("the run folder must be resolved on every rank (in setup) before a rank-zero write")
+            return self.resolve(trainer)
+        return self.path
 
 
 def tensorboard_writers(trainer: Trainer) -> list[SummaryWriter]:

@@ -219,14 +219,17 @@ class DiversityMonitor(Callback):
         groups = record.group_index  # [B]
         values: dict[str, Tensor] = {}
         for space, (within, across) in self.metrics.items():
-            features = self.features(space, record.latents, record.pixels)  # [B, ...]
+            # a rank that trained nothing this step holds an empty record: it adds no pair but
+            # still takes part in the metric's synchronisation, as every rank must
+            features = self.features(space, record.latents, record.pixels) if record.num_samples else None  # [B, ...]
             for name, metric in (("within_group", within), ("across_prompts", across)):
-                metric.to(features.device).reset()
-                metric.update(features, groups)
+                metric.to(record.latents.device if features is None else features.device).reset()
+                if features is not None:
+                    metric.update(features, groups)
                 values[f"train/diversity/{space}_{name}"] = metric.compute()  # synchronised over ranks
         if record.pixels.ndim == 5 and self.video_metrics:
             values.update(self.video_values(record.pixels, groups))
-        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=len(record.prompts))
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=max(record.num_samples, 1))
 
     def video_values(self, pixels: Tensor, groups: Tensor) -> dict[str, Tensor]:
         """The per-frame and over-time measures of videos [B, F, C, H, W] (module doc), rank-synchronised."""

@@ -106,10 +106,23 @@ class EMA(Callback):
             self.weights[name].copy_(value)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refuse_sharded(pl_module)
         self._apply_pending(pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refuse_sharded(pl_module)
         self._apply_pending(pl_module)
+
+    def _refuse_sharded(self, pl_module: LightningModule) -> None:
+        """EMA keeps full copies of the weights and saves them in rank zero's part of the
+        checkpoint: under FSDP (sharded DTensor weights) that would be one rank's shards only."""
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in self.tracked(pl_module).values()):
+            raise ValueError(
+                "the EMA callback does not support sharded weights (DenoiserFSDPStrategy): its averaged weights would be "
+                "full copies on every rank and be checkpointed from rank zero's shards only; remove EMA or train with DDP"
+            )
 
     def _apply_pending(self, pl_module: LightningModule) -> None:
         if self._pending is not None:

@@ -18,8 +18,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_grpo.artifacts import ArtifactReference, Comparison, artifact_stats, encoder_of, format_comparisons
-from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
+from lightning_grpo.artifacts import ArtifactReference, Comparison, artifact_stats, format_comparisons, resolve_encoder
+from lightning_grpo.callbacks._logging import RunFolder, add_video, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import EvaluationResult, evaluate, format_before_after
 from lightning_grpo.first_frames import frame_size
@@ -136,8 +136,10 @@ class HeldOutEvaluation(Callback):
         self.fps = fps
         self.results: dict[str, EvaluationResult] = {}  # when -> result of the first set
         self.split_results: dict[str, dict[str, EvaluationResult]] = {}  # when -> set name -> result
+        self._folder = RunFolder()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._folder.resolve(trainer)  # a collective: on every rank here, read by rank zero in `_write`
         for module in [*self.extra_rewards, self.first_frames]:  # not part of the module: move them along explicitly
             if module is not None:
                 module.to(pl_module.device)
@@ -182,8 +184,8 @@ class HeldOutEvaluation(Callback):
         if not self.artifacts or result.pixels is None:
             return
         conditioning = result.images if result.pixels.ndim == 5 else None
-        candidates = [self.kid_encoder] if self.kid_encoder is not None else [*self.extra_rewards, *pl_module.rewards.rewards]
-        stats = artifact_stats(result.pixels, conditioning, encoder_of(candidates), self.samples_per_prompt, self.batch_size)
+        encoder = resolve_encoder(self.kid_encoder, [*self.extra_rewards, *pl_module.rewards.rewards])
+        stats = artifact_stats(result.pixels, conditioning, encoder, self.samples_per_prompt, self.batch_size)
         if when == "before" or name not in self.references:
             self.references[name] = ArtifactReference(stats, z=self.artifact_z)
         self.comparisons.setdefault(when, {})[name] = self.references[name].compare(stats)
@@ -243,16 +245,16 @@ class HeldOutEvaluation(Callback):
                            "again on the resumed weights")
             return
         self.split_results["before"] = {
-            name: EvaluationResult(prompts=list(r["prompts"]), scores=dict(r["scores"]), samples_per_prompt=int(r["samples_per_prompt"]))
+            name: EvaluationResult(prompts=list(r["prompts"]), scores=dict(r["scores"]),
+                                   samples_per_prompt=int(r["samples_per_prompt"]))
             for name, r in state_dict["before"].items()
         }
         self.results["before"] = next(iter(self.split_results["before"].values()))
         self.references = {name: ArtifactReference.from_state(ref) for name, ref in state_dict.get("references", {}).items()}
         self._restored_before = True
 
-    @staticmethod
-    def _log_dir(trainer: Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
+    def _log_dir(self, trainer: Trainer) -> Path:
+        return self._folder.get(trainer)
 
 
 def first_frames_for(pl_module: LightningModule, prompts: list[str], source: nn.Module | None = None) -> Tensor | None:

@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_grpo.callbacks._logging import add_video, logging_step, tensorboard_writers
+from lightning_grpo.callbacks._logging import RunFolder, add_video, tensorboard_writers
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.evaluation import eval_mode, preserve_rng
 from lightning_grpo.first_frames import frame_size
@@ -118,8 +118,12 @@ class ODEVisualizer(Callback):
         self._enabled = True
         self._warned_video = False
         self._restored = False
+        self._folder = RunFolder()
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._folder.resolve(trainer)  # a collective: on every rank here, read by rank zero in `write`
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._restored:  # resumed: the step-0 samples came with the checkpoint
             self._restored = False
@@ -245,18 +249,21 @@ class ODEVisualizer(Callback):
                               cell_size=self.cell_size, gap_after=gap)
 
     def write(self, trainer: Trainer, current: Tensor) -> None:
-        step = logging_step(trainer)
-        grid = self.grid(current, step=trainer.global_step)
-        video = self.video(current, trainer.global_step) if current.ndim == 5 else None  # [F, 3, H', W']
+        # One step number for the TensorBoard image, the grid's title and the file name: the
+        # optimizer step (the scalars' x-axis counts rollouts from 0, so after the rollout that
+        # made step 50 it reads 49; an image there would not match `ode_samples_step000050.png`).
+        step = trainer.global_step
+        grid = self.grid(current, step=step)
+        video = self.video(current, step) if current.ndim == 5 else None  # [F, 3, H', W']
         for writer in tensorboard_writers(trainer):
             writer.add_image("visualization/ode_samples", grid, global_step=step)
             if video is not None:
                 self._log_video(writer, current, video, step)
         if self.save_dir is not False and trainer.is_global_zero:
-            folder = Path(self.save_dir or Path(trainer.log_dir or trainer.default_root_dir) / "visualization")
-            save_png(grid, folder / f"ode_samples_step{trainer.global_step:06d}.png")
+            folder = Path(self.save_dir or self._folder.get(trainer) / "visualization")
+            save_png(grid, folder / f"ode_samples_step{step:06d}.png")
             if video is not None:
-                save_gif(video, folder / f"ode_samples_step{trainer.global_step:06d}.gif", fps=self.fps)
+                save_gif(video, folder / f"ode_samples_step{step:06d}.gif", fps=self.fps)
 
     def video(self, current: Tensor, step: int | None = None) -> Tensor:
         """The grid at every frame of the clips: [F, 3, H', W'] (what the video and the GIF show)."""

@@ -41,7 +41,6 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,8 +48,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_grpo.artifacts import ArtifactReference, ArtifactStats, Comparison, artifact_stats, encoder_of
-from lightning_grpo.callbacks._logging import logging_step, tensorboard_writers
+from lightning_grpo.artifacts import ArtifactReference, ArtifactStats, Comparison, artifact_stats, resolve_encoder
+from lightning_grpo.callbacks._logging import RunFolder, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.diversity import pairwise_distances
 from lightning_grpo.callbacks.ema import ema_weights
 from lightning_grpo.callbacks.evaluation import first_frames_for, read_prompts
@@ -141,7 +140,8 @@ class RewardHackingMonitor(Callback):
     """Track gold measures beside the training reward on a fixed held-out set; warn on divergence.
 
     Works with any rewards: e.g. a run trained on HPS with PickScore and CLIP score as gold, or the
-    shapes demo trained on the verifier with the toy CLIP as gold. Runs on rank zero (others wait).
+    shapes demo trained on the verifier with the toy CLIP as gold. Every rank measures (FSDP needs
+    all of them); rank zero logs.
 
     Args:
         prompts_file: the fixed held-out prompts (.txt or .jsonl, as `HeldOutEvaluation`).
@@ -216,9 +216,11 @@ class RewardHackingMonitor(Callback):
         self.warnings: list[str] = []
         self._stats: ArtifactStats | None = None
         self._last_step = -1
+        self._folder = RunFolder()
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._folder.resolve(trainer)  # a collective: on every rank here, read by rank zero in `_append_csv`
         for module in [*self.gold_rewards, self.first_frames]:  # not part of the module: move them along explicitly
             if module is not None:
                 module.to(pl_module.device)
@@ -254,7 +256,7 @@ class RewardHackingMonitor(Callback):
         self._stats = None
         if self.artifacts:
             conditioning = images if result.pixels.ndim == 5 else None
-            encoder = encoder_of([self.kid_encoder] if self.kid_encoder is not None else [*self.gold_rewards, *training])
+            encoder = resolve_encoder(self.kid_encoder, [*self.gold_rewards, *training])
             self._stats = artifact_stats(result.pixels, conditioning, encoder, self.samples_per_prompt, self.batch_size)
         return values
 
@@ -276,19 +278,21 @@ class RewardHackingMonitor(Callback):
         return comparisons, messages
 
     def _observe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Measure on every rank (a denoiser sharded by FSDP needs all of them in its forward;
+        the same prompts and seeds give every rank the same values); rank zero logs and warns."""
         self._last_step = trainer.global_step
-        stop = False
+        with ema_weights(trainer, pl_module):
+            values = self.measure(pl_module)
+        # every rank keeps the same detector, reference and verdicts (same prompts, seeds, weights)
+        messages = self.detector.add(Observation(trainer.global_step, values))
+        comparisons: dict[str, Comparison] = {}
+        if self._stats is not None:
+            comparisons, artifact_messages = self.check_artifacts(trainer.global_step, self._stats)
+            messages += artifact_messages
+        self.verdicts[trainer.global_step] = not messages
         if trainer.is_global_zero:
-            with ema_weights(trainer, pl_module):
-                values = self.measure(pl_module)
-            messages = self.detector.add(Observation(trainer.global_step, values))
-            comparisons: dict[str, Comparison] = {}
-            if self._stats is not None:
-                comparisons, artifact_messages = self.check_artifacts(trainer.global_step, self._stats)
-                messages += artifact_messages
-            self.verdicts[trainer.global_step] = not messages
             self._log(trainer, messages, comparisons)
-            stop = bool(messages) and self.stop_on_hacking
+        stop = bool(messages) and self.stop_on_hacking
         trainer.strategy.barrier("reward_hacking_monitor")
         if self.stop_on_hacking and trainer.strategy.broadcast(stop, src=0):
             trainer.should_stop = True
@@ -339,10 +343,7 @@ class RewardHackingMonitor(Callback):
         self._last_step = int(state_dict.get("last_step", -1))
 
     def _append_csv(self, trainer: Trainer, metrics: dict[str, float], messages: list[str]) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if log_dir is None:
-            return
-        path = Path(log_dir) / "reward_hacking.csv"
+        path = self._folder.get(trainer) / "reward_hacking.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with path.open("a", newline="") as handle:

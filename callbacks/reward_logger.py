@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from lightning_grpo.callbacks._logging import add_video, last_step, logging_step, tensorboard_writers
+from lightning_grpo.callbacks._logging import RunFolder, add_video, last_step, logging_step, tensorboard_writers
 from lightning_grpo.grids import captioned_grid, filmstrip, save_gif, save_png
 from lightning_grpo.types import StepRecord
 
@@ -72,10 +72,14 @@ class RewardLogger(Callback):
         self.media_every_n_steps = media_every_n_steps
         self.media_prompts, self.media_samples = media_prompts, media_samples
         self.fps, self.cell_size, self.save_dir = fps, cell_size, save_dir
+        self._folder = RunFolder()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._folder.resolve(trainer)  # a collective: on every rank here, read by rank zero in `write_media`
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         record = last_step(pl_module)
-        if record is None or batch_idx % self.log_every_n_steps:
+        if record is None or not record.num_samples or batch_idx % self.log_every_n_steps:  # no collective here
             return
         stats: dict[str, Tensor] = {}
         for name, normalised in record.reward_advantages.items():
@@ -128,7 +132,7 @@ class RewardLogger(Callback):
             if video is not None:
                 add_video(writer, "train/samples_video", video, step, fps=self.fps)
         if self.save_dir is not False:
-            folder = Path(self.save_dir or Path(trainer.log_dir or trainer.default_root_dir) / "rollouts")
+            folder = Path(self.save_dir or self._folder.get(trainer) / "rollouts")
             save_png(still, folder / f"step{step:06d}.png")
             if video is not None:
                 save_gif(video, folder / f"step{step:06d}.gif", fps=self.fps)

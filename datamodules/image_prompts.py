@@ -8,14 +8,16 @@ holds the record, resized and center-cropped to ``image_size``.
 from __future__ import annotations
 
 import io
+import itertools
 import os
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lightning_grpo.datamodules.prompts import PromptDataModule
+from lightning_grpo.datamodules.prompts import NoTrainingBatchError, PromptDataModule
 from lightning_grpo.datamodules.sources import BadRecordReporter, Record, RecordSpec
 from lightning_grpo.datamodules.streaming import PromptStream, StreamConfig
 
@@ -177,3 +179,19 @@ class ImagePromptDataModule(PromptDataModule):
 
     def make_stream(self, config: StreamConfig) -> ImagePromptStream:
         return ImagePromptStream(config, self.image_key, self.image_root, self.image_size)
+
+    def check_training_prompts(self, world_size: int | None = None) -> None:
+        """The prompts fill one step (see the base class) and the first step's block holds at least
+        one readable image: with none, every batch would be empty and every step skipped."""
+        super().check_training_prompts(world_size)
+        world_size = world_size if world_size is not None else self._rank_and_world_size()[1]
+        config = replace(self._stream_config("train", self.batch_size, 0, world_size), shuffle=False)
+        stream = self.make_stream(config)
+        reporter = BadRecordReporter("skip", verbose=False)
+        block = list(itertools.islice(stream.records(BadRecordReporter("skip", verbose=False)), self.batch_size * world_size * max(self.num_workers, 1)))
+        if any(stream._load(record, reporter) is not None for record in block):
+            return
+        raise NoTrainingBatchError(
+            f"no training batch: not one image of the first {len(block)} training records can be read "
+            f"(image_key={self.image_key!r}, image_root={self.image_root!r}): {reporter.why_none().replace('every record is malformed: ', '')}"
+        )

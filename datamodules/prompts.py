@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
+from lightning_grpo.errors import InputError
 from lightning_grpo.datamodules.sources import (
     DEFAULT_PROMPT_KEYS,
     BadLinePolicy,
@@ -42,8 +43,12 @@ from lightning_grpo.datamodules.streaming import (
 )
 
 
-class NoTrainingBatchError(ValueError):
+class NoTrainingBatchError(InputError, ValueError):
     """The training split cannot fill one batch on every rank: a run would loop over empty epochs."""
+
+
+class NoEvaluationPromptsError(InputError, ValueError):
+    """`validate` or `test` has no held-out prompt to evaluate: it would exit 0 having done nothing."""
 
 
 class PromptDataModule(LightningDataModule):
@@ -253,10 +258,11 @@ class PromptDataModule(LightningDataModule):
         found = sum(1 for _ in itertools.islice(self.make_stream(config).records(quiet), needed))
         if found >= needed:
             return
-        total = sum(1 for _ in self.make_stream(replace(config, role="all")).records(BadRecordReporter(self.on_bad_line, verbose=False)))
+        counted = BadRecordReporter(self.on_bad_line, verbose=False)
+        total = sum(1 for _ in self.make_stream(replace(config, role="all")).records(counted))
         files = [source.path for source in config.sources]
         if total == 0:
-            reason = f"no prompt in {files}: the files are empty or every record is malformed (on_bad_line={self.on_bad_line!r})"
+            reason = f"no prompt in {files}: {counted.why_none()}"
         elif found == 0:
             held = f"val_fraction={self.hold_out.fraction}" if self._val_sources is None else f"val_files {self.val_files!r}"
             reason = f"{held} holds out all {total} prompts of {files}: no training prompt is left"
@@ -267,6 +273,24 @@ class PromptDataModule(LightningDataModule):
                 "remainder='drop' drops an incomplete step; lower batch_size or set remainder='pad'"
             )
         raise NoTrainingBatchError(f"no training batch: {reason}")
+
+    def check_evaluation_prompts(self, stage: str = "test") -> None:
+        """Raise `NoEvaluationPromptsError` when `validate`/`test` would evaluate nothing: no
+        held-out split configured, or one without a single readable prompt (reads one batch)."""
+        self.setup()
+        if self._val_sources is None and not self.hold_out.active:
+            raise NoEvaluationPromptsError(
+                f"`{stage}` evaluates the held-out prompts and there are none: set data.init_args.val_files "
+                "(a prompts file) or data.init_args.val_fraction > 0"
+            )
+        config = self._stream_config("val", self.val_batch_size, 0, 1)
+        reporter = BadRecordReporter(self.on_bad_line, verbose=False)
+        if next(iter(self.make_stream(config).records(reporter)), None) is not None:
+            return
+        held = f"val_files {self.val_files!r}" if self._val_sources is not None else f"val_fraction={self.hold_out.fraction} of {self.train_files!r}"
+        files = [source.path for source in config.sources]
+        reason = reporter.why_none() if self._val_sources is not None else f"no prompt of {files} falls in the held-out split"
+        raise NoEvaluationPromptsError(f"`{stage}` has no held-out prompt to evaluate ({held}): {reason}")
 
     # ------------------------------------------------------------------ helpers
 

@@ -22,10 +22,13 @@ import gzip
 import json
 import os
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import IO, Any, Literal, NamedTuple
+
+from lightning_grpo.errors import InputError
 
 Format = Literal["text", "jsonl", "parquet", "hf"]
 FormatOption = Literal["auto", "text", "jsonl", "parquet", "hf"]
@@ -39,6 +42,8 @@ READ_BATCH_ROWS = 1024
 HF_UNIT_ROWS = 8192
 #: Malformed records listed one by one per epoch before only the count is kept.
 MAX_LISTED_BAD_RECORDS = 10
+#: Malformed records a reporter keeps as examples (named in "no prompt" errors).
+KEPT_EXAMPLES = 3
 
 _SUFFIX_FORMATS: dict[str, Format] = {
     ".txt": "text",
@@ -48,7 +53,7 @@ _SUFFIX_FORMATS: dict[str, Format] = {
 }
 
 
-class MalformedRecordError(ValueError):
+class MalformedRecordError(InputError, ValueError):
     """A line or row that cannot become a prompt (raised when ``on_bad_line="error"``).
 
     The message starts with ``path:line``. It takes the message as its only argument so that a
@@ -129,15 +134,26 @@ class BadRecordReporter:
         self.policy = policy
         self.verbose = verbose
         self.skipped = 0
+        self.examples: list[str] = []  # the first KEPT_EXAMPLES malformed records, "path:line: reason"
 
     def bad(self, path: str, line: int, reason: str) -> None:
         """Report one malformed record; raises under the ``"error"`` policy."""
         message = f"{path}:{line}: {reason}"
         if self.policy == "error":
             raise MalformedRecordError(message)
+        if len(self.examples) < KEPT_EXAMPLES:
+            self.examples.append(message)
         self.skipped += 1
         if self.verbose and self.skipped <= MAX_LISTED_BAD_RECORDS:
             warnings.warn(f"skipping malformed record at {message}", MalformedRecordWarning, stacklevel=2)
+
+    def why_none(self) -> str:
+        """Why a pass yielded no record: the files are empty, or the first malformed records."""
+        if not self.skipped:
+            return "the files are empty"
+        shown = "; ".join(self.examples)
+        more = f" (and {self.skipped - len(self.examples)} more)" if self.skipped > len(self.examples) else ""
+        return f"every record is malformed: {shown}{more}"
 
     def summarize(self, what: str = "records") -> None:
         """Warn once with the number of records skipped so far (nothing when none)."""
@@ -248,8 +264,20 @@ def _open_binary(path: str) -> IO[bytes]:
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+class CorruptFileError(InputError, OSError):
+    """A data file that cannot be read to its end (truncated or corrupt); the message names it."""
+
+
 def _lines(path: str, reporter: BadRecordReporter) -> Iterator[tuple[int, str]]:
-    """Numbered, decoded, stripped, non-empty lines; bad bytes and empty lines are reported."""
+    """Numbered, decoded, stripped, non-empty lines; bad bytes and empty lines are reported; a
+    truncated or corrupt gzip file raises CorruptFileError naming it."""
+    try:
+        yield from _numbered_lines(path, reporter)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise CorruptFileError(f"{path!r} is truncated or corrupt (a compressed file that ends early?): {error}") from error
+
+
+def _numbered_lines(path: str, reporter: BadRecordReporter) -> Iterator[tuple[int, str]]:
     with _open_binary(path) as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -341,23 +369,33 @@ def _rows_to_records(
 
 
 def _parquet_row_groups(path: str) -> int:
-    """Number of row groups, read from the footer only."""
+    """Number of row groups, read from the footer only (CorruptFileError when it is unreadable)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as parquet:
-        return parquet.metadata.num_row_groups
+    try:
+        with pq.ParquetFile(path) as parquet:
+            return parquet.metadata.num_row_groups
+    except (pa.ArrowException, OSError) as error:
+        raise CorruptFileError(f"{path!r} is not a readable Parquet file (truncated or corrupt?): {error}") from error
 
 
 def _read_parquet_group(path: str, group: int, spec: RecordSpec, reporter: BadRecordReporter) -> Iterator[Record]:
     """The records of one row group, read in batches of :data:`READ_BATCH_ROWS` rows."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as parquet:
-        columns = _table_columns(path, parquet.schema_arrow.names, spec)
-        row = 1 + sum(parquet.metadata.row_group(g).num_rows for g in range(group))
-        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group], columns=columns):
-            yield from _rows_to_records(batch.to_pylist(), row, spec, path, reporter)
-            row += batch.num_rows
+    try:
+        with pq.ParquetFile(path) as parquet:
+            columns = _table_columns(path, parquet.schema_arrow.names, spec)
+            row = 1 + sum(parquet.metadata.row_group(g).num_rows for g in range(group))
+            for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group], columns=columns):
+                yield from _rows_to_records(batch.to_pylist(), row, spec, path, reporter)
+                row += batch.num_rows
+    except (pa.ArrowException, OSError) as error:
+        if isinstance(error, CorruptFileError):
+            raise
+        raise CorruptFileError(f"{path!r}: row group {group} cannot be read (truncated or corrupt Parquet file?): {error}") from error
 
 
 @lru_cache(maxsize=16)

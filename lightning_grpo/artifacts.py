@@ -40,7 +40,7 @@ are the mean over its frames unless said otherwise. Per-sample measures (Tensor[
   conditioning object's colour and shape; unlike a mean over the whole frame, a background of
   black pixels does not hide a changed object.
 
-Set measures, distances between the current set and the base set (0 for identical sets):
+Set measures, distances between the current set and the base set (about 0 for identical sets):
 
 - ``hue_shift``: the circular earth mover's distance between the chroma-weighted hue histograms
   (36 bins, 10°, linear soft binning, each sample's normalised to 1) summed over each set, in degrees: how far, on average, colour
@@ -51,19 +51,25 @@ Set measures, distances between the current set and the base set (0 for identica
   unbiased MMD² with the cubic polynomial kernel k(x, y) = (x·y / d + 1)³ between image-encoder
   features of the two sets, computed by torchmetrics' `KernelInceptionDistance` with the encoder
   as its custom feature extractor (any encoder the run already loads, e.g. a CLIP reward's visual
-  tower, `encoder_of`); one subset of the full size, so the value is deterministic.
+  tower, `encoder_of`); one subset of the full size, so the value is deterministic. Its cross
+  term averages over all pairs, each sample with itself included, so identical sets of m
+  samples give (2/m)·(mean k(x_i, x_j), i ≠ j − mean k(x_i, x_i)), slightly below 0, and sets
+  drawn on the same prompts and seeds sit below 0 too; the band (from within-prompt halves of
+  the base) is on the same footing.
 
 Warning band (from the base set alone, `ArtifactReference`): the band is what a second draw of
 the base policy's samples on the same prompts, other seeds, could show. For a per-sample
 measure, the base mean ± z·√2·SE, SE the standard error of the base mean over seeds with the
 prompts held fixed (`standard_error`: within-prompt variances when every prompt has ≥ 2
 samples, else the plain s/√N); two independent draws differ by √2·SE. One-sided where only one
-direction is an artifact (more periodic energy, less adherence). For a set distance,
-[−∞, mean + z·std] of the distance between two random halves of the base set, split within each
-prompt (so both halves hold the same prompts; across all samples when prompts have 1 sample).
-Halves hold half the samples, so the band is wider than what a second full draw would show:
-conservative. Each half-width is at least `MIN_HALF_WIDTH` (about two 8-bit levels). `z` = 3
-by default: with ten measures checked at every evaluation, a base-like policy rarely crosses one.
+direction is an artifact (more periodic energy, less adherence). The two energies are
+heavy-tailed: they are summarised by their geometric mean and banded on a log10 scale
+(`LOG_OFFSET`). For a set distance, [−∞, mean + z·std] of the distance between two random
+halves of the base set, split within each prompt (so both halves hold the same prompts; across
+all samples when prompts have 1 sample). Halves hold half the samples, so the band is wider than
+what a second full draw would show: conservative. Each half-width is at least `MIN_HALF_WIDTH`
+(about two 8-bit levels; 0.1 decade for the energies). `z` = 3 by default: with ten measures
+checked at every evaluation, a base-like policy rarely crosses one.
 """
 
 from __future__ import annotations
@@ -80,7 +86,8 @@ from torch import Tensor, nn
 __all__ = [
     "ArtifactReference", "ArtifactStats", "Band", "Comparison", "ImageEncoder", "MEASURES", "artifact_stats",
     "background_energy", "chroma", "circular_emd", "clipped", "compare_samples", "encoder_of", "first_frame_adherence",
-    "flicker", "format_comparisons", "hue_histograms", "hue_shift", "kid", "luminance", "main_object_masks", "periodic_energy",
+    "flicker", "format_comparisons", "hue_histograms", "hue_shift", "kid", "luminance", "main_object_masks",
+    "periodic_energy", "resolve_encoder", "set_summary",
 ]
 
 Side = Literal["up", "down", "both"]
@@ -95,15 +102,39 @@ MEASURES: dict[str, Side] = {
     "flicker": "up",
     "first_frame_adherence": "down",
 }
-#: Set distances (0 for identical sets; only a rise is drift).
+#: Set distances (about 0 for identical sets; only a rise is drift).
 DISTANCES = ("hue_shift", "kid")
 #: Smallest band half-width per measure: about two 8-bit levels (0.01 in intensity, 1e-4 in
 #: intensity², 1° of hue), so a base whose samples all score the same (clean renders on a black
 #: background: no background energy at all) does not warn on a rounding-level change.
 MIN_HALF_WIDTH: dict[str, float] = {
-    "periodic_energy": 1e-4, "background_energy": 1e-4, "chroma": 0.01, "luminance": 0.01, "clipped": 1e-3,
+    "periodic_energy": 0.1, "background_energy": 0.1,  # decades: these two are compared on a log scale
+    "chroma": 0.01, "luminance": 0.01, "clipped": 1e-3,
     "flicker": 0.01, "first_frame_adherence": 0.01, "hue_shift": 1.0, "kid": 0.0,
 }
+#: Energies span decades and have heavy tails (one sample with a stray second object outweighs
+#: forty clean ones): they are summarised by their geometric mean, 10^mean(log10(ε + v)) − ε,
+#: and banded on that log scale; ε = (0.5/255)², half an 8-bit level squared.
+LOG_OFFSET: dict[str, float] = {"periodic_energy": (0.5 / 255) ** 2, "background_energy": (0.5 / 255) ** 2}
+
+
+def summary_scale(name: str, values: Tensor) -> Tensor:
+    """The per-sample values on the scale their set is summarised and banded on (module doc):
+    log10(ε + v) for the energies (`LOG_OFFSET`), the values themselves otherwise."""
+    values = values.double()
+    return torch.log10(values + LOG_OFFSET[name]) if name in LOG_OFFSET else values
+
+
+def from_summary_scale(name: str, value: float) -> float:
+    """Inverse of `summary_scale` for one number (±inf stay ±inf)."""
+    if name not in LOG_OFFSET or not math.isfinite(value):
+        return value
+    return 10**value - LOG_OFFSET[name]
+
+
+def set_summary(name: str, values: Tensor) -> float:
+    """A set's value of a per-sample measure: the mean, or for the energies the geometric mean."""
+    return from_summary_scale(name, float(summary_scale(name, values).mean()))
 
 BT709 = (0.2126, 0.7152, 0.0722)
 HUE_BINS = 36
@@ -377,6 +408,15 @@ def encoder_of(candidates: Iterable[Any]) -> ImageEncoder | None:
     return None
 
 
+def resolve_encoder(explicit: Any, candidates: Iterable[Any]) -> Callable[[Tensor], Tensor] | None:
+    """The KID encoder: `explicit` when given (a CLIP-like reward, whose visual tower is wrapped,
+    or any module mapping images [B, 3, H, W] in [0, 1] to features [B, D], used as it is), else
+    the first CLIP-like reward among `candidates` (`encoder_of`), else None (no KID)."""
+    if explicit is not None:
+        return encoder_of([explicit]) or explicit
+    return encoder_of(candidates)
+
+
 def encode(encoder: Callable[[Tensor], Tensor], pixels: Tensor, batch_size: int = 64) -> Tensor:
     """Tensor[N, D] float on CPU: features of each image, or of each clip (mean of its frames)."""
     images, frames = _frames(pixels)
@@ -397,7 +437,11 @@ def kid(base: Tensor, current: Tensor) -> float:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=nn.Identity(), subsets=1, subset_size=min(len(base), len(current)))
+        # sync_on_compute=False: both feature sets are this process's own, and a torchmetrics
+        # all-gather here would hang a run that measures on one rank only (the monitor on rank 0)
+        metric = KernelInceptionDistance(
+            feature=nn.Identity(), subsets=1, subset_size=min(len(base), len(current)), sync_on_compute=False,
+        )
     metric.update(base.double(), real=True)
     metric.update(current.double(), real=False)
     with torch.random.fork_rng(devices=[]):
@@ -523,7 +567,8 @@ class Comparison:
         return self.band.outside(self.value)
 
     def describe(self) -> str:
-        return f"{self.name} = {self.value:.4g} outside the base's band [{self.band.low:.4g}, {self.band.high:.4g}] (base {self.band.base:.4g})"
+        band = self.band
+        return f"{self.name} = {self.value:.4g} outside the base's band [{band.low:.4g}, {band.high:.4g}] (base {band.base:.4g})"
 
 
 @dataclass
@@ -558,9 +603,11 @@ class ArtifactReference:
         paired = all(len(u) >= 2 for u in units)  # seeds within prompts: the spread of a redraw on the same prompts
         bands: dict[str, Band] = {}
         for name, values in self.stats.values.items():
-            half = max(self.z * math.sqrt(2) * standard_error(values, units if paired else None), MIN_HALF_WIDTH[name])
-            centre, side = float(values.double().mean()), MEASURES[name]
-            bands[name] = Band(name, centre, centre - half if side != "up" else -math.inf, centre + half if side != "down" else math.inf)
+            scaled = summary_scale(name, values)
+            half = max(self.z * math.sqrt(2) * standard_error(scaled, units if paired else None), MIN_HALF_WIDTH[name])
+            centre, side = float(scaled.mean()), MEASURES[name]
+            low, high = centre - half if side != "up" else -math.inf, centre + half if side != "down" else math.inf
+            bands[name] = Band(name, *(from_summary_scale(name, v) for v in (centre, low, high)))
         generator = torch.Generator().manual_seed(self.seed)
         for name in DISTANCES:
             if (name == "kid" and self.stats.features is None) or (not paired and len(units) < 4):
@@ -582,7 +629,7 @@ class ArtifactReference:
                     continue
                 out[name] = Comparison(name, _distance(name, self.stats, current), band)
             elif name in current.values:
-                out[name] = Comparison(name, float(current.values[name].double().mean()), band)
+                out[name] = Comparison(name, set_summary(name, current.values[name]), band)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -618,5 +665,6 @@ def format_comparisons(comparisons: dict[str, Comparison]) -> str:
     """A markdown table: measure | base | now | band | outside."""
     lines = ["| measure | base | now | base's band | outside |", "|---|---|---|---|---|"]
     for c in comparisons.values():
-        lines.append(f"| {c.name} | {c.band.base:.4g} | {c.value:.4g} | [{c.band.low:.4g}, {c.band.high:.4g}] | {'**yes**' if c.outside else 'no'} |")
+        band, flag = c.band, "**yes**" if c.outside else "no"
+        lines.append(f"| {c.name} | {band.base:.4g} | {c.value:.4g} | [{band.low:.4g}, {band.high:.4g}] | {flag} |")
     return "\n".join(lines) + "\n"

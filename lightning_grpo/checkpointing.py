@@ -4,7 +4,20 @@ resume overrides that apply or are refused.
 - `AtomicCheckpointIO`: each checkpoint is written to a temporary file in the target folder,
   flushed to disk, then renamed over the target (`os.replace` is atomic on POSIX), so a crash or
   a full disk while saving never leaves a file that a resume accepts; loading names the file
-  when it is truncated or corrupt.
+  when it is truncated or corrupt. A temporary left by a process killed mid-save is removed at
+  the next start (`remove_interrupted_saves`).
+- `verify_checkpoint`: integrity at load. `torch.save` writes a zip archive whose every record
+  (the pickled structure, each tensor's storage) carries the CRC-32 of its bytes, computed while
+  saving; torch's reader never checks them, so a checkpoint with bytes overwritten in its tensor
+  data loaded "fine" with garbage weights. Every record is re-read and checked here before
+  anything loads, and a mismatch names the file and the tensor. A checkpoint that is a folder
+  (sharded) is checked file by file: zip files by their CRCs, the others against the
+  `checksums.json` manifest that `record_checksums` writes beside them.
+- `find_nonfinite` / `check_finite`: no checkpoint holding NaN/inf is ever written or resumed.
+- `RunLock`: a run holds its version folder (an `flock` on `<log_dir>/.lock`, released by the
+  kernel when the process dies, however it dies), so a second live run refuses to write there.
+- `find_last_checkpoint` / `run_folder_of`: `--ckpt_path=last` across the versions of a run's name,
+  and the version folder a checkpoint belongs to (a resumed run appends there).
 - `GRPOCheckpoint`: Lightning's ModelCheckpoint with a retention rule (the last `keep_last` plus
   the `keep_best` best by a logged metric), a checkpoint of the last step *before* the epoch
   closes (so extending a finished run continues its data epoch), and saving on a stop signal.
@@ -18,34 +31,55 @@ resume overrides that apply or are refused.
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import pickle
+import re
+import socket
+import sys
 import tempfile
+import time
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 import torch
 
+from lightning_grpo.errors import InputError
+from lightning_grpo.stopping import StopNow
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the file and the cause."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint of another model configuration, or with nothing left to train."""
+
+
+class RunLockedError(InputError, RuntimeError):
+    """Another live run holds the version folder this run would write into."""
 
 
 # ------------------------------------------------------------------------------------ file I/O
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`torch.save` to a temporary file beside the target, fsync, then atomic rename.
+    """`torch.save` to a temporary file beside the target, fsync, then atomic rename; loading
+    verifies the file's checksums first (`verify_checkpoint`).
 
     Lightning's own `_atomic_save` serialises the whole checkpoint into memory first (a FLUX
     checkpoint with optimizer state is hundreds of GB) and then writes the target in place, so
     a crash mid-write still leaves a truncated file under the real name. Remote filesystems
-    (fsspec URLs) keep Lightning's behaviour.
+    (fsspec URLs) keep Lightning's behaviour. A checkpoint holding NaN/inf is refused at load
+    (`check_finite`; `GRPOModule.on_save_checkpoint` refuses to write one, for every strategy).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -56,7 +90,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-            with os.fdopen(handle, "wb") as file:
+            with os.fdopen(handle, "wb") as file, _crc32_on():
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
@@ -74,22 +108,326 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None) -> dict[str, Any]:
+        if _is_local_file_protocol(path) and is_sharded_checkpoint(path):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is a folder of shards written by DenoiserFSDPStrategy: resume it with that strategy "
+                "(`lightning-grpo export` reads it too)"
+            )
+        verify_checkpoint(path)
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
             raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt and cannot be resumed from: {err}") from err
+        check_finite(checkpoint, f"checkpoint {str(path)!r} cannot be resumed from")
+        return checkpoint
+
+
+class _crc32_on:
+    """Make sure `torch.save` writes each record's CRC-32 (it can be switched off process-wide
+    with `torch.serialization.set_crc32_options`): `verify_checkpoint` relies on them."""
+
+    def __enter__(self) -> None:
+        self.previous = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(True)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.serialization.set_crc32_options(self.previous)
+
+
+SHARDED_METADATA = "meta.pt"
+"""File of a sharded checkpoint folder (`DenoiserFSDPStrategy`) holding everything but the shards
+(loops, callbacks, schedulers, hyperparameters), written by rank zero (Lightning's name)."""
+SHARD_INDEX = ".metadata"
+"""torch distributed checkpoint's index of the shard files, written once every rank's shard is."""
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A sharded checkpoint folder (torch distributed checkpoint shards + `meta.pt`), not a file."""
+    return Path(path).is_dir()
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
-    """Cheap check that a local checkpoint exists and is a complete file: `torch.save` writes a zip
-    archive, whose directory sits at the very end, so a truncated file is not a zip."""
+    """Check that a local checkpoint exists and is intact before anything loads: a sharded
+    checkpoint folder has its shard index and `meta.pt` (both written after the shards), and every
+    file's bytes match the checksums written when it was saved (`verify_checkpoint`)."""
     text = str(path)
     if not _is_local_file_protocol(text):
         return
-    if not Path(text).is_file():
-        raise FileNotFoundError(f"checkpoint {text!r} does not exist")
-    if not zipfile.is_zipfile(text):
-        raise CheckpointError(f"checkpoint {text!r} is truncated or corrupt and cannot be resumed from: not a complete torch.save archive")
+    if not Path(text).exists():
+        raise CheckpointError(f"checkpoint {text!r} does not exist")
+    if is_sharded_checkpoint(text):
+        absent = [name for name in (SHARD_INDEX, SHARDED_METADATA) if not (Path(text) / name).is_file()]
+        if absent:
+            raise CheckpointError(f"sharded checkpoint {text!r} is incomplete and cannot be resumed from: no {' or '.join(absent)} in it")
+    verify_checkpoint(text)
+
+
+# ------------------------------------------------------------------------------------ integrity
+MANIFEST = "checksums.json"
+"""Per-file CRC-32 of a checkpoint that is a folder (written by `record_checksums`)."""
+
+_VERIFIED: dict[str, tuple[int, int]] = {}
+"""path -> (size, mtime_ns) of the files verified in this process: the CLI checks a checkpoint
+before the model loads and the CheckpointIO would check it again when it loads."""
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointError naming the file (and the tensor, when it can be told) unless every
+    byte of a local checkpoint matches the checksums written when it was saved.
+
+    A file is a `torch.save` zip: each record is re-read and its CRC-32 compared with the one the
+    zip holds (zipfile's own check; torch's reader skips it). A folder (a sharded checkpoint) is
+    checked file by file: zip files the same way, the others against `checksums.json` when the
+    saver wrote one (`record_checksums`). Cost: one sequential read of the checkpoint.
+    """
+    text = str(path)
+    if not _is_local_file_protocol(text):
+        return
+    root = Path(text)
+    if root.is_dir():
+        _verify_folder(root)
+    elif root.exists():
+        _verify_file(root, label=str(root))
+
+
+def record_checksums(folder: str | os.PathLike) -> Path:
+    """Write `<folder>/checksums.json` ({relative path: [size, crc32]}) for a checkpoint saved as a
+    folder of files (e.g. a sharded one), so `verify_checkpoint` can check the files that are not
+    zip archives. Call it once every file of the checkpoint is written (rank 0)."""
+    root = Path(folder)
+    entries = {name: [(root / name).stat().st_size, _crc32_of(root / name)] for name in _folder_files(root)}
+    temporary = root / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    os.replace(temporary, root / MANIFEST)
+    return root / MANIFEST
+
+
+def _folder_files(root: Path) -> list[str]:
+    return sorted(
+        str(f.relative_to(root)) for f in root.rglob("*")
+        if f.is_file() and f.name != MANIFEST and not f.name.endswith(".tmp")
+    )
+
+
+def _verify_folder(root: Path) -> None:
+    manifest = root / MANIFEST
+    listed: dict[str, list[int]] = {}
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {str(root)!r} is corrupt: its {MANIFEST} cannot be read ({err})") from err
+    for name, (size, crc) in sorted(listed.items()):
+        file = root / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {str(root)!r} is incomplete: {name!r} listed in {MANIFEST} is missing")
+        if file.stat().st_size != size or _crc32_of(file) != crc:
+            raise CheckpointError(f"checkpoint {str(root)!r} is corrupt: {name!r} does not match the checksum written when it was saved")
+    for name in _folder_files(root):
+        if name not in listed and zipfile.is_zipfile(root / name):
+            _verify_file(root / name, label=f"{root}/{name}")
+
+
+def _verify_file(file: Path, label: str) -> None:
+    stat = file.stat()
+    key = str(file.resolve())
+    if _VERIFIED.get(key) == (stat.st_size, stat.st_mtime_ns):
+        return
+    if not zipfile.is_zipfile(file):
+        raise CheckpointError(f"checkpoint {label!r} is truncated or corrupt and cannot be resumed from: not a complete torch.save archive")
+    unchecked = 0
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size > 0:  # saved with torch's CRC-32 switched off
+                    unchecked += 1
+                    continue
+                try:
+                    with archive.open(info) as member:
+                        while member.read(1 << 24):
+                            pass
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+                    what = _describe_record(archive, info.filename)
+                    raise CheckpointError(
+                        f"checkpoint {label!r} is corrupt: {what} does not match the checksum (CRC-32) written when it was "
+                        f"saved ({err}); it cannot be trained on or evaluated: resume from an earlier checkpoint"
+                    ) from err
+    except zipfile.BadZipFile as err:
+        raise CheckpointError(f"checkpoint {label!r} is truncated or corrupt and cannot be resumed from: {err}") from err
+    if unchecked:
+        warnings.warn(f"checkpoint {label!r}: {unchecked} records were saved without checksums and could not be verified", stacklevel=3)
+    _VERIFIED[key] = (stat.st_size, stat.st_mtime_ns)
+
+
+def _crc32_of(file: Path) -> int:
+    crc = 0
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+class _StorageRef:
+    """Stands for a tensor while reading a checkpoint's structure without its data."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+class _StructureOnly(pickle.Unpickler):
+    """Unpickles `data.pkl` of a torch.save archive with every tensor replaced by the key of its
+    storage record, to tell which tensor a corrupt record holds (classes that cannot be imported
+    become empty stand-ins: only the nesting of dicts and lists matters here)."""
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _StorageRef(str(pid[2])) if isinstance(pid, tuple) and len(pid) > 2 else None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch") and name.startswith("_rebuild"):
+            return lambda *args, **kwargs: next((a for a in args if isinstance(a, _StorageRef)), None)
+        try:
+            return super().find_class(module, name)
+        except Exception:
+            return _Anything
+
+
+class _Anything:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _describe_record(archive: zipfile.ZipFile, record: str) -> str:
+    """'the tensor state_dict['policy.w']' for a storage record, else 'record <name>'."""
+    match = re.fullmatch(r"(.*)/data/(\w+)", record)
+    if match is None:
+        return f"record {record!r}"
+    try:
+        with archive.open(f"{match.group(1)}/data.pkl") as handle:
+            structure = _StructureOnly(handle).load()
+    except Exception:
+        return f"the tensor data in record {record!r}"
+    for where, value in _walk(structure, ""):
+        if isinstance(value, _StorageRef) and value.key == match.group(2):
+            return f"the tensor {where}"
+    return f"the tensor data in record {record!r}"
+
+
+def _walk(value: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """(path, leaf) of nested dicts, lists and tuples, paths written as Python indexing."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _walk(item, f"{where}[{index}]")
+    else:
+        yield where.lstrip(), value
+
+
+WEIGHT_ENTRIES = ("state_dict", "optimizer_states")
+"""The entries of a Lightning checkpoint that hold weights and optimizer state (callbacks' states
+are checked where they hold weights, e.g. the EMA's "weights"; other callback values may be inf
+on purpose, like ModelCheckpoint's `kth_value`)."""
+
+
+def find_nonfinite(state: Any) -> str | None:
+    """Where the first NaN/inf of a checkpoint's weights is, e.g. "['state_dict']['policy.w']",
+    or None when every floating-point value there is finite. For a Lightning checkpoint (a dict
+    with "state_dict") the `WEIGHT_ENTRIES` and the callbacks' "weights"; anything else is
+    searched whole (see `nonfinite_tensors` for the cost)."""
+    if isinstance(state, dict) and "state_dict" in state:
+        parts = {key: state[key] for key in WEIGHT_ENTRIES if key in state}
+        callbacks = state.get("callbacks") or {}
+        parts["callbacks"] = {name: {"weights": cb["weights"]} for name, cb in callbacks.items() if isinstance(cb, dict) and "weights" in cb}
+        state = parts
+    found = [(where, tensor) for where, value in _walk(state, "") if (tensor := _local(value)) is not None]
+    found = [(where, t) for where, t in found if (t.is_floating_point() or t.is_complex()) and t.numel()]
+    bad = nonfinite_tensors([t for _, t in found])
+    return found[bad[0]][0] if bad else None
+
+
+def nonfinite_tensors(tensors: list[torch.Tensor]) -> list[int]:
+    """Indices of the tensors holding a NaN or inf. A fused L2 norm per tensor screens them (one
+    read, no temporary; NaN and inf propagate into it); a non-finite norm is confirmed exactly
+    with `isfinite`, since the squares of huge finite values overflow too. On a CPU the fused
+    norm costs about a tenth of an AdamW step over the same tensors (bench/integrity_overhead.py)."""
+    if not tensors:
+        return []
+    by_device: dict[tuple[Any, Any], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_device.setdefault((tensor.device, tensor.dtype), []).append(index)
+    suspects: list[int] = []
+    for indices in by_device.values():
+        norms = torch._foreach_norm([tensors[i].detach() for i in indices], 2)
+        finite = torch.isfinite(torch.stack([n.float() for n in norms])).tolist()  # one sync per group
+        suspects += [i for i, ok in zip(indices, finite) if not ok]
+    return sorted(i for i in suspects if not bool(torch.isfinite(tensors[i].detach()).all()))
+
+
+def _local(value: Any) -> torch.Tensor | None:
+    """A plain tensor, or this rank's part of a DTensor or ShardedTensor; None for anything else
+    (then not checked)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        if hasattr(value, "to_local"):  # DTensor
+            return value.to_local()
+        if hasattr(value, "local_shards"):  # ShardedTensor (FSDP1 sharded state dicts)
+            shards = [shard.tensor.flatten() for shard in value.local_shards()]
+            return torch.cat(shards) if shards else None
+    except Exception:
+        return None
+    return None if value.is_meta else value
+
+
+def check_finite(checkpoint: Any, context: str) -> None:
+    """Raise NonFiniteError "<context>: <where> holds NaN/inf" when `find_nonfinite` finds one."""
+    where = find_nonfinite(checkpoint)
+    if where is not None:
+        from lightning_grpo.errors import NonFiniteError
+
+        step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        at = f" (optimizer step {step})" if step is not None else ""
+        raise NonFiniteError(f"{context}: {where} holds NaN/inf{at}; no checkpoint with NaN/inf weights or state is kept")
+
+
+# ------------------------------------------------------------------------------------ interrupted saves
+def remove_interrupted_saves(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries `AtomicCheckpointIO` leaves when its process is killed mid-save
+    (`.<name>.<random>.tmp`); return them. Call it only while no other process saves into
+    `folder` (the run's lock is held)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    removed = [f for f in root.glob(".*.tmp") if f.is_file() and re.fullmatch(r"\..+\.[A-Za-z0-9_]+\.tmp", f.name)]
+    for file in removed:
+        file.unlink(missing_ok=True)
+    return removed
+
+
+def read_sharded_state(path: str | os.PathLike, template: dict[str, torch.Tensor], prefix: str = "state_dict") -> dict[str, torch.Tensor]:
+    """Read entries `prefix.<key>` of a sharded checkpoint into full tensors shaped like
+    `template`'s (in place; returned), in one process: e.g. the trained weights for export.
+    Every key of `template` must be in the checkpoint (torch distributed checkpoint names any
+    that is not)."""
+    from torch.distributed.checkpoint import load as dcp_load
+
+    check_checkpoint_file(path)
+    state = {prefix: template}
+    dcp_load(state, checkpoint_id=Path(path), no_dist=True)
+    return state[prefix]
+
+
+def sharded_keys(path: str | os.PathLike, prefix: str = "state_dict") -> set[str]:
+    """The keys under `prefix` that a sharded checkpoint holds (read from its shard index)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    check_checkpoint_file(path)
+    saved = FileSystemReader(Path(path)).read_metadata().state_dict_metadata
+    return {key.removeprefix(f"{prefix}.") for key in saved if key.startswith(f"{prefix}.")}
 
 
 def _umask() -> int:
@@ -104,6 +442,101 @@ def use_atomic_checkpoints(trainer: Any) -> None:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
+# ------------------------------------------------------------------------------------ run folders
+LOCK_FILE = ".lock"
+
+
+class RunLock(Callback):
+    """Hold the run's version folder for the whole fit: a second run started into the same folder
+    (the same `version`, or a resume of a run that is still alive) stops with `RunLockedError`
+    naming the holder, instead of mixing its config, checkpoints and event files into the first's.
+
+    The lock is an exclusive `flock` on `<log_dir>/.lock` taken by global rank 0 in `setup`: the
+    kernel releases it when the process ends in any way (even SIGKILL), so a stale lock never
+    blocks a requeued run. Every rank resolves `trainer.log_dir` (a collective under DDP).
+    Once held, the temporaries of a save interrupted by a kill are removed (`remove_interrupted_saves`).
+    """
+
+    def __init__(self) -> None:
+        self._handle: int | None = None
+        self.folder: Path | None = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self._handle is not None or trainer.logger is None:
+            return  # without a logger there is no run folder (default_root_dir may be the working directory)
+        folder = trainer.log_dir  # on every rank: a broadcast under DDP
+        if not trainer.is_global_zero or not folder or not _is_local_file_protocol(str(folder)):
+            return
+        self.folder = Path(folder)
+        self._handle = acquire_run_lock(self.folder)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.release()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.release()  # Lightning calls no teardown hook after an exception
+
+    def release(self) -> None:
+        if self._handle is not None:
+            release_run_lock(self._handle)
+            self._handle = None
+
+    def holds(self, folder: str | os.PathLike | None) -> bool:
+        """Whether this lock is held and covers `folder` (the run folder or a folder inside it)."""
+        if self._handle is None or self.folder is None or folder is None:
+            return False
+        path = Path(folder).resolve()
+        return path == self.folder.resolve() or self.folder.resolve() in path.parents
+
+
+def acquire_run_lock(folder: Path) -> int:
+    """Take the exclusive lock of a run folder (created if needed); RunLockedError when held."""
+    import fcntl
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise RunLockedError(f"cannot write into the run folder {str(folder)!r}: {err}") from err
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(handle, 4096, 0).decode(errors="replace").strip() or "unknown process"
+        os.close(handle)
+        raise RunLockedError(
+            f"the run folder {str(folder)!r} is in use by another run that is still alive ({holder}): two runs would mix "
+            "their configs, checkpoints and logs there; stop that run, or give this one another "
+            "--trainer.logger.init_args.version"
+        ) from None
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}"
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, holder.encode(), 0)
+    return handle
+
+
+def release_run_lock(handle: int) -> None:
+    import fcntl
+
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    os.close(handle)
+
+
+def run_folder_of(checkpoint: str | os.PathLike, save_dir: str | os.PathLike, name: str) -> str | None:
+    """The version folder name (e.g. "version_3") when `checkpoint` is `<save_dir>/<name>/<version>/
+    checkpoints/<file>` (the default checkpoint folder of a run of that logger), else None."""
+    path = Path(checkpoint).expanduser().resolve()
+    if path.parent.name != "checkpoints":
+        return None
+    version = path.parent.parent
+    return version.name if version.parent == (Path(save_dir).expanduser() / name).resolve() else None
+
+
+def find_last_checkpoint(save_dir: str | os.PathLike, name: str) -> Path | None:
+    """The newest (by modification time) `<save_dir>/<name>/*/checkpoints/last.ckpt`, or None."""
+    candidates = [p for p in (Path(save_dir).expanduser() / name).glob("*/checkpoints/last.ckpt") if p.exists()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
 # ------------------------------------------------------------------------------------ callback
 class GRPOCheckpoint(ModelCheckpoint):
     """Checkpoints every `every_n_train_steps` optimizer steps, `last.ckpt`, and on a stop signal,
@@ -112,7 +545,8 @@ class GRPOCheckpoint(ModelCheckpoint):
     Beyond ModelCheckpoint:
     - retention: ModelCheckpoint ranks by one monitor per instance; two instances (last k by step,
       best by reward) would write every checkpoint twice, so the rule is applied here after each
-      save: a file is kept if it is among the last `keep_last` or the best `keep_best`;
+      save: a file is kept if it is among the last `keep_last` or the best `keep_best`, and the
+      best one is named in `best.txt` beside them;
     - the step that reaches `max_steps` is saved at that batch's end, while the data epoch is still
       open: ModelCheckpoint's end-of-fit save comes after Lightning closed the epoch, and a run
       extended from it would skip the rest of that epoch's prompts;
@@ -128,7 +562,8 @@ class GRPOCheckpoint(ModelCheckpoint):
 
     Args:
         keep_last: the most recent checkpoints to keep (>= 1); -1 keeps all.
-        keep_best: checkpoints to keep by `best_monitor` besides the recent ones (0 = none).
+        keep_best: checkpoints to keep by `best_monitor` besides the recent ones (0 = none); the
+            best of them is named in `<dirpath>/best.txt` (file name, score, step).
         best_monitor: logged metric that ranks checkpoints (default: the mean reward "reward").
         best_mode: "max" or "min".
         every_n_train_steps: optimizer steps between checkpoints.
@@ -166,7 +601,19 @@ class GRPOCheckpoint(ModelCheckpoint):
         self.saved: list[dict[str, Any]] = []  # [{"path", "step", "score"}] in save order
         self._in_training_step = False
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        lock = next((c for c in trainer.callbacks if isinstance(c, RunLock)), None)
+        if stage == "fit" and trainer.is_global_zero and lock is not None and lock.holds(self.dirpath):
+            removed = remove_interrupted_saves(self.dirpath)
+            if removed:
+                rank_zero_info(f"Removed {len(removed)} temporary file(s) of a save interrupted by a kill: {[f.name for f in removed]}")
+
     # -- when to save
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path is not None:  # the resumed step is saved already (the file resumed from)
+            self._last_global_step_saved = trainer.global_step
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._in_training_step = True
 
@@ -186,10 +633,14 @@ class GRPOCheckpoint(ModelCheckpoint):
                            "No checkpoint was saved at a step the RewardHackingMonitor found clean")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, StopNow):  # a second stop signal: stop at once (the state may be half-updated)
+            return
         if isinstance(exception, SIGTERMException) or not self._in_training_step:
             super().on_exception(trainer, pl_module, exception)
-            if isinstance(exception, SIGTERMException) and self.last_model_path:
-                rank_zero_info(f"Stopped by a signal at step {trainer.global_step}: resume with --ckpt_path={self.last_model_path}")
+            if isinstance(exception, SIGTERMException):
+                last = self.last_model_path or trainer.ckpt_path
+                if last:
+                    rank_zero_info(f"Stopped by a signal at step {trainer.global_step}: resume with --ckpt_path={last}")
 
     # -- retention
     @property
@@ -203,7 +654,7 @@ class GRPOCheckpoint(ModelCheckpoint):
         """True when a RewardHackingMonitor evaluated this very step and found nothing."""
         from lightning_grpo.callbacks.reward_hacking import RewardHackingMonitor
 
-        monitors = [c for c in trainer.callbacks if isinstance(c, RewardHackingMonitor)]
+        monitors = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, RewardHackingMonitor)]
         return bool(monitors) and all(m.verdicts.get(step) is True for m in monitors)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
@@ -213,13 +664,34 @@ class GRPOCheckpoint(ModelCheckpoint):
         score = trainer.callback_metrics.get(self.best_monitor)
         self.saved = [s for s in self.saved if s["path"] != filepath]
         self.saved.append({"path": filepath, "step": trainer.global_step, "score": None if score is None else float(score),
-                           "good": self._monitor_verdict(trainer, trainer.global_step)})
+                           "good": bool(self.keep_good) and self._monitor_verdict(trainer, trainer.global_step)})
         if self.keep_last == -1:
             return
         for record in self._to_remove():
             self.saved.remove(record)
             if record["path"] != self.last_model_path:
                 self._remove_checkpoint(trainer, record["path"])
+        self._mark_best(trainer)
+
+    BEST_FILE = "best.txt"
+
+    def best(self) -> dict[str, Any] | None:
+        """The kept checkpoint with the best `best_monitor` score ({"path", "step", "score"}), or
+        None (keep_best = 0, or no scored checkpoint yet)."""
+        scored = [s for s in self.saved if s["score"] is not None and s["score"] == s["score"]]  # not NaN
+        if self.keep_best == 0 or not scored:
+            return None
+        return (max if self.best_mode == "max" else min)(scored, key=lambda s: s["score"])
+
+    def _mark_best(self, trainer) -> None:
+        """Name the best kept checkpoint in `<dirpath>/best.txt`, one line rewritten after every
+        save: its file name, the score and the step (no symlink: copies and object stores keep it)."""
+        best = self.best()
+        if best is None or not trainer.is_global_zero or self.dirpath is None:
+            return
+        line = f"{os.path.basename(best['path'])}  {self.best_monitor}={best['score']:.6g} ({self.best_mode})  step={best['step']}\n"
+        with self._fs.open(f"{str(self.dirpath).rstrip('/')}/{self.BEST_FILE}", "w") as file:
+            file.write(line)
 
     def _to_remove(self) -> list[dict[str, Any]]:
         """Saved checkpoints neither among the last `keep_last`, the best `keep_best`, nor the last `keep_good` good ones."""
@@ -285,7 +757,7 @@ def check_signature(checkpoint: dict[str, Any], module: Any, path: str | None = 
     differences = signature_differences(saved, model_signature(module))
     if differences:
         where = f" {path!r}" if path else ""
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint{where} was written by a different model configuration:\n  - " + "\n  - ".join(differences)
             + "\nresume with the config the checkpoint was trained with (its config.yaml is in the run folder)"
         )
@@ -337,7 +809,7 @@ def check_max_steps(checkpoint: dict[str, Any], max_steps: int, path: str | None
     """Refuse a resume that would train nothing: the checkpoint already reached `max_steps`."""
     step = int(checkpoint.get("global_step", 0))
     if 0 <= max_steps <= step:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint{f' {path!r}' if path else ''} is at optimizer step {step} and trainer.max_steps={max_steps}: "
             f"nothing left to train; extend the run with --trainer.max_steps greater than {step}"
         )

@@ -12,7 +12,8 @@ the few collective steps that are specific to GRPO:
   weighted by the *global* count of its optimizer step;
 - `gather_by_key`: rewards of all ranks, placed by sample key, for group statistics of groups
   whose members live on several ranks;
-- `denoiser_blocks`: the trainable denoiser and its block classes, the FSDP wrapping policy;
+- `denoiser_blocks`: the trainable denoiser and its block classes, the FSDP units;
+- `DenoiserFSDPStrategy`: FSDP2 of the denoiser's blocks, sharded checkpoints (docs/scaling.md);
 - `CommHookCounter`: a DDP communication hook that counts gradient all-reduces (tests, bench).
 
 Every function is a no-op on one process, so the module calls them unconditionally.
@@ -21,12 +22,17 @@ Every function is a no-op on one process, so the module calls them unconditional
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch import distributed as dist
 
@@ -166,6 +172,33 @@ def local_selection(position: Tensor, chosen: Tensor, num_full: int) -> tuple[Te
     return local[order], rows[local[order]]
 
 
+# ---------------------------------------------------------------------------- DDP
+def replicated_state_names(module: nn.Module) -> list[str]:
+    """Names (within `module`) of its frozen parameters and of all its buffers: the state that DDP
+    must neither broadcast nor reduce (`GRPOModule._ddp_params_and_buffers_to_ignore`).
+
+    Why each can be left alone:
+    - frozen parameters (text encoders, VAE, rewards, KL reference) are loaded from the same
+      files on every rank and never change; DDP would broadcast them from rank zero when it wraps
+      the module, and Lightning's `_sync_module_states` at every `validate`/`test` (gigabytes for
+      T5-XXL or a reward VLM) for nothing;
+    - buffers: GRPO keeps the policy in eval mode (`GRPOModule.train`) and every frozen part is a
+      constant, so no forward changes a buffer (no BatchNorm statistics). DDP's default
+      `broadcast_buffers` broadcasts them from rank zero at *every* wrapped forward (each
+      `training_step`): a collective per step for nothing, and one that couples the ranks: a
+      collective that one rank calls alone (e.g. `Trainer.log_dir` in a rank-zero branch) pairs
+      with the other rank's buffer broadcast and writes its bytes into the text encoder's
+      `position_ids` (the "index out of range" of issue 27). DDP also re-reads the module's
+      buffers before each broadcast, so a buffer created lazily on one rank only would misalign
+      the ranks' coalesced broadcasts. With every buffer ignored DDP's buffer list is empty and it
+      skips the broadcast altogether (`DistributedDataParallel.will_sync_module_buffers`).
+    Trainable parameters stay in: DDP broadcasts them once at wrap time (equal starting weights)
+    and all-reduces their gradients.
+    """
+    frozen = [name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    return frozen + [name for name, _ in module.named_buffers(remove_duplicate=False)]
+
+
 # ---------------------------------------------------------------------------- sharding
 DENOISER_NAMES = ("transformer", "unet")
 """Attribute names under which the family adapters keep their trainable denoiser."""
@@ -218,48 +251,245 @@ def count_allreduce_hook(state: CommHookCounter, bucket):  # (state, dist.GradBu
 __all__ = [
     "CommHookCounter", "DenoiserFSDPStrategy", "GatheredScores", "UpdateSchedule", "all_gather_objects", "all_gather_tensor",
     "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "local_selection", "members_of_rank",
-    "skip_gradient_sync", "update_schedule",
+    "replicated_state_names", "skip_gradient_sync", "update_schedule",
 ]
 
 
-
 # ---------------------------------------------------------------------------- FSDP
-def frozen_modules(module: nn.Module) -> list[nn.Module]:
-    """The GRPOModule's parts without a trainable parameter: the policy's frozen components
-    (text encoders, VAE), the rewards and the KL reference."""
-    parts = [child for child in module.policy.children() if not any(p.requires_grad for p in child.parameters())]
-    parts += [m for m in (getattr(module, "rewards", None), getattr(module, "reference_policy", None)) if m is not None]
-    return [m for m in parts if any(True for _ in m.parameters())]
+ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"]
+SHARDING_STRATEGIES: tuple[str, ...] = get_args(ShardingStrategy)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def sharded_root(strategy_model: Any) -> Any:
-    """The FSDP root module when the strategy shards (its `clip_grad_norm_` gives the global
-    norm over all shards), else None."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+class DenoiserFSDPStrategy(ModelParallelStrategy):
+    """FSDP for GRPO: the denoiser's blocks are the sharded units, everything frozen is replicated.
 
-    return strategy_model if isinstance(strategy_model, FullyShardedDataParallel) else None
+    Lightning's `ModelParallelStrategy` with FSDP2 (`torch.distributed.fsdp.fully_shard`) applied
+    to the denoiser only, by `GRPOModule.configure_model` calling `shard_module`: each block of the
+    family's block classes (`denoiser_blocks`: FluxTransformerBlock, HunyuanVideoTransformerBlock,
+    the UNet's BasicTransformerBlock, ...) is one unit, the denoiser itself the root unit of what
+    is left (embedders, final norm and projection), and the full fine-tuning KL reference (a
+    frozen copy of the denoiser) is sharded the same way. Why not Lightning's `FSDPStrategy`
+    (FSDP1): it wraps the whole LightningModule as the FSDP root, so `manual_backward` inside
+    `training_step` runs inside the root's forward (FSDP1 refuses: Lightning issue 19626), and a
+    denoiser call outside `training_step` (visualiser, held-out evaluation, monitor) sees flat
+    shard views. FSDP2 gathers each unit in its own forward hooks wherever it is called.
 
+    Frozen text encoders, VAE and rewards are not sharded: Lightning moves them to the training
+    device, where every rank keeps a full copy (no communication for them). Checkpoints are
+    torch distributed checkpoint folders: each rank writes its shard of the trainable weights and
+    of the optimizer state (nothing is gathered), rank zero the rest (`meta.pt`); the frozen
+    weights are left out as with any strategy (`GRPOModule.rebuilt_keys`).
 
-class DenoiserFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDP, wrapping the adapter's denoiser blocks as FSDP units.
-
-    The wrapping policy is read from the module when it is set up (`denoiser_blocks`: e.g.
-    FluxTransformerBlock, or the UNet's BasicTransformerBlock), unless `auto_wrap_policy` is
-    given. `replicate_frozen` (default) leaves the frozen components, rewards and KL reference
-    out of FSDP (`ignored_states`): each rank keeps a full copy and no all-gather runs for them;
-    False shards them with the root unit (less memory, more communication). Every other
-    argument is Lightning's `FSDPStrategy`'s (sharding_strategy, cpu_offload, mixed_precision...).
+    Args:
+        sharding_strategy: "FULL_SHARD" (weights, gradients and optimizer state sharded over all
+            ranks, each block re-sharded after its forward), "SHARD_GRAD_OP" (the same, but blocks
+            stay gathered from forward to backward: more memory, one all-gather less per block),
+            "HYBRID_SHARD" (sharded within a node, replicated across nodes: all-gathers and
+            reduce-scatters stay on a node's fast links, one all-reduce across nodes per
+            gradient; needs the same number of devices on every node).
+        cpu_offload: keep the sharded weights, gradients and optimizer state in CPU memory
+            (FSDP2 `CPUOffloadPolicy`): each block is copied to the device for its forward and
+            backward, and AdamW steps on the CPU. Saves the optimizer state's 8 bytes per trained
+            parameter (and the weights' and gradients') of device memory, at the cost of the
+            copies and a CPU optimizer step. On CUDA the default process group then pairs gloo
+            (for the offloaded CPU tensors) with NCCL.
+        param_dtype: dtype the gathered weights are computed in ("bfloat16": half the all-gather
+            traffic and memory of a gathered block; the sharded fp32 weights stay the master
+            copy); None: the weights' own dtype.
+        reduce_dtype: dtype gradients are reduce-scattered in (None: `param_dtype`'s).
+        process_group_backend, timeout: as Lightning's `ModelParallelStrategy`.
     """
 
-    def __init__(self, *args: Any, replicate_frozen: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.replicate_frozen = replicate_frozen
+    def __init__(
+        self,
+        sharding_strategy: ShardingStrategy = "FULL_SHARD",
+        cpu_offload: bool = False,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if sharding_strategy not in SHARDING_STRATEGIES:
+            raise ValueError(f"sharding_strategy must be one of {', '.join(SHARDING_STRATEGIES)}, got {sharding_strategy!r}")
+        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"{name} must be one of {', '.join(DTYPES)} or None, got {value!r}")
+        if cpu_offload and process_group_backend is None and torch.cuda.is_available():
+            # offloaded gradients are CPU tensors: their norm's all-reduce needs a CPU backend
+            # beside NCCL (the usual set-up for FSDP2 CPU offload; not run here: no GPU was lent)
+            process_group_backend = "cpu:gloo,cuda:nccl"
+        super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend, timeout=timeout)
+        self.sharding_strategy = sharding_strategy
+        self.cpu_offload = cpu_offload
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
+        self._shard_mesh: Any = None
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    # -- process groups
+    def setup_environment(self) -> None:
+        """Lightning's set-up (process group, its 2-D mesh), then the mesh FSDP shards over: all
+        ranks (1-D), or nodes × devices per node (replicate × shard) for HYBRID_SHARD."""
+        super().setup_environment()
+        from torch.distributed.device_mesh import init_device_mesh
 
-        if "auto_wrap_policy" not in self.kwargs:
-            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(denoiser_blocks(model.policy)[1])
-        if self.replicate_frozen and "ignored_states" not in self.kwargs:
-            self.kwargs["ignored_states"] = frozen_modules(model)
-        return super()._setup_model(model)
+        world, nodes = self.world_size, max(self.num_nodes, 1)
+        if self.sharding_strategy == "HYBRID_SHARD":
+            if world % nodes:
+                raise ValueError(f"HYBRID_SHARD needs the same number of devices on every node: world size {world}, {nodes} nodes")
+            self._shard_mesh = init_device_mesh(self.root_device.type, (nodes, world // nodes), mesh_dim_names=("replicate", "shard"))
+        else:
+            self._shard_mesh = init_device_mesh(self.root_device.type, (world,), mesh_dim_names=("shard",))
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Every rank is a data-parallel rank (FSDP shards weights, not data); Lightning's
+        default counts the data-parallel dimension of its 2-D mesh only, i.e. the nodes."""
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    # -- sharding
+    def fully_shard_options(self) -> dict[str, Any]:
+        """Keyword arguments of every `fully_shard` call (mesh, resharding, offload, precision)."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+        if self._shard_mesh is None:
+            raise RuntimeError("DenoiserFSDPStrategy shards after the processes are set up (Trainer.fit/validate/test)")
+        options: dict[str, Any] = {"mesh": self._shard_mesh, "reshard_after_forward": self.sharding_strategy != "SHARD_GRAD_OP"}
+        if self.cpu_offload:
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if self.param_dtype is not None or self.reduce_dtype is not None:
+            options["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=DTYPES.get(self.param_dtype or ""), reduce_dtype=DTYPES.get(self.reduce_dtype or ""),
+            )
+        return options
+
+    def shard_module(self, module: nn.Module) -> None:
+        """Shard `module.policy`'s denoiser (and a full-fine-tuning KL reference) block by block.
+
+        Called by `GRPOModule.configure_model`; a second call (fit, then test on the same module)
+        finds them sharded and does nothing. Raises when a trainable parameter is left outside
+        every unit: nothing would average its gradient over the ranks.
+        """
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.tensor import DTensor
+
+        name, classes = denoiser_blocks(module.policy)
+        denoiser = getattr(module.policy, name) if name else module.policy
+        targets = [denoiser]
+        reference = getattr(module, "reference_policy", None)
+        if isinstance(reference, nn.Module) and not isinstance(reference, type(module.policy)):
+            targets.append(reference)  # the frozen denoiser copy (a copy of the whole policy is left replicated)
+        options = self.fully_shard_options()
+        for target in targets:
+            if isinstance(target, FSDPModule):
+                continue
+            # deepest first: a unit's parameters are those not already in a unit below it
+            for block in reversed(list(target.modules())):
+                if type(block) in classes and block is not target:
+                    fully_shard(block, **options)
+            fully_shard(target, **options)
+        outside = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        if outside:
+            raise ValueError(
+                f"DenoiserFSDPStrategy shards the denoiser {name or type(module.policy).__name__!r} only, but "
+                f"{len(outside)} trainable parameters are outside it, e.g. {outside[:3]}"
+            )
+
+    def model_to_device(self) -> None:
+        """Everything not sharded to the training device. With `cpu_offload` the sharded units
+        stay where FSDP2 keeps them (CPU): `Module.to` would move their shards to the device."""
+        assert self.model is not None
+        if not self.cpu_offload:
+            self.model.to(self.root_device)
+            return
+        _move_unsharded(self.model, self.root_device)
+        # LightningModule.device is read from a property that only `.to()` updates; this is
+        # lightning.fabric's own helper for it (private; lightning 2.6.6)
+        from lightning.fabric.utilities.device_dtype_mixin import _update_properties
+
+        _update_properties(self.model, device=self.root_device)
+
+    # -- checkpoints
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This rank's shards (DTensors, nothing gathered) and the unsharded trainable state,
+        without what the module rebuilds from its config (frozen weights, rewards)."""
+        assert self.model is not None
+        skipped = _rebuilt_keys(self.lightning_module)
+        return {key: value for key, value in self.model.state_dict().items() if key not in skipped}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write the sharded checkpoint into a sibling folder, then (rank zero, after every rank
+        finished) put it in place of `filepath`: a crash while writing never leaves a partial
+        checkpoint under the real name (each rank writes its own shard file; `meta.pt` last)."""
+        target = Path(self.broadcast(str(filepath)))
+        staging = target.with_name(f".{target.name}.partial")
+        if self.is_global_zero and staging.exists():
+            shutil.rmtree(staging)
+        self.barrier("fsdp_checkpoint_staging")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("fsdp_checkpoint_written")
+        if self.is_global_zero:
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(staging, target)
+        self.barrier("fsdp_checkpoint_in_place")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load the shards of a sharded checkpoint into this rank's weights and optimizer state
+        (torch distributed checkpoint reshards when the world size changed); return the rest.
+
+        Only the keys the checkpoint holds are loaded (the rebuilt frozen ones are not in it), and
+        they must be exactly the module's trainable state: each difference is named."""
+        from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        from lightning_grpo.checkpointing import SHARDED_METADATA, CheckpointError, check_checkpoint_file, is_sharded_checkpoint, sharded_keys
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        check_checkpoint_file(path)
+        if not is_sharded_checkpoint(path):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is a single file (written by DDP or one device); DenoiserFSDPStrategy "
+                "resumes from its own sharded checkpoint folders only: resume it with the strategy that wrote it"
+            )
+        assert self.model is not None
+        skipped = _rebuilt_keys(self.lightning_module)
+        model_state = {key: value for key, value in self.model.state_dict().items() if key not in skipped}
+        saved = sharded_keys(path)
+        missing, unexpected = sorted(set(model_state) - saved), sorted(saved - set(model_state))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not hold this model's trainable state: missing {missing[:3]}"
+                f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )
+        loaded = {"state_dict": model_state}
+        dcp_load(loaded, checkpoint_id=path)  # in place, into this rank's shards
+        self.model.load_state_dict(loaded["state_dict"], strict=False)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            dcp_load(state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key])
+        return torch.load(path / SHARDED_METADATA, weights_only=weights_only)
+
+
+def _rebuilt_keys(module: Any) -> set[str]:
+    """State keys the module rebuilds from its config (`GRPOModule.rebuilt_keys`); none otherwise."""
+    rebuilt = getattr(module, "rebuilt_keys", None)
+    return set(rebuilt()) if callable(rebuilt) else set()
+
+
+def _move_unsharded(module: nn.Module, device: torch.device) -> None:
+    """`module.to(device)` for every part outside FSDP units (their shards stay where they are)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        return
+    if not any(isinstance(m, FSDPModule) for m in module.modules()):
+        module.to(device)
+        return
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        raise ValueError(f"{type(module).__name__} holds tensors of its own beside sharded submodules: cannot offload around it")
+    for child in module.children():
+        _move_unsharded(child, device)

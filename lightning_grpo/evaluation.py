@@ -30,6 +30,7 @@ from lightning_grpo.policies.base import PolicyAdapter
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import ode_from
 from lightning_grpo.samplers.base import Sampler
+from lightning_grpo.stopping import check_stop
 
 __all__ = ["EvaluationResult", "evaluate", "evaluation_grid", "evaluation_video", "eval_mode", "format_before_after", "is_binary", "mean_ci", "preserve_rng", "sample_seed"]
 
@@ -291,6 +292,23 @@ def preserve_rng(device: torch.device | str | None = None) -> Iterator[None]:
         yield
 
 
+def check_finite_outputs(pixels: Tensor, prompts: Sequence[str]) -> None:
+    """NonFiniteError when a generated sample holds NaN/inf: its scores would mean nothing (NaN
+    pixels turn into black images, which rewards score like any other), so the evaluation of a
+    broken model (diverged or corrupt weights) is an error, not a number."""
+    finite = torch.isfinite(pixels.reshape(len(pixels), -1)).all(dim=1)  # [b]
+    if bool(finite.all()):
+        return
+    from lightning_grpo.errors import NonFiniteError
+
+    bad = int((~finite).sum())
+    first = prompts[int((~finite).nonzero()[0, 0])]
+    raise NonFiniteError(
+        f"the model's outputs are not finite (NaN/inf pixels) for {bad} of {len(pixels)} samples, e.g. prompt {first!r}: "
+        "its weights are broken (a diverged run, or a corrupt checkpoint); scores of such samples would mean nothing"
+    )
+
+
 def _initial_noise(policy: PolicyAdapter, seeds: Sequence[int]) -> Tensor:
     """x_0 [len(seeds), *L], each sample from its own generator."""
     noise = [policy.prepare_latents(1, torch.Generator(device=policy.device).manual_seed(s)) for s in seeds]
@@ -341,8 +359,10 @@ def evaluate(
             chunk = pairs[start : start + batch_size]
             batch_prompts = [prompts[i] for i, _ in chunk]
             batch_images = None if images is None else images[torch.tensor([i for i, _ in chunk])].to(policy.device)
+            check_stop()  # a stop signal ends an evaluation at its next batch (lightning_grpo.stopping)
             x = _initial_noise(policy, [sample_seed(seed, i, j) for i, j in chunk])  # [b, *L]
             pixels = policy.decode(ode_from(policy, sampler, x, batch_prompts, batch_images))  # [b, C, H, W] or [b, F, C, H, W]
+            check_finite_outputs(pixels, batch_prompts)
             for name, values in scorer(pixels, batch_prompts, batch_images, allow_nonfinite=allow_nonfinite).items():
                 scores.setdefault(name, []).append(values.detach().float().cpu())
             if keep_pixels:

@@ -13,7 +13,7 @@ scalable font, so nothing has to be installed or downloaded.
 from __future__ import annotations
 
 import math
-import textwrap
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +91,32 @@ def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
 
 
 def _wrap(text: str, width_px: int) -> list[str]:
-    """Lines of `text` that fit `width_px` (about 6.5 px per character at the caption size)."""
-    return textwrap.wrap(text, width=max(4, int(width_px / (0.55 * FONT_SIZE)))) or [""]
+    """Lines of `text` that fit `width_px` (about 6.5 px per character at the caption size),
+    broken at word boundaries only: spaces, and after the underscores and dots of an identifier
+    such as a reward name (`moving_shapes_product` → `moving_shapes_` / `product`), never inside a
+    word; a single word wider than the line stays whole (it runs past the cell, still readable)."""
+    width = max(4, int(width_px / (0.55 * FONT_SIZE)))
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) <= width:
+            line += " " + word
+            continue
+        if line:
+            lines.append(line)
+        if len(word) <= width:
+            line = word
+            continue
+        # a word wider than the line: break after its underscores / dots, whole pieces per line
+        line = ""
+        for piece in re.findall(r"[^_.]*[_.]+|[^_.]+$", word):
+            if line and len(line) + len(piece) > width:
+                lines.append(line)
+                line = ""
+            line += piece
+    if line:
+        lines.append(line)
+    return lines or [""]
 
 
 def _upscale(cells: Tensor, cell: int, width: int | None = None) -> Tensor:

@@ -12,15 +12,24 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from lightning_grpo.checkpointing import SIGNATURE_KEY, apply_resume_overrides, check_max_steps, check_signature, model_signature
+from lightning_grpo.checkpointing import (
+    SIGNATURE_KEY,
+    apply_resume_overrides,
+    check_finite,
+    check_max_steps,
+    check_signature,
+    model_signature,
+    nonfinite_tensors,
+)
 from lightning_grpo.distributed import (
     all_gather_objects,
     gather_by_key,
     local_selection,
     members_of_rank,
-    sharded_root,
+    replicated_state_names,
     skip_gradient_sync,
     update_schedule,
 )
@@ -44,8 +53,10 @@ from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers.base import Sampler
 from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule, trainable_steps
+from lightning_grpo.scoring import AsyncScoring, checkpoint_entry, rank_state
 from lightning_grpo.types import GRPOStats, Rollout, StepRecord, index_condition
-from lightning_grpo.validation import SkipGuard, check_reward_weights, validate_fit
+from lightning_grpo.errors import NonFiniteError
+from lightning_grpo.validation import SkipGuard, check_module_options, check_reward_weights, validate_fit
 
 
 class GRPOModule(LightningModule):
@@ -106,7 +117,7 @@ class GRPOModule(LightningModule):
             group, member) key (`lightning_grpo.noise`), so ranks differ, one process on the
             union of the ranks' prompts draws the same noise, and a resumed run draws the same
             noise it would have drawn.
-        show_progress: show progress bars for the rollout and update phases (rank zero).
+        show_progress: show progress bars for the rollout and update phases (rank zero, in a terminal).
         test_grid_size: `lightning-grpo test` keeps the pixels of this many samples (per rank) for
             the image grid it writes with its results.
         step_schedule: which rollout steps are SDE steps (noise, log-prob, trainable), the others
@@ -117,16 +128,34 @@ class GRPOModule(LightningModule):
             2nd-order solver (`MultistepODETail`, MixGRPO-Flash; flow samplers); None: the
             sampler's own ODE step on its grid.
         max_skipped_steps: stop the run (RuntimeError) after this many training steps in a row
-            were skipped because every group was dropped: such steps make no optimizer step, so
-            `max_steps` would never be reached.
+            were skipped because every group was dropped (or every optimizer step of the step was
+            skipped under `nonfinite="skip"`): such steps make no optimizer step, so `max_steps`
+            would never be reached.
+        nonfinite: what a NaN/inf gradient norm does (a NaN/inf loss makes one): "stop" the run
+            with a `NonFiniteError` naming the optimizer step, the gradient norm and the loss
+            (default), or "skip" that optimizer step (gradients dropped, weights unchanged, a
+            warning; `max_skipped_steps` skipped training steps in a row stop the run). Weights
+            that are NaN/inf after an optimizer step always stop the run. Nothing of the failing
+            step is ever checkpointed (checkpoints with NaN/inf are refused besides).
+        constant_reward_steps: warn when every advantage was 0 (each reward constant within
+            every group: nothing is learned) for this many training steps in a row.
         first_frames: image-to-video without images in the data: a `FirstFrames` source (e.g.
             `lightning_grpo.first_frames.GeneratedFirstFrames` with an image policy) called for
             every batch without `"images"`, at the policy's resolution; None (default): batches
             bring their own (`ImagePromptDataModule`) or none (text-to-X).
+        async_scoring: score each rollout in the background while the next one is rolled out,
+            and train each step on the previous rollout once its scores are in (one step of
+            staleness; see `lightning_grpo/scoring.py`): a step takes about max(rollout + update,
+            scoring) instead of their sum, which pays when the rewards run elsewhere
+            (`RemoteReward`). The first step only rolls out; resume is exact (the pending rollout
+            is saved in checkpoints, every rank's under DDP/FSDP). Off (default): score, then
+            train on the same rollout.
 
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (scores, per-reward normalised
             advantages, final latents, pixels), or None; released when the next step starts.
+            On several ranks a rank that trained nothing while others did holds an empty record
+            (`num_samples` 0), so callbacks with collectives run on every rank alike.
         rollout_weights: context-manager factory entered around the rollout (default: nothing);
             the EMA callback sets it to roll out with averaged weights (`use_for_rollouts`).
         test_results: `EvaluationResult` of the last `lightning-grpo test` (all ranks gathered).
@@ -167,14 +196,18 @@ class GRPOModule(LightningModule):
         ode_tail: MultistepODETail | None = None,
         max_skipped_steps: int = 5,
         first_frames: FirstFrames | None = None,
+        async_scoring: bool = False,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        constant_reward_steps: int = 5,
     ) -> None:  # pragma: no mutate block (a mutmut trampoline would hide these arguments from save_hyperparameters)
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "sampler", "rewards", "step_schedule", "ode_tail", "first_frames"])
         sampler = policy.build_sampler() if sampler is None else sampler  # the family's own sampler by default
         check_sampler_matches(policy, sampler)
-        _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler)
-        if rollout_batch_size is not None and rollout_batch_size < 1:
-            raise ValueError(f"rollout_batch_size must be >= 1 or None, got {rollout_batch_size}")
+        check_module_options(dict(self.hparams), prefix="")  # every numeric option in its range (validation.MODULE_RANGES)
+        _check_training_sampler(sampler)
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if reward_failure not in ("raise", "drop_group"):
             raise ValueError(f"reward_failure must be 'raise' or 'drop_group', got {reward_failure!r}")
         if multi_reward not in ("sum", "per_reward"):
@@ -195,6 +228,8 @@ class GRPOModule(LightningModule):
         self.rewards = MultiReward(list(rewards or []))  # raises without a reward
         check_reward_weights(self.rewards.weights)
         self._skips = SkipGuard(max_skipped_steps)
+        self._constant_steps = 0  # training steps in a row whose advantages were all 0
+        self._step_losses: list[Tensor] = []  # micro-batch losses of the optimizer step being made
         # KL reference: only what the initial policy needs beyond the trained one (LoRA: nothing)
         self.reference_policy = policy.kl_reference() if kl_beta > 0 else None
         self.automatic_optimization = False
@@ -202,6 +237,7 @@ class GRPOModule(LightningModule):
         self.rollout_weights: Callable[[], AbstractContextManager] = nullcontext
         self.test_results: EvaluationResult | None = None
         self._test_parts: list[EvaluationResult] = []
+        self._scoring = AsyncScoring(self._score) if async_scoring else None
 
     def train(self, mode: bool = True) -> GRPOModule:
         """Lightning toggles train mode; the policy stays in eval mode (no dropout), because GRPO
@@ -212,7 +248,25 @@ class GRPOModule(LightningModule):
             self.reference_policy.eval()
         return self
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """What DDP leaves alone (read by `DistributedDataParallel` when Lightning's DDP strategy
+        wraps this module, and by Lightning's state sync before `validate`/`test`): every frozen
+        parameter and every buffer, so the frozen parts are never broadcast and no buffer
+        broadcast runs in the forward (`distributed.replicated_state_names` says why). A property,
+        so the list is made when DDP asks, from the parameters trainable at that moment; any DDP
+        strategy a config names gets it, without a flag."""
+        return replicated_state_names(self)
+
     # ------------------------------------------------------------------ optimisation set-up
+    def configure_model(self) -> None:
+        """Let a sharding strategy shard the denoiser (`DenoiserFSDPStrategy.shard_module`: its
+        blocks become FSDP units) once the processes are set up and before the optimizer is
+        built; nothing under any other strategy."""
+        shard = getattr(self.trainer.strategy, "shard_module", None) if self._trainer is not None else None
+        if callable(shard):
+            shard(self)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = self.policy.trainable_parameters()
@@ -246,18 +300,30 @@ class GRPOModule(LightningModule):
         prompts, images, first_group, members = self._rank_prompts(batch)
         if not prompts:  # every image of a whole block of the data was unreadable (on every rank alike)
             warnings.warn("empty training batch (no readable record in it): skipping this step", RuntimeWarning, stacklevel=2)
-            self._skips.step(True, why="empty batches: every record of the data's block was malformed")
+            self._skips.step(
+                True, why="every record of the data's block was malformed or its image unreadable",
+                what="their batches were empty", remedy="fix the data (the malformed records are named in the warnings above)",
+            )
             return
         # 1-2. rollout (in chunks of rollout_batch_size; noise keyed by global group and member)
         with timer("rollout"), self.rollout_weights():
             trajectories = rollout(
-                self.policy, self.sampler, prompts, hp.group_size, self._generator(offset=0, per_rank=False),
+                self.policy, self.sampler, prompts, hp.group_size, self._rollout_generator(),
                 shared_noise=hp.shared_noise, images=images, progress=self._progress("rollout"),
                 chunk_size=hp.rollout_batch_size, first_group=first_group, members=members,
                 sde_steps=self._sde_steps(), ode_tail=self.ode_tail,
             )
         # 3. decode + reward, in chunks of decode_batch_size
-        pixels, scores = self._decode_and_score(trajectories, timer)  # [B, C, H, W] or [B, F, C, H, W]; {name: [B]}
+        if self._scoring is None:
+            pixels, scores = self._decode_and_score(trajectories, timer)  # [B, C, H, W] or [B, F, C, H, W]; {name: [B]}
+        else:  # asynchronous: this rollout is scored in the background; train on the previous one
+            pixels = self._decode(trajectories, timer)
+            with timer("reward_wait"):
+                scored = self._scoring.exchange(trajectories, pixels)
+            if scored is None:  # the first rollout of the run: nothing scored yet, no update
+                return
+            trajectories, pixels, scores = scored.trajectories, scored.pixels, scored.scores
+        num_rolled = trajectories.batch_size
         rolled_out, record_size, reward_advantages = trajectories, hp.group_size, None
         if self._spans_ranks():  # 4. on the gathered groups
             local_scores = scores
@@ -279,12 +345,20 @@ class GRPOModule(LightningModule):
                 # 4. advantages (+ best-of-n)
                 rolled_out, all_scores = trajectories, scores
                 trajectories, scores, advantages = self._advantages(trajectories, scores)
+        self._watch_constant_reward(advantages)
         # 5. update
         with timer("update"):
-            dropped = rolled_out.batch_size < len(prompts) * len(members or range(hp.group_size))
+            dropped = rolled_out.batch_size < num_rolled
             stats, grad_norms = self._update(trajectories, advantages, allow_partial=dropped, padding=rolled_out)
         if trajectories.batch_size == 0:
+            if self._world_size() > 1:  # other ranks trained: the callbacks run alike on every rank
+                self.last_step = self._empty_record(rolled_out, pixels, record_size)
             return
+        if hp.nonfinite == "skip":
+            self._skips.step(
+                not any(torch.isfinite(g) for g in grad_norms), why="nonfinite='skip'",
+                what="every optimizer step had a NaN/inf gradient norm", remedy="lower model.learning_rate, check the reward",
+            )
         self._log_step(scores, advantages, stats, grad_norms, timer, trajectories.batch_size)
         self.last_step = self._step_record(rolled_out, pixels, all_scores, advantages, record_size, reward_advantages)
 
@@ -303,6 +377,21 @@ class GRPOModule(LightningModule):
             latents=rolled_out.latents[:, -1].detach().clone(),  # clone: do not keep all T+1 steps alive
             pixels=pixels.detach(), scores={k: v.detach() for k, v in scores.items()},
             reward_advantages=per_reward, advantages=effective_advantages(advantages.detach(), self._loss_weights(advantages)),
+        )
+
+    def _empty_record(self, rolled_out: Rollout, pixels: Tensor, group_size: int) -> StepRecord:
+        """The step record of a rank that trained no sample while others did (it dropped every
+        group, or best-of-n kept none of its members): no sample, the shapes of its rollout.
+
+        Callbacks run a collective on a step's record (DiversityMonitor's metric sync), so under
+        DDP every rank must hold a record or none: a rank without one would leave the others
+        waiting in that collective (issue 27). Callbacks skip a record without samples
+        (`StepRecord.num_samples`) apart from their collectives."""
+        none = torch.zeros(0, device=pixels.device)
+        return StepRecord(
+            prompts=[], group_size=group_size, latents=rolled_out.latents[:0, -1].detach(), pixels=pixels[:0].detach(),
+            scores={r.name: none for r in self.rewards.rewards}, reward_advantages={r.name: none for r in self.rewards.rewards},
+            advantages=none,
         )
 
     def setup(self, stage: str) -> None:
@@ -361,19 +450,31 @@ class GRPOModule(LightningModule):
     def _decode_and_score(self, trajectories: Rollout, timer: _PhaseTimer) -> tuple[Tensor, dict[str, Tensor]]:
         """Step 3, `decode_batch_size` samples at a time: pixels [B, ...] and {name: [B]} scores
         (non-finite kept with `reward_failure="drop_group"`)."""
+        pixels = self._decode(trajectories, timer)
+        with timer("reward"):
+            return pixels, self._score(trajectories, pixels)
+
+    def _decode(self, trajectories: Rollout, timer: _PhaseTimer) -> Tensor:
+        """The final latents decoded, `decode_batch_size` at a time: pixels [B, C, H, W] or [B, F, C, H, W]."""
+        final = trajectories.latents[:, -1]
+        with timer("decode"), torch.no_grad():
+            return torch.cat([self.policy.decode(final[chunk]) for chunk in self._decode_chunks(trajectories.batch_size, final.device)])
+
+    def _score(self, trajectories: Rollout, pixels: Tensor) -> dict[str, Tensor]:
+        """{name: [B]} scores of every reward, on `decode_batch_size` samples at a time (non-finite
+        kept with `reward_failure="drop_group"`). Runs on the scoring thread with `async_scoring`:
+        it must not log."""
         drop = self.hparams.reward_failure == "drop_group"
-        final, pixels, scores = trajectories.latents[:, -1], [], {}
-        images = trajectories.images
-        for chunk in torch.arange(trajectories.batch_size, device=final.device).split(self.hparams.decode_batch_size):
-            with timer("decode"), torch.no_grad():
-                chunk_pixels = self.policy.decode(final[chunk])
-            with timer("reward"):
-                prompts = [trajectories.prompts[i] for i in chunk.tolist()]
-                chunk_scores = self.rewards(chunk_pixels, prompts, None if images is None else images[chunk], allow_nonfinite=drop)
-            pixels.append(chunk_pixels)
+        images, scores = trajectories.images, {}
+        for chunk in self._decode_chunks(trajectories.batch_size, pixels.device):
+            prompts = [trajectories.prompts[i] for i in chunk.tolist()]
+            chunk_scores = self.rewards(pixels[chunk], prompts, None if images is None else images[chunk], allow_nonfinite=drop)
             for name, values in chunk_scores.items():
                 scores.setdefault(name, []).append(values)
-        return torch.cat(pixels), {name: torch.cat(values) for name, values in scores.items()}
+        return {name: torch.cat(values) for name, values in scores.items()}
+
+    def _decode_chunks(self, num_samples: int, device: torch.device) -> tuple[Tensor, ...]:
+        return torch.arange(num_samples, device=device).split(self.hparams.decode_batch_size)
 
     def _advantages_across_ranks(self, trajectories: Rollout, scores: dict[str, Tensor]):
         """Step 3b-4 for groups spanning ranks, on the gathered rewards of whole groups.
@@ -487,13 +588,31 @@ class GRPOModule(LightningModule):
                 pad = torch.zeros(1, dtype=torch.long, device=self.device)
                 loss, _ = self._micro_loss(padding, torch.zeros(1, device=self.device), pad, candidates[:1].to(self.device))
                 self.manual_backward(loss * 0.0)
+            losses = []
             for n, (samples, k) in enumerate(calls):
                 with nullcontext() if n == len(calls) - 1 else skip_gradient_sync(self._strategy_model()):
                     loss, step_stats = self._micro_loss(trajectories, advantages, samples, steps[samples, k])
                     self.manual_backward(loss * samples.numel() * weight)
                 stats.append(step_stats)
+                losses.append(loss.detach())
+            self._step_losses = losses  # named by the non-finite guard's message
             grad_norms.append(self._optimizer_step(optimizer, scheduler))
         return stats, grad_norms
+
+    def _watch_constant_reward(self, advantages: Tensor) -> None:
+        """Warn once `constant_reward_steps` training steps in a row had every advantage 0 (each
+        reward constant within every group): such steps change nothing."""
+        if advantages.numel() == 0:
+            return
+        self._constant_steps = self._constant_steps + 1 if bool((advantages == 0).all()) else 0
+        if self._constant_steps == self.hparams.constant_reward_steps:
+            step = self.trainer.global_step if self._trainer is not None else 0
+            warnings.warn(
+                f"the reward was constant within every group for {self._constant_steps} training steps in a row (up to "
+                f"optimizer step {step}): every advantage is 0 and nothing is learned; check the reward (one that never "
+                "varies, e.g. a verifier that always fails?) or sample more varied groups (group_size, the sampler's eta)",
+                RuntimeWarning, stacklevel=3,
+            )
 
     def _timestep_indices(self, trajectories: Rollout, candidates: Tensor) -> Tensor:
         """Each sample's random subset of trained steps [B, K], keyed by its (group, member), so
@@ -522,19 +641,63 @@ class GRPOModule(LightningModule):
         )
 
     def _optimizer_step(self, optimizer, scheduler) -> Tensor:
+        """Clip, step, and guard against non-finite values: the gradient norm (the same on every
+        rank: gradients are all-reduced, so a NaN loss on one rank reaches every rank's norm) is
+        checked before the step, the trainable weights after it (`nonfinite`)."""
+        losses, self._step_losses = self._step_losses, []
         max_norm = self.hparams.max_grad_norm
-        root = sharded_root(self._strategy_model())
-        if root is not None:  # FSDP: the global norm over all shards (Lightning's clipping refuses FSDP)
-            grad_norm = root.clip_grad_norm_(max_norm if max_norm is not None else float("inf"))
+        params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
+        sharded = any(isinstance(p, DTensor) for p in params)
+        if sharded:  # FSDP: the norm over every rank's shards
+            grad_norm = _full(torch.nn.utils.get_total_norm([p.grad for p in params]))
         else:
-            params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])) if params else torch.zeros(())
-        if max_norm is not None and root is None:
+        if not torch.isfinite(grad_norm):
+            message = self._nonfinite_message("gradient norm", float(grad_norm), losses)
+            if self.hparams.nonfinite == "stop":
+                raise NonFiniteError(message)
+            warnings.warn(f"{message}: skipping this optimizer step (nonfinite='skip')", RuntimeWarning, stacklevel=3)
+            optimizer.zero_grad(set_to_none=True)
+            return grad_norm
+        if max_norm is not None and sharded:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
+        elif max_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        self._check_weights_finite(losses)
         return grad_norm
+
+    def _check_weights_finite(self, losses: list[Tensor] | None) -> None:
+        """NonFiniteError naming the first trainable tensor holding NaN/inf after a step
+        (`checkpointing.nonfinite_tensors`: a fused norm per tensor, on this rank's shards); with
+        several ranks the verdict is all-reduced (a sharded model's NaN may sit on one rank only,
+        and a rank stopping alone would leave the others waiting)."""
+        named = [(name, p.detach()) for name, p in self.policy.named_parameters() if p.requires_grad]
+        named = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in named]
+        named = [(name, t) for name, t in named if t.numel()]
+        bad_indices = nonfinite_tensors([t for _, t in named])
+        bad = torch.tensor([1.0 if bad_indices else 0.0], device=self.device)
+        if self._world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if not bad.item():
+            return
+        name = f"policy.{named[bad_indices[0]][0]}" if bad_indices else "on another rank"
+        raise NonFiniteError(self._nonfinite_message(f"weight {name}", float("nan"), losses, after_step=True))
+
+    def _nonfinite_message(self, quantity: str, value: float, losses: list[Tensor] | None, after_step: bool = False) -> str:
+        """"training diverged at optimizer step N: the <quantity> is <value> (mean loss ...)" with the remedy."""
+        step = self.trainer.global_step if self._trainer is not None else 0
+        step = step if after_step else step + 1  # the optimizer step that was being made
+        loss = torch.stack([l.detach().float() for l in losses]).mean().item() if losses else None
+        what = "not finite after the update" if after_step else f"{value}"
+        return (
+            f"training diverged at optimizer step {step}: the {quantity} is {what}"
+            + ("" if loss is None else f" (mean loss of the step: {loss:.4g})")
+            + f"; lower model.learning_rate (now {self.hparams.learning_rate:g}) or set model.max_grad_norm; "
+            "nothing of this step is saved, the last checkpoint holds the weights before it"
+        )
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -555,8 +718,8 @@ class GRPOModule(LightningModule):
         for name, (mean, low, high, n) in result.summary().items():
             interval = {f"test/reward/{name}_ci_low": low, f"test/reward/{name}_ci_high": high, f"test/reward/{name}_n": float(n)}
             self.log_dict(interval, rank_zero_only=True)
+        directory = Path(self.trainer.log_dir or ".") / "test"  # a collective (a broadcast): on every rank
         if self.trainer.is_global_zero:
-            directory = Path(self.trainer.log_dir or ".") / "test"
             result.write(directory)
             print(f"Held-out test, {len(result.prompts)} samples (written to {directory}):\n{result.to_markdown()}")
 
@@ -585,10 +748,11 @@ class GRPOModule(LightningModule):
         return result
 
     # ------------------------------------------------------------------ checkpoints
-    def _rebuilt_keys(self) -> set[str]:
+    def rebuilt_keys(self) -> set[str]:
         """State the config rebuilds exactly, left out of checkpoints: reward models, the KL
         reference, the first-frame image policy, and the policy's frozen weights (text encoders, VAE, LoRA base weights), which
-        would otherwise add gigabytes (T5-XXL, ViT-H, Qwen2-VL) to every checkpoint."""
+        would otherwise add gigabytes (T5-XXL, ViT-H, Qwen2-VL) to every checkpoint. (Under FSDP
+        `state_dict()` returns each rank's shards: nothing is gathered to list the keys.)"""
         keys = {k for k in self.state_dict() if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
         # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
         keys |= {f"policy.{name}" for name, p in self.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
@@ -596,9 +760,13 @@ class GRPOModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in self._rebuilt_keys() & set(state):
+        for key in self.rebuilt_keys() & set(state):
             del state[key]
         checkpoint[SIGNATURE_KEY] = model_signature(self)
+        if self._scoring is not None:  # the rollout being scored, with its scores: exact resume
+            checkpoint[ASYNC_SCORING_KEY] = checkpoint_entry(self._scoring.state_dict())  # every rank's, on rank zero
+        # never write NaN/inf weights or optimizer state (the non-finite guard stops a run first)
+        check_finite(checkpoint, "refusing to write a checkpoint")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model (naming what differs) or one with nothing left to
@@ -607,14 +775,23 @@ class GRPOModule(LightningModule):
         check_signature(checkpoint, self, path)
         if self._trainer is not None and self.trainer.state.fn == "fit":
             check_max_steps(checkpoint, self.trainer.max_steps, path)
-            changes = apply_resume_overrides(checkpoint, self.hparams)
+            changes = apply_resume_overrides(_with_loaded_optimizers(checkpoint, self.trainer), self.hparams)
             if changes:
                 listed = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
                 rank_zero_info(f"Resuming with changed settings (applied from the next step): {listed}")
+        if "state_dict" not in checkpoint:  # sharded (FSDP): the strategy loaded the weights already
+            return
         # keep strict loading: the rebuilt entries are filled in from the freshly built module
         state, current = checkpoint["state_dict"], self.state_dict()
-        for key in self._rebuilt_keys():
+        for key in self.rebuilt_keys():
             state.setdefault(key, current[key])
+        if self._scoring is not None:
+            rank = self.global_rank if self._trainer is not None else 0
+            self._scoring.load_state_dict(rank_state(checkpoint.get(ASYNC_SCORING_KEY), rank, self._world_size()))
+
+    def teardown(self, stage: str) -> None:
+        if self._scoring is not None:  # stop the scoring thread; a pending rollout lives on in the last checkpoint
+            self._scoring.close()
 
     # ------------------------------------------------------------------ helpers
     def _sde_steps(self) -> Tensor | None:
@@ -630,6 +807,15 @@ class GRPOModule(LightningModule):
             self.log("train/sde_steps/first", float(mask.nonzero()[0, 0]) if mask.any() else -1.0, on_step=True, batch_size=1)
         return mask
 
+    def _rollout_generator(self) -> torch.Generator:
+        """The rollout's noise generator: keyed by the global step (synchronous scoring), or by
+        the rollout's index in training with `async_scoring` (whose first two rollouts share
+        global step 0). Both are restored on resume; the sample keys are added by `rollout`."""
+        if self._scoring is None or self._trainer is None:
+            return self._generator(offset=0, per_rank=False)
+        iteration = max(self.trainer.fit_loop.epoch_loop.total_batch_idx, 0)
+        return torch.Generator(device=self.device).manual_seed((self.hparams.seed * 1_000_003 + iteration * 1_009 + 7) % (2**63))
+
     def _generator(self, offset: int, device: torch.device | str | None = None, per_rank: bool = True) -> torch.Generator:
         """Seeded by (seed, global step, rank, offset): distinct per rank, reproducible on resume.
         `per_rank=False` leaves the rank out, for what is keyed by sample instead (the rollout)."""
@@ -640,7 +826,9 @@ class GRPOModule(LightningModule):
 
     def _progress(self, phase: str):
         enabled = self.hparams.show_progress and (self._trainer is None or self.trainer.is_global_zero)
-        return lambda iterable: tqdm(iterable, desc=phase, leave=False, disable=not enabled, dynamic_ncols=True)
+        # disable=None: tqdm turns itself off when stderr is not a terminal (a log file would get
+        # a carriage-return-joined line of bar frames per rollout)
+        return lambda iterable: tqdm(iterable, desc=phase, leave=False, disable=None if enabled else True, dynamic_ncols=True)
 
     def _log_step(self, scores, advantages, stats, grad_norms, timer, num_samples) -> None:
         logs: dict[str, Tensor | float] = {}
@@ -672,6 +860,10 @@ class GRPOModule(LightningModule):
         return self.hparams.group_size if best is None else sum(best)
 
 
+ASYNC_SCORING_KEY = "grpo_async_scoring"
+"""Checkpoint entry of the rollout pending under `async_scoring` (see `AsyncScoring.state_dict`)."""
+
+
 class _PhaseTimer:
     """Wall-clock seconds per phase (synchronising CUDA so the numbers mean something)."""
 
@@ -688,6 +880,20 @@ class _PhaseTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _full(value: Tensor) -> Tensor:
+    """A DTensor's full value (a norm reduced over the ranks' shards), a plain tensor as is."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _with_loaded_optimizers(checkpoint: dict[str, Any], trainer: Any) -> dict[str, Any]:
+    """The checkpoint, or, when the strategy has already loaded the optimizer state itself (a
+    sharded checkpoint holds it in its shards, not under "optimizer_states"), the checkpoint with
+    the live optimizers' parameter groups in that place, so resume overrides are written there."""
+    if "optimizer_states" in checkpoint or "state_dict" in checkpoint:
+        return checkpoint
+    return {**checkpoint, "optimizer_states": [{"param_groups": o.param_groups} for o in trainer.strategy.optimizers]}
 
 
 def _gather_results(parts: list[EvaluationResult], grid_size: int) -> EvaluationResult:
@@ -711,21 +917,7 @@ def _concat_results(parts: list[EvaluationResult], grid_size: int) -> Evaluation
     )
 
 
-def _validate_options(group_size, timestep_fraction, micro_batch_size, samples_per_update, clip_range, best_of_n, sampler) -> None:
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (advantages compare samples of a prompt), got {group_size}")
-    if not 0 < timestep_fraction <= 1:
-        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if samples_per_update is not None and (samples_per_update < 1 or samples_per_update % micro_batch_size):
-        raise ValueError(f"samples_per_update ({samples_per_update}) must be a positive multiple of micro_batch_size ({micro_batch_size})")
-    if clip_range <= 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    if best_of_n is not None:
-        top, bottom = best_of_n
-        if top < 0 or bottom < 0 or not 2 <= top + bottom <= group_size:
-            raise ValueError(f"best_of_n {tuple(best_of_n)} must keep between 2 and group_size ({group_size}) samples per group")
+def _check_training_sampler(sampler: Sampler) -> None:
     if sampler.eta <= 0:
         raise ValueError(f"the training sampler needs eta > 0 (got {sampler.eta}): an ODE sampler has no log-probability")
 

@@ -17,6 +17,7 @@ from lightning_grpo.samplers.base import Sampler
 from lightning_grpo.noise import SampleNoise, base_seed, sample_keys
 from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.types import Condition, Rollout, index_condition
+from lightning_grpo.stopping import check_stop
 
 
 @torch.no_grad()
@@ -137,6 +138,7 @@ def ode_from(policy: PolicyAdapter, sampler: Sampler, x: Tensor, prompts: list[s
     """Integrate the ODE (sampler.ode_step, eta = 0) from given initial latents x_0 [B, *L]: [B, *L]."""
     condition = policy.encode_prompts(prompts, images)
     for i in range(sampler.num_steps):
+        check_stop()  # a stop signal ends an evaluation here, never a training step (see lightning_grpo.stopping)
         t = sampler.timesteps[i].to(x.device).expand(x.shape[0])  # [B]
         x = sampler.ode_step(policy.predict(x, t, condition), x, i)
     return x

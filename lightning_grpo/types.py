@@ -93,6 +93,11 @@ class StepRecord:
     advantages: Tensor  # [B'] combined advantages of the trained samples (after best-of-n, B' <= B)
 
     @property
+    def num_samples(self) -> int:
+        """B; 0 for the record of a rank that trained nothing while other ranks did."""
+        return len(self.prompts)
+
+    @property
     def group_index(self) -> Tensor:
         """[B] long: the prompt (group) of each sample."""
         return torch.arange(len(self.prompts), device=self.latents.device) // self.group_size

@@ -4,28 +4,159 @@ name the bad value, so a misconfigured run fails in seconds instead of after the
 
 Two layers:
 - `validate_config` runs in the CLI on the parsed config, before any class is instantiated (no
-  weights loaded): batch divisibility, resolutions (against the VAE factor read from a local
-  folder's `vae/config.json`), reward weights, trainer options manual optimisation refuses,
-  paths (a local-looking path that does not exist; a hub id named as such offline), and whether
-  the prompt data fills one training step.
-- `check_batch_settings`, `check_reward_weights` and `validate_fit` are called by `GRPOModule` (constructor and
-  `setup`), so the same checks hold for runs built in Python.
+  weights loaded): every numeric option of the module, the policy and the sampler against its
+  range (`MODULE_RANGES`, `POLICY_RANGES`, `SAMPLER_RANGES`, `TRAINER_RANGES`), the callbacks'
+  and the datamodule's own checks (they are cheap to build), batch divisibility, image and video
+  geometry against the VAE and patch factors read from the model folder's `config.json` files,
+  reward weights, trainer options manual optimisation refuses, paths (a local-looking path that
+  does not exist; a hub id named as such offline), a log folder that cannot be written, whether
+  the prompt data fills one training step, and whether `validate`/`test` have prompts at all.
+- `check_module_options`, `check_batch_settings`, `check_reward_weights` and `validate_fit` are
+  called by `GRPOModule` (constructor and `setup`), so the same checks hold for runs built in Python.
 
-`SkipGuard` stops a run whose every step is skipped (all groups dropped), which would otherwise
-never reach `max_steps`.
+`SkipGuard` stops a run whose every step is skipped (all groups dropped, or non-finite gradients
+under `nonfinite="skip"`), which would otherwise never reach `max_steps`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from lightning_grpo.errors import InputError
 from lightning_grpo.policies.loading import check_pretrained_folder, looks_local
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A setting that cannot work; the message names the option and its value."""
+
+
+# --------------------------------------------------------------------------------- ranges
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: [low, high] (open ends where said), an integer or
+    any finite number, None allowed when `optional`; `why` explains the bound in the error."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+    why: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` ("must be > 0"), or None when it is accepted."""
+        if value is None:
+            return None if self.optional else "must be set"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and not float(value).is_integer()):
+            return f"must be {'an integer' if self.integer else 'a number'}"
+        if not math.isfinite(value):
+            return "must be finite"
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}" + self._upper_text()
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return f"must be {'<' if self.high_open else '<='} {self.high:g}" + self._lower_text()
+        return None
+
+    def _upper_text(self) -> str:
+        return "" if self.high is None else f" and {'<' if self.high_open else '<='} {self.high:g}"
+
+    def _lower_text(self) -> str:
+        return "" if self.low is None else f" and {'>' if self.low_open else '>='} {self.low:g}"
+
+
+MODULE_RANGES: dict[str, Range] = {
+    "group_size": Range(2, integer=True, why="advantages compare the samples of a prompt"),
+    "timestep_fraction": Range(0, 1, low_open=True),
+    "micro_batch_size": Range(1, integer=True),
+    "samples_per_update": Range(1, integer=True, optional=True),
+    "clip_range": Range(0, low_open=True),
+    "adv_clip_max": Range(0, low_open=True, why="advantages are clamped to ±adv_clip_max: 0 makes every advantage 0, "
+                                                "a negative value sets every advantage to -adv_clip_max"),
+    "kl_beta": Range(0, why="a negative weight rewards moving away from the initial policy"),
+    "learning_rate": Range(0, why="a negative rate climbs the loss"),
+    "weight_decay": Range(0),
+    "adam_eps": Range(0, low_open=True),
+    "lr_warmup_steps": Range(0, integer=True),
+    "max_grad_norm": Range(0, low_open=True, optional=True, why="null disables clipping; 0 would clip every gradient to 0"),
+    "decode_batch_size": Range(1, integer=True),
+    "rollout_batch_size": Range(1, integer=True, optional=True),
+    "seed": Range(0, integer=True),
+    "test_grid_size": Range(0, integer=True),
+    "max_skipped_steps": Range(1, integer=True),
+    "constant_reward_steps": Range(1, integer=True),
+}
+"""GRPOModule's numeric options (`adam_betas` and `best_of_n` are checked beside them)."""
+
+POLICY_RANGES: dict[str, Range] = {
+    "height": Range(1, integer=True),
+    "width": Range(1, integer=True),
+    "resolution": Range(1, integer=True),
+    "num_frames": Range(1, integer=True),
+    "lora_rank": Range(0, integer=True),
+    "lora_alpha": Range(0, low_open=True, optional=True),
+    "num_sampling_steps": Range(1, integer=True, optional=True),
+    "sampling_eta": Range(0, low_open=True, optional=True, why="the training sampler needs noise"),
+    "sampling_shift": Range(0, low_open=True, optional=True),
+    "max_sequence_length": Range(1, integer=True),
+    "guidance": Range(0),
+    "guidance_scale": Range(0),
+    "true_cfg_scale": Range(0),
+}
+"""Numeric options of the policy families (those a family has)."""
+
+SAMPLER_RANGES: dict[str, Range] = {
+    "num_steps": Range(1, integer=True),
+    "eta": Range(0, low_open=True, why="the training sampler needs noise: eta = 0 is an ODE sampler with no log-probability"),
+    "shift": Range(0, low_open=True),
+}
+
+TRAINER_RANGES: dict[str, Range] = {
+    "max_steps": Range(-1, integer=True, why="-1 trains without a step limit"),
+    "max_epochs": Range(-1, integer=True, optional=True),
+    "log_every_n_steps": Range(1, integer=True),
+}
+
+
+def check_ranges(values: Mapping[str, Any], ranges: Mapping[str, Range], prefix: str) -> None:
+    """Raise ConfigError naming the first option of `values` outside its range (`prefix` + name)."""
+    for name, allowed in ranges.items():
+        if name not in values:
+            continue
+        problem = allowed.problem(values[name])
+        if problem is not None:
+            why = f" ({allowed.why})" if allowed.why else ""
+            raise ConfigError(f"{prefix}{name} {problem}, got {values[name]!r}{why}")
+
+
+def check_module_options(options: Mapping[str, Any], prefix: str = "model.") -> None:
+    """GRPOModule's numeric options in range, before anything is built (`MODULE_RANGES`)."""
+    check_ranges(options, MODULE_RANGES, prefix)
+    betas = options.get("adam_betas")
+    if betas is not None:
+        if len(betas) != 2 or any(Range(0, 1, high_open=True).problem(b) for b in betas):
+            raise ConfigError(f"{prefix}adam_betas must be two numbers in [0, 1), got {betas!r}")
+    best = options.get("best_of_n")
+    if best is not None:
+        group_size = options.get("group_size", 12)
+        top, bottom = best
+        if top < 0 or bottom < 0 or not 2 <= top + bottom <= group_size:
+            raise ConfigError(f"{prefix}best_of_n {tuple(best)} must keep between 2 and group_size ({group_size}) samples per group")
+    samples_per_update, micro = options.get("samples_per_update"), options.get("micro_batch_size", 1)
+    if samples_per_update is not None and samples_per_update % micro:
+        raise ConfigError(f"{prefix}samples_per_update ({samples_per_update}) must be a multiple of micro_batch_size ({micro})")
+
+
+def warn_cannot_learn(options: Mapping[str, Any], prefix: str = "model.") -> None:
+    """Settings that are valid but train nothing: a zero learning rate."""
+    if options.get("learning_rate") == 0:
+        warnings.warn(f"{prefix}learning_rate=0: the weights never change, this run learns nothing", UserWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------- batch settings
@@ -74,7 +205,29 @@ def validate_fit(module: Any, trainer: Any) -> None:
     hp = module.hparams
     if isinstance(batch_size, int):
         check_batch_settings(batch_size, hp.group_size, hp.best_of_n, hp.samples_per_update, hp.micro_batch_size, module.policy.uses_cfg)
+        per_group = hp.group_size if hp.best_of_n is None else sum(hp.best_of_n)
+        trained = batch_size * per_group
+        per_update = trained if (module.policy.uses_cfg or hp.samples_per_update is None) else hp.samples_per_update
+        round_max_steps(trainer, trained // per_update, f"batch_size={batch_size} × {per_group} trained samples per group / {per_update} per optimizer step")
     check_manual_optimisation(trainer.accumulate_grad_batches, trainer.gradient_clip_val)
+
+
+def round_max_steps(trainer: Any, steps_per_rollout: int, how: str = "") -> int:
+    """A rollout is trained on whole: `trainer.max_steps` that ends inside one is rounded up to the
+    end of that rollout, with a warning naming the rollout's optimizer steps, so the last
+    checkpoint is at a rollout boundary and a run extended from it is exact. Returns max_steps."""
+    max_steps = trainer.max_steps
+    if max_steps <= 0 or steps_per_rollout <= 1 or max_steps % steps_per_rollout == 0:
+        return max_steps
+    rounded = -(-max_steps // steps_per_rollout) * steps_per_rollout
+    trainer.fit_loop.epoch_loop.max_steps = rounded
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    rank_zero_warn(
+        f"trainer.max_steps={max_steps} ends inside a rollout: each rollout makes {steps_per_rollout} optimizer steps "
+        f"({how}), so the run stops at optimizer step {rounded}, the end of that rollout"
+    )
+    return rounded
 
 
 def check_manual_optimisation(accumulate_grad_batches: int | None, gradient_clip_val: float | None) -> None:
@@ -102,38 +255,57 @@ class SkipGuard:
             raise ConfigError(f"max_skipped_steps must be >= 1, got {limit}")
         self.limit, self.in_a_row = limit, 0
 
-    def step(self, skipped: bool, why: str = "") -> None:
-        """Record one training step; raise RuntimeError after `limit` skipped ones in a row."""
+    def step(self, skipped: bool, why: str = "", what: str = "every group was dropped", remedy: str = "fix the reward (see the warnings above)") -> None:
+        """Record one training step; raise RuntimeError after `limit` skipped ones in a row,
+        saying `what` happened, `why`, and the `remedy`."""
         self.in_a_row = self.in_a_row + 1 if skipped else 0
         if self.in_a_row >= self.limit:
             raise RuntimeError(
-                f"{self.in_a_row} training steps in a row were skipped because every group was dropped ({why}); "
-                "the run cannot make progress: fix the reward (see the warnings above) or raise model.max_skipped_steps"
+                f"{self.in_a_row} training steps in a row were skipped because {what} ({why}); "
+                f"the run cannot make progress: {remedy} or raise model.max_skipped_steps"
             )
 
 
 # --------------------------------------------------------------------------------- on the config
-def validate_config(config: Any, fit: bool = True) -> None:
-    """Check a parsed `lightning-grpo` config (a jsonargparse Namespace) before anything is built;
-    `fit`: also check that the training prompts fill one step (not needed to validate or test)."""
+def validate_config(config: Any, fit: bool = True, stage: str | None = None) -> None:
+    """Check a parsed `lightning-grpo` config (a jsonargparse Namespace) before anything is built.
+
+    `stage`: the subcommand ("fit", "validate", "test"; default "fit" when `fit`, else "test").
+    A fit also checks that the training prompts fill one step; validate and test that there are
+    held-out prompts to evaluate.
+    """
+    stage = stage or ("fit" if fit else "test")
     model, data, trainer = _section(config, "model"), _section(config, "data"), _section(config, "trainer")
     policy = _section(model, "policy")
     _check_trainer(trainer)
-    _check_policy(policy)
-    check_reward_weights({f"reward {i}": _init_args(r).get("weight", 1.0) for i, r in enumerate(model.get("rewards") or [])})
     data_args = _init_args(data)
     batch_size = data_args.get("batch_size")
-    if isinstance(batch_size, int) and isinstance(model.get("group_size"), int):
+    if isinstance(batch_size, int) and isinstance(model.get("group_size"), int):  # first: its message says the most
         check_batch_settings(
             batch_size, model["group_size"], model.get("best_of_n"), model.get("samples_per_update"),
             model.get("micro_batch_size", 1), _uses_cfg(policy),
         )
-    if fit:
-        _check_data(data, trainer)
+    check_module_options(model)
+    _check_sampler(model)
+    _check_policy(policy)
+    check_reward_weights({f"reward {i}": _init_args(r).get("weight", 1.0) for i, r in enumerate(model.get("rewards") or [])})
+    _check_callbacks(trainer)
+    if stage == "fit":
+        _check_log_folder(trainer)
+    _check_data(data, trainer, stage)
+    if stage == "fit":
+        warn_cannot_learn(model)
 
 
 def _check_trainer(trainer: Mapping[str, Any]) -> None:
+    check_ranges(trainer, TRAINER_RANGES, "trainer.")
     check_manual_optimisation(trainer.get("accumulate_grad_batches", 1), trainer.get("gradient_clip_val"))
+
+
+def _check_sampler(model: Mapping[str, Any]) -> None:
+    sampler = _section(model, "sampler")
+    if sampler.get("class_path"):
+        check_ranges(_init_args(sampler), SAMPLER_RANGES, "model.sampler.")
 
 
 def _check_policy(policy: Mapping[str, Any]) -> None:
@@ -142,32 +314,153 @@ def _check_policy(policy: Mapping[str, Any]) -> None:
         value = args.get(name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"model.policy {name} must be a positive integer, got {value!r}")
+    check_ranges(args, POLICY_RANGES, "model.policy.")
     path = args.get("pretrained_model_name_or_path")
     if not path:
         return
     check_pretrained_folder(path, {})  # a missing local folder, or a hub id that cannot load offline
     if looks_local(path):
-        _check_vae_multiple(str(policy.get("class_path", "")), Path(path).expanduser(), args)
+        _check_geometry(str(policy.get("class_path", "")), Path(path).expanduser(), args)
 
 
-# How many VAE factors the pixel size must be a multiple of, per policy class (FLUX packs 2×2 latents).
-VAE_MULTIPLES = {"FluxPolicy": 2, "StableDiffusionPolicy": 1}
+def _check_geometry(class_path: str, root: Path, args: Mapping[str, Any]) -> None:
+    """Height and width multiples of the VAE's spatial factor × the denoiser's latent multiple
+    (FLUX's 2×2 packing, a video transformer's patch size), and a video's frame count of the
+    VAE's temporal form (t·k + 1), all read from the folder's `config.json` files: no weights
+    load. Defaults of the policy class apply to options the config leaves out."""
+    cls = _import(class_path)
+    if cls is None:
+        return
+    from lightning_grpo.policies.family import DiffusersPolicy
 
-
-def _check_vae_multiple(class_path: str, root: Path, args: Mapping[str, Any]) -> None:
-    multiple = VAE_MULTIPLES.get(class_path.rsplit(".", 1)[-1])
-    config_file = root / "vae" / "config.json"
-    if multiple is None or not config_file.is_file():
+    if not (isinstance(cls, type) and issubclass(cls, DiffusersPolicy)):
+        return
+    values = {**_defaults(cls), **{k: v for k, v in args.items() if v is not None}}
+    vae = _read_config(root / "vae" / "config.json")
+    if vae is None:
         return
     try:
-        factor = 2 ** (len(json.loads(config_file.read_text())["block_out_channels"]) - 1)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"cannot read the VAE factor from {str(config_file)!r}: {err}") from err
+        factor = int(vae.get("spatial_compression_ratio") or 2 ** (len(vae["block_out_channels"]) - 1))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"cannot read the VAE factor from {str(root / 'vae' / 'config.json')!r}: {err}") from err
+    multiple, source = _latent_multiple(cls, root)
     step = factor * multiple
     for name in ("height", "width"):
-        value = args.get(name)
+        value = values.get(name)
         if isinstance(value, int) and value % step:
-            raise ConfigError(f"model.policy {name}={value} must be a multiple of {step} (VAE factor {factor} of {str(root)!r} × {multiple})")
+            raise ConfigError(f"model.policy {name}={value} must be a multiple of {step} (VAE factor {factor} of {str(root)!r} × {multiple}){source}")
+    frames, ratio = values.get("num_frames"), vae.get("temporal_compression_ratio")
+    if isinstance(frames, int) and isinstance(ratio, int) and ratio > 1 and (frames - 1) % ratio:
+        raise ConfigError(
+            f"model.policy num_frames={frames} must be {ratio}k + 1 (the VAE of {str(root)!r} compresses time {ratio}×, "
+            f"keeping the first frame), e.g. {(frames - 1) // ratio * ratio + 1} or {((frames - 1) // ratio + 1) * ratio + 1}"
+        )
+
+
+def _latent_multiple(cls: type, root: Path) -> tuple[int, str]:
+    """(multiple, where it comes from): a family's fixed `latent_multiple` (FLUX: 2), or the
+    denoiser config's `patch_size` when the family reads it from there (HunyuanVideo)."""
+    import inspect
+
+    static = inspect.getattr_static(cls, "latent_multiple", 1)
+    if isinstance(static, int):
+        return static, f": {cls.__name__} packs {static}×{static} latents into one token" if static > 1 else ""
+    name = getattr(cls, "denoiser_name", "transformer")
+    patch = (_read_config(root / name / "config.json") or {}).get("patch_size")
+    return (int(patch), f": the patch_size of {name}/config.json") if isinstance(patch, int) else (1, "")
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"cannot read {str(path)!r}: {err}") from err
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The keyword defaults of `cls.__init__` (its own and those it forwards to, by name)."""
+    import inspect
+
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for name, parameter in inspect.signature(init).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults[name] = parameter.default
+    return defaults
+
+
+def _import(class_path: str) -> Any:
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    if not module:
+        return None
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def _check_callbacks(trainer: Mapping[str, Any]) -> None:
+    """Build the configured callbacks of lightning-grpo and Lightning whose arguments hold no other
+    class (cheap: no reward or model inside), so their own checks run before the model loads;
+    the CLI builds them again with the rest."""
+    callbacks = trainer.get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        entry = _as_dict(callback)
+        class_path = str(entry.get("class_path", ""))
+        args = _init_args(entry)
+        if not class_path.startswith(("lightning_grpo.", "lightning.")) or any(_holds_class(v) for v in args.values()):
+            continue
+        try:
+            _build(class_path, args)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"trainer.callbacks {class_path.rsplit('.', 1)[-1]}: {err}") from err
+
+
+def _holds_class(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return "class_path" in value or any(_holds_class(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_class(v) for v in value)
+    return False
+
+
+def _build(class_path: str, args: Mapping[str, Any]) -> Any:
+    from jsonargparse import Namespace
+    from lightning.pytorch.cli import instantiate_class
+
+    return instantiate_class((), Namespace(class_path=class_path, init_args=Namespace(**args)))
+
+
+def _check_log_folder(trainer: Mapping[str, Any]) -> None:
+    """The logger's folder (or default_root_dir) must be writable: found out only once the model
+    has loaded and the first file is written, otherwise. Probed by creating (and removing) a
+    temporary file in the folder, or in its nearest existing parent (a permission bit check would
+    pass for root on a read-only filesystem)."""
+    logger = _as_dict(trainer.get("logger"))
+    folder = _init_args(logger).get("save_dir") if logger else None
+    folder = folder if folder is not None else trainer.get("default_root_dir")
+    if not folder or "://" in str(folder):
+        return
+    path = Path(folder).expanduser()
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ConfigError(f"the log folder {str(path)!r} cannot be created: {str(existing)!r} is not a folder (trainer.logger.init_args.save_dir)")
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"the log folder {str(path)!r} cannot be written: {err.strerror} in {str(existing)!r} (trainer.logger.init_args.save_dir)") from err
 
 
 def _uses_cfg(policy: Mapping[str, Any]) -> bool | None:
@@ -182,19 +475,23 @@ def _uses_cfg(policy: Mapping[str, Any]) -> bool | None:
     return None
 
 
-def _check_data(data: Mapping[str, Any], trainer: Mapping[str, Any]) -> None:
-    """Build the datamodule (cheap: it only stores its arguments) and check it fills one step."""
+def _check_data(data: Mapping[str, Any], trainer: Mapping[str, Any], stage: str = "fit") -> None:
+    """Build the datamodule (cheap: it only stores its arguments, and checks them) and check it
+    fills one training step (fit) or has held-out prompts (validate, test)."""
     class_path = data.get("class_path")
     if not class_path:
         return
-    from jsonargparse import Namespace
-    from lightning.pytorch.cli import instantiate_class
-
-    args = _init_args(data)
-    datamodule = instantiate_class((), Namespace(class_path=class_path, init_args=Namespace(**args)))
-    check = getattr(datamodule, "check_training_prompts", None)
-    if check is not None:
+    try:
+        datamodule = _build(class_path, _init_args(data))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"data ({class_path.rsplit('.', 1)[-1]}): {err}") from err
+    check = getattr(datamodule, "check_training_prompts" if stage == "fit" else "check_evaluation_prompts", None)
+    if check is None:
+        return
+    if stage == "fit":
         check(world_size=_world_size(trainer))
+    else:
+        check(stage)
 
 
 def _world_size(trainer: Mapping[str, Any]) -> int:
@@ -225,4 +522,7 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
-__all__ = ["ConfigError", "SkipGuard", "check_batch_settings", "check_reward_weights", "validate_config", "validate_fit"]
+__all__ = [
+    "ConfigError", "Range", "SkipGuard", "check_batch_settings", "check_module_options", "check_ranges", "check_reward_weights",
+    "round_max_steps", "validate_config", "validate_fit", "warn_cannot_learn",
+]

@@ -24,9 +24,11 @@ and implements `predict`, `encode_prompts` (through the pipeline's own `encode_p
 
 from __future__ import annotations
 
+import ast
 import copy
 import importlib
 import logging
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
@@ -60,22 +62,47 @@ def resolve_class(dotted: str) -> type:
 
 
 class _FirstTruncationOnly(logging.Filter):
-    """Lets the first "part of your input was truncated" warning of a pipeline's `encode_prompt`
-    through and drops the repeats: GRPO encodes the same prompts every step, and the warning
-    (each time listing the cut words) would otherwise fill the log."""
+    """A pipeline's `encode_prompt` "part of your input was truncated" warning, once and short.
+
+    diffusers reports truncation per call, listing for *every* prompt of the batch the decoded
+    tokens past the limit, padding included (a 3 KB line of `<|endoftext|>` for 32 prompts of
+    which two lost "of the image"). GRPO encodes the same prompts every step, so the repeats are
+    dropped, and the first report keeps only the distinct cut texts without special tokens; a
+    report that cut nothing but padding is dropped (no prompt lost a word)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "truncated" not in record.getMessage():
+        message = record.getMessage()
+        if "truncated" not in message:
             return True
         if self.seen:
             return False
+        head, _, listed = message.partition(": [")
+        if listed:
+            cut = _cut_texts("[" + listed)
+            if cut is not None:
+                if not cut:
+                    return False  # only padding was past the limit
+                message = f"{head}: {', '.join(repr(t) for t in cut)}"
         self.seen = True
-        record.msg = f"{record.msg} (shown once; later truncations are not reported)"
+        record.msg, record.args = f"{message} (shown once; later truncations are not reported)", ()
         return True
+
+
+def _cut_texts(listed: str) -> list[str] | None:
+    """The distinct non-empty texts of a printed list of decoded token strings, special tokens
+    (`<|endoftext|>`, `<pad>`, `</s>`) removed; None when `listed` is not such a list."""
+    try:
+        texts = ast.literal_eval(listed)
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return None
+    cleaned = (" ".join(re.sub(r"<\|?/?[A-Za-z_]+\|?>", " ", t).split()) for t in texts)
+    return list(dict.fromkeys(t for t in cleaned if t))
 
 
 class DiffusersPolicy(PolicyAdapter):

@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from lightning_grpo.errors import InputError
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt", ".pth")
 """File endings that count as model weights (single, sharded or variant files)."""
 
@@ -138,7 +140,7 @@ def load_component(loader: Callable[..., Any], name_or_path: str | os.PathLike, 
     folder raises (a truncated or corrupt weights file) into an OSError naming the files.
     """
     try:
-        return loader(str(name_or_path), subfolder=subfolder, **kwargs)
+        loaded = loader(str(name_or_path), subfolder=subfolder, **kwargs)
     except Exception as err:
         if not looks_local(name_or_path):
             if isinstance(err, (OSError, ValueError)):
@@ -147,11 +149,91 @@ def load_component(loader: Callable[..., Any], name_or_path: str | os.PathLike, 
         if isinstance(err, FileNotFoundError):
             raise FileNotFoundError(f"cannot load '{subfolder}' from {str(name_or_path)!r}: {err}") from err
         folder = Path(name_or_path).expanduser() / subfolder
+        mismatch = config_weights_mismatch(getattr(loader, "__self__", None), folder)
+        if mismatch is not None:
+            raise WeightsMismatchError(f"component '{subfolder}' of {str(name_or_path)!r}: {mismatch}") from err
         files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)) if folder.is_dir() else []
         raise OSError(
             f"cannot load component '{subfolder}' from {str(folder)!r} (weights: {files}): {type(err).__name__}: {err}; "
             "a truncated or corrupt file (an interrupted copy?) is the usual cause"
         ) from err
+    if isinstance(loaded, nn.Module) and looks_local(name_or_path):
+        _check_no_meta(loaded, getattr(loader, "__self__", None), Path(name_or_path).expanduser(), subfolder)
+    return loaded
+
+
+class WeightsMismatchError(InputError, OSError):
+    """A component's config.json describes other parameters than its weights file holds."""
+
+
+def _check_no_meta(module: nn.Module, cls: Any, root: Path, subfolder: str) -> None:
+    """A parameter left on the meta device had no weights in the file (diffusers builds the model
+    from config.json on the meta device and fills it from the weights; a config describing more
+    than the weights hold leaves the rest without data, which fails much later as "Cannot copy out
+    of meta tensor"). Raise WeightsMismatchError naming the component and the first difference."""
+    empty = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if not empty:
+        return
+    mismatch = config_weights_mismatch(cls, root / subfolder) or (
+        f"{len(empty)} parameters of the model built from config.json got no weights, e.g. {empty[:3]}"
+    )
+    raise WeightsMismatchError(f"component '{subfolder}' of {str(root)!r}: {mismatch}")
+
+
+def config_weights_mismatch(cls: Any, folder: Path) -> str | None:
+    """The first difference between the parameters `cls` builds from `folder/config.json` (on the
+    meta device: no memory, no weights read) and those the folder's safetensors files hold (their
+    headers only): a differing shape first, else parameters missing on one side; None when they
+    agree or either side cannot be read."""
+    expected, found = _config_shapes(cls, folder), _weight_shapes(folder)
+    if not expected or not found:
+        return None
+    config = f"{folder.name}/config.json"
+    for name in sorted(set(expected) & set(found)):
+        if expected[name] != found[name]:
+            return f"{config} does not match its weights: first differing shape {name}: {expected[name]} by {config}, {found[name]} in the weights"
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        return f"{config} describes {len(missing)} parameters its weights do not hold, e.g. {missing[:3]}"
+    if extra:
+        return f"the weights hold {len(extra)} parameters {config} does not describe, e.g. {extra[:3]}"
+    return None
+
+
+def _config_shapes(cls: Any, folder: Path) -> dict[str, list[int]] | None:
+    """{name: shape} of the model `cls` builds from the folder's config, built on the meta device."""
+    try:
+        if hasattr(cls, "load_config") and hasattr(cls, "from_config"):  # diffusers
+            config = cls.load_config(str(folder))
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        elif hasattr(cls, "config_class"):  # transformers
+            config = cls.config_class.from_pretrained(str(folder))
+            with torch.device("meta"):
+                model = cls(config)
+        else:
+            return None
+    except Exception:
+        return None
+    return {name: list(t.shape) for name, t in model.state_dict().items()}
+
+
+def _weight_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """{name: shape} from the headers of the folder's safetensors files (no tensor data read)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, list[int]] = {}
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = list(handle.get_slice(key).get_shape())
+    except Exception:
+        return None
+    return shapes
 
 
 MIN_TOKENIZER_VOCAB = 8
@@ -221,6 +303,8 @@ __all__ = [
     "load_tokenizer",
     "looks_local",
     "parse_dtype",
+    "WeightsMismatchError",
+    "config_weights_mismatch",
 ]
 
 

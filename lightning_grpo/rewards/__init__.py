@@ -15,10 +15,13 @@ from lightning_grpo.rewards.base import Binary, MultiReward, Reward, RewardError
 _LAZY = {
     "CheckpointMismatchError": "_common",
     "ClipScore": "clip_score",
+    "Delayed": "delayed",
     "HPSReward": "hps",
     "JpegCompressibility": "compressibility",
     "JpegIncompressibility": "compressibility",
+    "OpenAIJudgeReward": "judge",
     "PickScore": "pickscore",
+    "RemoteReward": "remote",
     "VideoAlignReward": "videoalign",
 }
 
@@ -28,8 +31,11 @@ if TYPE_CHECKING:
     from lightning_grpo.rewards._common import CheckpointMismatchError
     from lightning_grpo.rewards.clip_score import ClipScore
     from lightning_grpo.rewards.compressibility import JpegCompressibility, JpegIncompressibility
+    from lightning_grpo.rewards.delayed import Delayed
     from lightning_grpo.rewards.hps import HPSReward
+    from lightning_grpo.rewards.judge import OpenAIJudgeReward
     from lightning_grpo.rewards.pickscore import PickScore
+    from lightning_grpo.rewards.remote import RemoteReward
     from lightning_grpo.rewards.videoalign import VideoAlignReward
 
 

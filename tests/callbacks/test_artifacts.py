@@ -26,6 +26,7 @@ from lightning_grpo.artifacts import (
     luminance,
     main_object_masks,
     periodic_energy,
+    set_summary,
     standard_error,
 )
 from lightning_grpo.toy.prompts import heldout_scenes
@@ -179,12 +180,25 @@ def test_band_by_hand() -> None:
 
 
 def test_band_floor_when_the_base_has_no_spread() -> None:
-    """Clean renders have no background energy at all: the band is the floor (1e-4), so a
-    rounding-level change does not warn and a grid of blobs does."""
+    """Clean renders have no background energy at all: on the log scale every sample sits at
+    log10(ε), ε = (0.5/255)², the spread is 0 and the band is the 0.1-decade floor:
+    high = ε·(10^0.1 − 1). One pixel off by an 8-bit level in 1000 does not warn; a grid does."""
+    eps = (0.5 / 255) ** 2
     stats = ArtifactStats({"background_energy": torch.zeros(4)}, hue=torch.ones(4, 36), groups=torch.tensor([0, 0, 1, 1]))
     band = ArtifactReference(stats).bands["background_energy"]
-    assert (band.low, band.high) == (-math.inf, 1e-4)
-    assert not band.outside((1 / 255) ** 2) and band.outside(0.005)
+    assert band.low == -math.inf and band.high == pytest.approx(eps * (10**0.1 - 1))
+    assert not band.outside((1 / 255) ** 2 / 1000) and band.outside(0.005)
+
+
+def test_energies_are_summarised_by_their_geometric_mean() -> None:
+    """One sample with a stray object does not outweigh the others: the set's value is
+    10^mean(log10(ε + v)) − ε, not the arithmetic mean."""
+    eps = (0.5 / 255) ** 2
+    values = torch.tensor([1e-4, 1e-4, 1e-4, 1e-1])
+    expected = 10 ** (torch.log10(values.double() + eps).mean().item()) - eps
+    assert set_summary("background_energy", values) == pytest.approx(expected)
+    assert set_summary("background_energy", values) < 0.01 < values.mean().item()
+    assert set_summary("chroma", values) == pytest.approx(values.mean().item())
 
 
 def test_compare_samples_identical_grid_and_colour_shift() -> None:
@@ -192,7 +206,8 @@ def test_compare_samples_identical_grid_and_colour_shift() -> None:
     base = render_scenes(scenes, seed=0)  # 16 prompts × 2 samples
     same = compare_samples(base, base, samples_per_prompt=2)
     assert not [c.describe() for c in same.values() if c.outside]
-    assert same["hue_shift"].value == 0.0 and all(c.value == c.band.base for n, c in same.items() if n != "hue_shift")
+    assert same["hue_shift"].value == 0.0
+    assert all(c.value == pytest.approx(c.band.base) for n, c in same.items() if n != "hue_shift")
     assert not [c.describe() for c in compare_samples(base, render_scenes(scenes, seed=1), samples_per_prompt=2).values() if c.outside]
     blobs = torch.zeros(1, 3, 32, 32)
     blobs[..., 2::8, 2::8] = torch.tensor([0.3, 0.15, 0.0]).view(3, 1, 1)
@@ -212,3 +227,29 @@ def test_artifact_stats_of_videos_with_conditioning_and_encoder() -> None:
     assert torch.allclose(stats.values["first_frame_adherence"], torch.ones(2))
     with pytest.raises(ValueError, match="do not split"):
         artifact_stats(clips, samples_per_prompt=3)
+
+
+def test_kid_encoder_resolution() -> None:
+    """An explicit plain encoder is used as it is; a CLIP-like reward gets its visual tower wrapped;
+    without one, the first CLIP-like candidate; none at all: no KID."""
+    from torch import nn
+
+    from lightning_grpo.artifacts import ImageEncoder, resolve_encoder
+
+    class ClipLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Module()
+            self.model.encode_image = lambda x: x.flatten(1)[:, :4] * 2
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def preprocess(self, images):
+            return images + 1
+
+    plain = nn.Flatten()
+    assert resolve_encoder(plain, [ClipLike()]) is plain
+    wrapped = resolve_encoder(None, [nn.Identity(), ClipLike()])
+    assert isinstance(wrapped, ImageEncoder)
+    assert torch.equal(wrapped(torch.zeros(2, 3, 2, 2)), torch.full((2, 4), 2.0))  # (0 + 1) · 2: preprocess, then the tower
+    assert isinstance(resolve_encoder(ClipLike(), []), ImageEncoder)
+    assert resolve_encoder(None, [nn.Identity()]) is None

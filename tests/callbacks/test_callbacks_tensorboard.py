@@ -68,6 +68,9 @@ def test_fit_writes_every_tag(fitted: Path):
     # the same grids in the run folder: one PNG per visualisation, named by optimizer step
     pngs = sorted(p.name for p in (fitted / "visualization").iterdir())
     assert pngs[0] == "ode_samples_step000000.png" and pngs[-1] == "ode_samples_step000002.png"
+    # each TensorBoard image sits at the step its file is named by (tiny.yaml: 2 optimizer steps per
+    # rollout, so the end-of-fit grid is step 2; it was logged at the rollout count, 1)
+    assert [e.step for e in events.Images("visualization/ode_samples")] == [int(p[-10:-4]) for p in pngs]
     last = events.Images("visualization/ode_samples")[-1]
     from PIL import Image
 

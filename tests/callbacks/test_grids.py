@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_grpo.evaluation import EvaluationResult
-from lightning_grpo.grids import LINE_HEIGHT, MARGIN, GridLayout, captioned_grid
+from lightning_grpo.grids import LINE_HEIGHT, MARGIN, GridLayout, _wrap, captioned_grid
 
 
 def _cells(rows: int, columns: int, side: int = 8) -> torch.Tensor:
@@ -44,6 +44,22 @@ def test_captioned_grid_size_and_cells() -> None:
     assert (title.mean(0) < 0.5).sum() > 20
 
 
+def test_captions_wrap_at_word_boundaries() -> None:
+    """A 96-pixel cell holds 14 characters (96 / 6.6): words are never cut; a reward name longer
+    than the line breaks after its underscores (was `movin / g_shapes_produ / ct`)."""
+    assert _wrap("rank 1 · moving_shapes_product", 96) == ["rank 1 ·", "moving_shapes_", "product"]
+    assert _wrap("a red circle moving to the right", 96) == ["a red circle", "moving to the", "right"]
+    assert _wrap("sample 0 · exact_match", 128) == ["sample 0 ·", "exact_match"]  # 19 characters: fits whole
+    assert _wrap("antidisestablishment", 40) == ["antidisestablishment"]  # one word wider than the line stays whole
+    assert _wrap("", 40) == [""]
+    text = "there is a green triangle in the top left of the image, moving_shapes_product"
+    for width in (40, 64, 96, 128, 300):
+        lines = _wrap(text, width)
+        assert " ".join(lines).replace("_ ", "_") == text  # nothing lost, nothing cut but at the boundaries
+        words = set(text.split()) | {"moving_", "shapes_", "product", "moving_shapes_", "shapes_product"}
+        assert all(word in words for line in lines for word in line.split()), (width, lines)
+
+
 def test_rows_wrap_into_blocks_and_bad_input() -> None:
     grid = captioned_grid(_cells(5, 2), row_captions=[f"prompt {i}" for i in range(5)], cell_size=32, rows_per_block=2)
     layout = GridLayout(cell=32, columns=2, rows_per_block=2, blocks=3, caption_lines=1, cell_caption_lines=0,
@@ -69,3 +85,40 @@ def test_heldout_grid_is_prompts_by_samples(tmp_path) -> None:
     assert image.size == (layout.size[1], layout.size[0])
     assert tuple(result.grid().shape) == (3, *layout.size)
     assert layout.size[0] < 3000  # not a 2,641-pixel-tall single column any more
+
+
+def _red_pixels(grid: torch.Tensor) -> int:
+    """Pixels of pure red (the conditioning frames below; samples are green, text black)."""
+    return int(((grid[0] > 0.99) & (grid[1] < 0.01) & (grid[2] < 0.01)).sum())
+
+
+def test_i2v_grids_show_the_conditioning_frame_first() -> None:
+    """Conditioning frames pure red, clips pure green: the red pixels of each grid are exactly one
+    upscaled frame per prompt row (cell 32 = 4 × 8 px), in the first column ("condition")."""
+    from lightning_grpo.callbacks.ode_visualizer import ODEVisualizer
+    from lightning_grpo.evaluation import evaluation_grid, evaluation_video
+    from lightning_grpo.grids import with_condition
+
+    red = torch.zeros(2, 3, 8, 8)
+    red[:, 0] = 1.0
+    clips = torch.zeros(4, 3, 3, 8, 8)  # 2 prompts × 2 samples, 3 frames
+    clips[:, :, 1] = 1.0
+    grid = evaluation_grid(clips, ["p0", "p0", "p1", "p1"], 2, cell_size=32, conditioning=red)
+    assert _red_pixels(grid) == 2 * 32 * 32
+    assert _red_pixels(evaluation_grid(clips, ["p0", "p0", "p1", "p1"], 2, cell_size=32)) == 0
+    frames = evaluation_video(clips, ["p0", "p0", "p1", "p1"], 2, cell_size=32, conditioning=red)
+    assert frames.shape[0] == 3 and all(_red_pixels(f) == 2 * 32 * 32 for f in frames)
+    result = EvaluationResult(["p0", "p0", "p1", "p1"], {"r": torch.zeros(4)}, clips, 2, images=red)
+    assert _red_pixels(result.grid(cell_size=32)) == 2 * 32 * 32
+
+    visualiser = ODEVisualizer(prompts=["p0", "p1"], seeds=[0], cell_size=32)
+    visualiser.images, visualiser.initial = red, clips[:2]
+    assert _red_pixels(visualiser.grid(clips[2:])) == 2 * 32 * 32  # strips: one condition cell per row
+    assert _red_pixels(visualiser.grid(clips[2:], frame=1)) == 2 * 32 * 32  # the per-frame grid of the GIF
+
+    cells = with_condition(torch.zeros(2, 3, 3, 8, 20), red)  # a frame beside 20-px-wide strips: padded white
+    assert cells.shape == (2, 4, 3, 8, 20) and torch.equal(cells[:, 0, :, :, :8], red) and (cells[:, 0, :, :, 8:] == 1).all()
+    with pytest.raises(ValueError, match="conditioning must be"):
+        with_condition(torch.zeros(3, 3, 3, 8, 20), red)
+    with pytest.raises(ValueError, match="wider than the cells"):
+        with_condition(torch.zeros(2, 3, 3, 8, 4), red)

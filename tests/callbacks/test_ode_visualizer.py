@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -108,3 +109,18 @@ def test_video_samples_are_logged(tmp_path):
     assert "visualization/ode_video" in images or "visualization/ode_video_frames" in images
     assert visualiser.initial.shape == (2, 2, 3, 8, 8)  # [seeds × prompts, F, C, H, W]
     assert "train/diversity/pixel_within_group" in events.Tags()["scalars"]
+
+
+def test_prompt_choice_spread_or_first_and_bad_options(tmp_path):
+    """Validation files list a scene's phrasings in a row: "spread" takes K prompts evenly spaced
+    (indices ⌊i·N/K⌋), "first" the first K; bad options are named."""
+    from lightning_grpo.callbacks.ode_visualizer import spread_indices
+
+    assert spread_indices(24, 3) == [0, 8, 16] and spread_indices(80, 8) == list(range(0, 80, 10)) and spread_indices(2, 4) == [0, 1]
+    first = ODEVisualizer(num_prompts=3, every_n_steps=1, prompt_choice="first")
+    fit(tmp_path, [first], batches=1)
+    assert first.prompts == PROMPTS[:3]
+    with pytest.raises(ValueError, match="prompt_choice"):
+        ODEVisualizer(prompt_choice="random")
+    with pytest.raises(ValueError, match="max_scan"):
+        ODEVisualizer(num_prompts=8, max_scan=4)

@@ -126,6 +126,8 @@ def test_monitor_argument_errors(tmp_path) -> None:
         RewardHackingMonitor(str(prompts), artifacts=False)
     with pytest.raises(ValueError, match="artifact_z"):
         RewardHackingMonitor(str(prompts), artifact_z=0)
+    with pytest.raises(ValueError, match="keep_good must be >= 0"):
+        GRPOCheckpoint(keep_good=-1)
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         RewardHackingMonitor(str(prompts), diversity=True, samples_per_prompt=1)
     with pytest.raises(ValueError, match="unique"):

@@ -9,14 +9,17 @@ its conditioning image):
    changed only where it does not touch training: checkpoints every 50 steps, all kept, into
    `--work`; the evaluation callbacks (ODEVisualizer, HeldOutEvaluation, RewardHackingMonitor)
    left out, as they sample on their own generators under `preserve_rng` and never change the
-   training stream (tested in tests/callbacks), and they cost most of the time on 2 cores;
+   training stream (tested in tests/callbacks; checked here too: the toy FLUX weights at steps 50
+   and 100 are bit for bit those of the config with every callback on), and they cost time on 2
+   cores. A run over hundreds of RL steps amplifies rounding differences, so the samples depend
+   on the thread count: the stored sets were made with OMP_NUM_THREADS=1;
 2. samples the base policy (the shipped weights) and the trained checkpoints deterministically
-   (eta = 0, `lightning_grpo.evaluation.evaluate`) on the first `--prompts` prompts of the
-   monitor's held-out set's 16 scenes (one phrasing each), 3 samples per prompt, at two seed sets for the base (`base`, and
-   `base_other` to check the monitor stays silent on a fresh draw of the base);
+   (eta = 0, `lightning_grpo.evaluation.evaluate`) on the 16 scenes of the monitor's held-out
+   set (one phrasing each), 3 samples per prompt (I2V: 2), at two seed sets for the base
+   (`base`, and `base_other` to check the monitor stays silent on a fresh draw of the base);
 3. renders clean scenes of the same prompts with the toy renderer (`clean`, `clean_other`: two
    jitter seeds) and, for I2V, stores the conditioning frames;
-4. writes everything as uint8 into one compressed .npz (keys `<demo>/<set>`, plus
+4. writes everything as uint8 into one LZMA-compressed .npz (keys `<demo>/<set>`, plus
    `<demo>/prompts` and `<demo>/samples_per_prompt`) and a preview PNG per set into `--work`.
 
 Run from the repository root (minutes on 2 cores; OMP_NUM_THREADS=1 as the demos are measured):
@@ -27,7 +30,9 @@ Re-sampling existing runs without training again: add --skip-train.
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import zipfile
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +46,16 @@ OUT = Path(__file__).resolve().parent / "hacking_samples.npz"
 
 DEMOS = {
     # demo name -> (config, prompts file of its monitor, trained steps to store)
-    "flux": ("configs/demo.yaml", "configs/prompts/shapes_heldout_both.txt", [250, 500]),
+    # FLUX: the background pattern is strongest around step 150 in the OMP_NUM_THREADS=1 run and
+    # fainter by step 500 (periodic energy 4.2x the base at 150, 1.0x at 500; background energy
+    # 7.6x and 2.0x; docs/results.md)
+    "flux": ("configs/demo.yaml", "configs/prompts/shapes_heldout_both.txt", [150, 500]),
     "i2v": ("configs/demo_i2v.yaml", "configs/prompts/motion_heldout_both.txt", [150]),
 }
 EVALUATION_CALLBACKS = ("ODEVisualizer", "HeldOutEvaluation", "RewardHackingMonitor")
 SEED, OTHER_SEED = 1234, 98765
-SAMPLES_PER_PROMPT = 3
+#: samples per prompt: 3 for FLUX; 2 for I2V, whose noisy-background clips compress poorly (the file stays near 1 MB)
+SAMPLES_PER_PROMPT = {"flux": 3, "i2v": 2}
 
 
 def one_per_scene(prompts: list[str], phrasings: int = 3) -> list[str]:
@@ -101,10 +110,10 @@ def load_weights(module, path: Path) -> None:
     module.load_state_dict(state)
 
 
-def sample(module, prompts: list[str], seed: int, images: torch.Tensor | None) -> np.ndarray:
+def sample(module, prompts: list[str], seed: int, images: torch.Tensor | None, samples_per_prompt: int) -> np.ndarray:
     from lightning_grpo.evaluation import evaluate
 
-    result = evaluate(module.policy, module.sampler, prompts, module.rewards, samples_per_prompt=SAMPLES_PER_PROMPT, seed=seed,
+    result = evaluate(module.policy, module.sampler, prompts, module.rewards, samples_per_prompt=samples_per_prompt, seed=seed,
                       batch_size=16, keep_pixels=True, images=images, show_progress=False)
     return to_uint8(result.pixels)
 
@@ -114,28 +123,52 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 def clean_renders(demo: str, prompts: list[str], seed: int) -> np.ndarray:
-    """Toy renderer scenes of the prompts, SAMPLES_PER_PROMPT per prompt (prompt-major, as the samples)."""
+    """Toy renderer scenes of the prompts, `SAMPLES_PER_PROMPT[demo]` per prompt (prompt-major, as the samples)."""
     if demo == "flux":
         from lightning_grpo.toy.prompts import parse_prompt
         from lightning_grpo.toy.render import render_scenes
 
-        scenes = [parse_prompt(p) for p in prompts for _ in range(SAMPLES_PER_PROMPT)]
+        scenes = [parse_prompt(p) for p in prompts for _ in range(SAMPLES_PER_PROMPT[demo])]
         return to_uint8(render_scenes(scenes, size=32, seed=seed))
     from lightning_grpo.toy.motion_prompts import parse_motion_prompt
     from lightning_grpo.toy.motion_render import render_motion_scenes
 
-    scenes = [parse_motion_prompt(p) for p in prompts for _ in range(SAMPLES_PER_PROMPT)]
+    scenes = [parse_motion_prompt(p) for p in prompts for _ in range(SAMPLES_PER_PROMPT[demo])]
     return to_uint8(render_motion_scenes(scenes, frames=9, size=32, seed=seed))
 
 
-def preview(arrays: np.ndarray, path: Path) -> None:
+def save_lzma_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz (a zip of .npy files, what `np.load` reads) compressed with LZMA instead of
+    `np.savez_compressed`'s deflate: about 20% smaller on these clips."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_LZMA) as archive:
+        for key, value in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(value), allow_pickle=False)
+            archive.writestr(f"{key}.npy", buffer.getvalue())
+
+
+def preview(arrays: np.ndarray, path: Path, samples_per_prompt: int) -> None:
     """One PNG of a set (rows = prompts, columns = samples; videos: frames 0, 4, 8)."""
     from lightning_grpo.grids import captioned_grid, filmstrip, save_png
 
     pixels = torch.from_numpy(arrays).float() / 255
     if pixels.ndim == 5:
         pixels = filmstrip(pixels, max_frames=3)
-    save_png(captioned_grid(pixels.reshape(-1, SAMPLES_PER_PROMPT, *pixels.shape[1:]), cell_size=64, rows_per_block=8), path)
+    save_png(captioned_grid(pixels.reshape(-1, samples_per_prompt, *pixels.shape[1:]), cell_size=64, rows_per_block=8), path)
+
+
+def scan(module, work: Path, demo: str, prompts: list[str], images, per_prompt: int, base: np.ndarray, last: int) -> None:
+    """Print each 50-step checkpoint's measures against the base's band (`*`: outside)."""
+    from lightning_grpo.artifacts import ArtifactReference, artifact_stats
+
+    def stats(arrays: np.ndarray):
+        return artifact_stats(torch.from_numpy(arrays).float() / 255, images, samples_per_prompt=per_prompt)
+
+    reference = ArtifactReference(stats(base))
+    for step in range(50, last + 1, 50):
+        load_weights(module, checkpoint_for(work, demo, step))
+        report = reference.compare(stats(sample(module, prompts, SEED, images, per_prompt)))
+        print(f"{demo} step {step}: " + " ".join(f"{n}={c.value:.3g}{'*' if c.outside else ''}" for n, c in report.items()), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demos", default="flux,i2v", help="comma-separated: flux, i2v")
     parser.add_argument("--skip-train", action="store_true", help="sample the runs already in --work")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--scan", action="store_true",
+                        help="only print the measures of every 50-step checkpoint in --work against the base (nothing stored)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -158,21 +193,28 @@ def main(argv: list[str] | None = None) -> None:
         module = build_module(config)
         images = None
         if demo == "i2v":
-            from lightning_grpo.callbacks.evaluation import first_frames_for
+            from lightning_grpo.toy.motion_data import MotionFirstFrames
 
-            images = first_frames_for(module, prompts)  # the module's own MotionFirstFrames (seed 0)
+            images = MotionFirstFrames(seed=0)(prompts, 32)  # as the config's HeldOutEvaluation and monitor
             stored[f"{demo}/conditioning"] = to_uint8(images)
-        sets = {"base": sample(module, prompts, SEED, images), "base_other": sample(module, prompts, OTHER_SEED, images)}
+        per_prompt = SAMPLES_PER_PROMPT[demo]
+        sets = {"base": sample(module, prompts, SEED, images, per_prompt),
+                "base_other": sample(module, prompts, OTHER_SEED, images, per_prompt)}
+        if args.scan:
+            scan(module, args.work, demo, prompts, images, per_prompt, sets["base"], max(steps))
+            continue
         for step in steps:
             load_weights(module, checkpoint_for(args.work, demo, step))
-            sets[f"step{step}"] = sample(module, prompts, SEED, images)
+            sets[f"step{step}"] = sample(module, prompts, SEED, images, per_prompt)
         sets["clean"], sets["clean_other"] = clean_renders(demo, prompts, 0), clean_renders(demo, prompts, 1)
         for name, arrays in sets.items():
             stored[f"{demo}/{name}"] = arrays
-            preview(arrays, args.work / f"{demo}_{name}.png")
+            preview(arrays, args.work / f"{demo}_{name}.png", per_prompt)
         stored[f"{demo}/prompts"] = np.array(prompts)
-        stored[f"{demo}/samples_per_prompt"] = np.array(SAMPLES_PER_PROMPT)
-    np.savez_compressed(args.out, **stored)
+        stored[f"{demo}/samples_per_prompt"] = np.array(per_prompt)
+    if args.scan:
+        return
+    save_lzma_npz(args.out, stored)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB): {sorted(stored)}")
 
 

@@ -7,6 +7,9 @@ Run as a script (Lightning's DDP launcher re-runs it once per rank):
 The second form trains one process on the union of the recorded ranks' batches (rank order per
 step) with the same noise: tests/distributed/test_ddp.py compares the two. `--sync-every-backward`
 restores the old behaviour (an all-reduce at every accumulation micro-step), for bench/ddp_step.py.
+`--fsdp FULL_SHARD|SHARD_GRAD_OP|HYBRID_SHARD` trains with DenoiserFSDPStrategy instead of DDP
+(recorded weights are gathered from the shards); HYBRID_SHARD over two "nodes" is two processes
+started with NODE_RANK=0/1, MASTER_ADDR, MASTER_PORT and `--devices 1 --num-nodes 2`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -60,13 +64,15 @@ class Recorder(Callback):
             trainer.strategy.model.register_comm_hook(self.counter, count_allreduce_hook)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        weights = torch.cat([p.detach().flatten() for p in pl_module.policy.trainable_parameters()])  # (FSDP: this rank's shard)
+        weights = torch.cat([_full(p.detach()).flatten() for p in pl_module.policy.trainable_parameters()])
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         record = pl_module.last_step
         self.steps.append({
             "prompts": list(batch["prompts"]), "weights": weights.clone(), "metrics": metrics,
             "allreduces": self.counter.calls, "buckets": list(self.counter.buckets), "seconds": time.perf_counter() - self.start,
             "optimizer_steps": trainer.global_step,
+            "placements": [str(getattr(p, "placements", None)) for p in pl_module.policy.trainable_parameters()][:1],
+            "devices": sorted({str(p.device) for p in pl_module.policy.trainable_parameters()}),
             "advantages": None if record is None else record.advantages.cpu(),
             "reward_advantages": None if record is None else {k: v.cpu() for k, v in record.reward_advantages.items()},
         })
@@ -74,6 +80,11 @@ class Recorder(Callback):
     def on_train_end(self, trainer, pl_module):
         out = Path(self.out) / f"{self.tag}_rank_{trainer.global_rank}.pt"
         torch.save({"steps": self.steps, "world_size": trainer.world_size}, out)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded (FSDP) parameter is gathered from every rank (all call this)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def make_module(flux: str, failing_prompt: str | None = None, **options) -> GRPOModule:
@@ -107,7 +118,9 @@ def main() -> None:
     parser.add_argument("--sync-every-backward", action="store_true")
     parser.add_argument("--groups-across-ranks", action="store_true")
     parser.add_argument("--best-of-n", type=int, nargs=2)
-    parser.add_argument("--fsdp", action="store_true", help="DenoiserFSDPStrategy instead of DDP")
+    parser.add_argument("--fsdp", choices=["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"], help="DenoiserFSDPStrategy instead of DDP")
+    parser.add_argument("--cpu-offload", action="store_true", help="with --fsdp: cpu_offload=True")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes (launch one process per node with NODE_RANK set)")
     parser.add_argument("--failing-prompt", help="the reward is NaN on this prompt; reward_failure='drop_group'")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -126,11 +139,11 @@ def main() -> None:
     counter = CommHookCounter()
     strategy = DDPStrategy(process_group_backend="gloo") if args.devices > 1 else "auto"
     if args.fsdp:
-        strategy = DenoiserFSDPStrategy(process_group_backend="gloo")
+        strategy = DenoiserFSDPStrategy(sharding_strategy=args.fsdp, cpu_offload=args.cpu_offload, process_group_backend="gloo")
     recorder = Recorder(counter)
     recorder.out, recorder.tag = args.out, args.tag
     trainer = Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, max_epochs=1, logger=False,
+        accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, max_steps=args.steps, max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
         num_sanity_val_steps=0, limit_val_batches=0,
     )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from torch import nn
 
-from lightning_grpo.distributed import gather_by_key, local_selection, members_of_rank, update_schedule
+from lightning_grpo.callbacks._logging import RunFolder
+from lightning_grpo.distributed import gather_by_key, local_selection, members_of_rank, replicated_state_names, update_schedule
 from lightning_grpo.noise import sample_keys
 from tests.training.fixtures import PROMPTS, ListPrompts, make_module
 
@@ -66,3 +70,45 @@ def test_rollout_batch_size_does_not_change_training():
 def test_rollout_batch_size_is_validated():
     with pytest.raises(ValueError, match="rollout_batch_size"):
         make_module(rollout_batch_size=0)
+
+
+def test_replicated_state_names_lists_frozen_parameters_and_every_buffer():
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    frozen.register_buffer("position_ids", torch.arange(2), persistent=False)  # as CLIP's text embeddings
+    trainable = nn.Linear(2, 1)
+    trainable.register_buffer("scale", torch.ones(1))
+    module = nn.ModuleDict({"encoder": frozen, "denoiser": trainable})
+    assert replicated_state_names(module) == ["encoder.weight", "encoder.bias", "encoder.position_ids", "denoiser.scale"]
+
+
+def test_grpo_module_tells_ddp_to_leave_frozen_parts_and_buffers_alone():
+    """GRPOModule's `_ddp_params_and_buffers_to_ignore` (read by DistributedDataParallel and by
+    Lightning before validate/test): frozen parameters and buffers, never a trainable parameter;
+    made when asked, so it follows what is trainable then."""
+    module = make_module()
+    module.policy.text_encoder = nn.Linear(3, 3).requires_grad_(False)
+    module.policy.register_buffer("position_ids", torch.arange(3))
+    ignored = set(module._ddp_params_and_buffers_to_ignore)
+    assert {"policy.text_encoder.weight", "policy.text_encoder.bias", "policy.position_ids"} <= ignored
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert trainable and not trainable & ignored
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    assert ignored == frozen | {name for name, _ in module.named_buffers()}
+    first = next(name for name in sorted(trainable))
+    module.get_parameter(first).requires_grad_(False)
+    assert first in module._ddp_params_and_buffers_to_ignore
+
+
+def test_run_folder_is_resolved_on_every_rank_before_a_rank_zero_write(tmp_path):
+    """`RunFolder.get` returns what `resolve` read on every rank; on several ranks it refuses to
+    read `Trainer.log_dir` (a collective) from a rank-zero-only branch."""
+    one = SimpleNamespace(log_dir=str(tmp_path / "version_0"), default_root_dir=str(tmp_path), world_size=1)
+    assert RunFolder().get(one) == tmp_path / "version_0"
+    assert RunFolder().get(SimpleNamespace(log_dir=None, default_root_dir=str(tmp_path), world_size=1)) == tmp_path
+    two = SimpleNamespace(log_dir=str(tmp_path / "version_0"), default_root_dir=str(tmp_path), world_size=2)
+    with pytest.raises(RuntimeError, match="every rank"):
+        RunFolder().get(two)
+    folder = RunFolder()
+    folder.resolve(two)
+    two.log_dir = "elsewhere"  # read once, at resolve
+    assert folder.get(two) == tmp_path / "version_0"

@@ -13,6 +13,7 @@ For each registered family, on its tiny stand-in pipeline:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,10 @@ def test_lora_export_cli_round_trips_through_load_lora_weights(name, lora_runs, 
     cli_main(["export", "--config", str(run["folder"] / "config.yaml"), "--ckpt_path", str(run["folder"] / "grpo.ckpt"), "--out", str(out)])
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     policy = run["module"].policy
+    settings = json.loads((out / "generation_settings.json").read_text())  # how the run generated, for plain diffusers
+    assert settings["pipeline"] == policy.pipeline_class and settings["weights"].startswith("LoRA")
+    assert settings["call"]["num_inference_steps"] == run["module"].sampler.num_steps
+    assert {k: settings["call"][k] for k in ("height", "width")} == {"height": policy.height, "width": policy.width}
     pipe = plain_pipeline(policy, stand_in_paths[name])
     noise = noise_for(policy)
     base = pipeline_sample(pipe, policy, noise)

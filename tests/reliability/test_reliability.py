@@ -228,6 +228,26 @@ def test_retention_keeps_the_last_k_plus_the_best(tmp_path):
     assert removed == ["step=2.ckpt", "step=6.ckpt", "step=8.ckpt"]
 
 
+def test_the_best_kept_checkpoint_is_named_in_best_txt(tmp_path):
+    """After every save, `best.txt` names the best checkpoint kept so far by the monitored metric
+    (the same saves as above: the score peaks at step 4 and the step-4 file stays the best)."""
+    callback = GRPOCheckpoint(keep_last=2, keep_best=1, best_monitor="score", every_n_train_steps=2, dirpath=str(tmp_path), filename="{step}")
+
+    class Fake:
+        is_global_zero, global_step, callback_metrics = True, 0, {}
+
+    trainer = Fake()
+    callback._remove_checkpoint = lambda trainer, path: None
+    named = []
+    for step, score in zip(range(2, 13, 2), [0.1, 0.9, 0.2, 0.3, 0.4, 0.5]):
+        trainer.global_step, trainer.callback_metrics = step, {"score": torch.tensor(score)}
+        _retention_step(callback, trainer, str(tmp_path / f"step={step}.ckpt"))
+        named.append((tmp_path / "best.txt").read_text())
+    assert [line.split()[0] for line in named] == ["step=2.ckpt"] + ["step=4.ckpt"] * 5
+    assert named[-1] == "step=4.ckpt  score=0.9 (max)  step=4\n"
+    assert callback.best()["path"] == str(tmp_path / "step=4.ckpt")
+
+
 def _retention_step(callback: GRPOCheckpoint, trainer, path: str) -> None:
     """GRPOCheckpoint._save_checkpoint without writing a file (ModelCheckpoint's part is a no-op here)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -244,9 +264,11 @@ def test_retention_in_a_real_run(tmp_path):
     # tiny.yaml's retention entry is its last callback, which these options modify
     cli = run(tiny_args(tmp_path, 12, "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.keep_last=2"))
     assert [c.keep_last for c in cli.trainer.callbacks if isinstance(c, GRPOCheckpoint)] == [2]
-    names = sorted(p.name for p in (tmp_path / "tiny" / "version_0" / "checkpoints").iterdir())
+    folder = tmp_path / "tiny" / "version_0" / "checkpoints"
+    names = sorted(p.name for p in folder.glob("*.ckpt"))
     assert "last.ckpt" in names and len(names) <= 4  # last 2 + best (+ last.ckpt), not 6 step files
     assert "epoch=0-step=12.ckpt" in names and "epoch=0-step=10.ckpt" in names
+    assert (folder / "best.txt").read_text().split()[0] in names  # the best kept one is named
 
 
 # ------------------------------------------------------------------ resume: exact, overrides

@@ -62,6 +62,9 @@ def interrupt(tmp_path: Path, signum: int) -> tuple[int, Path, str]:
 
 
 def test_sigterm_saves_the_last_completed_step_exits_non_zero_and_resumes_exactly(tmp_path):
+    """SIGTERM at step 4, then the same command with `--ckpt_path=last` (what a requeue script
+    runs): it continues from step 4 in the same run folder, and the folder's curves (both runs'
+    event files) and final weights are those of a run never stopped."""
     status, log_dir, output = interrupt(tmp_path, signal.SIGTERM)
     assert status == 128 + signal.SIGTERM, output[-3000:]
     last = log_dir / "checkpoints" / "last.ckpt"
@@ -69,15 +72,21 @@ def test_sigterm_saves_the_last_completed_step_exits_non_zero_and_resumes_exactl
     assert checkpoint["global_step"] == STOP_AT  # the step that finished when the signal came
     assert checkpoint["PromptDataModule"]["samples_consumed"] == STOP_AT // 2 * 2  # 2 prompts per rollout
     assert f"resume with --ckpt_path={last}" in output
+    # one clear line when the signal arrives, one when the run stops: not Lightning's "Received
+    # SIGTERM: 15" nor its empty "SIGTERMException was raised with message:"
+    assert output.count("SIGTERM: stopping after the current step or evaluation batch and saving a checkpoint") == 1, output[-3000:]
+    assert "Received SIGTERM" not in output and "was raised with message" not in output, output[-3000:]
 
     env = environment()
-    subprocess.run(fit_command(tmp_path / "resumed", f"--ckpt_path={last}"), check=True, env=env, capture_output=True, timeout=600)
+    resumed = subprocess.run(fit_command(tmp_path / "interrupted", "--ckpt_path=last"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {last}" in resumed.stderr
+    assert sorted(p.name for p in log_dir.parent.iterdir()) == ["version_0"]  # appended to the run's folder
     subprocess.run(fit_command(tmp_path / "straight"), check=True, env=env, capture_output=True, timeout=600)
-    resumed, straight = scalars(tmp_path / "resumed" / "tiny" / "version_0"), scalars(tmp_path / "straight" / "tiny" / "version_0")
+    both, straight = scalars(log_dir), scalars(tmp_path / "straight" / "tiny" / "version_0")
     for tag in ("train/loss", "train/reward/jpeg_incompressibility_mean", "train/grad_norm", "train/approx_kl"):
-        after = {step: value for step, value in straight[tag].items() if step >= STOP_AT // 2}
-        assert after and resumed[tag] == after, f"{tag}: resumed {resumed[tag]} vs uninterrupted {after}"
-    end_resumed = torch.load(tmp_path / "resumed" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert both[tag] == straight[tag] and len(straight[tag]) == STEPS // 2, f"{tag}: stopped + resumed {both[tag]} vs uninterrupted {straight[tag]}"
+    end_resumed = torch.load(last, weights_only=False)
     end_straight = torch.load(tmp_path / "straight" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert end_resumed["global_step"] == end_straight["global_step"] == STEPS
     for name, value in end_straight["state_dict"].items():
@@ -87,7 +96,9 @@ def test_sigterm_saves_the_last_completed_step_exits_non_zero_and_resumes_exactl
 def test_sigint_finishes_the_step_saves_it_and_exits_130(tmp_path):
     status, log_dir, output = interrupt(tmp_path, signal.SIGINT)
     assert status == 128 + signal.SIGINT, output[-3000:]
-    assert "SIGINT: stopping after the current step" in output
+    assert output.count("SIGINT (Ctrl+C): stopping after the current step or evaluation batch and saving a checkpoint") == 1, output[-3000:]
+    assert "SIGTERM" not in output and "was raised with message" not in output, output[-3000:]  # the forwarded signal is not shown
+    assert f"resume with --ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}" in output
     checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == STOP_AT
 

@@ -180,17 +180,6 @@ def test_every_backward_but_the_last_of_an_optimizer_step_skips_the_gradient_syn
     assert len(models) == 6 and all(m is trainer.strategy.model for m in models) and models[0] is not None
 
 
-class _FakeShardedRoot:
-    """Stands for FSDP's root module: records the max norm asked of `clip_grad_norm_`."""
-
-    def __init__(self) -> None:
-        self.asked: list[float] = []
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        self.asked.append(max_norm)
-        return torch.tensor(2.5)
-
-
 class _FakeOptimizer:
     def __init__(self) -> None:
         self.log: list[object] = []
@@ -208,20 +197,6 @@ class _FakeScheduler:
 
     def step(self) -> None:
         self.log.append("scheduler")
-
-
-@pytest.mark.parametrize("max_grad_norm, asked", [(0.7, 0.7), (None, math.inf)])
-def test_a_sharded_model_clips_by_its_roots_global_norm(max_grad_norm, asked, monkeypatch):
-    """FSDP: the norm comes from the root's clip_grad_norm_ (the max norm, or ∞ to only measure it),
-    then step, zero_grad(set_to_none=True), scheduler step, in that order (FSDP itself is faked)."""
-    module = make_module(max_grad_norm=max_grad_norm)
-    root, model = _FakeShardedRoot(), object()
-    monkeypatch.setattr(module, "_strategy_model", lambda: model)
-    monkeypatch.setattr(lightning_grpo.module, "sharded_root", lambda m: root if m is model else None)
-    optimizer = _FakeOptimizer()
-    grad_norm = module._optimizer_step(optimizer, _FakeScheduler(optimizer.log))
-    assert float(grad_norm) == 2.5 and root.asked == [asked]
-    assert optimizer.log == ["step", ("zero_grad", True), "scheduler"]
 
 
 def test_an_optimizer_step_without_any_gradient_reports_a_zero_norm():
