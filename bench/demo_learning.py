@@ -40,6 +40,12 @@ mean's interval pools the seeds' samples (the after-proportion over seeds × sam
 "intervals do not overlap" there compares the base with the mean of the trained runs.
 A config is chosen on that mean over seeds, never on one seed (docs/results.md).
 
+Judging finished runs again (`--checkpoints a.ckpt,b.ckpt,c.ckpt`, one per `--seeds` entry, in
+order; one without `--seeds`): step 3 is replaced by loading each checkpoint's trained weights
+into the freshly built demo (`lightning_grpo.export.load_trained_weights`), so runs trained
+earlier are evaluated, and their artifact measures banded, by the code and measures of today,
+with the same base evaluation and summary as a training run would print.
+
 Extra arguments after `--` go to the CLI, e.g. `-- --trainer.max_steps=50`.
 """
 
@@ -78,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--grids", type=Path, default=None,
                         help="write the new-combination samples' grids here: before.png, after_seed<k>.png (after.png "
                              "without --seeds); video: film strips, image-to-video with the conditioning frame first")
+    parser.add_argument("--checkpoints", type=checkpoint_list, default=None,
+                        help="judge these finished runs instead of training: comma-separated checkpoints of the demo, "
+                             "one per --seeds entry in order (one without --seeds), each loaded into the freshly built "
+                             "demo and evaluated as 'after'")
     parser.add_argument("--ckpt-path", type=Path, default=None,
                         help="continue training from this checkpoint of the same demo (exact resume: e.g. a 500-step "
                              "run's last.ckpt with `-- --trainer.max_steps=1000` equals a 1000-step run); 'before' is "
@@ -87,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.seeds is not None and args.ckpt_path is not None:
         parser.error("--ckpt-path continues one run; it cannot be combined with --seeds")
+    if args.checkpoints is not None:
+        if args.ckpt_path is not None:
+            parser.error("--checkpoints judges finished runs without training; it cannot be combined with --ckpt-path")
+        wanted = 1 if args.seeds is None else len(args.seeds)
+        if len(args.checkpoints) != wanted:
+            parser.error(f"--checkpoints gives {len(args.checkpoints)} checkpoint(s) for {wanted} run(s) "
+                         f"({'--seeds ' + ','.join(map(str, args.seeds)) if args.seeds else 'no --seeds: one'})")
     if any(a.startswith("--seed_everything") for a in extra) and args.seeds is not None:
         parser.error("give the training seeds with --seeds, not --seed_everything after --")
     return args, extra
@@ -105,6 +122,16 @@ def seed_list(text: str) -> list[int]:
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"--seeds must be distinct non-negative integers, got {text!r}")
     return seeds
+
+
+def checkpoint_list(text: str) -> list[Path]:
+    """'a.ckpt,b.ckpt' -> existing checkpoint files (a clear error naming a missing one)."""
+    paths = [Path(part.strip()) for part in text.split(",") if part.strip()]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise argparse.ArgumentTypeError(f"--checkpoints takes existing checkpoint files, comma-separated; "
+                                         f"{'none given' if not paths else 'not found: ' + ', '.join(missing)}")
+    return paths
 
 
 def split_list(text: str) -> list[str]:
@@ -184,9 +211,10 @@ SEED_MEASURES = {"flux": ("exact_match",), "sd": ("exact_match",),
 
 
 def train_and_evaluate(args: argparse.Namespace, extra: list[str], seed: int | None, splits: dict[str, list[str]],
-                       metrics: list, before: dict | None) -> tuple[dict, dict, dict]:
+                       metrics: list, before: dict | None, checkpoint: Path | None = None) -> tuple[dict, dict, dict]:
     """One training run (the config's seed, or `seed_everything=seed`): (before, after, figures), where
-    before / after map split -> EvaluationResult; the base is evaluated only when `before` is None."""
+    before / after map split -> EvaluationResult; the base is evaluated only when `before` is None.
+    With `checkpoint`, no training: that finished run's weights are loaded and judged as 'after'."""
     from lightning_grpo.callbacks.ema import ema_weights
     from lightning_grpo.cli import run
     from lightning_grpo.evaluation import evaluate
@@ -203,21 +231,45 @@ def train_and_evaluate(args: argparse.Namespace, extra: list[str], seed: int | N
                 for split, prompts in splits.items()}
 
     before = held_out() if before is None else before
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=None if args.ckpt_path is None else str(args.ckpt_path))
-    train_seconds = time.perf_counter() - started
-    with ema_weights(trainer, module):  # the EMA weights when the config has an EMA callback, as HeldOutEvaluation
+    if checkpoint is not None:
+        steps = load_finished_run(module, checkpoint)
         after = held_out()
-    figures = {"family": args.family, "config": str(config), "cli_overrides": extra, "seed": seed,
-               "resumed_from": None if args.ckpt_path is None else str(args.ckpt_path),
-               "run_dir": trainer.log_dir, "optimizer_steps": trainer.global_step,
-               "train_seconds": round(train_seconds, 1), "splits": {}}
+        figures = {"family": args.family, "config": str(config), "cli_overrides": extra, "seed": seed,
+                   "judged_checkpoint": str(checkpoint), "run_dir": str(checkpoint.parent.parent),
+                   "optimizer_steps": steps, "train_seconds": None, "splits": {}}
+    else:
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=cli.datamodule, ckpt_path=None if args.ckpt_path is None else str(args.ckpt_path))
+        train_seconds = time.perf_counter() - started
+        with ema_weights(trainer, module):  # the EMA weights when the config has an EMA callback, as HeldOutEvaluation
+            after = held_out()
+        figures = {"family": args.family, "config": str(config), "cli_overrides": extra, "seed": seed,
+                   "resumed_from": None if args.ckpt_path is None else str(args.ckpt_path),
+                   "run_dir": trainer.log_dir, "optimizer_steps": trainer.global_step,
+                   "train_seconds": round(train_seconds, 1), "splits": {}}
     for split in splits:
         figures["splits"][split] = split_figures(before[split], after[split])
     figures["artifacts"] = artifact_figures(before["new_combinations"], after["new_combinations"], args.samples_per_prompt)
     if args.grids is not None:
         write_grids(args.grids, before["new_combinations"], after["new_combinations"], seed)
     return before, after, figures
+
+
+def load_finished_run(module, checkpoint: Path) -> int:
+    """Load a finished run's trained weights into `module.policy` (`load_trained_weights`: every
+    trainable weight must be there, mismatches named); returns the run's optimizer step. A run with
+    EMA weights is refused: its held-out figures were measured on those, which the checkpoint keeps
+    in the callback's state, not in the policy."""
+    import torch
+
+    from lightning_grpo.export import load_trained_weights
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if any("EMA" in key for key in state.get("callbacks", {})):
+        raise SystemExit(f"--checkpoints: {checkpoint} holds EMA weights (an EMA callback's state); judging it on its "
+                         "raw weights would not be the run's own evaluation")
+    load_trained_weights(module.policy, checkpoint)
+    return int(state.get("global_step", 0))
 
 
 def artifact_figures(before, after, samples_per_prompt: int) -> dict:
@@ -327,16 +379,17 @@ def main(argv: list[str] | None = None) -> float:
     args, extra = parse_args(argv)
     metrics = judge_and_gold_measures(args.family)
     splits = {k: v for k, v in heldout_split_prompts(args.family).items() if args.splits is None or k in args.splits}
+    checkpoints = args.checkpoints or [None] * (1 if args.seeds is None else len(args.seeds))
     if args.seeds is None:
-        before, after, figures = train_and_evaluate(args, extra, None, splits, metrics, None)
+        before, after, figures = train_and_evaluate(args, extra, None, splits, metrics, None, checkpoints[0])
         if args.json is not None:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
         improvement = print_run(args, splits, before, after, figures)
         print(f"improvement (new combinations, {JUDGE[args.family]}): {improvement:+.1f} points")
         return improvement
     before, afters, runs = None, [], []
-    for seed in args.seeds:
-        before, after, figures = train_and_evaluate(args, extra, seed, splits, metrics, before)
+    for seed, checkpoint in zip(args.seeds, checkpoints):
+        before, after, figures = train_and_evaluate(args, extra, seed, splits, metrics, before, checkpoint)
         print_run(args, splits, before, after, figures)
         afters.append(after["new_combinations"])
         runs.append(figures)

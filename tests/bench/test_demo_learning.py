@@ -38,6 +38,23 @@ def test_seed_and_split_lists_are_checked() -> None:
         demo_learning.parse_args(["--seeds", "0,1", "--", "--seed_everything=3"])
 
 
+def test_checkpoint_lists_are_checked(tmp_path, capsys) -> None:
+    """--checkpoints: existing files, one per seed, never with --ckpt-path; each error names its cause."""
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    a.write_bytes(b"x"), b.write_bytes(b"x")
+    assert demo_learning.checkpoint_list(f"{a},{b}") == [a, b]
+    with pytest.raises(argparse.ArgumentTypeError, match="not found: .*missing.ckpt"):
+        demo_learning.checkpoint_list(f"{a},{tmp_path / 'missing.ckpt'}")
+    args, _ = demo_learning.parse_args(["--seeds", "0,1", "--checkpoints", f"{a},{b}"])
+    assert args.checkpoints == [a, b]
+    for argv, cause in ((["--seeds", "0,1,2", "--checkpoints", f"{a},{b}"], "2 checkpoint(s) for 3 run(s)"),
+                        (["--checkpoints", f"{a},{b}"], "2 checkpoint(s) for 1 run(s)"),
+                        (["--checkpoints", str(a), "--ckpt-path", str(b)], "cannot be combined with --ckpt-path")):
+        with pytest.raises(SystemExit):
+            demo_learning.parse_args(argv)
+        assert cause in capsys.readouterr().err
+
+
 def _result(values: list[float], name: str = "exact_match") -> EvaluationResult:
     return EvaluationResult(prompts=["p"] * len(values), scores={name: torch.tensor(values, dtype=torch.float32)})
 
@@ -97,3 +114,17 @@ def test_two_seeds_through_the_command_line(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["after_seed0.png", "after_seed1.png", "before.png"]
     last = done.stdout.strip().splitlines()[-1]
     assert last == f"mean gain over seeds 0,1 (new combinations, exact_match): {s['mean']:+.1f} points"
+
+    # --checkpoints judges the two finished runs again without training: the same figures
+    judged = tmp_path / "judged.json"
+    checkpoints = ",".join(str(Path(r["run_dir"]) / "checkpoints" / "last.ckpt") for r in runs)
+    command = [sys.executable, str(SCRIPT), "--seeds", "0,1", "--checkpoints", checkpoints, "--splits", "new_combinations",
+               "--samples-per-prompt", "1", "--json", str(judged), "--", f"--trainer.logger.init_args.save_dir={tmp_path / 'judge'}",
+               "--model.group_size=2", "--data.init_args.batch_size=2", "--model.micro_batch_size=4", "--model.samples_per_update=4"]
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rejudged = json.loads(judged.read_text())
+    assert [r["optimizer_steps"] for r in rejudged["runs"]] == [1, 1] and [r["train_seconds"] for r in rejudged["runs"]] == [None, None]
+    for run, rerun in zip(runs, rejudged["runs"]):
+        assert rerun["splits"] == run["splits"] and rerun["artifacts"] == run["artifacts"]
+    assert not (tmp_path / "judge").exists()  # nothing trained, no run folder written
