@@ -87,7 +87,7 @@ def test_seed_summary_of_graded_measures_is_in_their_units() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # two subprocesses, each with its own 850 s limit
 def test_two_seeds_through_the_command_line(tmp_path) -> None:
     """The FLUX demo, 1 optimizer step per seed on tiny groups, new combinations only: each seed trains
     its own run (distinct run folders), the base is evaluated once, every seed's artifact measures
