@@ -714,7 +714,6 @@ class GRPOCheckpoint(ModelCheckpoint):
 
 # ------------------------------------------------------------------------------------ signature
 SIGNATURE_KEY = "grpo_model_signature"
-GEOMETRY_ATTRIBUTES = ("height", "width", "resolution", "num_frames")
 
 
 def model_signature(module: Any) -> dict[str, Any]:
@@ -724,7 +723,8 @@ def model_signature(module: Any) -> dict[str, Any]:
         "policy": f"{type(policy).__module__}.{type(policy).__qualname__}",
         "paradigm": getattr(policy, "paradigm", None),
         "pretrained_model_name_or_path": getattr(policy, "pretrained_model_name_or_path", None),
-        **{f"policy.{name}": getattr(policy, name) for name in GEOMETRY_ATTRIBUTES if isinstance(getattr(policy, name, None), int)},
+        # the family names the arguments that fix its latents' shape (`PolicyAdapter.geometry_arguments`)
+        **{f"policy.{name}": getattr(policy, name) for name in getattr(policy, "geometry_arguments", ()) if isinstance(getattr(policy, name, None), int)},
         "sampler": type(sampler).__qualname__,
         "sampler.num_steps": int(sampler.num_steps),
         "trainable": {name: list(p.shape) for name, p in policy.named_parameters() if p.requires_grad},
