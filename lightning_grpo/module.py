@@ -63,7 +63,7 @@ class GRPOModule(LightningModule):
     """Group Relative Policy Optimisation of a visual generator (DanceGRPO), with manual optimisation.
 
     Args:
-        policy: the base-model adapter (e.g. `lightning_grpo.policies.FluxPolicy`).
+        policy: the base-model adapter (a family of `lightning_grpo.policies`, e.g. FLUX.1).
         sampler: the SDE sampler of the policy's paradigm (FlowSDESampler or DDIMSDESampler);
             None (default) uses `policy.build_sampler()`, the family's matching sampler. A
             sampler of the other paradigm is refused, naming both classes.
