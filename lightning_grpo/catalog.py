@@ -77,6 +77,7 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
         "lightning_grpo.callbacks.EMA",
         "lightning_grpo.callbacks.HeldOutEvaluation",
         "lightning_grpo.callbacks.RewardHackingMonitor",
+        "lightning_grpo.checkpointing.RunLock",  # added to every fit by the CLI; listed for Python users
     ]),
     "data modules": ("data", [
         "lightning_grpo.datamodules.prompts.PromptDataModule",
