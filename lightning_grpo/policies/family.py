@@ -611,7 +611,7 @@ def scheduler_sigmas(scheduler_config: Mapping[str, Any], base_sigmas: Sequence[
 
 
 class FlowMatchingFamily(DiffusersPolicy):
-    """The rectified-flow families (FLUX, HunyuanVideo, SkyReels): velocity prediction, sampled by
+    """The rectified-flow families (FLUX, HunyuanVideo, SkyReels, Wan): velocity prediction, sampled by
     `FlowSDESampler` on the pipeline's own sigmas (`pipeline_sigmas`) or, when the family's
     `sampling_shift` is a number, on the SD3 shift of the DanceGRPO recipes."""
 
