@@ -753,9 +753,12 @@ class GRPOModule(LightningModule):
         reference, the first-frame image policy, and the policy's frozen weights (text encoders, VAE, LoRA base weights), which
         would otherwise add gigabytes (T5-XXL, ViT-H, Qwen2-VL) to every checkpoint. (Under FSDP
         `state_dict()` returns each rank's shards: nothing is gathered to list the keys.)"""
-        keys = {k for k in self.state_dict() if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
+        saved = set(self.state_dict())
+        keys = {k for k in saved if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
         # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
         keys |= {f"policy.{name}" for name, p in self.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        # the policy's buffers too: rebuilt from its config and never trained (SD3's sin-cos position table)
+        keys |= {f"policy.{name}" for name, _ in self.policy.named_buffers(remove_duplicate=False)} & saved
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -233,6 +233,8 @@ class DiffusersPolicy(PolicyAdapter):
         gradient_checkpointing: recompute the denoiser's activations in backward.
         num_sampling_steps, sampling_eta: the sampler `build_sampler()` makes (GRPOModule uses it
             when no sampler is configured); None: the family's recipe default.
+        sampling_noise_form: the flow families' SDE noise form for `build_sampler()`: "dance_grpo"
+            (default) or "flow_grpo" (`FlowSDESampler`'s `noise_form`; the diffusion family ignores it).
     """
 
     pipeline_class: ClassVar[str]
@@ -262,6 +264,7 @@ class DiffusersPolicy(PolicyAdapter):
         gradient_checkpointing: bool = False,
         num_sampling_steps: int | None = None,
         sampling_eta: float | None = None,
+        sampling_noise_form: str = "dance_grpo",
     ) -> None:
         super().__init__()
         self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
@@ -270,6 +273,9 @@ class DiffusersPolicy(PolicyAdapter):
         self.lora_alpha = float(lora_alpha) if lora_alpha is not None else float(self.lora_rank)
         self.num_sampling_steps = num_sampling_steps
         self.sampling_eta = sampling_eta
+        if sampling_noise_form not in ("dance_grpo", "flow_grpo"):
+            raise ValueError(f"sampling_noise_form must be 'dance_grpo' or 'flow_grpo', got {sampling_noise_form!r}")
+        self.sampling_noise_form = sampling_noise_form
         self._load(parse_dtype(dtype), parse_dtype(denoiser_dtype))
         steps = self.geometry_steps(self.component_configs())
         self.vae_scale_factor = steps.vae_factor
@@ -623,13 +629,15 @@ class FlowMatchingFamily(DiffusersPolicy):
         raise NotImplementedError(f"{type(self).__name__} must define pipeline_sigmas")
 
     def build_sampler(self, num_steps: int | None = None, eta: float | None = None) -> Sampler:
-        """FlowSDESampler on the pipeline's own sigmas, or on the SD3 shift `sampling_shift`."""
+        """FlowSDESampler on the pipeline's own sigmas, or on the SD3 shift `sampling_shift`, in the
+        policy's `sampling_noise_form`."""
         from lightning_grpo.samplers import FlowSDESampler
 
         steps, eta = self.sampler_defaults(num_steps, eta)
+        form = self.sampling_noise_form
         if self.sampling_shift is not None:
-            return FlowSDESampler(num_steps=steps, eta=eta, shift=self.sampling_shift)
-        return FlowSDESampler(num_steps=steps, eta=eta, sigmas=self.pipeline_sigmas(steps))
+            return FlowSDESampler(num_steps=steps, eta=eta, shift=self.sampling_shift, noise_form=form)
+        return FlowSDESampler(num_steps=steps, eta=eta, sigmas=self.pipeline_sigmas(steps), noise_form=form)
 
 
 __all__ = [

@@ -95,7 +95,8 @@ class FluxPolicy(FlowMatchingFamily):
         sampling_shift: the `build_sampler()` schedule: None uses the pipeline's own sigmas at
             this resolution (`pipeline_sigmas`); a number, the SD3 shift (DanceGRPO recipe: 3).
         **kwargs: the shared arguments of `DiffusersPolicy` (dtype, denoiser_dtype, lora_rank,
-            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta).
+            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta,
+            sampling_noise_form).
     """
 
     pipeline_class = "FluxPipeline"

@@ -93,7 +93,8 @@ class HunyuanVideoPolicy(FlowMatchingFamily):
             (tile_sample_min_height, ..._stride_num_frames). Saves memory on long clips.
         vae_slicing: decode one clip of the batch at a time (`enable_slicing`).
         **kwargs: the shared arguments of `DiffusersPolicy` (dtype, denoiser_dtype, lora_rank,
-            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta).
+            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta,
+            sampling_noise_form).
     """
 
     pipeline_class = "HunyuanVideoPipeline"

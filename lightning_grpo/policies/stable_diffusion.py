@@ -49,7 +49,8 @@ class StableDiffusionPolicy(DiffusersPolicy):
         negative_prompt: the unconditional prompt for CFG ("" as the pipeline's default).
         **kwargs: the shared arguments of `DiffusersPolicy` (dtype, denoiser_dtype — keep
             "float32" for full fine-tuning with mixed precision —, lora_rank, lora_alpha,
-            lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta).
+            lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta,
+            sampling_noise_form).
     """
 
     paradigm = "diffusion"

@@ -79,7 +79,8 @@ class WanT2VPolicy(FlowMatchingFamily):
         sampling_shift: the `build_sampler()` schedule: None, the checkpoint's flow-matching
             Euler schedule (`pipeline_sigmas`); a number, the SD3 shift with that value.
         **kwargs: the shared arguments of `DiffusersPolicy` (dtype, denoiser_dtype, lora_rank,
-            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta).
+            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta,
+            sampling_noise_form).
     """
 
     pipeline_class = "WanPipeline"
