@@ -19,6 +19,7 @@ from lightning_grpo.cli import run
 from lightning_grpo.module import GRPOModule
 from lightning_grpo.policies.registry import FAMILIES, family_of
 from tests.rewards.conftest import TINY_OPEN_CLIP, TINY_OPEN_CLIP_CFG
+from tests.rewards.conftest import pickscore_dirs  # noqa: F401 (the tiny PickScore fixture, for PickScore recipes)
 from tests.rewards.test_videoalign import write_tiny_videoreward
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +44,8 @@ class Assets(dict):
 
 
 @pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory) -> dict[str, str]:
-    """A tiny open_clip checkpoint (HPS layout), a tiny VideoAlign, a prompt file, first frames,
+def stand_ins(tmp_path_factory, pickscore_dirs) -> dict[str, str]:  # noqa: F811
+    """A tiny open_clip checkpoint (HPS layout), a tiny VideoAlign, a tiny PickScore, a prompt file, first frames,
     and (lazily) the registered families' stand-in pipelines."""
     import open_clip
 
@@ -71,6 +72,8 @@ def stand_ins(tmp_path_factory) -> dict[str, str]:
         first_frames=str(root / "first_frames.jsonl"),
         clip=str(root / "HPS_v2.1_compressed.pt"),
         prompts=str(root / "prompts.txt"),
+        pickscore_model=str(pickscore_dirs[0]),
+        pickscore_processor=str(pickscore_dirs[1]),
     )
 
 
@@ -94,6 +97,8 @@ def substitute(node, assets: dict[str, str]):
         args.update(checkpoint=assets["clip"], architecture=TINY_OPEN_CLIP)
         if name == "ClipScore":  # the tiny stand-in has no open_clip registry entry (DFN5B's: squash)
             args["pretrained_tag"] = None
+    elif name == "PickScore":
+        args.update(model_dir=assets["pickscore_model"], processor_dir=assets["pickscore_processor"])
     elif name == "VideoAlignReward":
         args.update(checkpoint_dir=assets["videoalign"], base_model_dir=assets["qwen"], dtype="float32")
     elif name == "PromptDataModule":
