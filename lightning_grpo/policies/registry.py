@@ -105,6 +105,12 @@ def _build_wan_t2v(path: str | Path, seed: int = 0) -> Path:
     return build_tiny_wan(path, seed)
 
 
+def _build_sd3(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_sd3
+
+    return build_tiny_sd3(path, seed)
+
+
 _STAND_IN = {"height": 16, "width": 16}  # stand_ins.IMAGE_SIZE
 _VIDEO_STAND_IN = {**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "prompt_template": VIDEO_TEMPLATE}
 
@@ -144,6 +150,12 @@ register_family(Family(
     name="wan_t2v", policy_class="lightning_grpo.policies.wan.WanT2VPolicy", build_stand_in=_build_wan_t2v,
     stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0},
     config="configs/wan_t2v_videoalign.yaml", contract_only=("guidance_scale",),
+))
+
+register_family(Family(
+    name="sd3", policy_class="lightning_grpo.policies.sd3.StableDiffusion3Policy", build_stand_in=_build_sd3,
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "guidance_scale": 3.0},
+    config="configs/sd35_pickscore.yaml", contract_only=("guidance_scale",),
 ))
 
 __all__ = ["FAMILIES", "Family", "family_of", "register_family"]

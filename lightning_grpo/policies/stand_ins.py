@@ -351,3 +351,61 @@ def build_tiny_wan(path: str | Path, seed: int = 0) -> Path:
     pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
     pipeline.save_pretrained(path)
     return path
+
+
+# -- Stable Diffusion 3 / 3.5 ------------------------------------------------------------------------
+
+def tiny_clip_with_projection(tokenizer, seed: int, hidden: int, projection: int):
+    """A 2-layer CLIPTextModelWithProjection (SD3's CLIP-L / CLIP-G role) for `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=TEXT_MAX_LENGTH, projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable Diffusion 3.5 pipeline to `path` and return it.
+
+    Layout as stabilityai/stable-diffusion-3.5-medium: model_index.json, transformer/
+    (SD3Transformer2DModel with QK RMS-norm and a dual-attention block, as 3.5 Medium's MMDiT-X),
+    vae/ (AutoencoderKL with shift and scaling factors), text_encoder/ + tokenizer/ (CLIP-L's
+    role), text_encoder_2/ + tokenizer_2/ (CLIP-G's), text_encoder_3/ + tokenizer_3/ (T5's),
+    scheduler/ (FlowMatchEulerDiscreteScheduler, static shift 3 as the real checkpoint).
+    The two CLIP widths (16 + 8) are narrower than T5's (32), so the pipeline's zero-padding of the
+    CLIP states to T5's width is exercised. Resolution 16×16; latents [B, 4, 8, 8], 2×2 patches;
+    text states [B, 16 + S, 32]; pooled [B, 24].
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    path = Path(path)
+    tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    text_encoder = tiny_clip_with_projection(tokenizer, seed, hidden=16, projection=16)
+    text_encoder_2 = tiny_clip_with_projection(tokenizer_2, seed + 1, hidden=8, projection=8)
+    torch.manual_seed(seed + 2)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(seed + 3)
+    transformer = SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, caption_projection_dim=16, pooled_projection_dim=24,
+        pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,),
+    ).eval()
+    vae = tiny_vae(seed + 4, flux=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(path)
+    return path
