@@ -149,6 +149,8 @@ def test_config_opens_with_a_comment_and_instantiates(config, stand_ins, tmp_pat
         assert cli.model.sampler.eta == args.get("sampling_eta", cli.model.policy.default_eta)
         if args.get("sampling_shift") is not None:
             assert cli.model.sampler.shift == args["sampling_shift"]
+        if args.get("sampling_noise_form") is not None:
+            assert cli.model.sampler.noise_form == args["sampling_noise_form"]
 
 
 @pytest.mark.parametrize("config_name", FAMILY_RECIPES + ["configs/flux_hps_clip.yaml"])
