@@ -18,8 +18,7 @@ from PIL import Image
 from lightning_grpo.cli import run
 from lightning_grpo.module import GRPOModule
 from lightning_grpo.policies.registry import FAMILIES, family_of
-from tests.rewards.conftest import TINY_OPEN_CLIP, TINY_OPEN_CLIP_CFG
-from tests.rewards.conftest import pickscore_dirs  # noqa: F401 (the tiny PickScore fixture, for PickScore recipes)
+from tests.rewards.conftest import TINY_OPEN_CLIP, TINY_OPEN_CLIP_CFG, write_tiny_pickscore
 from tests.rewards.test_videoalign import write_tiny_videoreward
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +43,7 @@ class Assets(dict):
 
 
 @pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory, pickscore_dirs) -> dict[str, str]:  # noqa: F811
+def stand_ins(tmp_path_factory) -> dict[str, str]:
     """A tiny open_clip checkpoint (HPS layout), a tiny VideoAlign, a tiny PickScore, a prompt file, first frames,
     and (lazily) the registered families' stand-in pipelines."""
     import open_clip
@@ -65,6 +64,7 @@ def stand_ins(tmp_path_factory, pickscore_dirs) -> dict[str, str]:  # noqa: F811
         rows.append(json.dumps({"prompt": prompt, "image": f"frames/{i}.png"}))
     (root / "first_frames.jsonl").write_text("\n".join(rows) + "\n")
     videoreward, qwen, *_ = write_tiny_videoreward(root / "videoalign")
+    pickscore_model, pickscore_processor = write_tiny_pickscore(root / "pickscore")
     return Assets(
         root,
         videoalign=str(videoreward),
@@ -72,8 +72,8 @@ def stand_ins(tmp_path_factory, pickscore_dirs) -> dict[str, str]:  # noqa: F811
         first_frames=str(root / "first_frames.jsonl"),
         clip=str(root / "HPS_v2.1_compressed.pt"),
         prompts=str(root / "prompts.txt"),
-        pickscore_model=str(pickscore_dirs[0]),
-        pickscore_processor=str(pickscore_dirs[1]),
+        pickscore_model=str(pickscore_model),
+        pickscore_processor=str(pickscore_processor),
     )
 
 
