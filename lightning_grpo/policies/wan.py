@@ -109,6 +109,7 @@ class WanT2VPolicy(FlowMatchingFamily):
         super().__init__(pretrained_model_name_or_path, height, width, **kwargs)
         self.check_frames(num_frames)
         self.num_frames = int(num_frames)
+        self.frame_ratio = self.geometry_steps(self.component_configs()).frame_ratio  # the VAE's time compression
         self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
         self.max_sequence_length = int(max_sequence_length)
@@ -172,8 +173,7 @@ class WanT2VPolicy(FlowMatchingFamily):
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         """Per-sample latent shape (C, f, h, w), f = (F − 1)/t + 1: the pipeline's layout."""
-        ratio = self.geometry_steps(self.component_configs()).frame_ratio
-        return (self.latent_channels, (self.num_frames - 1) // ratio + 1, *self.latent_size)
+        return (self.latent_channels, (self.num_frames - 1) // self.frame_ratio + 1, *self.latent_size)
 
     def pixels_to_vae(self, pixels: Tensor) -> Tensor:
         """[B, F, 3, H, W] → [B, 3, F, H, W] (the VAE's layout)."""
