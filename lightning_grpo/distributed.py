@@ -417,9 +417,18 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         return {key: value for key, value in self.model.state_dict().items() if key not in skipped}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write the sharded checkpoint into a sibling folder, then (rank zero, after every rank
-        finished) put it in place of `filepath`: a crash while writing never leaves a partial
-        checkpoint under the real name (each rank writes its own shard file; `meta.pt` last)."""
+        """Write the sharded checkpoint into a sibling folder, record the CRC-32 of every file in
+        its `checksums.json`, then (rank zero, after every rank finished) put it in place of
+        `filepath`: a crash while writing never leaves a partial checkpoint under the real name
+        (each rank writes its own shard file; `meta.pt` last), and the folder is never in place
+        without its checksums, which `verify_checkpoint` checks before a resume or a test reads
+        it (the `.distcp` shards are not zip archives that carry CRCs of their own).
+
+        The checksums are computed by every rank for its share of the files (file i by rank
+        i mod W, mostly its own shard, just written), gathered to rank zero, which writes the
+        manifest: no rank reads the whole checkpoint."""
+        from lightning_grpo.checkpointing import checksum_entries, record_checksums
+
         target = Path(self.broadcast(str(filepath)))
         staging = target.with_name(f".{target.name}.partial")
         if self.is_global_zero and staging.exists():
@@ -427,7 +436,11 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         self.barrier("fsdp_checkpoint_staging")
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("fsdp_checkpoint_written")
+        entries: dict[str, list[int]] = {}
+        for part in all_gather_objects(checksum_entries(staging, part=(self.global_rank, self.world_size))):
+            entries.update(part)
         if self.is_global_zero:
+            record_checksums(staging, entries)
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
@@ -444,10 +457,10 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint import load as dcp_load
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-        from lightning_grpo.checkpointing import SHARDED_METADATA, CheckpointError, check_checkpoint_file, is_sharded_checkpoint, sharded_keys
+        from lightning_grpo.checkpointing import SHARDED_METADATA, CheckpointError, is_sharded_checkpoint, sharded_keys
 
         path = Path(self.broadcast(str(checkpoint_path)))
-        check_checkpoint_file(path)
+        self._check_checkpoint(path)
         if not is_sharded_checkpoint(path):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is a single file (written by DDP or one device); DenoiserFSDPStrategy "
@@ -456,7 +469,7 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         assert self.model is not None
         skipped = _rebuilt_keys(self.lightning_module)
         model_state = {key: value for key, value in self.model.state_dict().items() if key not in skipped}
-        saved = sharded_keys(path)
+        saved = sharded_keys(path, verify=False)
         missing, unexpected = sorted(set(model_state) - saved), sorted(saved - set(model_state))
         if missing or unexpected:
             raise CheckpointError(
@@ -472,6 +485,23 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
             dcp_load(state, checkpoint_id=path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key])
         return torch.load(path / SHARDED_METADATA, weights_only=weights_only)
+
+
+    def _check_checkpoint(self, path: Path) -> None:
+        """`check_checkpoint_file` shared by the ranks: each checks its share of a folder's files
+        (file i by rank i mod W), the verdicts are gathered, and every rank raises the first
+        error (naming the file), so none is left waiting in a collective and no rank reads the
+        whole checkpoint."""
+        from lightning_grpo.checkpointing import CheckpointError, check_checkpoint_file
+
+        error: str | None = None
+        try:
+            check_checkpoint_file(path, part=(self.global_rank, self.world_size))
+        except CheckpointError as err:
+            error = str(err)
+        found = next((e for e in all_gather_objects(error) if e is not None), None)
+        if found is not None:
+            raise CheckpointError(found)
 
 
 def _rebuilt_keys(module: Any) -> set[str]:

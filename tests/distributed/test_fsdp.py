@@ -257,6 +257,31 @@ def test_a_sharded_checkpoint_of_another_model_is_named(flux_dir, one_rank, tmp_
         strategy.load_checkpoint(folder)
 
 
+def test_a_sharded_save_records_checksums_and_a_corrupt_shard_is_refused_naming_it(flux_dir, one_rank, tmp_path):
+    """Every sharded save writes `checksums.json` (CRC-32 and size of every file, the `.distcp`
+    shards included, which carry no checksum of their own), and loading refuses a folder whose
+    shard bytes changed, naming the file. Before (issue 27), nothing recorded the shards' CRCs:
+    the flipped byte was loaded into the weights without a word."""
+    import json
+
+    module = flux_module(flux_dir)
+    strategy = strategy_on(one_rank)
+    strategy.shard_module(module)
+    strategy.connect(module)
+    folder = tmp_path / "epoch=0-step=1.ckpt"
+    strategy.save_checkpoint({"state_dict": strategy.lightning_module_state_dict(), "optimizer_states": [], "global_step": 1}, folder)
+    manifest = json.loads((folder / "checksums.json").read_text())
+    assert set(manifest) == {"__0_0.distcp", ".metadata", "meta.pt"}
+    assert all(size == (folder / name).stat().st_size for name, (size, _) in manifest.items())
+    assert not list(tmp_path.glob(".*partial*"))  # renamed into place with its manifest
+    assert strategy.load_checkpoint(folder)["global_step"] == 1  # intact: loads
+    shard = bytearray((folder / "__0_0.distcp").read_bytes())
+    shard[len(shard) // 2] ^= 0xFF  # inside the tensor data: still a loadable file
+    (folder / "__0_0.distcp").write_bytes(bytes(shard))
+    with pytest.raises(CheckpointError, match=r"step=1\.ckpt' is corrupt: '__0_0\.distcp' does not match the checksum"):
+        strategy.load_checkpoint(folder)
+
+
 def test_a_learning_rate_given_on_resume_reaches_the_optimizer_the_strategy_loaded(flux_dir):
     """A sharded checkpoint's optimizer state is loaded by the strategy before `on_load_checkpoint`
     (it is not under "optimizer_states"): the new rate is written into the live optimizer and the
