@@ -434,7 +434,14 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         if self.is_global_zero and staging.exists():
             shutil.rmtree(staging)
         self.barrier("fsdp_checkpoint_staging")
+        shards: dict[str, Any] = {}
+        if "callbacks" in checkpoint:  # e.g. the EMA of sharded weights: each rank's part, not rank zero's meta.pt
+            checkpoint["callbacks"] = _split_sharded(checkpoint["callbacks"], "callbacks", shards)
         super().save_checkpoint(checkpoint, staging, storage_options)
+        if shards:
+            from torch.distributed.checkpoint import save as dcp_save
+
+            dcp_save(shards, checkpoint_id=staging / CALLBACK_SHARDS)
         self.barrier("fsdp_checkpoint_written")
         entries: dict[str, list[int]] = {}
         for part in all_gather_objects(checksum_entries(staging, part=(self.global_rank, self.world_size))):
@@ -484,7 +491,52 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
             state = {key: get_optimizer_state_dict(self.model, optimizer)}
             dcp_load(state, checkpoint_id=path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key])
-        return torch.load(path / SHARDED_METADATA, weights_only=weights_only)
+        rest = torch.load(path / SHARDED_METADATA, weights_only=weights_only)
+        if "callbacks" in rest:
+            rest["callbacks"] = self._load_sharded_callbacks(path, rest["callbacks"])
+        return rest
+
+    def _load_sharded_callbacks(self, path: Path, states: Any) -> Any:
+        """The callbacks' states with each sharded entry (`save_checkpoint` left a placeholder in
+        `meta.pt`) read from the `callbacks/` shards into a DTensor sharded as the denoiser's
+        parameters are now (torch distributed checkpoint reshards a checkpoint of another world
+        size), its local part on the CPU."""
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint import load as dcp_load
+
+        keys: list[str] = []
+        _find_placeholders(states, keys)
+        if not keys:
+            return states
+        folder = path / CALLBACK_SHARDS
+        from lightning_grpo.checkpointing import CheckpointError
+
+        if not (folder / SHARD_INDEX_NAME).is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: its callbacks' sharded state {keys[:2]} is not in {CALLBACK_SHARDS}/")
+        saved = FileSystemReader(folder).read_metadata().state_dict_metadata
+        absent = [key for key in keys if key not in saved]
+        if absent:
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {absent[:3]} missing from {CALLBACK_SHARDS}/")
+        loaded = {key: self._sharded_empty(list(saved[key].size), saved[key].properties.dtype) for key in keys}
+        dcp_load(loaded, checkpoint_id=folder)
+        return _fill_placeholders(states, loaded)
+
+    def _sharded_empty(self, size: list[int], dtype: torch.dtype) -> Any:
+        """An uninitialised DTensor of global `size`, sharded as FSDP2 shards a parameter on this
+        strategy's mesh (dim 0 in `torch.chunk` pieces over the shard dimension, replicated over
+        HYBRID_SHARD's node dimension), its local part on the CPU."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        mesh = self._shard_mesh
+        shard = (Shard(0),) if size else (Replicate(),)
+        placements = (Replicate(), *shard) if mesh.ndim == 2 else shard
+        local = list(size)
+        for dim, placement in enumerate(placements):
+            if isinstance(placement, Shard):
+                local[0] = _chunk_length(local[0], mesh.size(dim), mesh.get_local_rank(dim))
+        stride = [math.prod(size[i + 1 :]) for i in range(len(size))]
+        return DTensor.from_local(torch.empty(local, dtype=dtype), device_mesh=mesh, placements=placements,
+                                  shape=torch.Size(size), stride=tuple(stride), run_check=False)
 
 
     def _check_checkpoint(self, path: Path) -> None:
@@ -502,6 +554,58 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         found = next((e for e in all_gather_objects(error) if e is not None), None)
         if found is not None:
             raise CheckpointError(found)
+
+
+CALLBACK_SHARDS = "callbacks"
+"""Subfolder of a sharded checkpoint holding the callbacks' sharded state (a torch distributed
+checkpoint of its own, e.g. the EMA of the sharded weights); `meta.pt` keeps a placeholder."""
+SHARD_INDEX_NAME = ".metadata"
+_PLACEHOLDER = "__sharded_in_callbacks_folder__"
+
+
+def _split_sharded(tree: Any, where: str, found: dict[str, Any]) -> Any:
+    """`tree` (nested dicts and lists) with every DTensor replaced by a placeholder naming its key
+    in `found`, where the DTensor is put (keys are the leaves' paths)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        found[where] = tree
+        return {_PLACEHOLDER: where}
+    if isinstance(tree, dict):
+        return {k: _split_sharded(v, f"{where}/{k}", found) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_split_sharded(v, f"{where}/{i}", found) for i, v in enumerate(tree))
+    return tree
+
+
+def _find_placeholders(tree: Any, keys: list[str]) -> None:
+    if isinstance(tree, dict):
+        if set(tree) == {_PLACEHOLDER}:
+            keys.append(tree[_PLACEHOLDER])
+            return
+        for value in tree.values():
+            _find_placeholders(value, keys)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            _find_placeholders(value, keys)
+
+
+def _fill_placeholders(tree: Any, loaded: dict[str, Any]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {_PLACEHOLDER}:
+            return loaded[tree[_PLACEHOLDER]]
+        return {k: _fill_placeholders(v, loaded) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_fill_placeholders(v, loaded) for v in tree)
+    return tree
+
+
+def _chunk_length(total: int, parts: int, index: int) -> int:
+    """Length of piece `index` of `total` rows cut in `parts` by `torch.chunk` (pieces of
+    ceil(total / parts), the last ones shorter or empty): how FSDP2 and DTensor's Shard split."""
+    size = -(-total // parts)
+    start = min(total, index * size)
+    return min(total, start + size) - start
 
 
 def _rebuilt_keys(module: Any) -> set[str]:
