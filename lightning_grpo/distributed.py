@@ -79,6 +79,16 @@ def all_gather_tensor(value: Tensor) -> Tensor:
     return torch.stack(parts)
 
 
+def mean_over_ranks(sums: Tensor, count: int | float) -> Tensor | None:
+    """Σ_ranks sums / Σ_ranks count ([K] per-quantity means over every rank's samples, weighted by
+    their numbers: one all-reduce of [K + 1] values), or None when no rank counted a sample. Every
+    rank must call it (a rank without samples with zero sums and count 0)."""
+    local = torch.cat([sums.detach().double().flatten(), sums.new_tensor([float(count)], dtype=torch.float64)])
+    if is_distributed():
+        dist.all_reduce(local)
+    return None if local[-1] <= 0 else (local[:-1] / local[-1]).to(sums.dtype)
+
+
 # ---------------------------------------------------------------------------- update schedule
 @dataclass
 class UpdateSchedule:
@@ -250,7 +260,7 @@ def count_allreduce_hook(state: CommHookCounter, bucket):  # (state, dist.GradBu
 
 __all__ = [
     "CommHookCounter", "DenoiserFSDPStrategy", "GatheredScores", "UpdateSchedule", "all_gather_objects", "all_gather_tensor",
-    "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "local_selection", "members_of_rank",
+    "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "local_selection", "mean_over_ranks", "members_of_rank",
     "replicated_state_names", "skip_gradient_sync", "update_schedule",
 ]
 

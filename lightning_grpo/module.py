@@ -28,6 +28,7 @@ from lightning_grpo.distributed import (
     all_gather_objects,
     gather_by_key,
     local_selection,
+    mean_over_ranks,
     members_of_rank,
     replicated_state_names,
     skip_gradient_sync,
@@ -353,6 +354,7 @@ class GRPOModule(LightningModule):
         if trajectories.batch_size == 0:
             if self._world_size() > 1:  # other ranks trained: the callbacks run alike on every rank
                 self.last_step = self._empty_record(rolled_out, pixels, record_size)
+                self._log_reward({}, 0)  # its part (none) of the reward's all-reduce
             return
         if hp.nonfinite == "skip":
             self._skips.step(
@@ -853,7 +855,17 @@ class GRPOModule(LightningModule):
         logs.update({f"time/{phase}": seconds for phase, seconds in timer.seconds.items()})
         logs["time/samples_per_s"] = num_samples / max(sum(timer.seconds.values()), 1e-9)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=num_samples)
-        self.log("reward", sum(s.mean() for s in scores.values()) / len(scores), prog_bar=True, batch_size=num_samples)
+        self._log_reward(scores, num_samples)
+
+    def _log_reward(self, scores: dict[str, Tensor], num_samples: int) -> None:
+        """Log `reward`, the mean of the rewards' means over every rank's trained samples (one
+        all-reduce, on every rank: a rank that trained nothing adds zeros), so the number the
+        progress bar shows and `GRPOCheckpoint` ranks checkpoints by is the run's, not rank zero's."""
+        names = [r.name for r in self.rewards.rewards]
+        sums = torch.stack([scores[n].float().sum() if n in scores else torch.zeros((), device=self.device) for n in names])
+        means = mean_over_ranks(sums, num_samples)
+        if means is not None:
+            self.log("reward", means.mean(), prog_bar=True, batch_size=max(num_samples, 1))
 
     def _trained_group_size(self) -> int:
         best = self.hparams.best_of_n

@@ -375,6 +375,17 @@ def test_ddp_rank_that_drops_every_group_keeps_the_callbacks_in_step(tmp_path):
     (events,) = version.glob("events.out.tfevents.*")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars = EventAccumulator(str(events)).Reload().Scalars("train/diversity/pixel_within_group")
+    logged = EventAccumulator(str(events)).Reload()
+    scalars = logged.Scalars("train/diversity/pixel_within_group")
     assert [s.step for s in scalars] == [0, 1]  # logged at both rollouts, the one rank 1 sat out included
     assert list((tmp_path / "cwd").iterdir()) == []
+    # `reward` (progress bar, GRPOCheckpoint's best) is the mean over both ranks' trained samples,
+    # weighted by their numbers (rank 1 trained none at step 0); it was rank zero's own mean
+    ranks = probes(tmp_path / "probe", "fit")
+    assert ranks[1]["scores"][0]["brightness"].numel() == 0 and ranks[0]["scores"][0]["brightness"].numel() == 8
+    overall = [float(torch.cat([r["scores"][k]["brightness"] for r in ranks]).mean()) for k in (0, 1)]
+    assert abs(float(ranks[0]["scores"][1]["brightness"].mean()) - overall[1]) > 1e-4  # rank zero's mean is not the run's
+    assert [s.step for s in logged.Scalars("reward")] == [0, 1]
+    assert [s.value for s in logged.Scalars("reward")] == [pytest.approx(v, rel=1e-5) for v in overall]
+    best = (version / "checkpoints" / "best.txt").read_text().split()
+    assert best[0] == "epoch=0-step=4.ckpt" and best[1] == f"reward={overall[1]:.6g}"  # ranked by the run's reward
