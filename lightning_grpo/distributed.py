@@ -12,6 +12,8 @@ the few collective steps that are specific to GRPO:
   weighted by the *global* count of its optimizer step;
 - `gather_by_key`: rewards of all ranks, placed by sample key, for group statistics of groups
   whose members live on several ranks;
+- `mean_over_ranks`, `gather_objects_to_zero`, `broadcast_object`: the logged reward over every
+  rank's samples, evaluation results split over the ranks and gathered (`evaluation.evaluate`);
 - `denoiser_blocks`: the trainable denoiser and its block classes, the FSDP units;
 - `DenoiserFSDPStrategy`: FSDP2 of the denoiser's blocks, sharded checkpoints (docs/scaling.md);
 - `CommHookCounter`: a DDP communication hook that counts gradient all-reduces (tests, bench).
@@ -68,6 +70,25 @@ def all_gather_objects(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def gather_objects_to_zero(value: Any) -> list[Any] | None:
+    """[value of rank 0, value of rank 1, ...] on rank zero, None on the others ([value] on one
+    process): for what only rank zero writes (an evaluation's pixels)."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s `value` on every rank (`value` itself on one process)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_gather_tensor(value: Tensor) -> Tensor:
@@ -260,8 +281,9 @@ def count_allreduce_hook(state: CommHookCounter, bucket):  # (state, dist.GradBu
 
 __all__ = [
     "CommHookCounter", "DenoiserFSDPStrategy", "GatheredScores", "UpdateSchedule", "all_gather_objects", "all_gather_tensor",
-    "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "local_selection", "mean_over_ranks", "members_of_rank",
-    "replicated_state_names", "skip_gradient_sync", "update_schedule",
+    "broadcast_object", "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "gather_objects_to_zero",
+    "local_selection", "mean_over_ranks", "members_of_rank", "replicated_state_names", "skip_gradient_sync",
+    "update_schedule",
 ]
 
 

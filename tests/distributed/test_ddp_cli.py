@@ -213,7 +213,7 @@ def expected_fit_files(demo: Demo, video: bool) -> set[str]:
     """The files one fit of `demo` writes into its version folder (one process or N)."""
     steps = demo.max_steps
     checkpoints = {f"checkpoints/epoch=0-step={s}.ckpt" for s in range(demo.checkpoint_every, steps + 1, demo.checkpoint_every)}
-    checkpoints |= {f"checkpoints/epoch=0-step={steps}.ckpt", "checkpoints/last.ckpt", "checkpoints/best.txt"}
+    checkpoints |= {f"checkpoints/epoch=0-step={steps}.ckpt", "checkpoints/last.ckpt", "checkpoints/best.txt", ".lock"}
     media = {f"visualization/ode_samples_step{s:06d}.png" for s in (0, steps)} | {"rollouts/step000000.png"}
     if video:
         media |= {name.replace(".png", ".gif") for name in media}
@@ -262,11 +262,16 @@ def test_ddp_fit_resume_and_test(demo, request, tmp_path):
     assert len(heldout) == spec.heldout_prompts * spec.samples_per_prompt  # written once, not once per rank
     if not video:
         assert [int(row["step"]) for row in csv_rows(fit.version(0) / "reward_hacking.csv")] == [0, steps]
+    # the evaluations' samples are shared out: each rank generated half of the held-out ones (before
+    # and after) and of the monitor's (at steps 0 and the last); every rank generated them all before
+    evaluations = 2 + (0 if video else 2)
+    assert [r["evaluated"] for r in records] == [evaluations * spec.heldout_prompts * spec.samples_per_prompt // 2] * 2
     assert list(fit.cwd.iterdir()) == []  # nothing written outside the run folder
     # -- resume from the earlier checkpoint: the same last steps, on 2 processes again
     resumed_probe = tmp_path / "probe_resume"
     early = fit.version(0) / "checkpoints" / f"epoch=0-step={spec.checkpoint_every}.ckpt"
-    run = lightning_grpo(["fit", "-c", str(fit.config), *DDP, f"--ckpt_path={early}",
+    # (a version of its own: by default a resume appends to the folder of its checkpoint, docs/reliability.md)
+    run = lightning_grpo(["fit", "-c", str(fit.config), *DDP, f"--ckpt_path={early}", "--trainer.logger.init_args.version=version_1",
                           f"--trainer.callbacks.out={resumed_probe}"], cwd=fit.cwd, log=tmp_path / "resume.log")
     run.check("2-process resume")
     resumed = assert_ranks_equal(probes(resumed_probe, "fit"), steps)
@@ -291,7 +296,7 @@ def test_ddp_fit_resume_and_test(demo, request, tmp_path):
     rows = csv_rows(tested / "test" / "results.csv")
     heldout_file = yaml.safe_load(fit.config.read_text())["data"]["init_args"]["val_files"]
     first = [line.strip() for line in Path(heldout_file).read_text().splitlines() if line.strip()][: 2 * 2 * spec.batch_size]
-    assert sorted(row["prompt"] for row in rows) == sorted(first)  # every rank's samples, each once
+    assert [row["prompt"] for row in rows] == first  # every rank's samples, each once, in the split's order
     assert list(fit.cwd.iterdir()) == []
 
 
