@@ -729,7 +729,7 @@ class GRPOModule(LightningModule):
         self._log_evaluation(result, "test")
         for name, (mean, low, high, n) in result.summary().items():
             interval = {f"test/reward/{name}_ci_low": low, f"test/reward/{name}_ci_high": high, f"test/reward/{name}_n": float(n)}
-            self.log_dict(interval, rank_zero_only=True)
+            self.log_dict(interval, sync_dist=True)  # the same on every rank (gathered)
         directory = Path(self.trainer.log_dir or ".") / "test"  # a collective (a broadcast): on every rank
         if self.trainer.is_global_zero:
             result.write(directory)
