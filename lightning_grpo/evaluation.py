@@ -127,7 +127,7 @@ class EvaluationResult:
             pixels were kept, shown as the grid's first column; else None.
         keys: [N] (prompt key, sample j) of each sample, the key of its noise (`evaluate`'s
             `indices`, the prompt's position in a held-out split); `gather_results` orders the
-            ranks' samples by it and drops repeats.
+            ranks' samples by it and drops repeats. None when the prompts came without positions.
 
     The kept pixels may cover only the first samples (`test_grid_size`): the grid shows those.
     """
@@ -413,7 +413,9 @@ def evaluate(
         pixels=kept,
         samples_per_prompt=samples_per_prompt,
         images=images.detach().float().cpu() if keep_pixels and images is not None and on_zero else None,
-        keys=[(keys[i], j) for i, j in pairs],
+        # keys only for prompts with their split positions: without them a batch's keys restart at 0
+        # and `gather_results` would drop the next batch's samples as repeats
+        keys=None if indices is None else [(keys[i], j) for i, j in pairs],
     )
 
 
