@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the folders whose .py files make up the installed package (pyproject's package-dir and packages)
 SOURCE_FOLDERS = {"lightning_grpo": ROOT / "lightning_grpo", "lightning_grpo.callbacks": ROOT / "callbacks",
                   "lightning_grpo.datamodules": ROOT / "datamodules"}
-NOT_IN_GIT = {".git", ".venv", ".venv-floors", "mutants", "build", "dist", "runs", "lightning_logs", "outputs", "__pycache__"}
+NOT_IN_GIT = {".git", ".venv", ".venv-floors", "mutants", "mutation", "build", "dist", "runs", "lightning_logs", "outputs", "__pycache__"}
 
 CODE = """
 import importlib, sys
