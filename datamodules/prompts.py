@@ -1,7 +1,7 @@
 """Prompt datamodule for text-to-image and text-to-video GRPO: streamed, sharded, resumable.
 
-The heavy lifting lives in :mod:`datamodules.sources` (formats, malformed records) and
-:mod:`datamodules.streaming` (hold-out, shuffle, exactly-once sharding, resume); this module
+The heavy lifting lives in :mod:`lightning_grpo.datamodules.sources` (formats, malformed records) and
+:mod:`lightning_grpo.datamodules.streaming` (hold-out, shuffle, exactly-once sharding, resume); this module
 wires them into Lightning: rank discovery, dataloaders, and the position kept in checkpoints.
 """
 

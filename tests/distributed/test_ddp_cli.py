@@ -50,7 +50,7 @@ def lightning_grpo(args: list[str], cwd: Path, log: Path, timeout: float = RUN_T
     `env`: variables added to the environment."""
     script = Path(sys.executable).with_name("lightning-grpo")
     command = [str(script), *args] if script.exists() else [sys.executable, "-m", "lightning_grpo", *args]
-    paths = [str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    paths = [str(HERE), os.environ.get("PYTHONPATH", "")]  # rank_probe; the package comes from the install
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p), **(env or {})}
     cwd.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
