@@ -28,12 +28,13 @@ from lightning_grpo.distributed import (
     all_gather_objects,
     gather_by_key,
     local_selection,
+    mean_over_ranks,
     members_of_rank,
     replicated_state_names,
     skip_gradient_sync,
     update_schedule,
 )
-from lightning_grpo.evaluation import EvaluationResult, evaluate, sample_seed
+from lightning_grpo.evaluation import EvaluationResult, evaluate, gather_results, sample_seed
 from lightning_grpo.first_frames import FirstFrames, frame_size
 from lightning_grpo.grpo.advantages import (
     BestOfNAdvantages,
@@ -63,7 +64,7 @@ class GRPOModule(LightningModule):
     """Group Relative Policy Optimisation of a visual generator (DanceGRPO), with manual optimisation.
 
     Args:
-        policy: the base-model adapter (e.g. `lightning_grpo.policies.FluxPolicy`).
+        policy: the base-model adapter (a family of `lightning_grpo.policies`, e.g. FLUX.1).
         sampler: the SDE sampler of the policy's paradigm (FlowSDESampler or DDIMSDESampler);
             None (default) uses `policy.build_sampler()`, the family's matching sampler. A
             sampler of the other paradigm is refused, naming both classes.
@@ -353,6 +354,7 @@ class GRPOModule(LightningModule):
         if trajectories.batch_size == 0:
             if self._world_size() > 1:  # other ranks trained: the callbacks run alike on every rank
                 self.last_step = self._empty_record(rolled_out, pixels, record_size)
+                self._log_reward({}, 0)  # its part (none) of the reward's all-reduce
             return
         if hp.nonfinite == "skip":
             self._skips.step(
@@ -700,8 +702,16 @@ class GRPOModule(LightningModule):
         )
 
     # ------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._val_parts = []
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val")
+        self._val_parts.append(self._evaluate(batch, batch_idx, "val"))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log `val/reward/{name}`: the mean over every rank's samples, each held-out prompt once."""
+        self._log_evaluation(gather_results(getattr(self, "_val_parts", []), 0), "val")
+        self._val_parts = []
 
     def on_test_epoch_start(self) -> None:
         self._test_parts = []
@@ -710,14 +720,16 @@ class GRPOModule(LightningModule):
         self._test_parts.append(self._evaluate(batch, batch_idx, "test"))
 
     def on_test_epoch_end(self) -> None:
-        """Gather every rank's test samples, log mean and 95% interval per reward
+        """Gather every rank's test samples (each held-out prompt once, in the split's order: the
+        repeats that pad the last block are dropped), log mean and 95% interval per reward
         (`test/reward/{name}`, `..._ci_low`, `..._ci_high`) and, on rank zero, write results.csv,
         results.md and grid.png into `<log_dir>/test/` and print the table."""
-        result = _gather_results(self._test_parts, self.hparams.test_grid_size)
+        result = gather_results(self._test_parts, self.hparams.test_grid_size)
         self._test_parts, self.test_results = [], result
+        self._log_evaluation(result, "test")
         for name, (mean, low, high, n) in result.summary().items():
             interval = {f"test/reward/{name}_ci_low": low, f"test/reward/{name}_ci_high": high, f"test/reward/{name}_n": float(n)}
-            self.log_dict(interval, rank_zero_only=True)
+            self.log_dict(interval, sync_dist=True)  # the same on every rank (gathered)
         directory = Path(self.trainer.log_dir or ".") / "test"  # a collective (a broadcast): on every rank
         if self.trainer.is_global_zero:
             result.write(directory)
@@ -726,26 +738,33 @@ class GRPOModule(LightningModule):
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> EvaluationResult:
         """Deterministic (eta = 0) samples from fixed per-sample seeds, scored by every reward.
 
-        Noise is seeded from (seed, batch, rank, position) through `lightning_grpo.evaluation`, with
-        its own generators: evaluating never moves the training random stream.
+        Noise is keyed by (seed, the prompt's position in the held-out split, sample), through
+        `lightning_grpo.evaluation` with its own generators: any number of ranks draws the samples
+        of one process, and evaluating never moves the training random stream. (A batch without
+        positions, from another datamodule, keys it by (seed, batch, rank, position).)
         """
+        indices = batch.get("indices")
         rank = self.global_rank if self._trainer is not None else 0
+        seed = self.hparams.seed if indices is not None else sample_seed(self.hparams.seed, batch_idx, rank)
         keep = stage == "test" and sum(len(p.prompts) for p in self._test_parts) < self.hparams.test_grid_size
-        drop = self.hparams.reward_failure == "drop_group"
-        result = evaluate(
-            self.policy, self.sampler, batch["prompts"], self.rewards, seed=sample_seed(self.hparams.seed, batch_idx, rank),
-            batch_size=self.hparams.decode_batch_size, keep_pixels=keep, images=self.batch_first_frames(batch), show_progress=False,
-            allow_nonfinite=drop,
+        return evaluate(
+            self.policy, self.sampler, batch["prompts"], self.rewards, seed=seed, batch_size=self.hparams.decode_batch_size,
+            keep_pixels=keep, images=self.batch_first_frames(batch), show_progress=False,
+            allow_nonfinite=self.hparams.reward_failure == "drop_group", indices=indices,
         )
-        if not batch["prompts"]:  # a data block without one readable image: nothing to log (a weight-0 NaN would poison the mean)
-            return result
+
+    def _log_evaluation(self, result: EvaluationResult, stage: str) -> None:
+        """`{stage}/reward/{name}`: the mean over the gathered samples (the same on every rank; with
+        `drop_group`, of the finite ones, and `..._nonfinite` counts the others)."""
+        if not result.prompts:  # nothing evaluated (no batch, or blocks without one readable image)
+            return
         for name, s in result.scores.items():
             finite = torch.isfinite(s)
-            # drop_group: non-finite scores are left out of the mean (NaN when none is finite) and counted
-            self.log(f"{stage}/reward/{name}", s[finite].mean() if finite.any() else torch.tensor(float("nan")), batch_size=len(s), sync_dist=True)
-            if drop:
-                self.log(f"{stage}/reward/{name}_nonfinite", (~finite).sum().float(), batch_size=len(s), reduce_fx="sum", sync_dist=True)
-        return result
+            mean = s[finite].mean() if finite.any() else torch.tensor(float("nan"))
+            # sync_dist: every rank holds the same gathered value (its mean over ranks is itself)
+            self.log(f"{stage}/reward/{name}", mean.to(self.device), batch_size=len(s), sync_dist=True)
+            if self.hparams.reward_failure == "drop_group":
+                self.log(f"{stage}/reward/{name}_nonfinite", (~finite).sum().float().to(self.device), batch_size=len(s), sync_dist=True)
 
     # ------------------------------------------------------------------ checkpoints
     def rebuilt_keys(self) -> set[str]:
@@ -753,9 +772,12 @@ class GRPOModule(LightningModule):
         reference, the first-frame image policy, and the policy's frozen weights (text encoders, VAE, LoRA base weights), which
         would otherwise add gigabytes (T5-XXL, ViT-H, Qwen2-VL) to every checkpoint. (Under FSDP
         `state_dict()` returns each rank's shards: nothing is gathered to list the keys.)"""
-        keys = {k for k in self.state_dict() if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
+        saved = set(self.state_dict())
+        keys = {k for k in saved if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
         # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
         keys |= {f"policy.{name}" for name, p in self.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        # the policy's buffers too: rebuilt from its config and never trained (SD3's sin-cos position table)
+        keys |= {f"policy.{name}" for name, _ in self.policy.named_buffers(remove_duplicate=False)} & saved
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -853,7 +875,17 @@ class GRPOModule(LightningModule):
         logs.update({f"time/{phase}": seconds for phase, seconds in timer.seconds.items()})
         logs["time/samples_per_s"] = num_samples / max(sum(timer.seconds.values()), 1e-9)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=num_samples)
-        self.log("reward", sum(s.mean() for s in scores.values()) / len(scores), prog_bar=True, batch_size=num_samples)
+        self._log_reward(scores, num_samples)
+
+    def _log_reward(self, scores: dict[str, Tensor], num_samples: int) -> None:
+        """Log `reward`, the mean of the rewards' means over every rank's trained samples (one
+        all-reduce, on every rank: a rank that trained nothing adds zeros), so the number the
+        progress bar shows and `GRPOCheckpoint` ranks checkpoints by is the run's, not rank zero's."""
+        names = [r.name for r in self.rewards.rewards]
+        sums = torch.stack([scores[n].float().sum() if n in scores else torch.zeros((), device=self.device) for n in names])
+        means = mean_over_ranks(sums, num_samples)
+        if means is not None:
+            self.log("reward", means.mean(), prog_bar=True, batch_size=max(num_samples, 1))
 
     def _trained_group_size(self) -> int:
         best = self.hparams.best_of_n
@@ -894,27 +926,6 @@ def _with_loaded_optimizers(checkpoint: dict[str, Any], trainer: Any) -> dict[st
     if "optimizer_states" in checkpoint or "state_dict" in checkpoint:
         return checkpoint
     return {**checkpoint, "optimizer_states": [{"param_groups": o.param_groups} for o in trainer.strategy.optimizers]}
-
-
-def _gather_results(parts: list[EvaluationResult], grid_size: int) -> EvaluationResult:
-    """This rank's test results concatenated, then those of every rank in rank order."""
-    local = _concat_results(parts, grid_size)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return local
-    gathered: list[EvaluationResult] = [local] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, local)
-    return _concat_results(gathered, grid_size)
-
-
-def _concat_results(parts: list[EvaluationResult], grid_size: int) -> EvaluationResult:
-    """One result from several (prompts and scores concatenated; at most `grid_size` pixels kept)."""
-    names = list(parts[0].scores) if parts else []
-    pixels = [part.pixels for part in parts if part.pixels is not None]
-    return EvaluationResult(
-        prompts=[prompt for part in parts for prompt in part.prompts],
-        scores={name: torch.cat([part.scores[name] for part in parts]) for name in names},
-        pixels=torch.cat(pixels)[:grid_size] if pixels else None,
-    )
 
 
 def _check_training_sampler(sampler: Sampler) -> None:
