@@ -177,6 +177,8 @@ DDP_CASES = {
     "ddp_spanning_best_of_n_drop": ["--groups-across-ranks", "--best-of-n", "1", "1", "--failing-prompt", "a red photo"],
     # groups on one rank each; rank 1 drops a group, so the ranks agree on the update schedule
     "ddp_drop_group": ["--failing-prompt", "a red photo"],
+    # ... in optimizer steps of 4 samples: rank 0 makes 2, rank 1 (4 samples left) 1 and a zero-weight one
+    "ddp_drop_group_padding": ["--failing-prompt", "a red photo", "--samples-per-update", "4"],
 }
 DDP_PROMPTS = [f"a {c} {s}" for c in ("red", "blue", "cat", "dog") for s in ("circle", "square", "sofa", "photo")]
 

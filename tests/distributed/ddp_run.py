@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--cpu-offload", action="store_true", help="with --fsdp: cpu_offload=True")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes (launch one process per node with NODE_RANK set)")
     parser.add_argument("--failing-prompt", help="the reward is NaN on this prompt; reward_failure='drop_group'")
+    parser.add_argument("--samples-per-update", type=int, help="samples per optimizer step (default: the whole rollout)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.sync_every_backward:  # the behaviour before issue 14: no no_sync at all
@@ -129,6 +130,8 @@ def main() -> None:
     options = {"groups_across_ranks": args.groups_across_ranks}
     if args.best_of_n:
         options["best_of_n"] = tuple(args.best_of_n)
+    if args.samples_per_update:
+        options["samples_per_update"] = args.samples_per_update
     module = make_module(args.flux, failing_prompt=args.failing_prompt, **options)
     if args.union:
         prompts = union_batches(args.union)
