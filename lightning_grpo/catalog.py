@@ -36,6 +36,9 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
     "ODE tails": ("model.ode_tail", [
         "lightning_grpo.samplers.MultistepODETail",
     ]),
+    "objectives": ("model.objective", [
+        "lightning_grpo.objectives.GRPO",
+    ]),
     "rewards": ("model.rewards", [
         "lightning_grpo.rewards.HPSReward",
         "lightning_grpo.rewards.ClipScore",
@@ -64,6 +67,7 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
         "lightning_grpo.callbacks.EMA",
         "lightning_grpo.callbacks.HeldOutEvaluation",
         "lightning_grpo.callbacks.RewardHackingMonitor",
+        "lightning_grpo.callbacks.TestReport",
     ]),
     "data modules": ("data", [
         "lightning_grpo.datamodules.prompts.PromptDataModule",

@@ -813,3 +813,53 @@ def check_max_steps(checkpoint: dict[str, Any], max_steps: int, path: str | None
             f"checkpoint{f' {path!r}' if path else ''} is at optimizer step {step} and trainer.max_steps={max_steps}: "
             f"nothing left to train; extend the run with --trainer.max_steps greater than {step}"
         )
+
+
+# ------------------------------------------------------------------------------------ the module's checkpoint entries
+def save_module_checkpoint(module: Any, checkpoint: dict[str, Any], scoring_key: str) -> None:
+    """`GRPOModule.on_save_checkpoint`: leave out the state the config rebuilds (`rebuilt_keys`),
+    add the model signature and (async scoring) every rank's pending rollout, and refuse NaN/inf
+    weights or optimizer state (the non-finite guard stops a run first)."""
+    from lightning_grpo.scoring import checkpoint_entry
+
+    state = checkpoint["state_dict"]
+    for key in module.rebuilt_keys() & set(state):
+        del state[key]
+    checkpoint[SIGNATURE_KEY] = model_signature(module)
+    if module._scoring is not None:  # the rollout being scored, with its scores: exact resume
+        checkpoint[scoring_key] = checkpoint_entry(module._scoring.state_dict())  # every rank's, on rank zero
+    check_finite(checkpoint, "refusing to write a checkpoint")
+
+
+def load_module_checkpoint(module: Any, checkpoint: dict[str, Any], scoring_key: str) -> None:
+    """`GRPOModule.on_load_checkpoint`: refuse a checkpoint of another model (naming what differs)
+    or one with nothing left to train; write changed optimizer settings into its optimizer state;
+    fill in the rebuilt state (strict loading) and give each rank its pending rollout back."""
+    from lightning_grpo.scoring import rank_state
+
+    trainer = module.trainer if module._trainer is not None else None
+    path = trainer.ckpt_path if trainer is not None else None
+    check_signature(checkpoint, module, path)
+    if trainer is not None and trainer.state.fn == "fit":
+        check_max_steps(checkpoint, trainer.max_steps, path)
+        changes = apply_resume_overrides(_with_loaded_optimizers(checkpoint, trainer), module.hparams)
+        if changes:
+            listed = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
+            rank_zero_info(f"Resuming with changed settings (applied from the next step): {listed}")
+    if "state_dict" not in checkpoint:  # sharded (FSDP): the strategy loaded the weights already
+        return
+    state, current = checkpoint["state_dict"], module.state_dict()
+    for key in module.rebuilt_keys():
+        state.setdefault(key, current[key])
+    if module._scoring is not None:
+        rank = module.global_rank if trainer is not None else 0
+        module._scoring.load_state_dict(rank_state(checkpoint.get(scoring_key), rank, module._world_size()))
+
+
+def _with_loaded_optimizers(checkpoint: dict[str, Any], trainer: Any) -> dict[str, Any]:
+    """The checkpoint, or, when the strategy has already loaded the optimizer state itself (a
+    sharded checkpoint holds it in its shards, not under "optimizer_states"), the checkpoint with
+    the live optimizers' parameter groups in that place, so resume overrides are written there."""
+    if "optimizer_states" in checkpoint or "state_dict" in checkpoint:
+        return checkpoint
+    return {**checkpoint, "optimizer_states": [{"param_groups": o.param_groups} for o in trainer.strategy.optimizers]}

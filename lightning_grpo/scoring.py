@@ -183,3 +183,33 @@ def _to_device(value: Any, device: torch.device | str) -> Any:
 
 
 __all__ = ["AsyncScoring", "Scored", "asdict_shallow", "checkpoint_entry", "rank_state"]
+
+
+# ---------------------------------------------------------------------------- decode and score
+ASYNC_SCORING_KEY = "grpo_async_scoring"
+"""Checkpoint entry of the rollout pending under `async_scoring` (see `AsyncScoring.state_dict`)."""
+
+
+def chunks(num_samples: int, size: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Sample indices [0, num_samples) in chunks of `size` (the decode and score batches)."""
+    return torch.arange(num_samples, device=device).split(size)
+
+
+def decode(policy: Any, trajectories: Rollout, batch_size: int) -> Tensor:
+    """The final latents decoded, `batch_size` at a time: pixels [B, C, H, W] or [B, F, C, H, W]."""
+    final = trajectories.latents[:, -1]
+    with torch.no_grad():
+        return torch.cat([policy.decode(final[chunk]) for chunk in chunks(trajectories.batch_size, batch_size, final.device)])
+
+
+def score(rewards: Any, trajectories: Rollout, pixels: Tensor, batch_size: int, allow_nonfinite: bool) -> dict[str, Tensor]:
+    """{name: [B]} scores of every reward (`MultiReward`), `batch_size` samples at a time
+    (non-finite kept with `allow_nonfinite`). Runs on the scoring thread with `async_scoring`: it
+    must not log."""
+    images, scores = trajectories.images, {}
+    for chunk in chunks(trajectories.batch_size, batch_size, pixels.device):
+        prompts = [trajectories.prompts[i] for i in chunk.tolist()]
+        chunk_scores = rewards(pixels[chunk], prompts, None if images is None else images[chunk], allow_nonfinite=allow_nonfinite)
+        for name, values in chunk_scores.items():
+            scores.setdefault(name, []).append(values)
+    return {name: torch.cat(values) for name, values in scores.items()}

@@ -73,13 +73,13 @@ class Range:
 
 MODULE_RANGES: dict[str, Range] = {
     "group_size": Range(2, integer=True, why="advantages compare the samples of a prompt"),
-    "timestep_fraction": Range(0, 1, low_open=True),
+    "timestep_fraction": Range(0, 1, low_open=True, optional=True),
     "micro_batch_size": Range(1, integer=True),
     "samples_per_update": Range(1, integer=True, optional=True),
-    "clip_range": Range(0, low_open=True),
-    "adv_clip_max": Range(0, low_open=True, why="advantages are clamped to ±adv_clip_max: 0 makes every advantage 0, "
-                                                "a negative value sets every advantage to -adv_clip_max"),
-    "kl_beta": Range(0, why="a negative weight rewards moving away from the initial policy"),
+    "clip_range": Range(0, low_open=True, optional=True),
+    "adv_clip_max": Range(0, low_open=True, optional=True, why="advantages are clamped to ±adv_clip_max: 0 makes every advantage 0, "
+                                                               "a negative value sets every advantage to -adv_clip_max"),
+    "kl_beta": Range(0, optional=True, why="a negative weight rewards moving away from the initial policy"),
     "learning_rate": Range(0, why="a negative rate climbs the loss"),
     "weight_decay": Range(0),
     "adam_eps": Range(0, low_open=True),
@@ -88,11 +88,11 @@ MODULE_RANGES: dict[str, Range] = {
     "decode_batch_size": Range(1, integer=True),
     "rollout_batch_size": Range(1, integer=True, optional=True),
     "seed": Range(0, integer=True),
-    "test_grid_size": Range(0, integer=True),
     "max_skipped_steps": Range(1, integer=True),
     "constant_reward_steps": Range(1, integer=True),
 }
-"""GRPOModule's numeric options (`adam_betas` and `best_of_n` are checked beside them)."""
+"""GRPOModule's numeric options (`adam_betas` and `best_of_n` are checked beside them); the flat
+GRPO options are optional here (None: not set, the objective's own value; see `objectives.GRPO.ranges`)."""
 
 POLICY_RANGES: dict[str, Range] = {
     "height": Range(1, integer=True),
