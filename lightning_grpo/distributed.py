@@ -552,6 +552,24 @@ class StepSelection:
     partial: bool
     all_dropped: bool = False
 
+    def record(self, reward_names: list[str], empty: bool = False) -> Any:
+        """The step's `StepRecord` for callbacks. `empty`: the record of a rank that trained
+        nothing while others did: no sample, its rollout's shapes (callbacks run collectives on
+        records, so every rank must hold one: issue 27; they skip records without samples)."""
+        from lightning_grpo.types import StepRecord
+
+        kept, pixels = self.kept, self.pixels
+        if empty:
+            none = torch.zeros(0, device=pixels.device)
+            return StepRecord(prompts=[], group_size=self.group_size, latents=kept.latents[:0, -1].detach(), pixels=pixels[:0].detach(),
+                              scores={n: none for n in reward_names}, reward_advantages={n: none for n in reward_names}, advantages=none)
+        return StepRecord(
+            prompts=kept.prompts, group_size=self.group_size,
+            latents=kept.latents[:, -1].detach().clone(),  # clone: do not keep all T+1 steps alive
+            pixels=pixels.detach(), scores={k: v.detach() for k, v in self.kept_scores.items()},
+            reward_advantages=self.targets.per_reward, advantages=self.targets.advantages,
+        )
+
 
 def select_for_update(
     rollout: Any, pixels: Tensor, scores: dict[str, Tensor], *, targets_of: Any, filter_groups: Any | None,

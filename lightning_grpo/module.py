@@ -3,15 +3,13 @@ rewards and objective (GRPO by default, DiffusionNFT: `lightning_grpo.objectives
 
 from __future__ import annotations
 
-import time
 import warnings
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Callable, Iterator, Literal
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lightning_grpo import distributed as ranks
 from lightning_grpo.checkpointing import load_module_checkpoint, save_module_checkpoint
@@ -22,6 +20,7 @@ from lightning_grpo.grpo.filtering import filter_nonfinite_groups
 from lightning_grpo.objectives.base import Objective, Prepared, resolve_objective
 from lightning_grpo.optimization import adamw_with_warmup, guarded_step
 from lightning_grpo.policies.base import PolicyAdapter, check_sampler_matches
+from lightning_grpo.progress import PhaseTimer, phase_bar
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers.base import Sampler
@@ -29,7 +28,7 @@ from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule
 from lightning_grpo.scoring import ASYNC_SCORING_KEY, AsyncScoring, decode, score  # noqa: F401 (ASYNC_SCORING_KEY: its home was here)
 from lightning_grpo.types import Rollout, StepRecord
-from lightning_grpo.validation import SkipGuard, check_module_options, check_reward_weights, validate_fit
+from lightning_grpo.validation import ConstantRewardWatch, SkipGuard, check_module_options, check_reward_weights, validate_fit
 
 
 class GRPOModule(LightningModule):
@@ -158,7 +157,7 @@ class GRPOModule(LightningModule):
         self.objective.attach(self)
         # KL reference: only what the initial policy needs beyond the trained one (LoRA: nothing)
         self.reference_policy = policy.kl_reference() if self.objective.uses_reference else None
-        self._skips, self._constant_steps = SkipGuard(max_skipped_steps), 0  # steps in a row: skipped, all advantages 0
+        self._skips, self._constant = SkipGuard(max_skipped_steps), ConstantRewardWatch(constant_reward_steps)
         self._step_losses: list[Tensor] = []  # micro-batch losses of the optimizer step being made
         self.automatic_optimization = False
         self.last_step: StepRecord | None = None
@@ -208,7 +207,7 @@ class GRPOModule(LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One iteration: rollout → score → objective targets → update → log."""
-        self.last_step, timer, hp = None, _PhaseTimer(self.device), self.hparams  # release the last step's tensors
+        self.last_step, timer, hp = None, PhaseTimer(self.device), self.hparams  # release the last step's tensors
         work = ranks.rank_prompts(batch["prompts"], self.batch_first_frames(batch), hp.group_size, self._spans_ranks())
         if not work.prompts:  # every image of a whole block of the data was unreadable (on every rank alike)
             return self._skip_empty_batch()
@@ -224,18 +223,18 @@ class GRPOModule(LightningModule):
             self._skips.step(False)
         if selection.all_dropped and self._world_size() == 1:  # every group dropped: no update
             return
-        self._watch_constant_reward(selection.targets.values)
+        self._constant.step(selection.targets.values, self.trainer.global_step if self._trainer is not None else 0)
         with timer("update"):
             stats, grad_norms = self._update(selection)
         self.objective.after_update(self)
         if selection.trained.batch_size == 0:  # other ranks trained: callbacks run alike on every rank
-            self.last_step = self._record(selection, empty=True) if self._world_size() > 1 else None
+            self.last_step = selection.record(list(self.rewards.weights), empty=True) if self._world_size() > 1 else None
             return
         if hp.nonfinite == "skip":
             self._skips.step(not any(torch.isfinite(g) for g in grad_norms), why="nonfinite='skip'",
                              what="every optimizer step had a NaN/inf gradient norm", remedy="lower model.learning_rate, check the reward")
         self._log_step(selection, stats, grad_norms, timer)
-        self.last_step = self._record(selection)
+        self.last_step = selection.record(list(self.rewards.weights))
 
     def _rollout(self, work: ranks.RankPrompts) -> Rollout:
         """P·G trajectories (this rank's members), `rollout_batch_size` at a time, noise keyed by
@@ -249,7 +248,7 @@ class GRPOModule(LightningModule):
             first_group=work.first_group, members=work.members, sde_steps=sde_steps, ode_tail=self.ode_tail,
         )
 
-    def _decode_and_score(self, trajectories: Rollout, timer: _PhaseTimer) -> tuple[Rollout, Tensor, dict[str, Tensor]] | None:
+    def _decode_and_score(self, trajectories: Rollout, timer: PhaseTimer) -> tuple[Rollout, Tensor, dict[str, Tensor]] | None:
         """(trajectories, pixels, scores) to train on: this rollout's, or with `async_scoring` the
         previous one's while this one is scored in the background (None on the first step)."""
         with timer("decode"):
@@ -379,27 +378,8 @@ class GRPOModule(LightningModule):
         kept = filter_nonfinite_groups(scores, self.hparams.group_size)
         self.log("train/reward/dropped_groups", float(kept.dropped_groups), on_step=True, batch_size=max(num_samples, 1))
         if kept.dropped_groups:
-            counts = ", ".join(f"{name!r} on {n} sample(s)" for name, n in kept.nonfinite_samples.items())
-            outcome = "skipping this update" if kept.keep.numel() == 0 else "training on the others"
-            step = self.trainer.global_step if self._trainer is not None else 0
-            warnings.warn(f"non-finite reward from {counts}: dropping {kept.dropped_groups} of {kept.num_groups} groups "
-                          f"at step {step}, {outcome}", RuntimeWarning, stacklevel=4)
+            warnings.warn(kept.warning(self.trainer.global_step if self._trainer is not None else 0), RuntimeWarning, stacklevel=4)
         return kept
-
-    def _watch_constant_reward(self, advantages: Tensor) -> None:
-        """Warn once `constant_reward_steps` steps in a row had every advantage 0 (each reward
-        constant within every group): such steps change nothing."""
-        if advantages.numel() == 0:
-            return
-        self._constant_steps = self._constant_steps + 1 if bool((advantages == 0).all()) else 0
-        if self._constant_steps == self.hparams.constant_reward_steps:
-            step = self.trainer.global_step if self._trainer is not None else 0
-            warnings.warn(
-                f"the reward was constant within every group for {self._constant_steps} training steps in a row (up to "
-                f"optimizer step {step}): every advantage is 0 and nothing is learned; check the reward (one that never "
-                "varies, e.g. a verifier that always fails?) or sample more varied groups (group_size, the sampler's eta)",
-                RuntimeWarning, stacklevel=3,
-            )
 
     def _sde_steps(self) -> Tensor | None:
         """This rollout's SDE-step mask from `step_schedule` (None: all steps), by the rollout's
@@ -437,12 +417,9 @@ class GRPOModule(LightningModule):
         return self._generator(offset=1, device="cpu", per_rank=False).initial_seed()
 
     def _progress(self, phase: str):
-        enabled = self.hparams.show_progress and (self._trainer is None or self.trainer.is_global_zero)
-        # disable=None: tqdm turns itself off when stderr is not a terminal (a log file would get
-        # a carriage-return-joined line of bar frames per rollout)
-        return lambda iterable: tqdm(iterable, desc=phase, leave=False, disable=None if enabled else True, dynamic_ncols=True)
+        return phase_bar(phase, self.hparams.show_progress and (self._trainer is None or self.trainer.is_global_zero))
 
-    def _log_step(self, selection: ranks.StepSelection, stats: list[Any], grad_norms: list[Tensor], timer: _PhaseTimer) -> None:
+    def _log_step(self, selection: ranks.StepSelection, stats: list[Any], grad_norms: list[Tensor], timer: PhaseTimer) -> None:
         logs: dict[str, Tensor | float] = {}
         group_size, values = self.objective.trained_group_size(self.hparams.group_size), selection.targets.values
         for name, s in selection.scores.items():
@@ -457,42 +434,7 @@ class GRPOModule(LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=num_samples)
         self.log("reward", sum(s.mean() for s in selection.scores.values()) / len(selection.scores), prog_bar=True, batch_size=num_samples)
 
-    def _record(self, selection: ranks.StepSelection, empty: bool = False) -> StepRecord:
-        """The light-weight summary of a step that callbacks read (`StepRecord`). `empty`: the
-        record of a rank that trained nothing while others did: no sample, its rollout's shapes
-        (callbacks run collectives on records, so every rank must hold one; issue 27)."""
-        kept, pixels = selection.kept, selection.pixels
-        if empty:
-            none = torch.zeros(0, device=pixels.device)
-            names = [r.name for r in self.rewards.rewards]
-            return StepRecord(prompts=[], group_size=selection.group_size, latents=kept.latents[:0, -1].detach(), pixels=pixels[:0].detach(),
-                              scores={n: none for n in names}, reward_advantages={n: none for n in names}, advantages=none)
-        return StepRecord(
-            prompts=kept.prompts, group_size=selection.group_size,
-            latents=kept.latents[:, -1].detach().clone(),  # clone: do not keep all T+1 steps alive
-            pixels=pixels.detach(), scores={k: v.detach() for k, v in selection.kept_scores.items()},
-            reward_advantages=selection.targets.per_reward, advantages=selection.targets.advantages,
-        )
-
 
 SHORTHAND = ("timestep_fraction", "drop_last_timestep", "clip_range", "adv_clip_max", "advantage_std", "best_of_n",
              "best_of_n_advantages", "multi_reward", "kl_beta")
 """The GRPO objective's options that `GRPOModule` takes flat (see `objectives.base.resolve_objective`)."""
-
-
-class _PhaseTimer:
-    """Wall-clock seconds per phase (synchronising CUDA so the numbers mean something)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start

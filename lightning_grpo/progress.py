@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -149,3 +150,37 @@ class GRPOProgressBar(TQDMProgressBar):
                              (now - last_time) / (step - last_step), elapsed, eta, metrics)
         print(line, flush=True)
         self._last_line = (step, now)
+
+
+# ---------------------------------------------------------------------------- inside a training step
+class PhaseTimer:
+    """Wall-clock seconds per phase of a training step (rollout, decode, reward, update), logged as
+    `train/time/<phase>`; CUDA is synchronised around each phase so the numbers mean something."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def phase_bar(phase: str, enabled: bool) -> Callable[[Iterable], Iterable]:
+    """Wraps an iterable of a step's phase in a tqdm bar when `enabled`; disable=None lets tqdm turn
+    itself off when stderr is not a terminal (a log file would get a carriage-return-joined line of
+    bar frames per rollout)."""
+    from tqdm.auto import tqdm
+
+    return lambda iterable: tqdm(iterable, desc=phase, leave=False, disable=None if enabled else True, dynamic_ncols=True)
+
+
+__all__ += ["PhaseTimer", "phase_bar"]

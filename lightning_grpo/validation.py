@@ -526,3 +526,28 @@ __all__ = [
     "ConfigError", "Range", "SkipGuard", "check_batch_settings", "check_module_options", "check_ranges", "check_reward_weights",
     "round_max_steps", "validate_config", "validate_fit", "warn_cannot_learn",
 ]
+
+
+# --------------------------------------------------------------------------------- constant rewards
+class ConstantRewardWatch:
+    """Warns once `limit` training steps in a row had every advantage 0 (each reward constant within
+    every group): such steps change nothing, e.g. a verifier that always fails."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def step(self, advantages: Any, optimizer_step: int) -> None:
+        """Record one training step's advantages (a tensor; empty: this rank trained nothing)."""
+        if advantages.numel() == 0:
+            return
+        self.in_a_row = self.in_a_row + 1 if bool((advantages == 0).all()) else 0
+        if self.in_a_row == self.limit:
+            warnings.warn(
+                f"the reward was constant within every group for {self.in_a_row} training steps in a row (up to "
+                f"optimizer step {optimizer_step}): every advantage is 0 and nothing is learned; check the reward (one that never "
+                "varies, e.g. a verifier that always fails?) or sample more varied groups (group_size, the sampler's eta)",
+                RuntimeWarning, stacklevel=4,
+            )
+
+
+__all__ += ["ConstantRewardWatch"]

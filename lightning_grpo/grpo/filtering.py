@@ -41,6 +41,12 @@ class GroupFilter:
         """Groups dropped because at least one of their samples has a non-finite reward."""
         return int((~self.kept_groups).sum())
 
+    def warning(self, step: int) -> str:
+        """The warning of a step that dropped groups: each failing reward with its count, the outcome."""
+        counts = ", ".join(f"{name!r} on {n} sample(s)" for name, n in self.nonfinite_samples.items())
+        outcome = "skipping this update" if self.keep.numel() == 0 else "training on the others"
+        return f"non-finite reward from {counts}: dropping {self.dropped_groups} of {self.num_groups} groups at step {step}, {outcome}"
+
 
 def filter_nonfinite_groups(scores: Mapping[str, Tensor], group_size: int) -> GroupFilter:
     """Keep the groups in which every reward is finite on every sample.
