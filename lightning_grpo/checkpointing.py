@@ -47,13 +47,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 import torch
 
+from lightning_grpo.compat import is_local_path
 from lightning_grpo.errors import InputError
 from lightning_grpo.stopping import StopNow
 
@@ -83,7 +84,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if not _is_local_file_protocol(path):
+        if not is_local_path(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None) -> dict[str, Any]:
-        if _is_local_file_protocol(path) and is_sharded_checkpoint(path):
+        if is_local_path(path) and is_sharded_checkpoint(path):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is a folder of shards written by DenoiserFSDPStrategy: resume it with that strategy "
                 "(`lightning-grpo export` reads it too)"
@@ -151,7 +152,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
     checkpoint folder has its shard index and `meta.pt` (both written after the shards), and every
     file's bytes match the checksums written when it was saved (`verify_checkpoint`)."""
     text = str(path)
-    if not _is_local_file_protocol(text):
+    if not is_local_path(text):
         return
     if not Path(text).exists():
         raise CheckpointError(f"checkpoint {text!r} does not exist")
@@ -181,7 +182,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     saver wrote one (`record_checksums`). Cost: one sequential read of the checkpoint.
     """
     text = str(path)
-    if not _is_local_file_protocol(text):
+    if not is_local_path(text):
         return
     root = Path(text)
     if root.is_dir():
@@ -465,7 +466,7 @@ class RunLock(Callback):
         if stage != "fit" or self._handle is not None or trainer.logger is None:
             return  # without a logger there is no run folder (default_root_dir may be the working directory)
         folder = trainer.log_dir  # on every rank: a broadcast under DDP
-        if not trainer.is_global_zero or not folder or not _is_local_file_protocol(str(folder)):
+        if not trainer.is_global_zero or not folder or not is_local_path(str(folder)):
             return
         self.folder = Path(folder)
         self._handle = acquire_run_lock(self.folder)
@@ -559,6 +560,9 @@ class GRPOCheckpoint(ModelCheckpoint):
       `good_model_path` names the latest (printed at the end of fit). Lightning runs checkpoint
       callbacks after the others, so the monitor's verdict of a step is in before its save; give
       the monitor an `every_n_steps` that `every_n_train_steps` divides, or no save is checked.
+
+    It overrides and calls protected ModelCheckpoint members (`compat.MODEL_CHECKPOINT`, checked
+    against the installed Lightning by tests/training/test_compat.py).
 
     Args:
         keep_last: the most recent checkpoints to keep (>= 1); -1 keeps all.
@@ -816,6 +820,15 @@ def check_max_steps(checkpoint: dict[str, Any], max_steps: int, path: str | None
 
 
 # ------------------------------------------------------------------------------------ the module's checkpoint entries
+def rebuilt_keys(module: Any) -> set[str]:
+    """`GRPOModule.rebuilt_keys`: the state its config rebuilds exactly, left out of checkpoints:
+    reward models, the KL reference, the first-frame image policy and the policy's frozen weights
+    (text encoders, VAE, LoRA base weights: gigabytes otherwise). Under FSDP, this rank's shards' keys."""
+    keys = {k for k in module.state_dict() if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
+    # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
+    return keys | {f"policy.{name}" for name, p in module.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
 def save_module_checkpoint(module: Any, checkpoint: dict[str, Any], scoring_key: str) -> None:
     """`GRPOModule.on_save_checkpoint`: leave out the state the config rebuilds (`rebuilt_keys`),
     add the model signature and (async scoring) every rank's pending rollout, and refuse NaN/inf

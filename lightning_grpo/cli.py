@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from lightning_grpo import stopping
+from lightning_grpo import compat, stopping
 from lightning_grpo.callbacks import EMA, DiversityMonitor, ODEVisualizer, RewardLogger, TestReport
 from lightning_grpo.catalog import import_shipped
 from lightning_grpo.checkpointing import (
@@ -126,7 +126,7 @@ class GRPOCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        """Replaces LightningCLI's: that one loads the whole checkpoint here and writes its saved
+        """Replaces LightningCLI's (a protected method: `compat.LIGHTNING_CLI`): that one loads the whole checkpoint here and writes its saved
         `model` hyperparameters over the parsed config, so options given on resume
         (`--model.learning_rate=...`) were silently dropped, and a large checkpoint was read twice.
         Here the config stays as given; `GRPOModule.on_load_checkpoint` applies the changed options
@@ -282,7 +282,7 @@ class _StopMessages(logging.Filter):
     message: , saved checkpoint to ..." are dropped (`GRPOCheckpoint`'s resume line says where the
     checkpoint is)."""
 
-    LOGGERS = ("lightning.pytorch.trainer.connectors.signal_connector", "lightning.pytorch.utilities.rank_zero",
+    LOGGERS = (compat.SIGNAL_CONNECTOR_LOGGER, "lightning.pytorch.utilities.rank_zero",
                "lightning.fabric.utilities.rank_zero")
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -398,6 +398,7 @@ def run(args: list[str] | None = None, subcommand: bool = True, verbose: bool | 
         verbose, _ = verbose_requested([])
     quiet_third_party(verbose)
     _silence_expected_warnings()
+    compat.warn_if_untested()  # the private Lightning API used (compat.py) is checked for these versions only
     import_shipped()  # so `fit --help` lists every shipped reward, policy, sampler, callback (catalog.py)
     return GRPOCLI(
         GRPOModule,

@@ -36,6 +36,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch import distributed as dist
 
+from lightning_grpo.compat import set_module_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -402,11 +404,8 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
             self.model.to(self.root_device)
             return
         _move_unsharded(self.model, self.root_device)
-        # LightningModule.device is read from a property that only `.to()` updates; this is
-        # lightning.fabric's own helper for it (private; lightning 2.6.6)
-        from lightning.fabric.utilities.device_dtype_mixin import _update_properties
-
-        _update_properties(self.model, device=self.root_device)
+        # LightningModule.device is read from a property that only `.to()` updates (private API: compat)
+        set_module_device(self.model, self.root_device)
 
     # -- checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -498,8 +497,8 @@ def _move_unsharded(module: nn.Module, device: torch.device) -> None:
 # ============================================================================ the rank choreography of a step
 # Where each group's samples live, which of them train, and how the ranks keep their collectives
 # paired: everything of a training step that depends on the rank, in one place. GRPOModule calls
-# `rank_prompts` before its rollout, `select_for_update` after scoring and `optimizer_steps` for
-# its update loop; each is the plain single-process computation on one process.
+# `rank_prompts` before its rollout, `select_for_update` after scoring, `plan_update` and
+# `micro_backward` for its update loop; each is the plain single-process computation on one process.
 @dataclass
 class RankPrompts:
     """What this rank rolls out: prompts P (every rank's when groups span ranks), their first
@@ -664,6 +663,33 @@ def optimizer_steps(
     return steps
 
 
+def plan_update(
+    num_samples: int, partial: bool, *, per_update: int | None, micro_batch_size: int, num_columns: int, order_seed: int,
+    agree: bool, device: torch.device,
+) -> list[list[MicroStep]]:
+    """This rank's `optimizer_steps` over its `num_samples` trained samples in a random order (a
+    generator of `order_seed`), after checking they split evenly (unless groups were dropped,
+    `partial`, or the ranks `agree` on a schedule whose last step may be short)."""
+    if not (partial or agree):
+        check_divides(num_samples, per_update or num_samples, micro_batch_size)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(order_seed)).to(device)  # [B]
+    return optimizer_steps(num_samples, per_update, agree, order, micro_batch_size, num_columns)
+
+
+def micro_backward(module: Any, step: MicroStep, loss_of: Any, padding_rollout: Any) -> tuple[Tensor, Any] | None:
+    """Run one `MicroStep`: `loss_of(samples, column)` → (mean loss, statistics), backpropagated
+    with the weight m · `step.weight`, under `skip_gradient_sync` unless it is its optimizer step's
+    synchronised backward; a padding step runs `padding_backward` on `padding_rollout` (None back)."""
+    if step.padding:  # nothing of ours in this optimizer step: keep the all-reduce in step
+        padding_backward(module, padding_rollout)
+        return None
+    strategy_model = module.trainer.strategy.model if module._trainer is not None else None
+    with nullcontext() if step.sync else skip_gradient_sync(strategy_model):
+        loss, stats = loss_of(step.samples, step.column)
+        module.manual_backward(loss * step.samples.numel() * step.weight)
+    return loss, stats
+
+
 def padding_backward(module: Any, rollout: Any) -> None:
     """A backward of weight 0 through the policy on one sample of `rollout`: a rank with no sample
     in an optimizer step (`MicroStep.padding`) still runs the step's synchronised backward, so the
@@ -690,6 +716,6 @@ def counts_may_differ(world: int, drop_nonfinite: bool, spans_ranks: bool, selec
 
 
 __all__ += [
-    "MicroStep", "RankPrompts", "StepSelection", "check_divides", "counts_may_differ", "optimizer_steps", "padding_backward", "rank_prompts",
-    "select_for_update",
+    "MicroStep", "RankPrompts", "StepSelection", "check_divides", "counts_may_differ", "micro_backward", "optimizer_steps", "padding_backward",
+    "plan_update", "rank_prompts", "select_for_update",
 ]

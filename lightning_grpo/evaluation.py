@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -286,9 +287,10 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 def preserve_rng(device: torch.device | str | None = None) -> Iterator[None]:
     """Restore the global CPU (and the device's CUDA) random state on exit, so whatever runs
     inside cannot shift the training random stream."""
+    from lightning.pytorch.utilities.seed import isolate_rng
+
     device = torch.device(device) if device is not None else torch.device("cpu")
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=True):
+    with isolate_rng(include_cuda=device.type == "cuda"):  # Python's and NumPy's random states too
         yield
 
 
@@ -375,3 +377,32 @@ def evaluate(
         samples_per_prompt=samples_per_prompt,
         images=images.detach().float().cpu() if keep_pixels and images is not None else None,
     )
+
+
+def evaluate_batch(module: Any, batch: dict[str, Any], batch_idx: int, stage: str) -> EvaluationResult:
+    """A `GRPOModule`'s validation or test step: deterministic (eta = 0) samples of the batch's
+    prompts from fixed per-sample seeds (seed, batch, rank, position), scored by every reward and
+    logged (`log_evaluation`); own generators, so the training stream never moves."""
+    rank = module.global_rank if module._trainer is not None else 0
+    drop = module.hparams.reward_failure == "drop_group"
+    result = evaluate(
+        module.policy, module.sampler, batch["prompts"], module.rewards, seed=sample_seed(module.hparams.seed, batch_idx, rank),
+        batch_size=module.hparams.decode_batch_size, keep_pixels=stage == "test" and module.keep_test_pixels,
+        images=module.batch_first_frames(batch), show_progress=False, allow_nonfinite=drop,
+    )
+    log_evaluation(module.log, result.scores if batch["prompts"] else {}, stage, count_nonfinite=drop)  # no readable record: nothing
+    return result
+
+
+def log_evaluation(log: Callable[..., Any], scores: dict[str, Tensor], stage: str, count_nonfinite: bool) -> None:
+    """Log a batch's evaluation through a LightningModule's `log`: `<stage>/reward/<name>`, the mean
+    of the finite scores (NaN when none is), synchronised over ranks; with `count_nonfinite`
+    (`reward_failure="drop_group"`) also how many were not finite (`<name>_nonfinite`, summed)."""
+    for name, s in scores.items():
+        finite = torch.isfinite(s)
+        log(f"{stage}/reward/{name}", s[finite].mean() if finite.any() else torch.tensor(float("nan")), batch_size=len(s), sync_dist=True)
+        if count_nonfinite:
+            log(f"{stage}/reward/{name}_nonfinite", (~finite).sum().float(), batch_size=len(s), reduce_fx="sum", sync_dist=True)
+
+
+__all__ += ["evaluate_batch", "log_evaluation"]

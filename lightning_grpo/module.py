@@ -3,7 +3,6 @@ rewards and objective (GRPO by default, DiffusionNFT: `lightning_grpo.objectives
 
 from __future__ import annotations
 
-import warnings
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Literal
 
@@ -12,23 +11,25 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from lightning_grpo import distributed as ranks
-from lightning_grpo.checkpointing import load_module_checkpoint, save_module_checkpoint
-from lightning_grpo.evaluation import EvaluationResult, evaluate, sample_seed
+from lightning_grpo.checkpointing import load_module_checkpoint, rebuilt_keys, save_module_checkpoint
+from lightning_grpo.evaluation import EvaluationResult, evaluate_batch
 from lightning_grpo.first_frames import FirstFrames, frame_size
-from lightning_grpo.grpo.advantages import BestOfNAdvantages, MultiRewardForm, StdMode, zero_variance_fraction
+from lightning_grpo.grpo.advantages import BestOfNAdvantages, MultiRewardForm, StdMode
 from lightning_grpo.grpo.filtering import filter_nonfinite_groups
-from lightning_grpo.objectives.base import Objective, Prepared, resolve_objective
+from lightning_grpo.objectives import GRPO, Objective
+from lightning_grpo.objectives.base import resolve_objective
 from lightning_grpo.optimization import adamw_with_warmup, guarded_step
-from lightning_grpo.policies.base import PolicyAdapter, check_sampler_matches
-from lightning_grpo.progress import PhaseTimer, phase_bar
+from lightning_grpo.noise import StepStreams
+from lightning_grpo.policies.base import PolicyAdapter
+from lightning_grpo.progress import PhaseTimer, phase_bar, step_logs
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers.base import Sampler
 from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule
-from lightning_grpo.scoring import ASYNC_SCORING_KEY, AsyncScoring, decode, score  # noqa: F401 (ASYNC_SCORING_KEY: its home was here)
+from lightning_grpo.scoring import ASYNC_SCORING_KEY, AsyncScoring, Scored, decode_and_score, score  # noqa: F401 (ASYNC_SCORING_KEY: its home was here)
 from lightning_grpo.types import Rollout, StepRecord
-from lightning_grpo.validation import ConstantRewardWatch, SkipGuard, check_module_options, check_reward_weights, validate_fit
+from lightning_grpo.validation import ConstantRewardWatch, SkipGuard, check_module_parts, check_reward_weights, validate_fit
 
 
 class GRPOModule(LightningModule):
@@ -72,19 +73,11 @@ class GRPOModule(LightningModule):
         nonfinite: a NaN/inf gradient norm "stop"s the run with a `NonFiniteError` or ("skip")
             skips that optimizer step (`lightning_grpo.optimization`).
         constant_reward_steps: warn after this many steps in a row with every advantage 0.
-        timestep_fraction: GRPO's option of that name, flat (see below).
-        drop_last_timestep: GRPO's option of that name, flat.
-        clip_range: GRPO's option of that name, flat.
-        adv_clip_max: GRPO's option of that name, flat.
-        advantage_std: GRPO's option of that name, flat.
-        best_of_n: GRPO's option of that name, flat.
-        best_of_n_advantages: GRPO's option of that name, flat.
-        multi_reward: GRPO's option of that name, flat.
-        kl_beta: GRPO's option of that name, flat.
-
-    The flat GRPO options are the form of recipes written before objectives existed: one that is
-    set overrides the objective's option of that name; one the objective does not take is refused
-    unless it equals GRPO's default (`objectives.base.resolve_objective`).
+        timestep_fraction, drop_last_timestep, clip_range, adv_clip_max, advantage_std, best_of_n,
+            best_of_n_advantages, multi_reward, kl_beta: the `GRPO` objective's options, flat (the
+            form of recipes written before objectives existed): one that is set overrides the
+            objective's option of that name; one the objective does not take is refused unless it
+            equals GRPO's default (`objectives.base.resolve_objective`).
 
     Attributes for callbacks:
         last_step: `StepRecord` of the last training step (an empty one on a rank that trained
@@ -122,36 +115,19 @@ class GRPOModule(LightningModule):
         async_scoring: bool = False,
         nonfinite: Literal["stop", "skip"] = "stop",
         constant_reward_steps: int = 5,
-        timestep_fraction: float | None = None,
-        drop_last_timestep: bool | None = None,
-        clip_range: float | None = None,
-        adv_clip_max: float | None = None,
-        advantage_std: StdMode | None = None,
-        best_of_n: tuple[int, int] | None = None,
-        best_of_n_advantages: BestOfNAdvantages | None = None,
-        multi_reward: MultiRewardForm | None = None,
-        kl_beta: float | None = None,
+        # the GRPO objective's options, flat (None: the objective's own value)
+        timestep_fraction: float | None = None, drop_last_timestep: bool | None = None, clip_range: float | None = None,
+        adv_clip_max: float | None = None, advantage_std: StdMode | None = None, best_of_n: tuple[int, int] | None = None,
+        best_of_n_advantages: BestOfNAdvantages | None = None, multi_reward: MultiRewardForm | None = None, kl_beta: float | None = None,
     ) -> None:  # pragma: no mutate block (a mutmut trampoline would hide these arguments from save_hyperparameters)
         super().__init__()
         ignored = ["policy", "sampler", "rewards", "objective", "step_schedule", "ode_tail", "first_frames"]
         self.save_hyperparameters(ignore=ignored)
-        shorthand = {name: self.hparams[name] for name in SHORTHAND}
-        self.objective = resolve_objective(objective, shorthand)
-        for name in SHORTHAND:  # the flat options record what the objective trains with (None: not its option)
-            self.hparams[name] = getattr(self.objective, name, None)
+        self.objective = resolve_objective(objective, {name: self.hparams[name] for name in GRPO.option_names()})
+        self.hparams.update({name: getattr(self.objective, name, None) for name in GRPO.option_names()})  # what it trains with
         sampler = policy.build_sampler() if sampler is None else sampler  # the family's own sampler by default
-        check_sampler_matches(policy, sampler)
-        check_module_options(dict(self.hparams), prefix="")  # every numeric option in its range (validation.MODULE_RANGES)
-        for name, value, allowed in (("nonfinite", nonfinite, ("stop", "skip")), ("reward_failure", reward_failure, ("raise", "drop_group"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {value!r}")
+        check_module_parts(self.hparams, self.objective, policy, sampler, step_schedule, ode_tail)
         self.policy, self.sampler, self.step_schedule, self.ode_tail, self.first_frames = policy, sampler, step_schedule, ode_tail, first_frames
-        if step_schedule is not None:  # fail at construction if the schedule does not fit the sampler
-            step_schedule.sde_steps(sampler.num_steps, 0, torch.Generator().manual_seed(0))
-        if ode_tail is not None:
-            if step_schedule is None and self.objective.needs.log_probs:
-                raise ValueError("ode_tail needs a step_schedule: without one every step is an SDE step and there is no tail")
-            ode_tail.sigmas(sampler, 0)  # a flow sampler, or a clear error
         self.rewards = MultiReward(list(rewards or []))  # raises without a reward
         check_reward_weights(self.rewards.weights)
         self.objective.attach(self)
@@ -189,10 +165,7 @@ class GRPOModule(LightningModule):
             shard(self)
 
     def configure_optimizers(self) -> Any:
-        params = self.policy.trainable_parameters()
-        if not params:
-            raise ValueError(f"{type(self.policy).__name__} has no trainable parameters")
-        return adamw_with_warmup(params, self.hparams)
+        return adamw_with_warmup(self.policy, self.hparams)
 
     def setup(self, stage: str) -> None:
         """Checks that need the trainer and data (batch divisibility per rank, trainer options
@@ -207,34 +180,39 @@ class GRPOModule(LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One iteration: rollout → score → objective targets → update → log."""
-        self.last_step, timer, hp = None, PhaseTimer(self.device), self.hparams  # release the last step's tensors
-        work = ranks.rank_prompts(batch["prompts"], self.batch_first_frames(batch), hp.group_size, self._spans_ranks())
+        self.last_step, timer = None, PhaseTimer(self.device)  # release the last step's tensors
+        work = ranks.rank_prompts(batch["prompts"], self.batch_first_frames(batch), self.hparams.group_size, self._spans_ranks())
         if not work.prompts:  # every image of a whole block of the data was unreadable (on every rank alike)
-            return self._skip_empty_batch()
+            return self._skips.empty_batch()
         with timer("rollout"), self.rollout_weights(), self.objective.sampling_weights(self):
             trajectories = self._rollout(work)
-        scored = self._decode_and_score(trajectories, timer)  # pixels [B, C, H, W] or [B, F, C, H, W]; {name: [B]}
+        scored = decode_and_score(self.policy, trajectories, self.hparams.decode_batch_size, self._score, self._scoring, timer)
         if scored is None:  # async scoring, first rollout: nothing scored yet
             return
-        selection = self._select(*scored, work.members)
-        if selection.all_dropped and (self._spans_ranks() or self._world_size() == 1):
-            self._skips.step(True, why="reward_failure='drop_group'; each failing reward is named in the warnings above")
-        elif hp.reward_failure == "drop_group" and (self._spans_ranks() or self._world_size() == 1):
-            self._skips.step(False)
-        if selection.all_dropped and self._world_size() == 1:  # every group dropped: no update
+        selection = self._select(scored, work.members)  # the objective's targets, the samples this rank trains
+        if not self._count_dropped(selection):  # every group dropped: no update
             return
-        self._constant.step(selection.targets.values, self.trainer.global_step if self._trainer is not None else 0)
         with timer("update"):
             stats, grad_norms = self._update(selection)
         self.objective.after_update(self)
         if selection.trained.batch_size == 0:  # other ranks trained: callbacks run alike on every rank
             self.last_step = selection.record(list(self.rewards.weights), empty=True) if self._world_size() > 1 else None
             return
-        if hp.nonfinite == "skip":
-            self._skips.step(not any(torch.isfinite(g) for g in grad_norms), why="nonfinite='skip'",
-                             what="every optimizer step had a NaN/inf gradient norm", remedy="lower model.learning_rate, check the reward")
         self._log_step(selection, stats, grad_norms, timer)
         self.last_step = selection.record(list(self.rewards.weights))
+
+    def _count_dropped(self, selection: ranks.StepSelection) -> bool:
+        """Count the step as skipped when every group was dropped (on each rank that sees whole
+        groups) and watch for constant rewards; False when this process has nothing to update."""
+        whole_groups = self._spans_ranks() or self._world_size() == 1
+        if selection.all_dropped and whole_groups:
+            self._skips.step(True, why="reward_failure='drop_group'; each failing reward is named in the warnings above")
+        elif self.hparams.reward_failure == "drop_group" and whole_groups:
+            self._skips.step(False)
+        if selection.all_dropped and self._world_size() == 1:
+            return False
+        self._constant.step(selection.targets.values, self.trainer.global_step if self._trainer is not None else 0)
+        return True
 
     def _rollout(self, work: ranks.RankPrompts) -> Rollout:
         """P·G trajectories (this rank's members), `rollout_batch_size` at a time, noise keyed by
@@ -242,61 +220,44 @@ class GRPOModule(LightningModule):
         hp, needs = self.hparams, self.objective.needs
         shared = needs.shared_noise if hp.shared_noise is None else hp.shared_noise
         sde_steps = self._sde_steps() if needs.log_probs else torch.zeros(self.sampler.num_steps, dtype=torch.bool)
+        asynchronous = self._scoring is not None and self._trainer is not None  # rollouts keyed by their index in training
         return rollout(
-            self.policy, self.sampler, work.prompts, hp.group_size, self._rollout_generator(), shared_noise=shared,
+            self.policy, self.sampler, work.prompts, hp.group_size, self._streams().rollout(self._iteration() if asynchronous else None, self.device), shared_noise=shared,
             images=work.images, progress=self._progress("rollout"), chunk_size=hp.rollout_batch_size,
             first_group=work.first_group, members=work.members, sde_steps=sde_steps, ode_tail=self.ode_tail,
         )
-
-    def _decode_and_score(self, trajectories: Rollout, timer: PhaseTimer) -> tuple[Rollout, Tensor, dict[str, Tensor]] | None:
-        """(trajectories, pixels, scores) to train on: this rollout's, or with `async_scoring` the
-        previous one's while this one is scored in the background (None on the first step)."""
-        with timer("decode"):
-            pixels = decode(self.policy, trajectories, self.hparams.decode_batch_size)
-        if self._scoring is None:
-            with timer("reward"):
-                return trajectories, pixels, self._score(trajectories, pixels)
-        with timer("reward_wait"):
-            scored = self._scoring.exchange(trajectories, pixels)
-        return None if scored is None else (scored.trajectories, scored.pixels, scored.scores)
 
     def _score(self, trajectories: Rollout, pixels: Tensor) -> dict[str, Tensor]:
         drop = self.hparams.reward_failure == "drop_group"
         return score(self.rewards, trajectories, pixels, self.hparams.decode_batch_size, allow_nonfinite=drop)
 
-    def _select(self, trajectories: Rollout, pixels: Tensor, scores: dict[str, Tensor], members: range | None) -> ranks.StepSelection:
+    def _select(self, scored: Scored, members: range | None) -> ranks.StepSelection:
         """Steps 3b-4 (`distributed.select_for_update`): dropped groups, targets, trained samples."""
         hp = self.hparams
         return ranks.select_for_update(
-            trajectories, pixels, scores, targets_of=lambda s: self.objective.targets(s, self.rewards.weights, hp.group_size),
+            scored.trajectories, scored.pixels, scored.scores, targets_of=lambda s: self.objective.targets(s, self.rewards.weights, hp.group_size),
             filter_groups=self._nonfinite_filter if hp.reward_failure == "drop_group" else None,
             group_size=hp.group_size, spans_ranks=self._spans_ranks(), members=members,
         )
 
     def _update(self, selection: ranks.StepSelection) -> tuple[list[Any], list[Tensor]]:
         """Step 5: micro-batches × the objective's columns per optimizer step (`distributed.
-        optimizer_steps`: the mean gradient over every rank's samples; DDP all-reduces once per
+        plan_update`: the mean gradient over every rank's samples; DDP all-reduces once per
         optimizer step; a rank without samples in a step runs a zero-weight backward)."""
         hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
-        trained, num_samples = selection.trained, selection.trained.batch_size
         per_update = None if self.policy.uses_cfg or hp.samples_per_update is None else hp.samples_per_update
         agree = ranks.counts_may_differ(self._world_size(), hp.reward_failure == "drop_group", self._spans_ranks(), self.objective.selects)
-        if not (selection.partial or agree):
-            ranks.check_divides(num_samples, per_update or num_samples, hp.micro_batch_size)
-        prepared = self.objective.prepare(self, trained, selection.targets, self._column_seed())
-        order = torch.randperm(num_samples, generator=self._generator(offset=1, device="cpu")).to(self.device)  # [B]
+        prepared = self.objective.prepare(self, selection.trained, selection.targets, self._column_seed())
+        plan = ranks.plan_update(selection.trained.batch_size, selection.partial, per_update=per_update, micro_batch_size=hp.micro_batch_size,
+                                 num_columns=prepared.num_columns, order_seed=self._streams().order_seed(), agree=agree, device=self.device)
+        loss_of = lambda samples, column: self.objective.loss(self, prepared, samples, column)  # noqa: E731
         stats, grad_norms = [], []
-        for micro_steps in self._progress("update")(ranks.optimizer_steps(num_samples, per_update, agree, order, hp.micro_batch_size, prepared.num_columns)):
+        for micro_steps in self._progress("update")(plan):
             self._step_losses = []  # named by the non-finite guard's message
-            for step in micro_steps:
-                if step.padding:  # nothing of ours in this optimizer step: keep the all-reduce in step
-                    ranks.padding_backward(self, selection.kept)
-                    continue
-                with nullcontext() if step.sync else ranks.skip_gradient_sync(self._strategy_model()):
-                    loss, step_stats = self.objective.loss(self, prepared, step.samples, step.column)
-                    self.manual_backward(loss * step.samples.numel() * step.weight)
-                stats.append(step_stats)
-                self._step_losses.append(loss.detach())
+            for done in (ranks.micro_backward(self, step, loss_of, selection.kept) for step in micro_steps):
+                if done is not None:
+                    self._step_losses.append(done[0].detach())
+                    stats.append(done[1])
             grad_norms.append(self._optimizer_step(optimizer, scheduler))
         return stats, grad_norms
 
@@ -307,28 +268,11 @@ class GRPOModule(LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val")
+        evaluate_batch(self, batch, batch_idx, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> EvaluationResult:
         """The batch's `EvaluationResult`, reported by the `TestReport` callback."""
-        return self._evaluate(batch, batch_idx, "test")
-
-    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> EvaluationResult:
-        """Deterministic (eta = 0) samples from fixed per-sample seeds (seed, batch, rank,
-        position), scored by every reward; own generators: the training stream never moves."""
-        rank = self.global_rank if self._trainer is not None else 0
-        drop = self.hparams.reward_failure == "drop_group"
-        result = evaluate(
-            self.policy, self.sampler, batch["prompts"], self.rewards, seed=sample_seed(self.hparams.seed, batch_idx, rank),
-            batch_size=self.hparams.decode_batch_size, keep_pixels=stage == "test" and self.keep_test_pixels,
-            images=self.batch_first_frames(batch), show_progress=False, allow_nonfinite=drop,
-        )
-        for name, s in result.scores.items() if batch["prompts"] else ():  # no readable record: nothing to log
-            finite = torch.isfinite(s)  # drop_group: non-finite scores are left out of the mean and counted
-            self.log(f"{stage}/reward/{name}", s[finite].mean() if finite.any() else torch.tensor(float("nan")), batch_size=len(s), sync_dist=True)
-            if drop:
-                self.log(f"{stage}/reward/{name}_nonfinite", (~finite).sum().float(), batch_size=len(s), reduce_fx="sum", sync_dist=True)
-        return result
+        return evaluate_batch(self, batch, batch_idx, "test")
 
     def batch_first_frames(self, batch: dict[str, Any]) -> Tensor | None:
         """The batch's first frames [P, 3, H, W]: its own `"images"`, else made by `first_frames`
@@ -340,12 +284,8 @@ class GRPOModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def rebuilt_keys(self) -> set[str]:
-        """State the config rebuilds exactly, left out of checkpoints: reward models, the KL
-        reference, the first-frame image policy and the policy's frozen weights (text encoders,
-        VAE, LoRA base weights: gigabytes otherwise). Under FSDP, this rank's shards' keys."""
-        keys = {k for k in self.state_dict() if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
-        # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
-        return keys | {f"policy.{name}" for name, p in self.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        """State the config rebuilds exactly, left out of checkpoints (`checkpointing.rebuilt_keys`)."""
+        return rebuilt_keys(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_module_checkpoint(self, checkpoint, ASYNC_SCORING_KEY)
@@ -361,80 +301,48 @@ class GRPOModule(LightningModule):
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
 
-    def _strategy_model(self) -> Any:
-        return self.trainer.strategy.model if self._trainer is not None else None
-
     def _spans_ranks(self) -> bool:
         return bool(self.hparams.groups_across_ranks) and self._world_size() > 1
 
-    def _skip_empty_batch(self) -> None:
-        warnings.warn("empty training batch (no readable record in it): skipping this step", RuntimeWarning, stacklevel=3)
-        self._skips.step(True, why="every record of the data's block was malformed or its image unreadable",
-                         what="their batches were empty", remedy="fix the data (the malformed records are named in the warnings above)")
-
     def _nonfinite_filter(self, scores: dict[str, Tensor], num_samples: int):
-        """The groups to keep (`filter_nonfinite_groups`), logged, with a warning naming each
-        failing reward when any group is dropped."""
-        kept = filter_nonfinite_groups(scores, self.hparams.group_size)
-        self.log("train/reward/dropped_groups", float(kept.dropped_groups), on_step=True, batch_size=max(num_samples, 1))
-        if kept.dropped_groups:
-            warnings.warn(kept.warning(self.trainer.global_step if self._trainer is not None else 0), RuntimeWarning, stacklevel=4)
-        return kept
+        """The groups to keep (`filter_nonfinite_groups`), logged and warned about (`GroupFilter.report`)."""
+        step = self.trainer.global_step if self._trainer is not None else 0
+        return filter_nonfinite_groups(scores, self.hparams.group_size).report(self.log, num_samples, step)
 
     def _sde_steps(self) -> Tensor | None:
         """This rollout's SDE-step mask from `step_schedule` (None: all steps), by the rollout's
-        index in training (restored on resume) and a generator of (seed, iteration) alone, so every
-        rank branches at the same steps. Logs the first SDE step."""
+        index in training and a generator of (seed, index) alone, so every rank branches at the
+        same steps. Logs the first SDE step."""
         if self.step_schedule is None:
             return None
-        iteration = self.trainer.fit_loop.epoch_loop.total_batch_idx if self._trainer is not None else 0
-        generator = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + max(iteration, 0) * 1_009 + 17) % (2**63))
-        mask = self.step_schedule.sde_steps(self.sampler.num_steps, max(iteration, 0), generator)
+        mask = self.step_schedule.sde_steps(self.sampler.num_steps, self._iteration(), self._streams().schedule(self._iteration()))
         if self._trainer is not None:
             self.log("train/sde_steps/first", float(mask.nonzero()[0, 0]) if mask.any() else -1.0, on_step=True, batch_size=1)
         return mask
 
-    def _rollout_generator(self) -> torch.Generator:
-        """The rollout's noise generator: keyed by the global step (synchronous scoring), or by
-        the rollout's index in training with `async_scoring` (whose first two rollouts share
-        global step 0). Both are restored on resume; the sample keys are added by `rollout`."""
-        if self._scoring is None or self._trainer is None:
-            return self._generator(offset=0, per_rank=False)
-        iteration = max(self.trainer.fit_loop.epoch_loop.total_batch_idx, 0)
-        return torch.Generator(device=self.device).manual_seed((self.hparams.seed * 1_000_003 + iteration * 1_009 + 7) % (2**63))
+    def _streams(self) -> StepStreams:
+        """This step's random streams (`noise.StepStreams`: by seed, global step and rank)."""
+        on_trainer = self._trainer is not None
+        return StepStreams(self.hparams.seed, self.trainer.global_step if on_trainer else 0, self.global_rank if on_trainer else 0)
 
-    def _generator(self, offset: int, device: torch.device | str | None = None, per_rank: bool = True) -> torch.Generator:
-        """Seeded by (seed, global step, rank, offset): distinct per rank, reproducible on resume.
-        `per_rank=False` leaves the rank out, for what is keyed by sample instead (the rollout)."""
-        rank = self.global_rank if self._trainer is not None and per_rank else 0
-        step = self.trainer.global_step if self._trainer is not None else 0
-        seed = (self.hparams.seed * 1_000_003 + step * 1_009 + rank * 101 + offset) % (2**63)
-        return torch.Generator(device=device or self.device).manual_seed(seed)
+    def _iteration(self) -> int:
+        """The rollout's index in training (Lightning's count of training batches, restored on resume)."""
+        return max(self.trainer.fit_loop.epoch_loop.total_batch_idx, 0) if self._trainer is not None else 0
 
     def _column_seed(self) -> int:
-        """The seed of the update's per-sample choices (the objective's columns): by (seed, global
-        step) alone, as each choice is keyed by the sample's key (the same on every rank)."""
-        return self._generator(offset=1, device="cpu", per_rank=False).initial_seed()
+        return self._streams().column_seed()
 
     def _progress(self, phase: str):
         return phase_bar(phase, self.hparams.show_progress and (self._trainer is None or self.trainer.is_global_zero))
 
     def _log_step(self, selection: ranks.StepSelection, stats: list[Any], grad_norms: list[Tensor], timer: PhaseTimer) -> None:
-        logs: dict[str, Tensor | float] = {}
-        group_size, values = self.objective.trained_group_size(self.hparams.group_size), selection.targets.values
-        for name, s in selection.scores.items():
-            logs.update({f"reward/{name}_mean": s.mean(), f"reward/{name}_std": s.std(), f"reward/{name}_min": s.min(), f"reward/{name}_max": s.max()})
-            logs[f"reward/{name}_zero_var_groups"] = zero_variance_fraction(s, group_size)
-        logs.update({"advantage/mean": values.mean(), "advantage/std": values.std(), "advantage/abs_max": values.abs().max()})
-        logs.update(self.objective.summarize(stats))
-        logs.update({"grad_norm": torch.stack(grad_norms).mean(), "lr": self.optimizers().param_groups[0]["lr"], "optimizer_steps": float(len(grad_norms))})
-        logs.update({f"time/{phase}": seconds for phase, seconds in timer.seconds.items()})
-        num_samples = selection.trained.batch_size
-        logs["time/samples_per_s"] = num_samples / max(sum(timer.seconds.values()), 1e-9)
+        """Log the step (`progress.step_logs`); with nonfinite="skip", count it as skipped when
+        every optimizer step had a NaN/inf gradient norm."""
+        if self.hparams.nonfinite == "skip":
+            self._skips.step(not any(torch.isfinite(g) for g in grad_norms), why="nonfinite='skip'",
+                             what="every optimizer step had a NaN/inf gradient norm", remedy="lower model.learning_rate, check the reward")
+        lr, num_samples = self.optimizers().param_groups[0]["lr"], selection.trained.batch_size
+        logs = step_logs(selection, self.objective, stats, grad_norms, lr, timer, self.hparams.group_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=num_samples)
         self.log("reward", sum(s.mean() for s in selection.scores.values()) / len(selection.scores), prog_bar=True, batch_size=num_samples)
 
-
-SHORTHAND = ("timestep_fraction", "drop_last_timestep", "clip_range", "adv_clip_max", "advantage_std", "best_of_n",
-             "best_of_n_advantages", "multi_reward", "kl_beta")
-"""The GRPO objective's options that `GRPOModule` takes flat (see `objectives.base.resolve_objective`)."""

@@ -184,3 +184,29 @@ def phase_bar(phase: str, enabled: bool) -> Callable[[Iterable], Iterable]:
 
 
 __all__ += ["PhaseTimer", "phase_bar"]
+
+
+def step_logs(selection: Any, objective: Any, stats: list[Any], grad_norms: list[Any], lr: float, timer: PhaseTimer,
+              group_size: int) -> dict[str, Any]:
+    """{name: value} a training step logs under `train/`: per reward its mean, std, range and share
+    of groups without variance; the training targets' mean, std and largest magnitude; the
+    objective's statistics (`Objective.summarize`); the mean gradient norm, the learning rate, the
+    optimizer steps made; the seconds per phase and the samples trained per second."""
+    import torch
+
+    from lightning_grpo.grpo.advantages import zero_variance_fraction
+
+    logs: dict[str, Any] = {}
+    trained_group, values = objective.trained_group_size(group_size), selection.targets.values
+    for name, s in selection.scores.items():
+        logs.update({f"reward/{name}_mean": s.mean(), f"reward/{name}_std": s.std(), f"reward/{name}_min": s.min(), f"reward/{name}_max": s.max()})
+        logs[f"reward/{name}_zero_var_groups"] = zero_variance_fraction(s, trained_group)
+    logs.update({"advantage/mean": values.mean(), "advantage/std": values.std(), "advantage/abs_max": values.abs().max()})
+    logs.update(objective.summarize(stats))
+    logs.update({"grad_norm": torch.stack(grad_norms).mean(), "lr": lr, "optimizer_steps": float(len(grad_norms))})
+    logs.update({f"time/{phase}": seconds for phase, seconds in timer.seconds.items()})
+    logs["time/samples_per_s"] = selection.trained.batch_size / max(sum(timer.seconds.values()), 1e-9)
+    return logs
+
+
+__all__ += ["step_logs"]

@@ -182,7 +182,7 @@ def _to_device(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-__all__ = ["AsyncScoring", "Scored", "asdict_shallow", "checkpoint_entry", "rank_state"]
+__all__ = ["AsyncScoring", "Scored", "asdict_shallow", "checkpoint_entry", "decode", "decode_and_score", "rank_state", "score"]
 
 
 # ---------------------------------------------------------------------------- decode and score
@@ -213,3 +213,17 @@ def score(rewards: Any, trajectories: Rollout, pixels: Tensor, batch_size: int, 
         for name, values in chunk_scores.items():
             scores.setdefault(name, []).append(values)
     return {name: torch.cat(values) for name, values in scores.items()}
+
+
+def decode_and_score(policy: Any, trajectories: Rollout, batch_size: int, score_fn: ScoreFn, scoring: AsyncScoring | None,
+                     timer: Any) -> Scored | None:
+    """The rollout to train on, decoded and scored: this one (`score_fn` now), or with
+    `scoring` (`async_scoring`) the previous one while this one is scored in the background (None
+    on the first step). Each phase is timed by `timer` (`progress.PhaseTimer`)."""
+    with timer("decode"):
+        pixels = decode(policy, trajectories, batch_size)
+    if scoring is None:
+        with timer("reward"):
+            return Scored(trajectories, pixels, score_fn(trajectories, pixels))
+    with timer("reward_wait"):
+        return scoring.exchange(trajectories, pixels)

@@ -197,6 +197,28 @@ def check_reward_weights(weights: Mapping[str, float]) -> None:
         raise ConfigError(f"every reward weight is 0 ({dict(weights)}): advantages would all be 0; give one reward a non-zero weight")
 
 
+def check_module_parts(options: Mapping[str, Any], objective: Any, policy: Any, sampler: Any, step_schedule: Any, ode_tail: Any) -> None:
+    """What `GRPOModule.__init__` checks before it builds anything: the sampler fits the policy's
+    paradigm, every numeric option is in its range (`MODULE_RANGES`), the choice options are known,
+    the step schedule fits the sampler and an ODE tail has a schedule (unless the objective's
+    rollouts are ODE rollouts) and a flow sampler."""
+    import torch
+
+    from lightning_grpo.policies.base import check_sampler_matches
+
+    check_sampler_matches(policy, sampler)
+    check_module_options(dict(options), prefix="")
+    for name, allowed in (("nonfinite", ("stop", "skip")), ("reward_failure", ("raise", "drop_group"))):
+        if options[name] not in allowed:
+            raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {options[name]!r}")
+    if step_schedule is not None:  # fail at construction if the schedule does not fit the sampler
+        step_schedule.sde_steps(sampler.num_steps, 0, torch.Generator().manual_seed(0))
+    if ode_tail is not None:
+        if step_schedule is None and objective.needs.log_probs:
+            raise ValueError("ode_tail needs a step_schedule: without one every step is an SDE step and there is no tail")
+        ode_tail.sigmas(sampler, 0)  # a flow sampler, or a clear error
+
+
 # --------------------------------------------------------------------------------- at fit set-up
 def validate_fit(module: Any, trainer: Any) -> None:
     """Checks that need the built module and trainer (world size, the policy's CFG, the data)."""
@@ -209,7 +231,7 @@ def validate_fit(module: Any, trainer: Any) -> None:
         trained = batch_size * per_group
         per_update = trained if (module.policy.uses_cfg or hp.samples_per_update is None) else hp.samples_per_update
         round_max_steps(trainer, trained // per_update, f"batch_size={batch_size} × {per_group} trained samples per group / {per_update} per optimizer step")
-    check_manual_optimisation(trainer.accumulate_grad_batches, trainer.gradient_clip_val)
+    check_manual_optimisation(trainer.accumulate_grad_batches, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
 
 
 def round_max_steps(trainer: Any, steps_per_rollout: int, how: str = "") -> int:
@@ -230,8 +252,10 @@ def round_max_steps(trainer: Any, steps_per_rollout: int, how: str = "") -> int:
     return rounded
 
 
-def check_manual_optimisation(accumulate_grad_batches: int | None, gradient_clip_val: float | None) -> None:
-    """Trainer options that manual optimisation ignores or refuses, with the module option to use."""
+def check_manual_optimisation(accumulate_grad_batches: int | None, gradient_clip_val: float | None,
+                              gradient_clip_algorithm: Any = None) -> None:
+    """Trainer options that manual optimisation ignores or refuses, with the module option to use
+    (the module clips by norm, `model.max_grad_norm`: a trainer asking for value clipping is refused)."""
     if accumulate_grad_batches not in (None, 1):
         raise ConfigError(
             f"trainer.accumulate_grad_batches={accumulate_grad_batches} is not supported (GRPO optimises manually): "
@@ -239,6 +263,10 @@ def check_manual_optimisation(accumulate_grad_batches: int | None, gradient_clip
         )
     if gradient_clip_val:
         raise ConfigError(f"trainer.gradient_clip_val={gradient_clip_val} is not supported (manual optimisation): use model.max_grad_norm")
+    algorithm = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)
+    if algorithm not in (None, "norm"):
+        raise ConfigError(f"trainer.gradient_clip_algorithm={algorithm!r} is not supported: GRPOModule clips the gradient by its "
+                          "norm, model.max_grad_norm (None turns clipping off)")
 
 
 # --------------------------------------------------------------------------------- skipped steps
@@ -264,6 +292,12 @@ class SkipGuard:
                 f"{self.in_a_row} training steps in a row were skipped because {what} ({why}); "
                 f"the run cannot make progress: {remedy} or raise model.max_skipped_steps"
             )
+
+    def empty_batch(self) -> None:
+        """Warn of a training batch without a readable record and count its step as skipped."""
+        warnings.warn("empty training batch (no readable record in it): skipping this step", RuntimeWarning, stacklevel=4)
+        self.step(True, why="every record of the data's block was malformed or its image unreadable",
+                  what="their batches were empty", remedy="fix the data (the malformed records are named in the warnings above)")
 
 
 # --------------------------------------------------------------------------------- on the config
@@ -299,7 +333,7 @@ def validate_config(config: Any, fit: bool = True, stage: str | None = None) -> 
 
 def _check_trainer(trainer: Mapping[str, Any]) -> None:
     check_ranges(trainer, TRAINER_RANGES, "trainer.")
-    check_manual_optimisation(trainer.get("accumulate_grad_batches", 1), trainer.get("gradient_clip_val"))
+    check_manual_optimisation(trainer.get("accumulate_grad_batches", 1), trainer.get("gradient_clip_val"), trainer.get("gradient_clip_algorithm"))
 
 
 def _check_sampler(model: Mapping[str, Any]) -> None:

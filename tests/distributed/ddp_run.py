@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-import lightning_grpo.module as module_code  # noqa: E402
+import lightning_grpo.distributed  # noqa: E402
 from lightning_grpo.datamodules.prompts import PromptDataModule  # noqa: E402
 from lightning_grpo.distributed import CommHookCounter, DenoiserFSDPStrategy, count_allreduce_hook  # noqa: E402
 from lightning_grpo.module import GRPOModule  # noqa: E402
@@ -126,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.sync_every_backward:  # the behaviour before issue 14: no no_sync at all
-        module_code.skip_gradient_sync = lambda model: contextlib.nullcontext()
+        lightning_grpo.distributed.skip_gradient_sync = lambda model: contextlib.nullcontext()  # looked up there at each backward
     options = {"groups_across_ranks": args.groups_across_ranks}
     if args.best_of_n:
         options["best_of_n"] = tuple(args.best_of_n)

@@ -249,10 +249,13 @@ def test_the_optimizer_steps_on_gradients_clipped_to_max_grad_norm_and_logs_the_
 
 
 def test_max_grad_norm_clips_by_norm_and_a_trainer_set_to_clip_by_value_is_refused():
-    """The module asks Lightning for norm clipping explicitly: a Trainer configured to clip by
-    value conflicts with it and fails at the first optimizer step instead of clipping by value."""
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    """The module clips by norm (`model.max_grad_norm`): a Trainer configured to clip by value
+    is refused at set-up, before any rollout, instead of being ignored."""
+    from lightning_grpo.validation import ConfigError
 
     module = make_module(samples_per_update=None, max_grad_norm=1e-4)
-    with pytest.raises(MisconfigurationException, match="gradient_clip_algorithm"):
+    rollouts = []
+    module._rollout = lambda work: rollouts.append(work)
+    with pytest.raises(ConfigError, match="gradient_clip_algorithm='value'.*max_grad_norm"):
         fit(module, PROMPTS, batches=1, gradient_clip_algorithm="value")
+    assert rollouts == []
