@@ -3,5 +3,6 @@ and DiffusionNFT. The contract is `lightning_grpo.objectives.base.Objective`."""
 
 from lightning_grpo.objectives.base import Objective, Prepared, RolloutNeeds, Targets
 from lightning_grpo.objectives.grpo import GRPO
+from lightning_grpo.objectives.nft import DiffusionNFT
 
-__all__ = ["GRPO", "Objective", "Prepared", "RolloutNeeds", "Targets"]
+__all__ = ["DiffusionNFT", "GRPO", "Objective", "Prepared", "RolloutNeeds", "Targets"]
