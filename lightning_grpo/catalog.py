@@ -38,6 +38,7 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
     ]),
     "objectives": ("model.objective", [
         "lightning_grpo.objectives.GRPO",
+        "lightning_grpo.objectives.DiffusionNFT",
     ]),
     "rewards": ("model.rewards", [
         "lightning_grpo.rewards.HPSReward",

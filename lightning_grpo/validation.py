@@ -320,6 +320,7 @@ def validate_config(config: Any, fit: bool = True, stage: str | None = None) -> 
             model.get("micro_batch_size", 1), _uses_cfg(policy),
         )
     check_module_options(model)
+    _check_objective(model)
     _check_sampler(model)
     _check_policy(policy)
     check_reward_weights({f"reward {i}": _init_args(r).get("weight", 1.0) for i, r in enumerate(model.get("rewards") or [])})
@@ -329,6 +330,17 @@ def validate_config(config: Any, fit: bool = True, stage: str | None = None) -> 
     _check_data(data, trainer, stage)
     if stage == "fit":
         warn_cannot_learn(model)
+
+
+def _check_objective(model: Mapping[str, Any]) -> None:
+    """The objective's numeric options in their ranges (its `ranges`), named as the config sets
+    them, before it is built (its constructor's error would reach the user inside a parser traceback)."""
+    from lightning_grpo.objectives.base import objective_class
+
+    cls, section = objective_class(model), model.get("objective")
+    init_args = _init_args(section) if section is not None and not isinstance(section, str) else {}
+    if cls is not None and init_args:  # the flat GRPO options are checked with the module's (MODULE_RANGES)
+        check_ranges({name: init_args[name] for name in cls.ranges if name in init_args}, cls.ranges, "model.objective.init_args.")
 
 
 def _check_trainer(trainer: Mapping[str, Any]) -> None:

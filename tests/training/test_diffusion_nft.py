@@ -211,3 +211,16 @@ def test_the_cli_trains_the_demos_with_diffusion_nft(tmp_path, config, model, ex
     assert "train/ratio/mean" not in tags  # no GRPO statistic: the objective is NFT's
     checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2 and "objective.old_0" in checkpoint["state_dict"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("objective, option, message", [
+    ("DiffusionNFT", "beta=0", "model.objective.init_args.beta must be > 0, got 0.0"),
+    ("GRPO", "clip_range=0", "model.objective.init_args.clip_range must be > 0, got 0.0"),
+])
+def test_an_objective_option_out_of_range_is_one_error_line_before_anything_loads(objective, option, message):
+    """Checked with the config (`validation._check_objective`): not a parser traceback."""
+    command = [sys.executable, "-m", "lightning_grpo", "fit", "-c", str(ROOT / "configs" / "demo.yaml"), f"--model.objective={objective}",
+               f"--model.objective.init_args.{option}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=100, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and f"error: {message}" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
