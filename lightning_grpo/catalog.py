@@ -69,6 +69,7 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
         "lightning_grpo.callbacks.HeldOutEvaluation",
         "lightning_grpo.callbacks.RewardHackingMonitor",
         "lightning_grpo.callbacks.TestReport",
+        "lightning_grpo.checkpointing.RunLock",  # added to every fit by the CLI; listed for Python users
     ]),
     "data modules": ("data", [
         "lightning_grpo.datamodules.prompts.PromptDataModule",

@@ -231,7 +231,7 @@ class GRPOCLI(LightningCLI):
         finally:
             self.trainer_defaults = defaults
         use_atomic_checkpoints(trainer)
-        if self.subcommand in (None, "fit"):
+        if self.subcommand in (None, "fit") and not any(isinstance(c, RunLock) for c in trainer.callbacks):
             trainer.callbacks.insert(0, RunLock())  # first: before any callback writes into the folder
         if self.appending_to is not None:
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")

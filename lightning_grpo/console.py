@@ -93,7 +93,11 @@ def quiet_loading_bars(verbose: bool = False) -> None:
             kwargs = {**kwargs, "disable": True}
         return factory(*args, **kwargs)
 
-    hf_logging.set_tqdm_hook(hook)
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if set_hook is None:  # transformers before 5.1 has no hook: turn its bars off while we load
+        hf_logging.disable_progress_bar()
+        return
+    set_hook(hook)
 
 
 __all__ = ["QUIET_LOGS", "QUIET_WARNINGS", "VERBOSE_ENV", "Noise", "quiet_loading_bars", "quiet_third_party", "verbose_requested"]

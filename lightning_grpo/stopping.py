@@ -103,7 +103,7 @@ class StopSignals:
             return
         self.count += 1
         self.received = self.received or signum
-        name = signal.Signals(signum).name
+        name = "SIGINT (Ctrl+C)" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.count >= 2:
             _say(f"{name} again: stopping at once, nothing more is saved")
             raise StopNow()

@@ -213,7 +213,7 @@ def expected_fit_files(demo: Demo, video: bool) -> set[str]:
     """The files one fit of `demo` writes into its version folder (one process or N)."""
     steps = demo.max_steps
     checkpoints = {f"checkpoints/epoch=0-step={s}.ckpt" for s in range(demo.checkpoint_every, steps + 1, demo.checkpoint_every)}
-    checkpoints |= {f"checkpoints/epoch=0-step={steps}.ckpt", "checkpoints/last.ckpt", "checkpoints/best.txt"}
+    checkpoints |= {f"checkpoints/epoch=0-step={steps}.ckpt", "checkpoints/last.ckpt", "checkpoints/best.txt", ".lock"}
     media = {f"visualization/ode_samples_step{s:06d}.png" for s in (0, steps)} | {"rollouts/step000000.png"}
     if video:
         media |= {name.replace(".png", ".gif") for name in media}
@@ -271,18 +271,20 @@ def test_ddp_fit_resume_and_test(demo, request, tmp_path):
     run.check("2-process resume")
     resumed = assert_ranks_equal(probes(resumed_probe, "fit"), steps)
     assert torch.equal(resumed, trained), f"resume differs from the uninterrupted run by up to {(resumed - trained).abs().max():.3g}"
-    assert sorted(p.name for p in fit.runs.iterdir()) == ["version_0", "version_1"]
-    resumed_files = files_under(fit.version(1))
+    # a resumed fit writes on into its checkpoint's run folder (issue 29): no second version folder,
+    # a second event file beside the first, the same checkpoint names
+    assert sorted(p.name for p in fit.runs.iterdir()) == ["version_0"]
+    resumed_files = files_under(fit.version(0))
     assert {"config.yaml", "checkpoints/last.ckpt", f"checkpoints/epoch=0-step={steps}.ckpt"} <= resumed_files
-    assert len([f for f in resumed_files if f.startswith("events.out.tfevents.")]) == 1
+    assert len([f for f in resumed_files if f.startswith("events.out.tfevents.")]) == 2
     # -- test the trained checkpoint on 2 processes: 2 batches of 2 prompts per rank
     test_probe = tmp_path / "probe_test"
     run = lightning_grpo(["test", "-c", str(fit.config), *DDP, f"--ckpt_path={last}", "--trainer.limit_test_batches=2",
                           f"--trainer.callbacks.out={test_probe}"], cwd=fit.cwd, log=tmp_path / "test.log")
     run.check("2-process test")
     assert torch.equal(assert_ranks_equal(probes(test_probe, "test"), None), trained)  # both ranks test the checkpoint
-    assert sorted(p.name for p in fit.runs.iterdir()) == ["version_0", "version_1", "version_2"]
-    tested = fit.version(2)
+    assert sorted(p.name for p in fit.runs.iterdir()) == ["version_0", "version_1"]
+    tested = fit.version(1)
     written = files_under(tested)
     events = {f for f in written if f.startswith("events.out.tfevents.")}
     assert len(events) == 1

@@ -74,7 +74,7 @@ def test_sigterm_saves_the_last_completed_step_exits_non_zero_and_resumes_exactl
     assert f"resume with --ckpt_path={last}" in output
     # one clear line when the signal arrives, one when the run stops: not Lightning's "Received
     # SIGTERM: 15" nor its empty "SIGTERMException was raised with message:"
-    assert output.count("SIGTERM: stopping after the current step and saving a checkpoint") == 1, output[-3000:]
+    assert output.count("SIGTERM: stopping after the current step or evaluation batch and saving a checkpoint") == 1, output[-3000:]
     assert "Received SIGTERM" not in output and "was raised with message" not in output, output[-3000:]
 
     env = environment()
@@ -96,7 +96,7 @@ def test_sigterm_saves_the_last_completed_step_exits_non_zero_and_resumes_exactl
 def test_sigint_finishes_the_step_saves_it_and_exits_130(tmp_path):
     status, log_dir, output = interrupt(tmp_path, signal.SIGINT)
     assert status == 128 + signal.SIGINT, output[-3000:]
-    assert output.count("SIGINT (Ctrl+C): stopping after the current step and saving a checkpoint") == 1, output[-3000:]
+    assert output.count("SIGINT (Ctrl+C): stopping after the current step or evaluation batch and saving a checkpoint") == 1, output[-3000:]
     assert "SIGTERM" not in output and "was raised with message" not in output, output[-3000:]  # the forwarded signal is not shown
     assert f"resume with --ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}" in output
     checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
