@@ -117,6 +117,12 @@ class DiffusionNFT(Objective):
         if module.step_schedule is not None:
             raise ConfigError("model.step_schedule picks a rollout's SDE steps; DiffusionNFT rolls out with the ODE and has none: "
                               "remove model.step_schedule (set it to null)")
+        if module.ode_tail is not None:
+            raise ConfigError("model.ode_tail takes over after a rollout's last SDE step; DiffusionNFT's rollouts have none, "
+                              "so the tail would never run: remove model.ode_tail")
+        if module.hparams.shared_noise:
+            raise ConfigError("model.shared_noise=true: an ODE rollout from a shared x_0 makes every sample of a group the "
+                              "same (no reward difference to learn from); DiffusionNFT needs shared_noise false or null")
         check_best_of_n(self.best_of_n, module.hparams.group_size)
         for index, param in enumerate(module.policy.trainable_parameters()):
             self.register_buffer(f"old_{index}", param.detach().clone())  # θ_old, saved in checkpoints

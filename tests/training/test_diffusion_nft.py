@@ -159,6 +159,17 @@ def test_refuses_a_diffusion_sampler_and_a_step_schedule():
                    rewards=[Redness()], objective=DiffusionNFT(), group_size=4, step_schedule=RandomBranch(num_sde_steps=1))
 
 
+@pytest.mark.parametrize("options, message", [({"shared_noise": True}, "shared_noise"), ({"ode_tail": "tail"}, "ode_tail")])
+def test_refuses_shared_noise_and_an_ode_tail(options, message):
+    """Both would silently do nothing good with ODE rollouts: identical samples per group, a tail that never runs."""
+    from lightning_grpo.samplers.ode_tail import MultistepODETail
+
+    options = {k: MultistepODETail() if v == "tail" else v for k, v in options.items()}
+    with pytest.raises(ConfigError, match=message):
+        GRPOModule(policy=TinyPolicy(paradigm="flow", resolution=8), sampler=FlowSDESampler(num_steps=4, eta=0.7),
+                   rewards=[Redness()], objective=DiffusionNFT(), group_size=4, **options)
+
+
 def test_a_grpo_only_flat_option_is_refused_with_both_names():
     with pytest.raises(ConfigError, match="model.clip_range=0.2.*DiffusionNFT"):
         GRPOModule(policy=TinyPolicy(paradigm="flow", resolution=8), rewards=[Redness()], objective=DiffusionNFT(), group_size=4, clip_range=0.2)
