@@ -2,6 +2,12 @@
 held-out evaluation, reward-hacking monitor, test report. `lightning-grpo` turns on RewardLogger, DiversityMonitor (pixel, latent),
 ODEVisualizer and TestReport by default (see `lightning_grpo.cli.default_callbacks`)."""
 
+# This folder is installed as lightning_grpo.callbacks (pyproject.toml's package-dir). Imported as a
+# top-level `callbacks` (the repository root on sys.path), its modules would exist twice, under two
+# names, with two copies of every class (isinstance and the CLI's class_path checks then disagree).
+if __name__ != "lightning_grpo.callbacks":
+    raise ImportError(f"import this package as lightning_grpo.callbacks, not as {__name__!r} (one name per module)")
+
 from lightning_grpo.callbacks.diversity import AcrossPromptDiversity, DiversityMonitor, WithinGroupDiversity
 from lightning_grpo.callbacks.ema import EMA
 from lightning_grpo.callbacks.evaluation import HeldOutEvaluation

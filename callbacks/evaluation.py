@@ -58,8 +58,10 @@ class HeldOutEvaluation(Callback):
     else from the module's own `first_frames` source when it has one; the same frames before and
     after, and the rewards receive them (e.g. a first-frame fidelity measure).
 
-    Every rank runs the evaluation forward (an FSDP-sharded model needs all of them; the same
-    prompts and seeds give every rank the same samples); rank zero writes and logs.
+    Several processes share the work: each rank generates and scores about 1/W of the samples
+    (under FSDP each runs the sharded forward on its own samples) and the scores are gathered on
+    every rank (`evaluate(split_over_ranks=True)`), the pixels on rank zero, which measures the
+    artifacts, writes and logs. The samples are those of one process: each keeps its own seed.
 
     Artifact and drift measures (`artifacts`, lightning_grpo/artifacts.py): the "before" samples
     set each measure's warning band (the base's seed-to-seed spread); the "after" samples are
@@ -170,13 +172,14 @@ class HeldOutEvaluation(Callback):
             print(text, flush=True)
 
     def evaluate(self, pl_module: LightningModule, prompts: list[str] | None = None) -> EvaluationResult:
-        """Score the module's policy now on `prompts` (default: the first prompt set)."""
+        """Score the module's policy now on `prompts` (default: the first prompt set), the samples
+        shared out over the ranks (every rank must call it; the pixels are kept on rank zero)."""
         prompts = self.prompts if prompts is None else prompts
         rewards = MultiReward([*pl_module.rewards.rewards, *self.extra_rewards])
         return evaluate(
             pl_module.policy, pl_module.sampler, prompts, rewards, samples_per_prompt=self.samples_per_prompt,
             seed=self.seed, batch_size=self.batch_size, keep_pixels=self.grid or self.artifacts, show_progress=False,
-            images=first_frames_for(pl_module, prompts, self.first_frames),
+            images=first_frames_for(pl_module, prompts, self.first_frames), split_over_ranks=True,
         )
 
     def _measure_artifacts(self, pl_module: LightningModule, when: str, name: str, result: EvaluationResult) -> None:
@@ -193,7 +196,7 @@ class HeldOutEvaluation(Callback):
     def _run(self, trainer: Trainer, pl_module: LightningModule, when: str, use_ema: bool) -> None:
         context = ema_weights(trainer, pl_module) if use_ema else nullcontext()
         with context:
-            results = {name: self.evaluate(pl_module, prompts) for name, prompts in self.sets.items()}  # every rank
+            results = {name: self.evaluate(pl_module, prompts) for name, prompts in self.sets.items()}  # every rank, its share
         self.split_results[when] = results
         self.results[when] = next(iter(results.values()))
         if trainer.is_global_zero:

@@ -52,6 +52,7 @@ from lightning_grpo.artifacts import ArtifactReference, ArtifactStats, Compariso
 from lightning_grpo.callbacks._logging import RunFolder, logging_step, tensorboard_writers
 from lightning_grpo.callbacks.diversity import pairwise_distances
 from lightning_grpo.callbacks.ema import ema_weights
+from lightning_grpo.distributed import broadcast_object, rank
 from lightning_grpo.callbacks.evaluation import first_frames_for, read_prompts
 from lightning_grpo.evaluation import EvaluationResult, evaluate
 from lightning_grpo.rewards.base import MultiReward, Reward
@@ -140,8 +141,11 @@ class RewardHackingMonitor(Callback):
     """Track gold measures beside the training reward on a fixed held-out set; warn on divergence.
 
     Works with any rewards: e.g. a run trained on HPS with PickScore and CLIP score as gold, or the
-    shapes demo trained on the verifier with the toy CLIP as gold. Every rank measures (FSDP needs
-    all of them); rank zero logs.
+    shapes demo trained on the verifier with the toy CLIP as gold. Several processes share the
+    samples (each rank generates and scores about 1/W of them; under FSDP each runs the sharded
+    forward on its own) and gather the scores; rank zero, which receives the pixels, computes the
+    pixel diversity and the artifact measures and sends them to the others, so every rank keeps
+    the same history and verdicts; rank zero logs.
 
     Args:
         prompts_file: the fixed held-out prompts (.txt or .jsonl, as `HeldOutEvaluation`).
@@ -247,17 +251,24 @@ class RewardHackingMonitor(Callback):
         result: EvaluationResult = evaluate(
             pl_module.policy, pl_module.sampler, self.prompts, MultiReward([*training, *self.gold_rewards]),
             samples_per_prompt=self.samples_per_prompt, seed=self.seed, batch_size=self.batch_size,
-            keep_pixels=self.diversity or self.artifacts, show_progress=False, images=images,
+            keep_pixels=self.diversity or self.artifacts, show_progress=False, images=images, split_over_ranks=True,
         )
         values = {TRAIN: sum(r.weight * result.scores[r.name] for r in training)}
         values.update({r.name: result.scores[r.name] for r in self.gold_rewards})
+        pixel_measures: tuple[Tensor | None, ArtifactStats | None] = (None, None)
+        if rank() == 0 and (self.diversity or self.artifacts):  # the pixels are on rank zero only
+            diversity = within_prompt_diversity(result.pixels, self.samples_per_prompt) if self.diversity else None
+            stats = None
+            if self.artifacts:
+                conditioning = images if result.pixels.ndim == 5 else None
+                encoder = resolve_encoder(self.kid_encoder, [*self.gold_rewards, *training])
+                stats = artifact_stats(result.pixels, conditioning, encoder, self.samples_per_prompt, self.batch_size)
+            pixel_measures = (diversity, stats)
+        if self.diversity or self.artifacts:
+            pixel_measures = broadcast_object(pixel_measures)  # every rank: the same history and verdicts
         if self.diversity:
-            values[DIVERSITY] = within_prompt_diversity(result.pixels, self.samples_per_prompt)
-        self._stats = None
-        if self.artifacts:
-            conditioning = images if result.pixels.ndim == 5 else None
-            encoder = resolve_encoder(self.kid_encoder, [*self.gold_rewards, *training])
-            self._stats = artifact_stats(result.pixels, conditioning, encoder, self.samples_per_prompt, self.batch_size)
+            values[DIVERSITY] = pixel_measures[0]
+        self._stats = pixel_measures[1]
         return values
 
     def check_artifacts(self, step: int, stats: ArtifactStats) -> tuple[dict[str, Comparison], list[str]]:
@@ -278,8 +289,8 @@ class RewardHackingMonitor(Callback):
         return comparisons, messages
 
     def _observe(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Measure on every rank (a denoiser sharded by FSDP needs all of them in its forward;
-        the same prompts and seeds give every rank the same values); rank zero logs and warns."""
+        """Measure on every rank, each its share of the samples (`measure`; every rank ends with
+        the same values); rank zero logs and warns."""
         self._last_step = trainer.global_step
         with ema_weights(trainer, pl_module):
             values = self.measure(pl_module)

@@ -11,18 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_grpo.evaluation import EvaluationResult
+from lightning_grpo.evaluation import EvaluationResult, gather_results
 
 
 class TestReport(Callback):
     """Gathers the test batches' results and reports them (see the module docstring).
 
-    Logs `test/reward/{name}_ci_low`, `..._ci_high` and `..._n` (the mean `test/reward/{name}` is
-    logged by the module itself); on rank zero writes results.csv, results.md and grid.png into
-    `<log_dir>/test/` and prints the table.
+    Gathers every rank's results (`evaluation.gather_results`: each held-out prompt once, in the
+    split's order; the repeats that pad the last block are dropped), logs `test/reward/{name}`
+    (`GRPOModule.log_evaluation`) and `..._ci_low`, `..._ci_high`, `..._n` (the same on every
+    rank); on rank zero writes results.csv, results.md and grid.png into `<log_dir>/test/` and
+    prints the table.
 
     Args:
         grid_size: the pixels of this many test samples (per rank) are kept for the image grid.
@@ -56,34 +57,15 @@ class TestReport(Callback):
         result = gather_results(self._parts, self.grid_size)
         self._parts, self.results = [], result
         pl_module.keep_test_pixels = False
+        if callable(getattr(pl_module, "log_evaluation", None)):
+            pl_module.log_evaluation(result, "test")
         for name, (mean, low, high, n) in result.summary().items():
             interval = {f"test/reward/{name}_ci_low": low, f"test/reward/{name}_ci_high": high, f"test/reward/{name}_n": float(n)}
-            pl_module.log_dict(interval, rank_zero_only=True)
+            pl_module.log_dict(interval, sync_dist=True)  # the same on every rank (gathered)
         directory = Path(trainer.log_dir or ".") / "test"  # a collective (a broadcast): on every rank
         if trainer.is_global_zero:
             result.write(directory)
             print(f"Held-out test, {len(result.prompts)} samples (written to {directory}):\n{result.to_markdown()}")
 
 
-def gather_results(parts: list[EvaluationResult], grid_size: int) -> EvaluationResult:
-    """This rank's test results concatenated, then those of every rank in rank order."""
-    local = concat_results(parts, grid_size)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return local
-    gathered: list[EvaluationResult] = [local] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, local)
-    return concat_results(gathered, grid_size)
-
-
-def concat_results(parts: list[EvaluationResult], grid_size: int) -> EvaluationResult:
-    """One result from several (prompts and scores concatenated; at most `grid_size` pixels kept)."""
-    names = list(parts[0].scores) if parts else []
-    pixels = [part.pixels for part in parts if part.pixels is not None]
-    return EvaluationResult(
-        prompts=[prompt for part in parts for prompt in part.prompts],
-        scores={name: torch.cat([part.scores[name] for part in parts]) for name in names},
-        pixels=torch.cat(pixels)[:grid_size] if pixels else None,
-    )
-
-
-__all__ = ["TestReport", "concat_results", "gather_results"]
+__all__ = ["TestReport"]

@@ -1,7 +1,7 @@
 """Prompt datamodule for text-to-image and text-to-video GRPO: streamed, sharded, resumable.
 
-The heavy lifting lives in :mod:`datamodules.sources` (formats, malformed records) and
-:mod:`datamodules.streaming` (hold-out, shuffle, exactly-once sharding, resume); this module
+The heavy lifting lives in :mod:`lightning_grpo.datamodules.sources` (formats, malformed records) and
+:mod:`lightning_grpo.datamodules.streaming` (hold-out, shuffle, exactly-once sharding, resume); this module
 wires them into Lightning: rank discovery, dataloaders, and the position kept in checkpoints.
 """
 
@@ -61,7 +61,8 @@ class PromptDataModule(LightningDataModule):
     ``world_size * max(num_workers, 1) * batch_size`` prompts, which is dropped
     (``remainder="drop"``; reshuffled each epoch so a different tail is dropped) or padded with
     repeats (``remainder="pad"``); either way every rank yields the same number of batches, so
-    DDP never hangs. Validation batches are never shuffled and always padded.
+    DDP never hangs. Validation batches are never shuffled and always padded; they carry each
+    prompt's position in the held-out split (``"indices"``), so padded repeats can be told apart.
 
     The position (epoch and prompts consumed) is saved in checkpoints through ``state_dict``;
     a resumed run continues with the next unseen prompt. Under a Trainer a batch counts as
@@ -193,7 +194,11 @@ class PromptDataModule(LightningDataModule):
         return loader
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """Held-out prompts in file order, padded so every rank gets as many batches; [] when none."""
+        """Held-out prompts in file order, padded so every rank gets as many batches; [] when none.
+
+        Each batch holds ``"indices"``, the prompts' positions in the held-out split: the module
+        keys each sample's noise by it (the same samples on any number of ranks) and drops the
+        repeats that pad the last block (the ranks' results gathered, one row per prompt)."""
         rank, world_size = self._rank_and_world_size()
         if self._val_sources is None and not self.hold_out.active:
             return []
@@ -330,6 +335,7 @@ class PromptDataModule(LightningDataModule):
             rank=rank,
             world_size=world_size,
             hf_split=self.hf_split,
+            with_indices=not training,
         )
 
     def _hash_prompts(self, sources: list[Source]) -> frozenset[int]:

@@ -86,13 +86,15 @@ class Unit(NamedTuple):
 class Record(NamedTuple):
     """One valid prompt, where it came from, and the extra fields asked for.
 
-    ``fields`` holds the required fields (e.g. an image path) and the metadata fields, by key.
+    ``fields`` holds the required fields (e.g. an image path) and the metadata fields, by key;
+    ``index`` its position in the stream of a pass (set by the stream; -1 until then).
     """
 
     prompt: str
     fields: dict[str, Any]
     path: str
     line: int
+    index: int = -1
 
 
 @dataclass(frozen=True)

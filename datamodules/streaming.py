@@ -168,6 +168,9 @@ class StreamConfig:
         rank: This process's rank.
         world_size: Number of ranks.
         hf_split: Split to read from a HF ``DatasetDict`` folder.
+        with_indices: Batches also hold ``"indices"``: each record's position in the global
+            stream (padding repeats carry their record's), the key of its evaluation noise, so
+            that results are the same on any number of ranks and a padded repeat is recognised.
     """
 
     sources: Sequence[Source]
@@ -183,6 +186,7 @@ class StreamConfig:
     rank: int = 0
     world_size: int = 1
     hf_split: str | None = None
+    with_indices: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -239,7 +243,8 @@ class PromptStream(IterableDataset):
         record_reporter = BadRecordReporter(cfg.on_bad_line, verbose=slot == 0)
         batch_reporter = BadRecordReporter(cfg.on_bad_line)
         start, stop = slot * cfg.batch_size, (slot + 1) * cfg.batch_size
-        remaining = itertools.islice(self.records(record_reporter), origin, None)
+        indexed = (record._replace(index=i) for i, record in enumerate(self.records(record_reporter)))
+        remaining = itertools.islice(indexed, origin, None)
         for index, block in enumerate(blocks(remaining, block_size, cfg.remainder)):
             if index == 0 and role < rounds_done:
                 continue  # this role's slice of the first block was consumed before the resume
@@ -255,6 +260,8 @@ class PromptStream(IterableDataset):
     def make_batch(self, records: list[Record], reporter: BadRecordReporter) -> dict[str, Any]:
         """Turn this shard's slice of a block into a batch; ``reporter`` takes items that fail."""
         batch: dict[str, Any] = {"prompts": [r.prompt for r in records]}
+        if self.config.with_indices:
+            batch["indices"] = [r.index for r in records]
         if self.config.spec.metadata_keys:
             batch["metadata"] = [{k: r.fields.get(k) for k in self.config.spec.metadata_keys} for r in records]
         return batch

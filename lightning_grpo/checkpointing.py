@@ -147,10 +147,12 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     return Path(path).is_dir()
 
 
-def check_checkpoint_file(path: str | os.PathLike) -> None:
+def check_checkpoint_file(path: str | os.PathLike, part: tuple[int, int] | None = None, verify: bool = True) -> None:
     """Check that a local checkpoint exists and is intact before anything loads: a sharded
     checkpoint folder has its shard index and `meta.pt` (both written after the shards), and every
-    file's bytes match the checksums written when it was saved (`verify_checkpoint`)."""
+    file's bytes match the checksums written when it was saved (`verify_checkpoint`; `part`: this
+    process's share of a folder's files, see there; `verify=False`: existence and completeness
+    only, the bytes are checked later, when it loads)."""
     text = str(path)
     if not is_local_path(text):
         return
@@ -160,7 +162,8 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         absent = [name for name in (SHARD_INDEX, SHARDED_METADATA) if not (Path(text) / name).is_file()]
         if absent:
             raise CheckpointError(f"sharded checkpoint {text!r} is incomplete and cannot be resumed from: no {' or '.join(absent)} in it")
-    verify_checkpoint(text)
+    if verify:
+        verify_checkpoint(text, part)
 
 
 # ------------------------------------------------------------------------------------ integrity
@@ -172,35 +175,57 @@ _VERIFIED: dict[str, tuple[int, int]] = {}
 before the model loads and the CheckpointIO would check it again when it loads."""
 
 
-def verify_checkpoint(path: str | os.PathLike) -> None:
+def verify_checkpoint(path: str | os.PathLike, part: tuple[int, int] | None = None) -> None:
     """Raise CheckpointError naming the file (and the tensor, when it can be told) unless every
     byte of a local checkpoint matches the checksums written when it was saved.
 
     A file is a `torch.save` zip: each record is re-read and its CRC-32 compared with the one the
     zip holds (zipfile's own check; torch's reader skips it). A folder (a sharded checkpoint) is
     checked file by file: zip files the same way, the others against `checksums.json` when the
-    saver wrote one (`record_checksums`). Cost: one sequential read of the checkpoint.
+    saver wrote one (`record_checksums`; a folder without one is checked as far as its zip files
+    go, with a warning). Cost: one sequential read of the checkpoint.
+
+    Args:
+        part: (rank, world size): check only the files of a folder whose index (in sorted order)
+            is rank modulo world size, so W processes share one read of a sharded checkpoint
+            (`DenoiserFSDPStrategy.load_checkpoint` gathers their verdicts); None: all of them.
     """
     text = str(path)
     if not is_local_path(text):
         return
     root = Path(text)
     if root.is_dir():
-        _verify_folder(root)
+        _verify_folder(root, part)
     elif root.exists():
         _verify_file(root, label=str(root))
 
 
-def record_checksums(folder: str | os.PathLike) -> Path:
+def record_checksums(folder: str | os.PathLike, entries: dict[str, list[int]] | None = None) -> Path:
     """Write `<folder>/checksums.json` ({relative path: [size, crc32]}) for a checkpoint saved as a
     folder of files (e.g. a sharded one), so `verify_checkpoint` can check the files that are not
-    zip archives. Call it once every file of the checkpoint is written (rank 0)."""
+    zip archives. Call it once every file of the checkpoint is written (rank 0). `entries`: the
+    checksums already computed (`checksum_entries`, e.g. each rank's part, gathered); default:
+    computed here for every file."""
     root = Path(folder)
-    entries = {name: [(root / name).stat().st_size, _crc32_of(root / name)] for name in _folder_files(root)}
+    entries = checksum_entries(root) if entries is None else entries
     temporary = root / f".{MANIFEST}.tmp"
     temporary.write_text(json.dumps(entries, indent=1, sort_keys=True))
     os.replace(temporary, root / MANIFEST)
     return root / MANIFEST
+
+
+def checksum_entries(folder: str | os.PathLike, part: tuple[int, int] | None = None) -> dict[str, list[int]]:
+    """{relative path: [size, crc32]} of the files of `folder` (the files of index ≡ rank mod W
+    with `part=(rank, W)`, so W processes share the reading; their dicts merge into the manifest)."""
+    root = Path(folder)
+    return {name: [(root / name).stat().st_size, _crc32_of(root / name)] for name in _part(_folder_files(root), part)}
+
+
+def _part(names: list[str], part: tuple[int, int] | None) -> list[str]:
+    if part is None:
+        return names
+    rank, world = part
+    return [name for index, name in enumerate(names) if index % world == rank]
 
 
 def _folder_files(root: Path) -> list[str]:
@@ -210,7 +235,7 @@ def _folder_files(root: Path) -> list[str]:
     )
 
 
-def _verify_folder(root: Path) -> None:
+def _verify_folder(root: Path, part: tuple[int, int] | None = None) -> None:
     manifest = root / MANIFEST
     listed: dict[str, list[int]] = {}
     if manifest.is_file():
@@ -218,13 +243,24 @@ def _verify_folder(root: Path) -> None:
             listed = json.loads(manifest.read_text())
         except ValueError as err:
             raise CheckpointError(f"checkpoint {str(root)!r} is corrupt: its {MANIFEST} cannot be read ({err})") from err
-    for name, (size, crc) in sorted(listed.items()):
+    else:
+        unzipped = [name for name in _folder_files(root) if not zipfile.is_zipfile(root / name)]
+        if unzipped and (part is None or part[0] == 0):
+            warnings.warn(
+                f"checkpoint {str(root)!r} has no {MANIFEST} (written before sharded checkpoints recorded one): "
+                f"{len(unzipped)} of its files ({', '.join(unzipped[:3])}) cannot be checked for corruption", stacklevel=3,
+            )
+    for name in _part(sorted(listed), part):
+        size, crc = listed[name]
         file = root / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {str(root)!r} is incomplete: {name!r} listed in {MANIFEST} is missing")
         if file.stat().st_size != size or _crc32_of(file) != crc:
-            raise CheckpointError(f"checkpoint {str(root)!r} is corrupt: {name!r} does not match the checksum written when it was saved")
-    for name in _folder_files(root):
+            raise CheckpointError(
+                f"checkpoint {str(root)!r} is corrupt: {name!r} does not match the checksum written when it was saved; "
+                "it cannot be trained on or evaluated: resume from an earlier checkpoint"
+            )
+    for name in _part(_folder_files(root), part):
         if name not in listed and zipfile.is_zipfile(root / name):
             _verify_file(root / name, label=f"{root}/{name}")
 
@@ -422,11 +458,13 @@ def read_sharded_state(path: str | os.PathLike, template: dict[str, torch.Tensor
     return state[prefix]
 
 
-def sharded_keys(path: str | os.PathLike, prefix: str = "state_dict") -> set[str]:
-    """The keys under `prefix` that a sharded checkpoint holds (read from its shard index)."""
+def sharded_keys(path: str | os.PathLike, prefix: str = "state_dict", verify: bool = True) -> set[str]:
+    """The keys under `prefix` that a sharded checkpoint holds (read from its shard index);
+    `verify=False` when the caller has checked the folder already (`check_checkpoint_file`)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    check_checkpoint_file(path)
+    if verify:
+        check_checkpoint_file(path)
     saved = FileSystemReader(Path(path)).read_metadata().state_dict_metadata
     return {key.removeprefix(f"{prefix}.") for key in saved if key.startswith(f"{prefix}.")}
 

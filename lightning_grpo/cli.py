@@ -156,7 +156,10 @@ class GRPOCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path=last: resuming from {ckpt_path}")
         if ckpt_path in ("last", "best", "hpc", "registry"):
             return
-        check_checkpoint_file(ckpt_path)
+        # the bytes on global rank zero only: it checks before it launches the other ranks (Lightning's
+        # launcher) or stops the launch (torchrun, srun); they check their share when it loads
+        # (a sharded folder: `DenoiserFSDPStrategy`) or the file they load (`AtomicCheckpointIO`)
+        check_checkpoint_file(ckpt_path, verify=rank_zero_only.rank == 0)
         if subcommand == "fit" and logger is not None and logger.get("version") is None:
             version = run_folder_of(ckpt_path, logger["save_dir"], logger["name"])
             if version is not None:

@@ -12,6 +12,8 @@ the few collective steps that are specific to GRPO:
   weighted by the *global* count of its optimizer step;
 - `gather_by_key`: rewards of all ranks, placed by sample key, for group statistics of groups
   whose members live on several ranks;
+- `mean_over_ranks`, `gather_objects_to_zero`, `broadcast_object`: the logged reward over every
+  rank's samples, evaluation results split over the ranks and gathered (`evaluation.evaluate`);
 - `denoiser_blocks`: the trainable denoiser and its block classes, the FSDP units;
 - `DenoiserFSDPStrategy`: FSDP2 of the denoiser's blocks, sharded checkpoints (docs/scaling.md);
 - `CommHookCounter`: a DDP communication hook that counts gradient all-reduces (tests, bench).
@@ -72,6 +74,25 @@ def all_gather_objects(value: Any) -> list[Any]:
     return gathered
 
 
+def gather_objects_to_zero(value: Any) -> list[Any] | None:
+    """[value of rank 0, value of rank 1, ...] on rank zero, None on the others ([value] on one
+    process): for what only rank zero writes (an evaluation's pixels)."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s `value` on every rank (`value` itself on one process)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_gather_tensor(value: Tensor) -> Tensor:
     """[W, *value.shape]: every rank's `value` (same shape on every rank), rank-major."""
     if not is_distributed():
@@ -79,6 +100,16 @@ def all_gather_tensor(value: Tensor) -> Tensor:
     parts = [torch.empty_like(value) for _ in range(world_size())]
     dist.all_gather(parts, value.contiguous())
     return torch.stack(parts)
+
+
+def mean_over_ranks(sums: Tensor, count: int | float) -> Tensor | None:
+    """Σ_ranks sums / Σ_ranks count ([K] per-quantity means over every rank's samples, weighted by
+    their numbers: one all-reduce of [K + 1] values), or None when no rank counted a sample. Every
+    rank must call it (a rank without samples with zero sums and count 0)."""
+    local = torch.cat([sums.detach().double().flatten(), sums.new_tensor([float(count)], dtype=torch.float64)])
+    if is_distributed():
+        dist.all_reduce(local)
+    return None if local[-1] <= 0 else (local[:-1] / local[-1]).to(sums.dtype)
 
 
 # ---------------------------------------------------------------------------- update schedule
@@ -252,8 +283,9 @@ def count_allreduce_hook(state: CommHookCounter, bucket):  # (state, dist.GradBu
 
 __all__ = [
     "CommHookCounter", "DenoiserFSDPStrategy", "GatheredScores", "UpdateSchedule", "all_gather_objects", "all_gather_tensor",
-    "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "local_selection", "members_of_rank",
-    "replicated_state_names", "skip_gradient_sync", "update_schedule",
+    "broadcast_object", "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "gather_objects_to_zero",
+    "local_selection", "mean_over_ranks", "members_of_rank", "replicated_state_names", "skip_gradient_sync",
+    "update_schedule",
 ]
 
 
@@ -416,17 +448,37 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         return {key: value for key, value in self.model.state_dict().items() if key not in skipped}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write the sharded checkpoint into a sibling folder, then (rank zero, after every rank
-        finished) put it in place of `filepath`: a crash while writing never leaves a partial
-        checkpoint under the real name (each rank writes its own shard file; `meta.pt` last)."""
+        """Write the sharded checkpoint into a sibling folder, record the CRC-32 of every file in
+        its `checksums.json`, then (rank zero, after every rank finished) put it in place of
+        `filepath`: a crash while writing never leaves a partial checkpoint under the real name
+        (each rank writes its own shard file; `meta.pt` last), and the folder is never in place
+        without its checksums, which `verify_checkpoint` checks before a resume or a test reads
+        it (the `.distcp` shards are not zip archives that carry CRCs of their own).
+
+        The checksums are computed by every rank for its share of the files (file i by rank
+        i mod W, mostly its own shard, just written), gathered to rank zero, which writes the
+        manifest: no rank reads the whole checkpoint."""
+        from lightning_grpo.checkpointing import checksum_entries, record_checksums
+
         target = Path(self.broadcast(str(filepath)))
         staging = target.with_name(f".{target.name}.partial")
         if self.is_global_zero and staging.exists():
             shutil.rmtree(staging)
         self.barrier("fsdp_checkpoint_staging")
+        shards: dict[str, Any] = {}
+        if "callbacks" in checkpoint:  # e.g. the EMA of sharded weights: each rank's part, not rank zero's meta.pt
+            checkpoint["callbacks"] = _split_sharded(checkpoint["callbacks"], "callbacks", shards)
         super().save_checkpoint(checkpoint, staging, storage_options)
+        if shards:
+            from torch.distributed.checkpoint import save as dcp_save
+
+            dcp_save(shards, checkpoint_id=staging / CALLBACK_SHARDS)
         self.barrier("fsdp_checkpoint_written")
+        entries: dict[str, list[int]] = {}
+        for part in all_gather_objects(checksum_entries(staging, part=(self.global_rank, self.world_size))):
+            entries.update(part)
         if self.is_global_zero:
+            record_checksums(staging, entries)
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
@@ -443,10 +495,10 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint import load as dcp_load
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-        from lightning_grpo.checkpointing import SHARDED_METADATA, CheckpointError, check_checkpoint_file, is_sharded_checkpoint, sharded_keys
+        from lightning_grpo.checkpointing import SHARDED_METADATA, CheckpointError, is_sharded_checkpoint, sharded_keys
 
         path = Path(self.broadcast(str(checkpoint_path)))
-        check_checkpoint_file(path)
+        self._check_checkpoint(path)
         if not is_sharded_checkpoint(path):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is a single file (written by DDP or one device); DenoiserFSDPStrategy "
@@ -455,7 +507,7 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         assert self.model is not None
         skipped = _rebuilt_keys(self.lightning_module)
         model_state = {key: value for key, value in self.model.state_dict().items() if key not in skipped}
-        saved = sharded_keys(path)
+        saved = sharded_keys(path, verify=False)
         missing, unexpected = sorted(set(model_state) - saved), sorted(saved - set(model_state))
         if missing or unexpected:
             raise CheckpointError(
@@ -470,7 +522,121 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
             state = {key: get_optimizer_state_dict(self.model, optimizer)}
             dcp_load(state, checkpoint_id=path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key])
-        return torch.load(path / SHARDED_METADATA, weights_only=weights_only)
+        rest = torch.load(path / SHARDED_METADATA, weights_only=weights_only)
+        if "callbacks" in rest:
+            rest["callbacks"] = self._load_sharded_callbacks(path, rest["callbacks"])
+        return rest
+
+    def _load_sharded_callbacks(self, path: Path, states: Any) -> Any:
+        """The callbacks' states with each sharded entry (`save_checkpoint` left a placeholder in
+        `meta.pt`) read from the `callbacks/` shards into a DTensor sharded as the denoiser's
+        parameters are now (torch distributed checkpoint reshards a checkpoint of another world
+        size), its local part on the CPU."""
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint import load as dcp_load
+
+        keys: list[str] = []
+        _find_placeholders(states, keys)
+        if not keys:
+            return states
+        folder = path / CALLBACK_SHARDS
+        from lightning_grpo.checkpointing import CheckpointError
+
+        if not (folder / SHARD_INDEX_NAME).is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: its callbacks' sharded state {keys[:2]} is not in {CALLBACK_SHARDS}/")
+        saved = FileSystemReader(folder).read_metadata().state_dict_metadata
+        absent = [key for key in keys if key not in saved]
+        if absent:
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {absent[:3]} missing from {CALLBACK_SHARDS}/")
+        loaded = {key: self._sharded_empty(list(saved[key].size), saved[key].properties.dtype) for key in keys}
+        dcp_load(loaded, checkpoint_id=folder)
+        return _fill_placeholders(states, loaded)
+
+    def _sharded_empty(self, size: list[int], dtype: torch.dtype) -> Any:
+        """An uninitialised DTensor of global `size`, sharded as FSDP2 shards a parameter on this
+        strategy's mesh (dim 0 in `torch.chunk` pieces over the shard dimension, replicated over
+        HYBRID_SHARD's node dimension), its local part on the CPU."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        mesh = self._shard_mesh
+        shard = (Shard(0),) if size else (Replicate(),)
+        placements = (Replicate(), *shard) if mesh.ndim == 2 else shard
+        local = list(size)
+        for dim, placement in enumerate(placements):
+            if isinstance(placement, Shard):
+                local[0] = _chunk_length(local[0], mesh.size(dim), mesh.get_local_rank(dim))
+        stride = [math.prod(size[i + 1 :]) for i in range(len(size))]
+        return DTensor.from_local(torch.empty(local, dtype=dtype), device_mesh=mesh, placements=placements,
+                                  shape=torch.Size(size), stride=tuple(stride), run_check=False)
+
+
+    def _check_checkpoint(self, path: Path) -> None:
+        """`check_checkpoint_file` shared by the ranks: each checks its share of a folder's files
+        (file i by rank i mod W), the verdicts are gathered, and every rank raises the first
+        error (naming the file), so none is left waiting in a collective and no rank reads the
+        whole checkpoint."""
+        from lightning_grpo.checkpointing import CheckpointError, check_checkpoint_file
+
+        error: str | None = None
+        try:
+            check_checkpoint_file(path, part=(self.global_rank, self.world_size))
+        except CheckpointError as err:
+            error = str(err)
+        found = next((e for e in all_gather_objects(error) if e is not None), None)
+        if found is not None:
+            raise CheckpointError(found)
+
+
+CALLBACK_SHARDS = "callbacks"
+"""Subfolder of a sharded checkpoint holding the callbacks' sharded state (a torch distributed
+checkpoint of its own, e.g. the EMA of the sharded weights); `meta.pt` keeps a placeholder."""
+SHARD_INDEX_NAME = ".metadata"
+_PLACEHOLDER = "__sharded_in_callbacks_folder__"
+
+
+def _split_sharded(tree: Any, where: str, found: dict[str, Any]) -> Any:
+    """`tree` (nested dicts and lists) with every DTensor replaced by a placeholder naming its key
+    in `found`, where the DTensor is put (keys are the leaves' paths)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        found[where] = tree
+        return {_PLACEHOLDER: where}
+    if isinstance(tree, dict):
+        return {k: _split_sharded(v, f"{where}/{k}", found) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_split_sharded(v, f"{where}/{i}", found) for i, v in enumerate(tree))
+    return tree
+
+
+def _find_placeholders(tree: Any, keys: list[str]) -> None:
+    if isinstance(tree, dict):
+        if set(tree) == {_PLACEHOLDER}:
+            keys.append(tree[_PLACEHOLDER])
+            return
+        for value in tree.values():
+            _find_placeholders(value, keys)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            _find_placeholders(value, keys)
+
+
+def _fill_placeholders(tree: Any, loaded: dict[str, Any]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {_PLACEHOLDER}:
+            return loaded[tree[_PLACEHOLDER]]
+        return {k: _fill_placeholders(v, loaded) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_fill_placeholders(v, loaded) for v in tree)
+    return tree
+
+
+def _chunk_length(total: int, parts: int, index: int) -> int:
+    """Length of piece `index` of `total` rows cut in `parts` by `torch.chunk` (pieces of
+    ceil(total / parts), the last ones shorter or empty): how FSDP2 and DTensor's Shard split."""
+    size = -(-total // parts)
+    start = min(total, index * size)
+    return min(total, start + size) - start
 
 
 def _rebuilt_keys(module: Any) -> set[str]:

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from lightning_grpo import distributed as ranks
 from lightning_grpo.checkpointing import load_module_checkpoint, rebuilt_keys, save_module_checkpoint
-from lightning_grpo.evaluation import EvaluationResult, evaluate_batch
-from lightning_grpo.first_frames import FirstFrames, frame_size
+from lightning_grpo.evaluation import EvaluationResult, evaluate_batch, gather_results, log_evaluation
+from lightning_grpo.first_frames import FirstFrames, batch_first_frames
 from lightning_grpo.grpo.advantages import BestOfNAdvantages, MultiRewardForm, StdMode
 from lightning_grpo.grpo.filtering import filter_nonfinite_groups
 from lightning_grpo.objectives import GRPO, Objective
@@ -21,7 +21,7 @@ from lightning_grpo.objectives.base import resolve_objective
 from lightning_grpo.optimization import adamw_with_warmup, guarded_step
 from lightning_grpo.noise import StepStreams
 from lightning_grpo.policies.base import PolicyAdapter
-from lightning_grpo.progress import PhaseTimer, phase_bar, step_logs
+from lightning_grpo.progress import PhaseTimer, log_reward, phase_bar, step_logs
 from lightning_grpo.rewards.base import MultiReward, Reward
 from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers.base import Sampler
@@ -29,7 +29,7 @@ from lightning_grpo.samplers.ode_tail import MultistepODETail
 from lightning_grpo.samplers.step_schedule import StepSchedule
 from lightning_grpo.scoring import ASYNC_SCORING_KEY, AsyncScoring, Scored, decode_and_score, score  # noqa: F401 (ASYNC_SCORING_KEY: its home was here)
 from lightning_grpo.types import Rollout, StepRecord
-from lightning_grpo.validation import ConstantRewardWatch, SkipGuard, check_module_parts, check_reward_weights, validate_fit
+from lightning_grpo.validation import ConstantRewardWatch, SkipGuard, check_module_parts, check_reward_weights, validate_fit, watch_selection
 
 
 class GRPOModule(LightningModule):
@@ -197,22 +197,15 @@ class GRPOModule(LightningModule):
         self.objective.after_update(self)
         if selection.trained.batch_size == 0:  # other ranks trained: callbacks run alike on every rank
             self.last_step = selection.record(list(self.rewards.weights), empty=True) if self._world_size() > 1 else None
-            return
+            return log_reward(self, {}, 0) if self._world_size() > 1 else None  # its part (none) of the reward's all-reduce
         self._log_step(selection, stats, grad_norms, timer)
         self.last_step = selection.record(list(self.rewards.weights))
 
     def _count_dropped(self, selection: ranks.StepSelection) -> bool:
-        """Count the step as skipped when every group was dropped (on each rank that sees whole
-        groups) and watch for constant rewards; False when this process has nothing to update."""
-        whole_groups = self._spans_ranks() or self._world_size() == 1
-        if selection.all_dropped and whole_groups:
-            self._skips.step(True, why="reward_failure='drop_group'; each failing reward is named in the warnings above")
-        elif self.hparams.reward_failure == "drop_group" and whole_groups:
-            self._skips.step(False)
-        if selection.all_dropped and self._world_size() == 1:
-            return False
-        self._constant.step(selection.targets.values, self.trainer.global_step if self._trainer is not None else 0)
-        return True
+        """`validation.watch_selection`: skipped steps, constant rewards; False: nothing to update here."""
+        world, step = self._world_size(), self.trainer.global_step if self._trainer is not None else 0
+        return watch_selection(self._skips, self._constant, selection, self.hparams.reward_failure == "drop_group",
+                               whole_groups=self._spans_ranks() or world == 1, alone=world == 1, step=step)
 
     def _rollout(self, work: ranks.RankPrompts) -> Rollout:
         """P·G trajectories (this rank's members), `rollout_batch_size` at a time, noise keyed by
@@ -267,20 +260,28 @@ class GRPOModule(LightningModule):
         return guarded_step(self, optimizer, scheduler, losses)
 
     # ------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._val_parts: list[EvaluationResult] = []
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        evaluate_batch(self, batch, batch_idx, "val")
+        self._val_parts.append(evaluate_batch(self, batch, batch_idx, "val"))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log `val/reward/{name}`: the mean over every rank's samples, each held-out prompt once."""
+        self.log_evaluation(gather_results(getattr(self, "_val_parts", []), 0), "val")
+        self._val_parts = []
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> EvaluationResult:
-        """The batch's `EvaluationResult`, reported by the `TestReport` callback."""
+        """The batch's `EvaluationResult`, gathered, logged and reported by the `TestReport` callback."""
         return evaluate_batch(self, batch, batch_idx, "test")
 
+    def log_evaluation(self, result: EvaluationResult, stage: str) -> None:
+        """`{stage}/reward/{name}` of gathered results (`evaluation.log_evaluation`)."""
+        log_evaluation(self.log, result, stage, self.hparams.reward_failure == "drop_group", self.device)
+
     def batch_first_frames(self, batch: dict[str, Any]) -> Tensor | None:
-        """The batch's first frames [P, 3, H, W]: its own `"images"`, else made by `first_frames`
-        at the policy's resolution (None without either: text-to-X)."""
-        images = batch.get("images")
-        if images is not None or self.first_frames is None or not batch["prompts"]:
-            return images
-        return self.first_frames(list(batch["prompts"]), frame_size(self.policy)).to(self.device)
+        """The batch's first frames [P, 3, H, W] (`first_frames.batch_first_frames`; None: text-to-X)."""
+        return batch_first_frames(batch, self.first_frames, self.policy, self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def rebuilt_keys(self) -> set[str]:
@@ -344,5 +345,5 @@ class GRPOModule(LightningModule):
         lr, num_samples = self.optimizers().param_groups[0]["lr"], selection.trained.batch_size
         logs = step_logs(selection, self.objective, stats, grad_norms, lr, timer, self.hparams.group_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=num_samples)
-        self.log("reward", sum(s.mean() for s in selection.scores.values()) / len(selection.scores), prog_bar=True, batch_size=num_samples)
+        log_reward(self, selection.scores, num_samples)
 

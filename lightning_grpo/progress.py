@@ -210,3 +210,22 @@ def step_logs(selection: Any, objective: Any, stats: list[Any], grad_norms: list
 
 
 __all__ += ["step_logs"]
+
+
+def log_reward(module: Any, scores: dict[str, Any], num_samples: int) -> None:
+    """Log `reward` through the module: the mean of the rewards' means over every rank's trained
+    samples (one all-reduce, `distributed.mean_over_ranks`, on every rank: a rank that trained
+    nothing adds zeros), so the number the progress bar shows and `GRPOCheckpoint` ranks
+    checkpoints by is the run's, not rank zero's."""
+    import torch
+
+    from lightning_grpo.distributed import mean_over_ranks
+
+    zero = torch.zeros((), device=module.device)
+    sums = torch.stack([scores[r.name].float().sum() if r.name in scores else zero for r in module.rewards.rewards])
+    means = mean_over_ranks(sums, num_samples)
+    if means is not None:
+        module.log("reward", means.mean(), prog_bar=True, batch_size=max(num_samples, 1))
+
+
+__all__ += ["log_reward"]

@@ -597,3 +597,20 @@ class ConstantRewardWatch:
 
 
 __all__ += ["ConstantRewardWatch"]
+
+
+def watch_selection(skips: SkipGuard, constant: ConstantRewardWatch, selection: Any, drop_group: bool, whole_groups: bool,
+                    alone: bool, step: int) -> bool:
+    """After a step's groups were selected (`distributed.StepSelection`): count the step as skipped
+    when every group was dropped, or as made when `drop_group` kept some (on a rank that sees whole
+    groups, `whole_groups`), and feed the constant-reward watch. False when this process has nothing
+    to update (every group dropped and no other rank to pair collectives with, `alone`)."""
+    if selection.all_dropped and whole_groups:
+        skips.step(True, why="reward_failure='drop_group'; each failing reward is named in the warnings above")
+    elif drop_group and whole_groups:
+        skips.step(False)
+    if selection.all_dropped and alone:
+        return False
+    constant.step(selection.targets.values, step)
+    return True
+__all__ += ["watch_selection"]

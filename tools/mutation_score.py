@@ -7,7 +7,7 @@
     python tools/mutation_score.py --verify-with tests/x.py      # quicker: run the new tests on the survivors
     python tools/mutation_score.py --verify-with tests/x.py -- 'lightning_grpo.rollout.*'            # ... on some survivors
     python tools/mutation_score.py --unchecked --verify-with tests/grpo -- 'lightning_grpo.grpo.*'   # ... on unrun mutants
-    python tools/mutation_score.py --generate-only               # only write mutants/ (for --unchecked --verify-with)
+    python tools/mutation_score.py --generate-only               # only write mutation/mutants/ (for --unchecked --verify-with)
 
 The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, `objectives/`, the update
 path of `module.py`, the rank choreography of `distributed.py`, the guarded optimizer step of
@@ -16,10 +16,12 @@ Mutants listed in tools/equivalent_mutants.txt (one `name  reason` a line) are e
 can tell them from the original, so they leave the denominator. The last line printed is the
 score: killed / (all − equivalent), over the core.
 
-mutmut copies the sources into mutants/ file by file, which drops the repository's symlinks
-lightning_grpo/datamodules -> ../datamodules and lightning_grpo/callbacks -> ../callbacks: the
-first is copied as a source path of its own (so its module names are the ones the tests import),
-the second is linked here.
+mutmut names a mutated module after its file's path below its working folder, and the tests
+import callbacks/ and datamodules/ as lightning_grpo.callbacks / lightning_grpo.datamodules (the
+package-dir mapping of pyproject.toml): so mutmut runs in `mutation/` (ignored by git), a copy of
+the repository in the installed layout, those two folders inside lightning_grpo/, remade from the
+sources before each run (plain copies that keep the files' times, so mutmut mutates again only what
+changed). mutmut writes its mutants and results to mutation/mutants/.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGE = ROOT / "mutation"  # mutmut's working folder: the repository in the installed layout
+MUTANTS = STAGE / "mutants"
+# what the tests need besides the package (pyproject.toml: mutmut's and pytest's settings)
+STAGED = {"lightning_grpo": "lightning_grpo", "callbacks": "lightning_grpo/callbacks", "datamodules": "lightning_grpo/datamodules",
+          "tests": "tests", "configs": "configs", "pyproject.toml": "pyproject.toml"}
 EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.txt"
 
 # mutmut names a mutant <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>
@@ -51,19 +58,23 @@ CORE = [
     "lightning_grpo.optimization.x_gradient_norm__mutmut_*",
 ]
 KILLED = {"killed", "timeout", "caught by type check", "segfault", "killed (verified)"}
-VERIFIED_FILE = ROOT / "mutants" / "verified_kills.json"
+VERIFIED_FILE = MUTANTS / "verified_kills.json"
 
 
-def link_namespaced_packages() -> None:
-    """mutants/lightning_grpo/callbacks -> ../callbacks, as in the repository (datamodules/ is copied
-    as lightning_grpo/datamodules/ by mutmut itself: see `source_paths` in pyproject.toml)."""
-    target = ROOT / "mutants" / "lightning_grpo"
-    target.mkdir(parents=True, exist_ok=True)
-    link = target / "callbacks"
-    if not link.is_symlink():
-        if link.exists():
-            raise SystemExit(f"{link} exists and is not a symlink: delete mutants/ and run again")
-        link.symlink_to(Path("..") / "callbacks")
+def stage_sources() -> None:
+    """Remake mutation/ from the sources: lightning_grpo/ with callbacks/ and datamodules/ inside it
+    (as the wheel installs them), tests/, configs/ and pyproject.toml. mutation/mutants/ is kept."""
+    import shutil
+
+    STAGE.mkdir(exist_ok=True)
+    for source, target in STAGED.items():
+        if (STAGE / target).is_dir():
+            shutil.rmtree(STAGE / target)
+    for source, target in STAGED.items():
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, STAGE / target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / source, STAGE / target)
 
 
 def generate_mutants() -> None:
@@ -73,8 +84,8 @@ def generate_mutants() -> None:
     a source file newer than its copy is mutated again, its changed functions' results reset."""
     from mutmut import __main__ as mutmut_main
 
-    os.chdir(ROOT)
-    link_namespaced_packages()
+    stage_sources()
+    os.chdir(STAGE)
     mutmut_main.set_mutant_under_test("mutant_generation")
     mutmut_main.copy_src_dir()
     mutmut_main.copy_also_copy_files()
@@ -97,7 +108,7 @@ def equivalent_mutants() -> dict[str, str]:
 
 def results() -> dict[str, str]:
     """{mutant name: mutmut status} of every core mutant mutmut has a result for."""
-    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all=True"], cwd=ROOT, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all=True"], cwd=STAGE, check=True, capture_output=True, text=True)
     status = {}
     for line in out.stdout.splitlines():
         match = re.match(r"\s*(\S+): (.+)$", line)
@@ -125,9 +136,9 @@ def verify(survivors: list[str], tests: list[str]) -> None:
     import pytest
 
     # mutmut copied tests/ into mutants/ when it last ran: bring the tests written since then along
-    shutil.copytree(ROOT / "tests", ROOT / "mutants" / "tests", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    os.chdir(ROOT / "mutants")
-    sys.path.insert(0, str(ROOT / "mutants"))
+    shutil.copytree(ROOT / "tests", MUTANTS / "tests", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    os.chdir(MUTANTS)
+    sys.path.insert(0, str(MUTANTS))
     args = [*tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
     os.environ["MUTANT_UNDER_TEST"] = ""
     if pytest.main(args) != 0:
@@ -149,7 +160,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="do not run mutmut, score its last results")
     parser.add_argument("--max-children", type=int, default=1, help="mutmut worker processes (default 1)")
     parser.add_argument("--survivors", action="store_true", help="re-run only the core mutants that survived the last run")
-    parser.add_argument("--generate-only", action="store_true", help="only write mutants/ (no stats, no mutant run), then print the score")
+    parser.add_argument("--generate-only", action="store_true", help="only write mutation/mutants/ (no stats, no mutant run), then print the score")
     parser.add_argument("--fresh-stats", action="store_true", help="forget which tests call which function (after adding tests)")
     parser.add_argument("--verify-with", nargs="+", metavar="TEST", help="run these tests (paths under tests/) on every survivor (matching `patterns`, if given) instead of mutmut")
     parser.add_argument("--unchecked", action="store_true", help="with --verify-with: the mutants matching `patterns` that mutmut has not run yet, instead of the survivors")
@@ -171,13 +182,13 @@ def main() -> None:
         args.patterns = [name for name, s in results().items() if s not in KILLED and s != "not checked"]
         print(f"re-running {len(args.patterns)} surviving mutants")
     if args.fresh_stats:
-        (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        (MUTANTS / "mutmut-stats.json").unlink(missing_ok=True)
     if not args.report_only:
-        link_namespaced_packages()
+        stage_sources()
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         env.pop("PYTHONPATH", None)  # the tests must import the mutated copy in mutants/, not the sources
         command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *(args.patterns or CORE)]
-        subprocess.run(command, cwd=ROOT, env=env, check=False)
+        subprocess.run(command, cwd=STAGE, env=env, check=False)
     report(results(), equivalent_mutants())
 
 

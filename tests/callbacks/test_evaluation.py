@@ -95,3 +95,52 @@ def test_result_files_and_before_after_table(tmp_path):
     table = format_before_after(before, after)
     assert "+50.0 pts" in table  # 25 % -> 75 %
     assert "| score | 2.5 [" in table and "+1 |" in table
+
+
+def test_indices_key_the_noise_so_a_part_of_the_set_gets_the_samples_of_the_whole():
+    """`indices` (the prompts' positions in the held-out split, as a rank's test batch has them):
+    the samples of prompts 2 and 0 evaluated alone are those of the whole set's."""
+    policy, sampler = make_policy()
+    prompts = ["a red circle", "a green square", "a blue circle"]
+    whole = evaluate(policy, sampler, prompts, [Redness()], samples_per_prompt=2, seed=5, keep_pixels=True, show_progress=False)
+    part = evaluate(policy, sampler, [prompts[2], prompts[0]], [Redness()], samples_per_prompt=2, seed=5, keep_pixels=True,
+                    show_progress=False, indices=[2, 0])
+    assert part.keys == [(2, 0), (2, 1), (0, 0), (0, 1)]
+    torch.testing.assert_close(part.pixels, whole.pixels[[4, 5, 0, 1]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("count, world, shares", [
+    (5, 2, [([0, 1, 2], 3), ([3, 4, 4], 2)]),  # the short part repeats its last item
+    (4, 2, [([0, 1], 2), ([2, 3], 2)]),
+    (1, 3, [([0], 1), ([0], 0), ([0], 0)]),  # more ranks than items: the others repeat item 0, all padding
+    (0, 2, [([], 0), ([], 0)]),
+])
+def test_share_of_rank_gives_every_rank_as_many_items(count, world, shares):
+    from lightning_grpo.evaluation import share_of_rank
+
+    assert [share_of_rank(list(range(count)), r, world) for r in range(world)] == shares
+
+
+def test_gather_results_orders_by_key_and_keeps_each_sample_once():
+    """Two ranks' test results, as the padded held-out stream gives them (one process here: the
+    parts are concatenated as `all_gather` would): rank 0 held prompts 0, 1 and a padding repeat
+    of 4, rank 1 prompts 2, 3, 4; the result is prompts 0-4 in order, once each, with their pixels."""
+    from lightning_grpo.evaluation import gather_results
+
+    def part(indices):
+        return EvaluationResult([f"p{i}" for i in indices], {"r": torch.tensor([float(i) for i in indices])},
+                                pixels=torch.tensor([float(i) for i in indices]).reshape(-1, 1, 1, 1).expand(-1, 3, 2, 2),
+                                keys=[(i, 0) for i in indices])
+
+    merged = gather_results([part([0, 1, 4]), part([2, 3, 4])], grid_size=3)
+    assert merged.prompts == ["p0", "p1", "p2", "p3", "p4"] and merged.keys == [(i, 0) for i in range(5)]
+    assert merged.scores["r"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert merged.pixels[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]  # the first grid_size rows
+
+
+def test_a_grid_shows_the_first_kept_samples_when_fewer_were_kept(tmp_path):
+    """`test` keeps the pixels of `test_grid_size` samples only; writing results with more samples
+    stopped with "5 samples, 10 prompts, 1 per prompt do not tile" after the whole evaluation."""
+    result = EvaluationResult([f"prompt {i}" for i in range(10)], {"r": torch.arange(10.0)}, pixels=torch.rand(5, 3, 8, 8))
+    written = result.write(tmp_path)
+    assert written["grid"].is_file() and len((tmp_path / "results.csv").read_text().splitlines()) == 11

@@ -84,7 +84,13 @@ def _package_classes() -> dict[str, set[str]]:
     from lightning_grpo.samplers.ode_tail import MultistepODETail
     from lightning_grpo.samplers.step_schedule import StepSchedule
 
-    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(lightning_grpo.__path__, "lightning_grpo.")]
+    # callbacks/ and datamodules/ are walked apart: in the editable install they are mapped packages
+    # (pyproject's package-dir), not folders under lightning_grpo/, so walking lightning_grpo misses them
+    import lightning_grpo.callbacks
+    import lightning_grpo.datamodules
+
+    packages = (lightning_grpo, lightning_grpo.callbacks, lightning_grpo.datamodules)
+    modules = [importlib.import_module(m.name) for p in packages for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]
     bases = {"policies": PolicyAdapter, "samplers": Sampler, "step schedules": StepSchedule, "ODE tails": MultistepODETail,
              "rewards": Reward, "first frames": FirstFrames, "callbacks": Callback, "data modules": LightningDataModule,
              "objectives": Objective}

@@ -152,3 +152,45 @@ def test_short_cpu_fit_of_each_family(config_name, stand_ins, tmp_path, monkeypa
     after = cli.model.policy.trainable_parameters()
     assert any(not torch.equal(b, a.detach()) for b, a in zip(before, after))
     assert cli.trainer.callback_metrics["train/ratio/first_update_max_dev"] <= 1e-6
+
+
+REAL_RECIPES = [c for c in CONFIGS if (yaml.safe_load(c.read_text())["trainer"] or {}).get("accelerator") == "gpu"]
+
+
+@pytest.mark.parametrize("config", REAL_RECIPES, ids=[c.name for c in REAL_RECIPES])
+def test_real_recipe_strategy_and_callbacks_are_accepted(config):
+    """Each real recipe's strategy and callbacks, as written, build (the instantiation test above
+    leaves the strategy out: a CPU run cannot start it). Before (issue 27), flux_hps.yaml,
+    flux_hps_binary.yaml and flux_hps_clip.yaml gave DenoiserFSDPStrategy a `replicate_frozen`
+    option it does not have: `lightning-grpo fit -c configs/flux_hps.yaml` stopped at parsing."""
+    from lightning.pytorch.cli import instantiate_class
+
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, dict):
+        instantiate_class((), strategy)
+    for callback in trainer.get("callbacks", []):
+        instantiate_class((), callback)
+
+
+def test_fsdp_recipe_trains_a_step_with_its_strategy_and_callbacks(stand_ins, tmp_path, monkeypatch):
+    """configs/flux_hps_fsdp.yaml (the official 8-GPU FLUX variant) with its own strategy
+    (DenoiserFSDPStrategy, bf16 all-gathers) and callbacks (GRPOCheckpoint, EMA on the CPU), on one
+    CPU process: a step, a sharded checkpoint holding the EMA of the sharded weights. Before,
+    the EMA callback refused sharded weights at fit start, so the recipe could not start."""
+    monkeypatch.chdir(ROOT)
+    raw = substitute(yaml.safe_load((ROOT / "configs" / "flux_hps_fsdp.yaml").read_text()), stand_ins)
+    trainer = raw["trainer"]
+    trainer.update(accelerator="cpu", devices=1, max_steps=1, logger=False, default_root_dir=str(tmp_path),
+                   enable_progress_bar=False, limit_val_batches=0)
+    trainer.pop("precision")  # bf16 autocast of a CPU test adds nothing here
+    trainer["callbacks"][0]["init_args"].update(every_n_train_steps=1)
+    raw["model"].update(group_size=2, micro_batch_size=2, samples_per_update=None, show_progress=False, rollout_batch_size=2)
+    raw["model"]["sampler"]["init_args"]["num_steps"] = 3
+    path = tmp_path / "flux_hps_fsdp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cli = run(["-c", str(path)], subcommand=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
+    saved = tmp_path / "checkpoints" / "epoch=0-step=1.ckpt"
+    assert saved.is_dir() and (saved / "checksums.json").is_file() and (saved / "callbacks" / ".metadata").is_file()

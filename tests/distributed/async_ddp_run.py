@@ -9,23 +9,20 @@ tests/distributed/test_async_ddp.py compares a resumed run with an uninterrupted
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DDPStrategy
+
+from lightning_grpo.checkpointing import GRPOCheckpoint
+from lightning_grpo.datamodules.prompts import PromptDataModule
+from lightning_grpo.module import GRPOModule
+from lightning_grpo.policies.tiny import TinyPolicy
+from lightning_grpo.rewards import JpegIncompressibility
+from lightning_grpo.samplers import FlowSDESampler
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from lightning.pytorch import Trainer  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
-
-from lightning_grpo.checkpointing import GRPOCheckpoint  # noqa: E402
-from lightning_grpo.datamodules.prompts import PromptDataModule  # noqa: E402
-from lightning_grpo.module import GRPOModule  # noqa: E402
-from lightning_grpo.policies.tiny import TinyPolicy  # noqa: E402
-from lightning_grpo.rewards import JpegIncompressibility  # noqa: E402
-from lightning_grpo.samplers import FlowSDESampler  # noqa: E402
 
 
 def main() -> None:

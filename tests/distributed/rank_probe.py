@@ -4,8 +4,9 @@
 Added to a real `lightning-grpo` run beside the default callbacks, e.g.
 `--trainer.callbacks+=rank_probe.RankWeights --trainer.callbacks.out=DIR` (with this folder on
 PYTHONPATH): when `fit` ends, and when `test` starts, every rank writes `DIR/<stage>_rank<r>.pt`
-with its global step and the policy's trainable weights, and, under DDP, what the
-DistributedDataParallel wrapper synchronises (`ddp`). It writes nothing into the run folder.
+with its global step and the policy's trainable weights, the rewards of its trained samples at
+each rollout (`scores`), the number of samples its evaluations generated (`evaluated`), and, under DDP, what the DistributedDataParallel wrapper synchronises
+(`ddp`). It writes nothing into the run folder.
 """
 
 from __future__ import annotations
@@ -50,13 +51,36 @@ class RankWeights(Callback):
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
+        self.scores: list[dict[str, Tensor]] = []  # per rollout: this rank's trained samples' rewards
+        self.evaluated = 0  # samples this rank generated in evaluations (held-out, monitor, test)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Count the samples `lightning_grpo.evaluation.evaluate` generates in this process (its ODE
+        sampling, wrapped): how the evaluations' work is shared out over the ranks."""
+        from lightning_grpo import evaluation
+
+        if getattr(evaluation.ode_from, "counted_by", None) is self:
+            return
+        sample = evaluation.ode_from
+
+        def counted(policy, sampler, x, *args, **kwargs):
+            self.evaluated += len(x)
+            return sample(policy, sampler, x, *args, **kwargs)
+
+        counted.counted_by = self
+        evaluation.ode_from = counted
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        record = getattr(pl_module, "last_step", None)
+        self.scores.append({} if record is None else {k: v.detach().cpu() for k, v in record.scores.items()})
 
     def _save(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         record = {
             "rank": trainer.global_rank, "world_size": trainer.world_size,
             "global_step": trainer.global_step, "weights": trainable_weights(pl_module),
-            "ddp": ddp_sync(trainer.strategy.model, pl_module),
+            "ddp": ddp_sync(trainer.strategy.model, pl_module), "scores": list(self.scores),
+            "evaluated": self.evaluated,
         }
         torch.save(record, self.out / f"{stage}_rank{trainer.global_rank}.pt")
 

@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).parent / "async_ddp_run.py"
 
 
 def fit(out: Path, steps: int, *extra: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", "--steps", str(steps), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def lightning_grpo(args: list[str], cwd: Path, log: Path, timeout: float = RUN_T
     `env`: variables added to the environment."""
     script = Path(sys.executable).with_name("lightning-grpo")
     command = [str(script), *args] if script.exists() else [sys.executable, "-m", "lightning_grpo", *args]
-    paths = [str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    paths = [str(HERE), os.environ.get("PYTHONPATH", "")]  # rank_probe; the package comes from the install
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p), **(env or {})}
     cwd.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
@@ -262,11 +263,16 @@ def test_ddp_fit_resume_and_test(demo, request, tmp_path):
     assert len(heldout) == spec.heldout_prompts * spec.samples_per_prompt  # written once, not once per rank
     if not video:
         assert [int(row["step"]) for row in csv_rows(fit.version(0) / "reward_hacking.csv")] == [0, steps]
+    # the evaluations' samples are shared out: each rank generated half of the held-out ones (before
+    # and after) and of the monitor's (at steps 0 and the last); every rank generated them all before
+    evaluations = 2 + (0 if video else 2)
+    assert [r["evaluated"] for r in records] == [evaluations * spec.heldout_prompts * spec.samples_per_prompt // 2] * 2
     assert list(fit.cwd.iterdir()) == []  # nothing written outside the run folder
     # -- resume from the earlier checkpoint: the same last steps, on 2 processes again
     resumed_probe = tmp_path / "probe_resume"
     early = fit.version(0) / "checkpoints" / f"epoch=0-step={spec.checkpoint_every}.ckpt"
-    run = lightning_grpo(["fit", "-c", str(fit.config), *DDP, f"--ckpt_path={early}",
+    # (a version of its own: by default a resume appends to the folder of its checkpoint, docs/reliability.md)
+    run = lightning_grpo(["fit", "-c", str(fit.config), *DDP, f"--ckpt_path={early}", "--trainer.logger.init_args.version=version_1",
                           f"--trainer.callbacks.out={resumed_probe}"], cwd=fit.cwd, log=tmp_path / "resume.log")
     run.check("2-process resume")
     resumed = assert_ranks_equal(probes(resumed_probe, "fit"), steps)
@@ -293,7 +299,7 @@ def test_ddp_fit_resume_and_test(demo, request, tmp_path):
     rows = csv_rows(tested / "test" / "results.csv")
     heldout_file = yaml.safe_load(fit.config.read_text())["data"]["init_args"]["val_files"]
     first = [line.strip() for line in Path(heldout_file).read_text().splitlines() if line.strip()][: 2 * 2 * spec.batch_size]
-    assert sorted(row["prompt"] for row in rows) == sorted(first)  # every rank's samples, each once
+    assert [row["prompt"] for row in rows] == first  # every rank's samples, each once, in the split's order
     assert list(fit.cwd.iterdir()) == []
 
 
@@ -313,6 +319,53 @@ def test_ddp_fit_equals_one_process_on_the_union(demo, request, tmp_path):
     assert single["global_step"] == fit.demo.max_steps
     ddp = assert_ranks_equal(probes(fit.probe, "fit"), fit.demo.max_steps)
     assert_same_training(ddp, flat(single["weights"]))
+    # the evaluations of the base weights (held-out "before", the monitor's first), which the two
+    # ranks shared out, score what one process scores: the same samples (per-sample seeds)
+    one = tmp_path / "runs" / fit.runs.name / "version_0"
+    assert_same_rows(csv_rows(fit.version(0) / "heldout_before" / "results.csv"), csv_rows(one / "heldout_before" / "results.csv"))
+    if demo == "flux":
+        assert_same_rows(csv_rows(fit.version(0) / "reward_hacking.csv")[:1], csv_rows(one / "reward_hacking.csv")[:1])
+
+
+def assert_same_rows(rows: list[dict[str, str]], expected: list[dict[str, str]], tolerance: float = 1e-4) -> None:
+    """The same CSV rows: text columns equal, numbers within `tolerance` (relative; written with 6
+    significant digits, and batches of another size round differently in the last bits)."""
+    assert len(rows) == len(expected) and rows and all(row.keys() == want.keys() for row, want in zip(rows, expected))
+    for row, want in zip(rows, expected):
+        for key, value in row.items():
+            try:
+                number, wanted = float(value), float(want[key])
+            except ValueError:
+                assert value == want[key], (key, row, want)
+                continue
+            assert number == pytest.approx(wanted, rel=tolerance, abs=1e-6), (key, row, want)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * RUN_TIMEOUT + 60)  # the fixture's fit (when first), test on 2 processes and on 1
+def test_ddp_test_of_a_split_smaller_than_one_block_equals_one_process(flux_fit, tmp_path):
+    """`test` on 2 processes of a held-out split of 3 prompts, fewer than one block of the stream
+    (2 ranks × batch 2 = 4): the block is padded with a repeat of the first prompt, so rank 1 tests
+    prompts 2 and 0. Each sample's noise is keyed by its prompt's position in the split, the repeat
+    is dropped when the ranks' results are gathered: 3 rows, those of one process (before: 4 rows,
+    prompt 0 twice with other noise, and rank-keyed noise for the rest)."""
+    last = flux_fit.version(0) / "checkpoints" / "last.ckpt"
+    heldout = Path(yaml.safe_load(flux_fit.config.read_text())["data"]["init_args"]["val_files"])
+    prompts = [line.strip() for line in heldout.read_text().splitlines() if line.strip()][:3]
+    small = tmp_path / "three.txt"
+    small.write_text("\n".join(prompts) + "\n")
+    results = {}
+    for label, devices in (("two", DDP), ("one", ["--trainer.devices=1"])):
+        runs = tmp_path / label
+        run = lightning_grpo(["test", "-c", str(flux_fit.config), *devices, f"--ckpt_path={last}", f"--data.init_args.val_files={small}",
+                              f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.callbacks.out={tmp_path / label / 'probe'}"],
+                             cwd=tmp_path / f"cwd_{label}", log=tmp_path / f"test_{label}.log")
+        run.check(f"test on {label} process(es)")
+        (version,) = (runs / "demo").iterdir()
+        results[label] = csv_rows(version / "test" / "results.csv")
+        assert re.search(r"test/reward/shapes_graded_n\s*│\s*3\.0\s*│", run.output), run.output[-3000:]  # the logged count
+    assert [row["prompt"] for row in results["two"]] == prompts  # each once, in the split's order
+    assert_same_rows(results["two"], results["one"])
 
 
 @pytest.mark.slow
@@ -377,6 +430,17 @@ def test_ddp_rank_that_drops_every_group_keeps_the_callbacks_in_step(tmp_path):
     (events,) = version.glob("events.out.tfevents.*")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars = EventAccumulator(str(events)).Reload().Scalars("train/diversity/pixel_within_group")
+    logged = EventAccumulator(str(events)).Reload()
+    scalars = logged.Scalars("train/diversity/pixel_within_group")
     assert [s.step for s in scalars] == [0, 1]  # logged at both rollouts, the one rank 1 sat out included
     assert list((tmp_path / "cwd").iterdir()) == []
+    # `reward` (progress bar, GRPOCheckpoint's best) is the mean over both ranks' trained samples,
+    # weighted by their numbers (rank 1 trained none at step 0); it was rank zero's own mean
+    ranks = probes(tmp_path / "probe", "fit")
+    assert ranks[1]["scores"][0]["brightness"].numel() == 0 and ranks[0]["scores"][0]["brightness"].numel() == 8
+    overall = [float(torch.cat([r["scores"][k]["brightness"] for r in ranks]).mean()) for k in (0, 1)]
+    assert abs(float(ranks[0]["scores"][1]["brightness"].mean()) - overall[1]) > 1e-4  # rank zero's mean is not the run's
+    assert [s.step for s in logged.Scalars("reward")] == [0, 1]
+    assert [s.value for s in logged.Scalars("reward")] == [pytest.approx(v, rel=1e-5) for v in overall]
+    best = (version / "checkpoints" / "best.txt").read_text().split()
+    assert best[0] == "epoch=0-step=4.ckpt" and best[1] == f"reward={overall[1]:.6g}"  # ranked by the run's reward

@@ -3,8 +3,9 @@
 - Set-up, in this process (a one-rank gloo group): the recipe's strategy builds; its options
   become `fully_shard` arguments (or a clear error); the denoiser's blocks, the denoiser and a
   full-fine-tuning KL reference become FSDP units while the frozen parts stay whole; the optimizer
-  step measures and clips the norm over all shards; EMA refuses sharded weights; incomplete or
-  foreign checkpoints are named.
+  step measures and clips the norm over all shards; EMA averages, swaps and checkpoints the
+  sharded weights; sharded saves record checksums; incomplete, corrupt or foreign checkpoints
+  are named.
 - Training, 2 processes through tests/distributed/ddp_run.py: FULL_SHARD (and, slow, HYBRID_SHARD
   over two "nodes" and CPU offload) trains the same weights as one process on the union of the
   ranks' prompts, as DDP does (tests/distributed/test_ddp.py).
@@ -218,13 +219,53 @@ def test_sharded_gradients_are_clipped_by_their_norm_over_all_shards(flux_dir, o
     assert seen == [pytest.approx((3.0 * expected, 4.0 * expected), rel=1e-6)]
 
 
-def test_ema_refuses_sharded_weights(flux_dir, one_rank):
+def test_ema_of_sharded_weights_averages_swaps_and_checkpoints_the_local_shards(flux_dir, one_rank, tmp_path):
+    """EMA under FSDP (was refused: "the EMA callback does not support sharded weights"): it keeps
+    each rank's shards (`to_local()`), averages them by hand's rule ema ← d·ema + (1 − d)·θ,
+    swaps them into the sharded parameters, and a sharded save writes them as DTensors into the
+    checkpoint's `callbacks/` shards (meta.pt keeps a placeholder), which a load gives back."""
+    from types import SimpleNamespace
+
     module = flux_module(flux_dir)
-    ema = EMA()
-    ema._refuse_sharded(module)  # whole weights: fine
-    strategy_on(one_rank).shard_module(module)
-    with pytest.raises(ValueError, match="EMA callback does not support sharded weights"):
-        ema._refuse_sharded(module)
+    strategy = strategy_on(one_rank)
+    ema = EMA(decay=0.75, device="cpu")
+    ema.setup(SimpleNamespace(strategy=strategy), module, "fit")
+    assert ema.weights == {}  # built once the strategy has sharded the policy
+    strategy.shard_module(module)
+    strategy.connect(module)
+    ema.on_fit_start(None, module)
+    tracked = ema.tracked(module)
+    assert tracked and all(isinstance(p, DTensor) for p in tracked.values())
+    assert all(not isinstance(w, DTensor) and torch.equal(w, tracked[n].to_local()) for n, w in ema.weights.items())
+    start = {n: w.clone() for n, w in ema.weights.items()}
+    with torch.no_grad():
+        for p in tracked.values():
+            p.to_local().add_(1.0)  # an optimizer step: θ ← θ + 1
+    ema.on_train_batch_end(SimpleNamespace(global_step=1), module, None, None, 0)
+    for name, value in ema.weights.items():
+        torch.testing.assert_close(value, start[name] + 0.25)  # 0.75·ema + 0.25·(ema + 1)
+    average = {n: w.clone() for n, w in ema.weights.items()}
+    with ema.applied(module):
+        assert all(torch.equal(tracked[n].to_local(), average[n]) for n in tracked)  # the average is in the shards
+    assert all(torch.equal(tracked[n].to_local(), start[n] + 1) for n in tracked)  # and back out
+    checkpoint = {"state_dict": strategy.lightning_module_state_dict(), "optimizer_states": [], "global_step": 1,
+                  "callbacks": {ema.state_key: ema.state_dict()}}
+    assert all(isinstance(w, DTensor) for w in checkpoint["callbacks"][ema.state_key]["weights"].values())
+    folder = tmp_path / "epoch=0-step=1.ckpt"
+    strategy.save_checkpoint(checkpoint, folder)
+    meta = torch.load(folder / "meta.pt", weights_only=True)
+    assert all(set(v) == {"__sharded_in_callbacks_folder__"} for v in meta["callbacks"][ema.state_key]["weights"].values())
+    assert (folder / "callbacks" / ".metadata").is_file()
+    import json
+
+    assert any(name.startswith("callbacks/") for name in json.loads((folder / "checksums.json").read_text()))
+    restored = strategy.load_checkpoint(folder)["callbacks"][ema.state_key]
+    fresh = EMA(decay=0.75, device="cpu")
+    fresh.setup(SimpleNamespace(strategy=strategy), module, "fit")
+    fresh.load_state_dict(restored)
+    fresh.on_fit_start(None, module)
+    assert fresh.num_updates == 1 and fresh.weights.keys() == ema.weights.keys()
+    assert all(torch.equal(fresh.weights[n], ema.weights[n]) for n in ema.weights)
 
 
 def test_incomplete_and_foreign_checkpoints_are_named(tmp_path):
@@ -256,6 +297,31 @@ def test_a_sharded_checkpoint_of_another_model_is_named(flux_dir, one_rank, tmp_
     torch.save({}, folder / "meta.pt")
     with pytest.raises(CheckpointError, match=r"other.ckpt' does not hold this model's trainable state: "
                        r"missing \['policy.transformer.\S+', .*unexpected \['policy.transformer.other.weight'\]"):
+        strategy.load_checkpoint(folder)
+
+
+def test_a_sharded_save_records_checksums_and_a_corrupt_shard_is_refused_naming_it(flux_dir, one_rank, tmp_path):
+    """Every sharded save writes `checksums.json` (CRC-32 and size of every file, the `.distcp`
+    shards included, which carry no checksum of their own), and loading refuses a folder whose
+    shard bytes changed, naming the file. Before (issue 27), nothing recorded the shards' CRCs:
+    the flipped byte was loaded into the weights without a word."""
+    import json
+
+    module = flux_module(flux_dir)
+    strategy = strategy_on(one_rank)
+    strategy.shard_module(module)
+    strategy.connect(module)
+    folder = tmp_path / "epoch=0-step=1.ckpt"
+    strategy.save_checkpoint({"state_dict": strategy.lightning_module_state_dict(), "optimizer_states": [], "global_step": 1}, folder)
+    manifest = json.loads((folder / "checksums.json").read_text())
+    assert set(manifest) == {"__0_0.distcp", ".metadata", "meta.pt"}
+    assert all(size == (folder / name).stat().st_size for name, (size, _) in manifest.items())
+    assert not list(tmp_path.glob(".*partial*"))  # renamed into place with its manifest
+    assert strategy.load_checkpoint(folder)["global_step"] == 1  # intact: loads
+    shard = bytearray((folder / "__0_0.distcp").read_bytes())
+    shard[len(shard) // 2] ^= 0xFF  # inside the tensor data: still a loadable file
+    (folder / "__0_0.distcp").write_bytes(bytes(shard))
+    with pytest.raises(CheckpointError, match=r"step=1\.ckpt' is corrupt: '__0_0\.distcp' does not match the checksum"):
         strategy.load_checkpoint(folder)
 
 

@@ -30,7 +30,7 @@ def fit_command(save_dir: Path, *extra: str) -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])  # stop_helpers; the package comes from the install
     return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 

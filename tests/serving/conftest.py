@@ -35,7 +35,7 @@ class RewardServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> RewardServer:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # the package comes from the install
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "lightning_grpo", "serve-reward", "-c", str(self.config), "--port", str(self.port),
