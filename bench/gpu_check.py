@@ -6,7 +6,7 @@ the transformer built from configs/models/FLUX.1-dev/transformer/config.json dir
 device in the recipe's denoiser dtype (no weights are downloaded: random initialisation), the
 recipe's LoRA (rank, alpha, targets) and gradient checkpointing; then `--steps` GRPO iterations of
 the denoiser alone: a rollout of `rollout_batch_size` samples through all sampling steps under
-no_grad (FluxPolicy.predict + FlowSDESampler.step, so the family's own code), and an update of
+no_grad (the FLUX family's predict + FlowSDESampler.step, so the family's own code), and an update of
 `micro_batch_size` samples on a few timesteps (log-prob, clipped surrogate loss, backward, AdamW
 step). Text encoders, VAE and reward are left out on both sides: the prompt condition is random.
 
@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_grpo.estimate import GIB, LiveBytes, _Geometry, _predictor, _setting, _size, denoiser_figures, read_recipe  # noqa: E402
 from lightning_grpo.grpo.loss import clipped_surrogate_loss  # noqa: E402
-from lightning_grpo.policies import FluxPolicy  # noqa: E402
 from lightning_grpo.policies.loading import add_lora  # noqa: E402
+from lightning_grpo.policies.registry import FAMILIES  # noqa: E402
 from lightning_grpo.samplers import FlowSDESampler  # noqa: E402
 
 FLUX_CONFIGS = ROOT / "configs" / "models" / "FLUX.1-dev"
@@ -84,11 +84,12 @@ def build(recipe, device: torch.device):
     finally:
         torch.set_default_dtype(previous)
     args = recipe.policy_args
-    add_lora(transformer, int(args["lora_rank"]), args.get("lora_alpha"), args.get("lora_target_modules") or FluxPolicy.default_lora_targets)
+    family = FAMILIES["flux"].policy_type()
+    add_lora(transformer, int(args["lora_rank"]), args.get("lora_alpha"), args.get("lora_target_modules") or family.default_lora_targets)
     if args.get("gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
-    geometry = _Geometry(recipe, FluxPolicy, {"transformer": config, "vae": json.loads((FLUX_CONFIGS / "vae" / "config.json").read_text())})
-    return _predictor(FluxPolicy, transformer, recipe, geometry), geometry, setting
+    geometry = _Geometry(recipe, family, {"transformer": config, "vae": json.loads((FLUX_CONFIGS / "vae" / "config.json").read_text())})
+    return _predictor(family, transformer, recipe, geometry), geometry, setting
 
 
 class Peaks:
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> float:
             start = time.perf_counter()
             b = figures.rollout_batch
             x = torch.randn(b, *geometry.latent, generator=generator, device=device)
-            condition = {k: v.to(device) for k, v in geometry.condition(b, False, setting.frozen).items()}
+            condition = {k: v.to(device) for k, v in geometry.condition(b, setting.frozen).items()}
             latents, log_probs = [x], []
             with torch.no_grad(), autocast:
                 for i in range(figures.steps):

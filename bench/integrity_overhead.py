@@ -21,7 +21,7 @@ import argparse
 import math
 import statistics
 import tempfile
-import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -30,13 +30,9 @@ from lightning_grpo.checkpointing import _VERIFIED, AtomicCheckpointIO, nonfinit
 
 
 def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall time of `fn` over `repeats` calls after one warm-up call (timeit's clock)."""
+    fn()
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
 
 
 def tensors(total_elements: int, count: int = 64) -> list[torch.Tensor]:

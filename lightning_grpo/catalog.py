@@ -16,14 +16,27 @@ import argparse
 import importlib
 import inspect
 
+def shipped_policies() -> list[str]:
+    """Every concrete policy class of `lightning_grpo.policies`: the registered families first
+    (registry order), then the others (the weight-free tiny policy), so a new family is listed
+    by its registry entry alone."""
+    import pkgutil
+
+    import lightning_grpo.policies as package
+    from lightning_grpo.policies.base import PolicyAdapter
+    from lightning_grpo.policies.registry import FAMILIES
+
+    paths = [family.policy_class for family in FAMILIES.values()]
+    for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+        for obj in vars(importlib.import_module(info.name)).values():
+            if (inspect.isclass(obj) and issubclass(obj, PolicyAdapter) and obj.__module__ == info.name
+                    and not obj.__name__.startswith("_") and not inspect.isabstract(obj)):
+                paths.append(f"{obj.__module__}.{obj.__qualname__}")
+    return list(dict.fromkeys(paths))
+
+
 CATALOG: dict[str, tuple[str, list[str]]] = {
-    "policies": ("model.policy", [
-        "lightning_grpo.policies.FluxPolicy",
-        "lightning_grpo.policies.StableDiffusionPolicy",
-        "lightning_grpo.policies.HunyuanVideoPolicy",
-        "lightning_grpo.policies.SkyReelsI2VPolicy",
-        "lightning_grpo.policies.tiny.TinyPolicy",
-    ]),
+    "policies": ("model.policy", shipped_policies()),
     "samplers": ("model.sampler", [
         "lightning_grpo.samplers.FlowSDESampler",
         "lightning_grpo.samplers.DDIMSDESampler",

@@ -756,7 +756,6 @@ class GRPOCheckpoint(ModelCheckpoint):
 
 # ------------------------------------------------------------------------------------ signature
 SIGNATURE_KEY = "grpo_model_signature"
-GEOMETRY_ATTRIBUTES = ("height", "width", "resolution", "num_frames")
 
 
 def model_signature(module: Any) -> dict[str, Any]:
@@ -766,7 +765,8 @@ def model_signature(module: Any) -> dict[str, Any]:
         "policy": f"{type(policy).__module__}.{type(policy).__qualname__}",
         "paradigm": getattr(policy, "paradigm", None),
         "pretrained_model_name_or_path": getattr(policy, "pretrained_model_name_or_path", None),
-        **{f"policy.{name}": getattr(policy, name) for name in GEOMETRY_ATTRIBUTES if isinstance(getattr(policy, name, None), int)},
+        # the family names the arguments that fix its latents' shape (`PolicyAdapter.geometry_arguments`)
+        **{f"policy.{name}": getattr(policy, name) for name in getattr(policy, "geometry_arguments", ()) if isinstance(getattr(policy, name, None), int)},
         "sampler": type(sampler).__qualname__,
         "sampler.num_steps": int(sampler.num_steps),
         "trainable": {name: list(p.shape) for name, p in policy.named_parameters() if p.requires_grad},
@@ -862,9 +862,12 @@ def rebuilt_keys(module: Any) -> set[str]:
     """`GRPOModule.rebuilt_keys`: the state its config rebuilds exactly, left out of checkpoints:
     reward models, the KL reference, the first-frame image policy and the policy's frozen weights
     (text encoders, VAE, LoRA base weights: gigabytes otherwise). Under FSDP, this rank's shards' keys."""
-    keys = {k for k in module.state_dict() if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
+    saved = set(module.state_dict())
+    keys = {k for k in saved if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
     # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
-    return keys | {f"policy.{name}" for name, p in module.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    keys |= {f"policy.{name}" for name, p in module.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    # the policy's buffers too: rebuilt from its config and never trained (SD3's sin-cos position table)
+    return keys | ({f"policy.{name}" for name, _ in module.policy.named_buffers(remove_duplicate=False)} & saved)
 
 
 def save_module_checkpoint(module: Any, checkpoint: dict[str, Any], scoring_key: str) -> None:

@@ -233,26 +233,12 @@ def replicated_state_names(module: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- sharding
-DENOISER_NAMES = ("transformer", "unet")
-"""Attribute names under which the family adapters keep their trainable denoiser."""
-
-
 def denoiser_blocks(policy: nn.Module) -> tuple[str, set[type[nn.Module]]]:
-    """(attribute name, block classes) of the adapter's denoiser: the classes its diffusers
-    `_no_split_modules` names (FluxTransformerBlock, BasicTransformerBlock, ...), which FSDP
-    wraps as its units. Falls back to the denoiser's direct children's classes when the model
-    declares none (the weight-free TinyPolicy has no denoiser attribute: its own class).
-
-    Until the family layer exposes these, they are read by the names in `DENOISER_NAMES`.
-    """
-    for name in DENOISER_NAMES:
-        denoiser = getattr(policy, name, None)
-        if isinstance(denoiser, nn.Module):
-            wanted = set(getattr(denoiser, "_no_split_modules", None) or [])
-            base = getattr(denoiser, "base_model", denoiser)  # a peft-wrapped denoiser
-            classes = {type(m) for m in base.modules() if type(m).__name__ in wanted}
-            return name, classes or {type(child) for child in denoiser.children()}
-    return "", {type(policy)}
+    """(attribute name, block classes) of the adapter's denoiser, as its family states them
+    (`PolicyAdapter.denoiser_name`, `.block_classes`: the classes its diffusers
+    `_no_split_modules` names, FSDP's units); a weight-free adapter is its own denoiser ("")
+    and its own unit."""
+    return policy.denoiser_name, policy.block_classes
 
 
 # ---------------------------------------------------------------------------- counting
@@ -407,11 +393,9 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
         from torch.distributed.tensor import DTensor
 
         name, classes = denoiser_blocks(module.policy)
-        denoiser = getattr(module.policy, name) if name else module.policy
-        targets = [denoiser]
         reference = getattr(module, "reference_policy", None)
-        if isinstance(reference, nn.Module) and not isinstance(reference, type(module.policy)):
-            targets.append(reference)  # the frozen denoiser copy (a copy of the whole policy is left replicated)
+        # the family's trainable denoiser(s), and full fine-tuning's frozen denoiser copy
+        targets = module.policy.fsdp_roots(reference if isinstance(reference, nn.Module) else None)
         options = self.fully_shard_options()
         for target in targets:
             if isinstance(target, FSDPModule):

@@ -71,12 +71,8 @@ SHIPPED_BY_HUB_ID = {
     "hunyuanvideo-community/HunyuanVideo": "HunyuanVideo",
     "Skywork/SkyReels-V1-Hunyuan-I2V": "SkyReels-V1-Hunyuan-I2V",
 }
-SHIPPED_BY_POLICY = {
-    "FluxPolicy": "FLUX.1-dev",
-    "StableDiffusionPolicy": "stable-diffusion-v1-4",
-    "HunyuanVideoPolicy": "HunyuanVideo",
-    "SkyReelsI2VPolicy": "SkyReels-V1-Hunyuan-I2V",
-}
+"""Hub ids whose shipped folder is not named after the repository (a hub id "owner/NAME" whose
+configs/models/NAME exists needs no entry). The family's own default is its `published_config`."""
 OPEN_CLIP_REWARDS = ("HPSReward", "ClipScore", "PickScore")
 KNOBS = (
     "model.rollout_batch_size (rollout), model.micro_batch_size (update), model.decode_batch_size (decode), "
@@ -253,7 +249,7 @@ def model_folder(recipe: Recipe) -> tuple[Path, str]:
         return local, f"local folder {name}"
     shipped = SHIPPED_BY_HUB_ID.get(name) or (local.name if (MODEL_CONFIGS / local.name).is_dir() and local.name else None)
     if shipped is None:
-        shipped = SHIPPED_BY_POLICY.get(recipe.policy_class.rsplit(".", 1)[-1])
+        shipped = getattr(_resolve_class(recipe.policy_class), "published_config", None)  # the family's default
         if shipped is None:
             raise ValueError(f"{recipe.path}: no architecture for {name!r} ({recipe.policy_class}): give a local model folder")
     return MODEL_CONFIGS / shipped, f"published config configs/models/{shipped}"
@@ -306,14 +302,9 @@ def _add_lora(denoiser: nn.Module, args: Mapping[str, Any], policy_cls: type) ->
 
 def _block_params(denoiser: nn.Module) -> int:
     """Parameters of the denoiser's largest block (diffusers `_no_split_modules`): FSDP's unit."""
-    from lightning_grpo.distributed import denoiser_blocks
+    from lightning_grpo.policies.family import block_classes_of
 
-    class Holder(nn.Module):
-        pass
-
-    holder = Holder()
-    holder.transformer = denoiser
-    _, classes = denoiser_blocks(holder)
+    classes = block_classes_of(denoiser)
     sizes = [param_count(m) for m in denoiser.modules() if type(m) in classes]
     return max(sizes) if sizes else param_count(denoiser)
 
@@ -400,59 +391,41 @@ def _setting(recipe: Recipe) -> _Setting:
 
 
 def _uses_cfg(recipe: Recipe) -> bool:
+    """Classifier-free guidance as the recipe's family says (`uses_cfg_with`); a guidance or true
+    CFG scale above 1 where the family cannot say before it loads."""
+    stated = _resolve_class(recipe.policy_class).uses_cfg_with(recipe.policy_args)
+    if stated is not None:
+        return bool(stated)
     args = recipe.policy_args
     return float(args.get("guidance_scale", 1.0) or 1.0) > 1.0 or float(args.get("true_cfg_scale", 1.0) or 1.0) > 1.0
 
 
+KIND_DTYPES = {"mask": torch.long, "latent": torch.float32}
+"""Dtypes of the condition's tensors by kind (`ConfigGeometry.condition`); "embed": the frozen dtype."""
+
+
 class _Geometry:
-    """Latent and condition shapes of one sample, per family, from the architecture configs."""
+    """One sample's latent, condition and pixel shapes, as the recipe's family describes them from
+    the architecture configs (`DiffusersPolicy.config_geometry`)."""
 
     def __init__(self, recipe: Recipe, policy_cls: type, configs: dict[str, dict[str, Any]]) -> None:
-        args = recipe.policy_args
-        self.family = policy_cls.__name__
-        self.height, self.width = int(args.get("height", 512)), int(args.get("width", 512))
-        vae = configs["vae"]
-        self.vae_factor = int(vae.get("spatial_compression_ratio") or 2 ** (len(vae["block_out_channels"]) - 1))
-        self.temporal = int(vae.get("temporal_compression_ratio") or 1)
-        den = configs[policy_cls.denoiser_name]
-        self.video = "temporal_compression_ratio" in vae
-        self.num_frames = int(args.get("num_frames", 53)) if self.video else 1
-        h, w = self.height // self.vae_factor, self.width // self.vae_factor
-        if self.family == "FluxPolicy":
-            self.latent = ((h // 2) * (w // 2), int(den["in_channels"]))
-            self.text = (int(args.get("max_sequence_length", 512)), int(den["joint_attention_dim"]))
-            self.pooled = int(den["pooled_projection_dim"])
-        elif self.video:
-            channels = int(den["out_channels"] or den["in_channels"])
-            self.latent = (channels, (self.num_frames - 1) // self.temporal + 1, h, w)
-            self.text = (int(args.get("max_sequence_length", 256)), int(den["text_embed_dim"]))
-            self.pooled = int(den["pooled_projection_dim"])
-        else:  # Stable Diffusion
-            self.latent = (int(den["in_channels"]), h, w)
-            self.text = (77, int(den["cross_attention_dim"]))
-            self.pooled = 0
-        self.image_latent = self.family == "SkyReelsI2VPolicy"
+        self.shapes = policy_cls.config_geometry(recipe.policy_args, configs, _uses_cfg(recipe))
+        self.height, self.width, self.num_frames = self.shapes.height, self.shapes.width, self.shapes.num_frames
+        self.vae_factor = self.shapes.vae_factor
+        self.latent, self.vae_latent = self.shapes.latent, self.shapes.vae_latent
 
-    def condition(self, batch: int, cfg: bool, dtype: torch.dtype) -> dict[str, Tensor]:
+    def _dtype(self, kind: str, dtype: torch.dtype) -> torch.dtype:
+        return KIND_DTYPES.get(kind, dtype)
+
+    def condition(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
         """A condition of `batch` samples (fake when called under FakeTensorMode)."""
-        cond: dict[str, Tensor] = {}
-        branches = ["", "negative_"] if cfg else [""]
-        for b in branches:
-            cond[f"{b}prompt_embeds"] = torch.zeros(batch, *self.text, dtype=dtype)
-            if self.pooled:
-                cond[f"{b}pooled_prompt_embeds"] = torch.zeros(batch, self.pooled, dtype=dtype)
-            if self.video:
-                cond[f"{b}prompt_attention_mask"] = torch.ones(batch, self.text[0], dtype=torch.long)
-        if self.image_latent:
-            cond["image_latents"] = torch.zeros(batch, *self.latent)
-        return cond
+        return {key: torch.zeros(batch, *shape, dtype=self._dtype(kind, dtype)) for key, (shape, kind) in self.shapes.condition.items()}
 
     def latent_bytes(self) -> int:
         return math.prod(self.latent) * 4  # fp32 latents
 
-    def condition_bytes(self, cfg: bool, dtype: torch.dtype) -> int:
-        per = math.prod(self.text) * _size(dtype) + self.pooled * _size(dtype) + (self.text[0] * 8 if self.video else 0)
-        return per * (2 if cfg else 1) + (self.latent_bytes() if self.image_latent else 0)
+    def condition_bytes(self, dtype: torch.dtype) -> int:
+        return sum(math.prod(shape) * _size(self._dtype(kind, dtype)) for shape, kind in self.shapes.condition.values())
 
     def pixel_bytes(self) -> int:
         return self.num_frames * 3 * self.height * self.width * 4  # decoded fp32 pixels
@@ -461,16 +434,7 @@ class _Geometry:
 def _predictor(policy_cls: type, denoiser: nn.Module, recipe: Recipe, geometry: _Geometry) -> nn.Module:
     """An instance of the family class holding only what its `predict` reads (no loading), so the
     family's own predict (CFG, guidance, packing, input concatenation) is what gets measured."""
-    args = recipe.policy_args
-    policy = policy_cls.__new__(policy_cls)
-    nn.Module.__init__(policy)
-    setattr(policy, policy_cls.denoiser_name, denoiser)
-    policy.height, policy.width = geometry.height, geometry.width
-    policy.vae_scale_factor = geometry.vae_factor
-    policy.guidance = float(args.get("guidance", {"FluxPolicy": 3.5, "HunyuanVideoPolicy": 6.0}.get(policy_cls.__name__, 1.0)))
-    policy.guidance_scale = float(args.get("guidance_scale", 1.0))
-    policy.true_cfg_scale = float(args.get("true_cfg_scale", 1.0))
-    return policy
+    return policy_cls.estimate_predictor(denoiser, recipe.policy_args, geometry.shapes)
 
 
 def _measure_denoiser(recipe: Recipe, policy_cls: type, den_class: str, den_config: dict, geometry: _Geometry,
@@ -481,7 +445,6 @@ def _measure_denoiser(recipe: Recipe, policy_cls: type, den_class: str, den_conf
 
     args = recipe.policy_args
     weights = setting.fsdp_param if recipe.strategy.kind == "fsdp" else setting.denoiser
-    cfg = _uses_cfg(recipe)
     with FakeTensorMode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with _default_dtype(weights):
@@ -496,7 +459,7 @@ def _measure_denoiser(recipe: Recipe, policy_cls: type, den_class: str, den_conf
         policy = _predictor(policy_cls, denoiser, recipe, geometry)
         latents = torch.zeros(batch, *geometry.latent)
         timesteps = torch.full((batch,), 500.0)
-        condition = geometry.condition(batch, cfg, setting.frozen)
+        condition = geometry.condition(batch, setting.frozen)
         tracker = LiveBytes()
         tracker.ignore([list(denoiser.parameters()), list(denoiser.buffers()), latents, timesteps, condition])
         hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for p in denoiser.parameters() if p.requires_grad]
@@ -554,11 +517,7 @@ def _measure_decode(vae_class: str, vae_config: dict, geometry: _Geometry, recip
             vae = build_component(vae_class, vae_config)
         if tiling:
             vae.enable_tiling(**(tiling if isinstance(tiling, dict) else {}))
-        if geometry.video:
-            z = torch.zeros(batch, *geometry.latent, dtype=dtype)
-        else:
-            channels = int(vae_config["latent_channels"])
-            z = torch.zeros(batch, channels, geometry.height // geometry.vae_factor, geometry.width // geometry.vae_factor, dtype=dtype)
+        z = torch.zeros(batch, *geometry.vae_latent, dtype=dtype)
         tracker = LiveBytes()
         tracker.ignore([list(vae.parameters()), list(vae.buffers()), z])
         with tracker, torch.no_grad():
@@ -693,7 +652,9 @@ def denoiser_figures(recipe: Recipe) -> DenoiserFigures:
     setting, model = _setting(recipe), recipe.model
     components = {sub: cls for sub, (kind, cls) in policy_cls.components.items() if kind == "model"}
     den_name = policy_cls.denoiser_name
-    configs = {sub: _read_json(folder / sub / "config.json") for sub in (den_name, "vae")}
+    # the denoiser's and the VAE's configs are needed; the text encoders' where present (sequence lengths)
+    configs = {sub: _read_json(folder / sub / "config.json") for sub in components
+               if sub in (den_name, "vae") or (folder / sub / "config.json").is_file()}
     geometry = _Geometry(recipe, policy_cls, configs)
     lora = int(recipe.policy_args.get("lora_rank", 0) or 0) > 0
     denoiser = meta_component(components[den_name], configs[den_name])
@@ -727,7 +688,7 @@ def estimate(recipe: Recipe) -> Estimate:
 
     policy_cls = _resolve_class(recipe.policy_class)
     if not (isinstance(policy_cls, type) and issubclass(policy_cls, DiffusersPolicy)):
-        raise ValueError(f"{recipe.path}: estimate needs a diffusers family policy (FluxPolicy, ...), got {recipe.policy_class}")
+        raise ValueError(f"{recipe.path}: estimate needs a diffusers-backed family (a DiffusersPolicy of lightning_grpo.policies), got {recipe.policy_class}")
     folder, source = model_folder(recipe)
     setting, strategy, model = _setting(recipe), recipe.strategy, recipe.model
     components = {sub: cls for sub, (kind, cls) in policy_cls.components.items() if kind == "model"}
@@ -764,8 +725,8 @@ def estimate(recipe: Recipe) -> Estimate:
     ema = trainable * 4 / shards if _ema_on_device(recipe) else 0
     reward_weights = sum(r.weight_bytes for r in rewards) / frozen_div
     frozen_weights = sum(frozen_parts.values()) / frozen_div
-    trajectory = samples * ((steps + 1) * geometry.latent_bytes() + steps * 4 + geometry.condition_bytes(cfg, setting.frozen))
-    selected = trained * ((steps + 1) * geometry.latent_bytes() + geometry.condition_bytes(cfg, setting.frozen)) if best else 0
+    trajectory = samples * ((steps + 1) * geometry.latent_bytes() + steps * 4 + geometry.condition_bytes(setting.frozen))
+    selected = trained * ((steps + 1) * geometry.latent_bytes() + geometry.condition_bytes(setting.frozen)) if best else 0
     pixels = samples * geometry.pixel_bytes()
     record = samples * (geometry.latent_bytes() + geometry.pixel_bytes())
     decode_peak = max(decode_act, max((r.activation_bytes for r in rewards), default=0))

@@ -41,7 +41,7 @@ class GRPOModule(LightningModule):
     (GRPO's `clip_range`, `best_of_n`, ...) live in `objective`; docs/architecture.md has the contract.
 
     Args:
-        policy: the base-model adapter (e.g. `lightning_grpo.policies.FluxPolicy`).
+        policy: the base-model adapter (a family of `lightning_grpo.policies`, e.g. FLUX.1).
         sampler: the sampler of the policy's paradigm; None (default): `policy.build_sampler()`.
         rewards: one or more rewards, each normalised within its group and weighted by its `weight`.
         objective: the RL objective (`lightning_grpo.objectives.GRPO` when None, `DiffusionNFT`).

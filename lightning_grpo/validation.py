@@ -372,48 +372,39 @@ def _check_policy(policy: Mapping[str, Any]) -> None:
 def _check_geometry(class_path: str, root: Path, args: Mapping[str, Any]) -> None:
     """Height and width multiples of the VAE's spatial factor × the denoiser's latent multiple
     (FLUX's 2×2 packing, a video transformer's patch size), and a video's frame count of the
-    VAE's temporal form (t·k + 1), all read from the folder's `config.json` files: no weights
-    load. Defaults of the policy class apply to options the config leaves out."""
+    VAE's temporal form (t·k + 1), by the family's own rules (`DiffusersPolicy.geometry_steps`)
+    applied to the folder's `config.json` files: no weights load. Defaults of the policy class
+    apply to options the config leaves out."""
     cls = _import(class_path)
     if cls is None:
         return
+    from lightning_grpo.policies.base import configured
     from lightning_grpo.policies.family import DiffusersPolicy
 
     if not (isinstance(cls, type) and issubclass(cls, DiffusersPolicy)):
         return
-    values = {**_defaults(cls), **{k: v for k, v in args.items() if v is not None}}
-    vae = _read_config(root / "vae" / "config.json")
-    if vae is None:
+    values = configured(cls, args)
+    configs = {sub: config for sub, (kind, _) in cls.components.items() if kind == "model"
+               for config in [_read_config(root / sub / "config.json")] if config is not None}
+    if "vae" not in configs:
         return
     try:
-        factor = int(vae.get("spatial_compression_ratio") or 2 ** (len(vae["block_out_channels"]) - 1))
+        steps = cls.geometry_steps(configs)
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"cannot read the VAE factor from {str(root / 'vae' / 'config.json')!r}: {err}") from err
-    multiple, source = _latent_multiple(cls, root)
-    step = factor * multiple
+    factor, multiple = steps.vae_factor, steps.latent_multiple
     for name in ("height", "width"):
         value = values.get(name)
-        if isinstance(value, int) and value % step:
-            raise ConfigError(f"model.policy {name}={value} must be a multiple of {step} (VAE factor {factor} of {str(root)!r} × {multiple}){source}")
-    frames, ratio = values.get("num_frames"), vae.get("temporal_compression_ratio")
-    if isinstance(frames, int) and isinstance(ratio, int) and ratio > 1 and (frames - 1) % ratio:
+        if isinstance(value, int) and value % steps.spatial:
+            raise ConfigError(
+                f"model.policy {name}={value} must be a multiple of {steps.spatial} (VAE factor {factor} of {str(root)!r} × {multiple}){steps.multiple_source}"
+            )
+    frames, ratio = values.get("num_frames"), steps.frame_ratio
+    if isinstance(frames, int) and ratio > 1 and (frames - 1) % ratio:
         raise ConfigError(
             f"model.policy num_frames={frames} must be {ratio}k + 1 (the VAE of {str(root)!r} compresses time {ratio}×, "
             f"keeping the first frame), e.g. {(frames - 1) // ratio * ratio + 1} or {((frames - 1) // ratio + 1) * ratio + 1}"
         )
-
-
-def _latent_multiple(cls: type, root: Path) -> tuple[int, str]:
-    """(multiple, where it comes from): a family's fixed `latent_multiple` (FLUX: 2), or the
-    denoiser config's `patch_size` when the family reads it from there (HunyuanVideo)."""
-    import inspect
-
-    static = inspect.getattr_static(cls, "latent_multiple", 1)
-    if isinstance(static, int):
-        return static, f": {cls.__name__} packs {static}×{static} latents into one token" if static > 1 else ""
-    name = getattr(cls, "denoiser_name", "transformer")
-    patch = (_read_config(root / name / "config.json") or {}).get("patch_size")
-    return (int(patch), f": the patch_size of {name}/config.json") if isinstance(patch, int) else (1, "")
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
@@ -423,21 +414,6 @@ def _read_config(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except ValueError as err:
         raise ConfigError(f"cannot read {str(path)!r}: {err}") from err
-
-
-def _defaults(cls: type) -> dict[str, Any]:
-    """The keyword defaults of `cls.__init__` (its own and those it forwards to, by name)."""
-    import inspect
-
-    defaults: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for name, parameter in inspect.signature(init).parameters.items():
-            if parameter.default is not inspect.Parameter.empty:
-                defaults[name] = parameter.default
-    return defaults
 
 
 def _import(class_path: str) -> Any:
@@ -510,15 +486,14 @@ def _check_log_folder(trainer: Mapping[str, Any]) -> None:
 
 
 def _uses_cfg(policy: Mapping[str, Any]) -> bool | None:
-    """CFG from the config where the classes are known (guidance_scale > 1 of SD and the tiny
-    policy; FLUX never), else None (unknown before the policy is built)."""
-    name = str(policy.get("class_path", "")).rsplit(".", 1)[-1]
-    args = _init_args(policy)
-    if name == "FluxPolicy":
-        return False
-    if name in ("StableDiffusionPolicy", "TinyPolicy"):
-        return float(args.get("guidance_scale", 1.0)) > 1.0
-    return None
+    """CFG from the config, as the policy's class says (`PolicyAdapter.uses_cfg_with`), or None
+    where the class cannot be imported or only the built policy knows."""
+    from lightning_grpo.policies.base import PolicyAdapter
+
+    cls = _import(str(policy.get("class_path", "")))
+    if not (isinstance(cls, type) and issubclass(cls, PolicyAdapter)):
+        return None
+    return cls.uses_cfg_with(_init_args(policy))
 
 
 def _check_data(data: Mapping[str, Any], trainer: Mapping[str, Any], stage: str = "fit") -> None:

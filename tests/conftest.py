@@ -2,6 +2,9 @@
 
 import os
 
+import pytest
+import torch.distributed as dist
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,3 +19,25 @@ def pytest_collection_modifyitems(config, items):
     order = ("/test_learning_direction.py", "tests/training/", "tests/datamodules/test_datamodule_")
     rank = {item.nodeid: next((k + 1 for k, part in enumerate(order) if part in item.nodeid), 0) for item in items}
     items.sort(key=lambda item: rank[item.nodeid])  # stable: pytest's order within each rank
+
+
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_outlives_its_test():
+    """A test that runs a distributed strategy in this process (e.g. DenoiserFSDPStrategy on one
+    rank) leaves Lightning's MASTER_PORT in os.environ and its process group's store listening on
+    it: every later `lightning-grpo --trainer.devices=2` subprocess inherited the port and died
+    with EADDRINUSE. The group a test created is destroyed and the variables restored after it
+    (a group made by a module-scoped fixture, alive when the test starts, is left to it)."""
+    alive = dist.is_available() and dist.is_initialized()
+    saved = {name: os.environ.get(name) for name in RENDEZVOUS}
+    yield
+    if not alive and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,12 @@ class PolicyAdapter(nn.Module, ABC):
 
     paradigm: ClassVar[Paradigm]
     conditions_on_images: ClassVar[bool] = False
+    geometry_arguments: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments that fix the latents' shape (height, width, frames, ...): a checkpoint
+    records their values and refuses to load into a policy built with others
+    (`lightning_grpo.checkpointing.model_signature`)."""
+    denoiser_name: ClassVar[str] = ""
+    """Attribute holding the trainable denoiser ("" when the adapter is its own denoiser)."""
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str], images: Tensor | None = None) -> Condition:
@@ -63,6 +69,28 @@ class PolicyAdapter(nn.Module, ABC):
     def uses_cfg(self) -> bool:
         """True when predict() runs classifier-free guidance (GRPO then steps once per rollout)."""
         return False
+
+    @classmethod
+    def uses_cfg_with(cls, init_args: Mapping[str, Any]) -> bool | None:
+        """Whether a policy built with `init_args` (a config's `init_args`; the constructor's
+        defaults fill the rest) runs classifier-free guidance, known before anything loads (the
+        start-up checks and the memory estimate ask); None when only the built policy knows.
+        Must agree with `uses_cfg` (tests/families/test_family_knowledge.py checks every family)."""
+        return None
+
+    # -- what the strategies need ---------------------------------------------------------
+
+    @property
+    def block_classes(self) -> set[type[nn.Module]]:
+        """The module classes FSDP wraps as its units (each instance one unit). Here the adapter
+        itself: a weight-free adapter is one unit; families name their denoiser's blocks."""
+        return {type(self)}
+
+    def fsdp_roots(self, reference: nn.Module | None) -> list[nn.Module]:
+        """The modules FSDP shards, each with the `block_classes` inside it as units: the adapter
+        (its KL reference, a copy of the whole adapter, stays replicated). Families return their
+        trainable denoiser(s), and the frozen denoiser copy of full fine-tuning's KL reference."""
+        return [self]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates (the denoiser, or its LoRA weights)."""
@@ -106,6 +134,28 @@ class PolicyAdapter(nn.Module, ABC):
     def reference_predict(self, reference: nn.Module | None, latents: Tensor, timesteps: Tensor, condition: Condition) -> Tensor:
         """`predict` of the initial policy, given what `kl_reference()` returned."""
         return reference.predict(latents, timesteps, condition)
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """The keyword defaults of `cls.__init__` and of every `__init__` up its MRO (what a family
+    forwards through **kwargs), the most derived winning."""
+    import inspect
+
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for name, parameter in inspect.signature(init).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults[name] = parameter.default
+    return defaults
+
+
+def configured(cls: type, init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments a policy of class `cls` is built with from a config's `init_args`: the
+    constructor's defaults, overridden by every value the config gives (None: the default)."""
+    return {**constructor_defaults(cls), **{k: v for k, v in init_args.items() if v is not None}}
 
 
 def check_sampler_matches(policy: PolicyAdapter, sampler: Sampler) -> None:

@@ -6,20 +6,28 @@ between base models:
     pipeline_class   the diffusers pipeline the family mirrors ("FluxPipeline")
     components       {subfolder: (kind, "library.Class")}: what the checkpoint folder holds
     denoiser_name    the one trainable module ("transformer", "unet")
-    uses_shift_factor, latent_multiple, default_num_steps, default_eta, default_lora_targets
+    latent_normalization  how VAE latents become the denoiser's (`ScaleShift`, `ChannelMeanStd`)
+    latent_multiple, default_num_steps, default_eta, default_lora_targets, published_config
 
 and implements `predict`, `encode_prompts` (through the pipeline's own `encode_prompt`),
-`latent_channels` and `pipeline_call_kwargs`. Everything else is here, once:
+`latent_channels`, `pipeline_call_kwargs`, `uses_cfg_with` and `config_geometry`. Everything
+else is here, once:
 
     loading        pre-flight folder check, then `from_pretrained` of every component at its dtype
     freezing       frozen components (text encoders, VAE) kept in eval mode whatever `train()` says
     training mode  LoRA (peft, via diffusers' `add_adapter`) or full fine-tuning of the denoiser
     memory         gradient checkpointing; the denoiser's FSDP block classes (`no_split_modules`)
+                   and the modules FSDP shards (`fsdp_roots`)
+    geometry       `geometry_steps` from the components' configs: the VAE's factors and the
+                   latent multiple, checked at construction and, from the folder's config.json
+                   files, by the start-up validation before anything loads
     latents        seeded noise as the pipeline draws it; `encode_pixels` / `decode` (VAE, [0, 1])
     sampler        `build_sampler`: the family's matching sampler with its default schedule
                    (flow families subclass `FlowMatchingFamily`: the pipeline's sigmas or a shift)
     KL reference   adapters disabled (LoRA) or a frozen copy of the denoiser only (full FT)
     export         a diffusers pipeline folder (full FT) or `load_lora_weights` files (LoRA)
+    estimate       `config_geometry` and `estimate_predictor`: what `lightning-grpo estimate`
+                   needs to build and run the denoiser on fake tensors from configs alone
 """
 
 from __future__ import annotations
@@ -27,16 +35,18 @@ from __future__ import annotations
 import ast
 import copy
 import importlib
+import inspect
 import logging
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_grpo.policies.base import PolicyAdapter
+from lightning_grpo.policies.base import PolicyAdapter, configured
 from lightning_grpo.policies.loading import (
     add_lora,
     check_pretrained_folder,
@@ -52,7 +62,111 @@ if TYPE_CHECKING:
     from lightning_grpo.samplers.base import Sampler
 
 ComponentSpec = dict[str, tuple[str, str]]
-"""{subfolder: (kind, "library.ClassName")}, kind one of "model", "tokenizer", "scheduler"."""
+"""{subfolder: (kind, "library.ClassName")}, kind one of "model", "tokenizer", "processor", "scheduler"."""
+
+
+# -- latent normalisation ------------------------------------------------------------------------
+
+class LatentNormalization:
+    """How a family's pipeline maps VAE latents z to the denoiser's latents x, and back.
+
+    `normalize` is what the pipeline applies to an encoded image (x from z), `denormalize` what it
+    applies before `vae.decode` (z from x); both read their constants from the VAE's config. Each
+    family names one (`DiffusersPolicy.latent_normalization`)."""
+
+    def normalize(self, z: Tensor, vae: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+    def denormalize(self, x: Tensor, vae: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+
+class ScaleShift(LatentNormalization):
+    """x = (z − shift_factor)·scaling_factor, z = x / scaling_factor + shift_factor: one scalar of
+    each from the VAE's config (`shift=False`: no shift; SD and HunyuanVideo; FLUX shifts)."""
+
+    def __init__(self, shift: bool = False) -> None:
+        self.shift = shift
+
+    def normalize(self, z: Tensor, vae: nn.Module) -> Tensor:
+        if self.shift:
+            z = z - vae.config.shift_factor
+        return z * vae.config.scaling_factor
+
+    def denormalize(self, x: Tensor, vae: nn.Module) -> Tensor:
+        z = x / vae.config.scaling_factor
+        if self.shift:
+            z = z + vae.config.shift_factor
+        return z
+
+    def __repr__(self) -> str:
+        return f"ScaleShift(shift={self.shift})"
+
+
+class ChannelMeanStd(LatentNormalization):
+    """Per latent channel c: x = (z − μ_c)·(1/σ_c), z = x / (1/σ_c) + μ_c, with μ, σ the VAE
+    config's `latents_mean` / `latents_std` (Wan's VAE). Computed in the pipelines' own order (the
+    reciprocal of σ first, then a product or a quotient: `WanImageToVideoPipeline.prepare_latents`
+    and `WanPipeline`'s decode), so the values are theirs to the bit."""
+
+    def _stats(self, x: Tensor, vae: nn.Module) -> tuple[Tensor, Tensor]:
+        channels = int(vae.config.z_dim)
+        view = (1, channels) + (1,) * (x.ndim - 2)  # broadcast over [B, C, (f,) h, w]
+        mean = torch.tensor(vae.config.latents_mean).view(view).to(x.device, x.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(view).to(x.device, x.dtype)
+        return mean, inverse_std
+
+    def normalize(self, z: Tensor, vae: nn.Module) -> Tensor:
+        mean, inverse_std = self._stats(z, vae)
+        return (z - mean) * inverse_std
+
+    def denormalize(self, x: Tensor, vae: nn.Module) -> Tensor:
+        mean, inverse_std = self._stats(x, vae)
+        return x / inverse_std + mean
+
+    def __repr__(self) -> str:
+        return "ChannelMeanStd()"
+
+
+# -- geometry from configs -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GeometrySteps:
+    """What the resolution and the clip length must be multiples of, read from the components'
+    configs (no weights): height and width multiples of `vae_factor`·`latent_multiple`, frames of
+    the form `frame_ratio`·k + 1 (video VAEs compress time, keeping the first frame; 1: images)."""
+
+    vae_factor: int
+    latent_multiple: int = 1
+    multiple_source: str = ""  # why the latent multiple (": FluxPolicy packs 2×2 latents ...")
+    frame_ratio: int = 1
+
+    @property
+    def spatial(self) -> int:
+        return self.vae_factor * self.latent_multiple
+
+
+@dataclass
+class ConfigGeometry:
+    """One sample's shapes, from a config's arguments and the components' configs alone: what
+    `lightning-grpo estimate` builds fake tensors of.
+
+    Attributes:
+        height, width, num_frames: the policy's resolution and clip length (1 frame for images).
+        vae_factor: pixels per latent along height and width.
+        latent: the policy's latent shape (its layout: packed for FLUX, [C, f, h, w] for video).
+        vae_latent: the latent shape `vae.decode` takes ([C, h, w] or [C, f, h, w]).
+        condition: {key of `encode_prompts`' condition: (shape per sample, kind)} with kind
+            "embed" (in the frozen components' dtype), "mask" (int64) or "latent" (fp32).
+    """
+
+    height: int
+    width: int
+    num_frames: int
+    vae_factor: int
+    latent: tuple[int, ...]
+    vae_latent: tuple[int, ...]
+    condition: dict[str, tuple[tuple[int, ...], str]]
 
 
 def resolve_class(dotted: str) -> type:
@@ -119,17 +233,23 @@ class DiffusersPolicy(PolicyAdapter):
         gradient_checkpointing: recompute the denoiser's activations in backward.
         num_sampling_steps, sampling_eta: the sampler `build_sampler()` makes (GRPOModule uses it
             when no sampler is configured); None: the family's recipe default.
+        sampling_noise_form: the flow families' SDE noise form for `build_sampler()`: "dance_grpo"
+            (default) or "flow_grpo" (`FlowSDESampler`'s `noise_form`; the diffusion family ignores it).
     """
 
     pipeline_class: ClassVar[str]
     components: ClassVar[ComponentSpec]
     denoiser_name: ClassVar[str]
-    uses_shift_factor: ClassVar[bool] = False  # the pipeline un-shifts latents by vae.config.shift_factor
+    latent_normalization: ClassVar[LatentNormalization] = ScaleShift()  # VAE latents ↔ the denoiser's
     latent_multiple: ClassVar[int] = 1  # extra down-sampling after the VAE (FLUX's 2×2 packing: 2)
     default_num_steps: ClassVar[int]
     default_eta: ClassVar[float]
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     pipeline_extra_kwargs: ClassVar[dict[str, Any]] = {}  # other pipeline __init__ arguments
+    geometry_arguments: ClassVar[tuple[str, ...]] = ("height", "width")
+    published_config: ClassVar[str | None] = None
+    """The folder under configs/models/ holding the published architecture configs `lightning-grpo
+    estimate` uses when a recipe names neither a local folder nor a shipped hub id."""
 
     def __init__(
         self,
@@ -144,6 +264,7 @@ class DiffusersPolicy(PolicyAdapter):
         gradient_checkpointing: bool = False,
         num_sampling_steps: int | None = None,
         sampling_eta: float | None = None,
+        sampling_noise_form: str = "dance_grpo",
     ) -> None:
         super().__init__()
         self.pretrained_model_name_or_path = str(pretrained_model_name_or_path)
@@ -152,11 +273,14 @@ class DiffusersPolicy(PolicyAdapter):
         self.lora_alpha = float(lora_alpha) if lora_alpha is not None else float(self.lora_rank)
         self.num_sampling_steps = num_sampling_steps
         self.sampling_eta = sampling_eta
+        if sampling_noise_form not in ("dance_grpo", "flow_grpo"):
+            raise ValueError(f"sampling_noise_form must be 'dance_grpo' or 'flow_grpo', got {sampling_noise_form!r}")
+        self.sampling_noise_form = sampling_noise_form
         self._load(parse_dtype(dtype), parse_dtype(denoiser_dtype))
-        self.vae_scale_factor = self.vae_spatial_factor()
-        multiple = self.vae_scale_factor * self.latent_multiple
-        if self.height % multiple or self.width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}, got {self.height}×{self.width}")
+        steps = self.geometry_steps(self.component_configs())
+        self.vae_scale_factor = steps.vae_factor
+        if self.height % steps.spatial or self.width % steps.spatial:
+            raise ValueError(f"height and width must be multiples of {steps.spatial}, got {self.height}×{self.width}")
         self.check_components()
         if self.lora_rank > 0:
             add_lora(self.denoiser, self.lora_rank, lora_alpha, lora_target_modules or self.default_lora_targets)
@@ -179,6 +303,8 @@ class DiffusersPolicy(PolicyAdapter):
             cls = resolve_class(class_name)
             if kind == "tokenizer":
                 setattr(self, subfolder, load_tokenizer(cls, path, subfolder))
+            elif kind == "processor":
+                setattr(self, subfolder, load_component(cls.from_pretrained, path, subfolder))
             elif kind == "scheduler":
                 self.scheduler_config: dict[str, Any] = dict(load_component(cls.load_config, path, subfolder))
             else:
@@ -189,13 +315,80 @@ class DiffusersPolicy(PolicyAdapter):
                 setattr(self, subfolder, module if is_denoiser else freeze(module))
 
     def vae_spatial_factor(self) -> int:
-        """Pixels per latent along height and width: the video VAEs state it
-        (`spatial_compression_ratio`); an image AutoencoderKL halves once per block but the last."""
-        stated = getattr(self.vae, "spatial_compression_ratio", None)
-        return int(stated) if stated else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent along height and width (`vae_compression` of the loaded VAE's config)."""
+        return self.vae_compression(self.vae.config)[0]
 
     def check_components(self) -> None:
         """Refuse loaded components the family cannot drive (a hook; nothing by default)."""
+
+    def component_configs(self) -> dict[str, dict[str, Any]]:
+        """{subfolder: config} of the loaded model components: what `config.json` says, as the
+        start-up validation reads it from the folder (`geometry_steps` takes either)."""
+        configs = {}
+        for sub, (kind, _) in self.components.items():
+            config = getattr(getattr(self, sub, None), "config", None) if kind == "model" else None
+            if config is not None:  # diffusers: a dict; transformers: a PretrainedConfig
+                configs[sub] = dict(config) if isinstance(config, Mapping) else config.to_dict()
+        return configs
+
+    # -- geometry from configs (no weights: the start-up validation and the estimate use these) --
+
+    @classmethod
+    def vae_compression(cls, vae_config: Mapping[str, Any]) -> tuple[int, int]:
+        """(spatial, temporal) compression of the VAE from its config: the video VAEs state them
+        (`spatial_compression_ratio`, `temporal_compression_ratio`); an image AutoencoderKL
+        halves once per block but the last, and does not compress time."""
+        stated = vae_config.get("spatial_compression_ratio")
+        spatial = int(stated) if stated else 2 ** (len(vae_config["block_out_channels"]) - 1)
+        return spatial, int(vae_config.get("temporal_compression_ratio") or 1)
+
+    @classmethod
+    def latent_multiple_in(cls, configs: Mapping[str, Mapping[str, Any]]) -> tuple[int, str]:
+        """(multiple, why): the extra down-sampling of the latents after the VAE, a fixed
+        `latent_multiple` here (FLUX's 2×2 packing; families that read it from the denoiser's
+        config, e.g. a transformer's patch size, override this)."""
+        multiple = int(cls.latent_multiple)
+        return multiple, f": {cls.__name__} packs {multiple}×{multiple} latents into one token" if multiple > 1 else ""
+
+    @classmethod
+    def geometry_steps(cls, configs: Mapping[str, Mapping[str, Any]]) -> GeometrySteps:
+        """The family's geometry rules from `configs` ({subfolder: config dict}, the VAE's and the
+        denoiser's at least). Raises KeyError/TypeError/ValueError on a config it cannot read."""
+        spatial, temporal = cls.vae_compression(configs["vae"])
+        multiple, source = cls.latent_multiple_in(configs)
+        return GeometrySteps(spatial, multiple, source, temporal)
+
+    def check_frames(self, num_frames: int) -> None:
+        """Refuse a clip length the VAE cannot encode: F = t·k + 1 for a VAE compressing time t×."""
+        ratio = self.geometry_steps(self.component_configs()).frame_ratio
+        if num_frames < 1 or (num_frames - 1) % ratio:
+            raise ValueError(f"num_frames must be {ratio}k + 1 (the VAE compresses time {ratio}×, keeping the first frame), got {num_frames}")
+
+    @classmethod
+    def config_geometry(cls, init_args: Mapping[str, Any], configs: Mapping[str, Mapping[str, Any]], cfg: bool) -> ConfigGeometry:
+        """One sample's shapes for a policy built with `init_args` on components with `configs`,
+        the unconditional branch's condition included when `cfg` (see `ConfigGeometry`)."""
+        raise NotImplementedError(f"{cls.__name__} does not describe its shapes for the memory estimate (config_geometry)")
+
+    @classmethod
+    def estimate_predictor(cls, denoiser: nn.Module, init_args: Mapping[str, Any], geometry: ConfigGeometry) -> DiffusersPolicy:
+        """An instance of the family holding only what its `predict` reads, on `denoiser`, built
+        without loading anything: the memory estimate runs the family's own `predict` (CFG,
+        guidance, packing, input concatenation) on it under FakeTensorMode.
+
+        Every constructor argument (its default, or the config's value) becomes the attribute of
+        the same name, as the families' constructors store them; families whose `predict` reads
+        something computed from loaded parts add it in an override."""
+        policy = cls.__new__(cls)
+        nn.Module.__init__(policy)
+        for name, value in configured(cls, init_args).items():
+            stored_as_is = isinstance(value, (bool, int, float, str, type(None), dict, list, tuple))
+            if stored_as_is and not isinstance(inspect.getattr_static(cls, name, None), property):
+                object.__setattr__(policy, name, value)
+        setattr(policy, cls.denoiser_name, denoiser)
+        policy.height, policy.width = geometry.height, geometry.width
+        policy.vae_scale_factor = geometry.vae_factor
+        return policy
 
     @property
     def frozen_module_names(self) -> list[str]:
@@ -217,10 +410,13 @@ class DiffusersPolicy(PolicyAdapter):
 
     @property
     def block_classes(self) -> set[type[nn.Module]]:
-        """The classes named by `no_split_modules` that the denoiser actually contains
-        (for `torch.distributed.fsdp.wrap.ModuleWrapPolicy`)."""
-        names = set(self.no_split_modules)
-        return {type(m) for m in self.denoiser.modules() if type(m).__name__ in names}
+        """The classes named by `no_split_modules` that the denoiser actually contains: FSDP's
+        units (`lightning_grpo.distributed.DenoiserFSDPStrategy`)."""
+        return block_classes_of(self.denoiser)
+
+    def fsdp_roots(self, reference: nn.Module | None) -> list[nn.Module]:
+        """The trainable denoiser, and full fine-tuning's KL reference (a frozen denoiser copy)."""
+        return [self.denoiser] + ([reference] if reference is not None else [])
 
     def train(self, mode: bool = True) -> DiffusersPolicy:
         """Switch the denoiser's mode; the frozen components always stay in eval (T5 has dropout,
@@ -312,24 +508,20 @@ class DiffusersPolicy(PolicyAdapter):
         """Pixels in [0, 1] ([B, 3, H, W]; video [B, F, 3, H, W]) → latents in the policy's layout:
         the inverse of `decode`.
 
-            z = (mode(VAE.encode(2·pixels − 1)) − shift_factor)·scaling_factor   (shift only if the
-            family uses it), then packed. The posterior's mode, not a sample: deterministic.
+            x = latent_normalization.normalize(mode(VAE.encode(2·pixels − 1))), then packed
+            (e.g. (z − shift_factor)·scaling_factor). The posterior's mode, not a sample: deterministic.
         """
         vae = self.vae
         x = self.pixels_to_vae((pixels * 2 - 1).to(device=vae.device, dtype=vae.dtype))  # in [-1, 1]
         z = vae.encode(x).latent_dist.mode()  # [B, C, h, w] (video [B, C, f, h, w])
-        if self.uses_shift_factor:
-            z = z - vae.config.shift_factor
-        return self.pack_latents((z * vae.config.scaling_factor).float())
+        return self.pack_latents(self.latent_normalization.normalize(z, vae).float())
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Pixels in [0, 1], [B, 3, H, W] (video [B, F, 3, H, W]): z = unpack(x)/scaling_factor
-        (+ shift_factor); VAE.decode."""
+        """Pixels in [0, 1], [B, 3, H, W] (video [B, F, 3, H, W]): z = the family's
+        `latent_normalization.denormalize(unpack(x))`; VAE.decode."""
         vae = self.vae
-        z = self.unpack_latents(latents.to(device=vae.device, dtype=vae.dtype)) / vae.config.scaling_factor
-        if self.uses_shift_factor:
-            z = z + vae.config.shift_factor
+        z = self.latent_normalization.denormalize(self.unpack_latents(latents.to(device=vae.device, dtype=vae.dtype)), vae)
         decoded = vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] (video [B, 3, F, H, W]) in [-1, 1]
         return self.pixels_from_vae((decoded.float() / 2 + 0.5).clamp(0, 1))
 
@@ -397,6 +589,14 @@ class DiffusersPolicy(PolicyAdapter):
         return out
 
 
+def block_classes_of(denoiser: nn.Module) -> set[type[nn.Module]]:
+    """The classes of `denoiser`'s modules that its diffusers `_no_split_modules` names
+    (FluxTransformerBlock, BasicTransformerBlock, ...): FSDP's units; the classes of its direct
+    children when the model names none."""
+    names = set(getattr(denoiser, "_no_split_modules", None) or ())
+    return {type(m) for m in denoiser.modules() if type(m).__name__ in names} or {type(child) for child in denoiser.children()}
+
+
 def scheduler_sigmas(scheduler_config: Mapping[str, Any], base_sigmas: Sequence[float] | None, num_steps: int, mu: float | None = None) -> list[float]:
     """The N + 1 sigmas a flow pipeline samples with: its `FlowMatchEulerDiscreteScheduler`'s
     `set_timesteps(sigmas=base_sigmas, mu=mu)`, then `scheduler.sigmas` (σ_N = 0 appended).
@@ -417,7 +617,7 @@ def scheduler_sigmas(scheduler_config: Mapping[str, Any], base_sigmas: Sequence[
 
 
 class FlowMatchingFamily(DiffusersPolicy):
-    """The rectified-flow families (FLUX, HunyuanVideo, SkyReels): velocity prediction, sampled by
+    """The rectified-flow families (FLUX, HunyuanVideo, SkyReels, Wan): velocity prediction, sampled by
     `FlowSDESampler` on the pipeline's own sigmas (`pipeline_sigmas`) or, when the family's
     `sampling_shift` is a number, on the SD3 shift of the DanceGRPO recipes."""
 
@@ -429,13 +629,18 @@ class FlowMatchingFamily(DiffusersPolicy):
         raise NotImplementedError(f"{type(self).__name__} must define pipeline_sigmas")
 
     def build_sampler(self, num_steps: int | None = None, eta: float | None = None) -> Sampler:
-        """FlowSDESampler on the pipeline's own sigmas, or on the SD3 shift `sampling_shift`."""
+        """FlowSDESampler on the pipeline's own sigmas, or on the SD3 shift `sampling_shift`, in the
+        policy's `sampling_noise_form`."""
         from lightning_grpo.samplers import FlowSDESampler
 
         steps, eta = self.sampler_defaults(num_steps, eta)
+        form = self.sampling_noise_form
         if self.sampling_shift is not None:
-            return FlowSDESampler(num_steps=steps, eta=eta, shift=self.sampling_shift)
-        return FlowSDESampler(num_steps=steps, eta=eta, sigmas=self.pipeline_sigmas(steps))
+            return FlowSDESampler(num_steps=steps, eta=eta, shift=self.sampling_shift, noise_form=form)
+        return FlowSDESampler(num_steps=steps, eta=eta, sigmas=self.pipeline_sigmas(steps), noise_form=form)
 
 
-__all__ = ["ComponentSpec", "DiffusersPolicy", "FlowMatchingFamily", "resolve_class", "scheduler_sigmas"]
+__all__ = [
+    "ChannelMeanStd", "ComponentSpec", "ConfigGeometry", "DiffusersPolicy", "FlowMatchingFamily", "GeometrySteps",
+    "LatentNormalization", "ScaleShift", "block_classes_of", "resolve_class", "scheduler_sigmas",
+]

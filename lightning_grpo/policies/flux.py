@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_grpo.policies.family import FlowMatchingFamily, scheduler_sigmas
+from lightning_grpo.policies.base import configured
+from lightning_grpo.policies.family import ConfigGeometry, FlowMatchingFamily, ScaleShift, scheduler_sigmas
 from lightning_grpo.policies.loading import placement
 from lightning_grpo.types import Condition
 
@@ -94,14 +95,16 @@ class FluxPolicy(FlowMatchingFamily):
         sampling_shift: the `build_sampler()` schedule: None uses the pipeline's own sigmas at
             this resolution (`pipeline_sigmas`); a number, the SD3 shift (DanceGRPO recipe: 3).
         **kwargs: the shared arguments of `DiffusersPolicy` (dtype, denoiser_dtype, lora_rank,
-            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta).
+            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta,
+            sampling_noise_form).
     """
 
     pipeline_class = "FluxPipeline"
     components = FLUX_SPEC
     denoiser_name = "transformer"
-    uses_shift_factor = True
+    latent_normalization = ScaleShift(shift=True)  # z = x / scaling_factor + shift_factor
     latent_multiple = 2  # 2×2 packing
+    published_config = "FLUX.1-dev"
     default_num_steps = 16  # DanceGRPO FLUX recipe: 16 steps, eta 0.3
     default_eta = 0.3
 
@@ -121,6 +124,22 @@ class FluxPolicy(FlowMatchingFamily):
         self.guidance = float(guidance)
         self.max_sequence_length = int(max_sequence_length)
         self.sampling_shift = sampling_shift
+
+    @classmethod
+    def uses_cfg_with(cls, init_args: Mapping[str, Any]) -> bool:
+        """Never: FLUX.1 runs its distilled guidance embedding, no second branch."""
+        return False
+
+    @classmethod
+    def config_geometry(cls, init_args: Mapping[str, Any], configs: Mapping[str, Mapping[str, Any]], cfg: bool) -> ConfigGeometry:
+        """Packed latents [(h/2)·(w/2), 4C]; T5 states [S, D_t5] and the CLIP pooled vector."""
+        args, steps = configured(cls, init_args), cls.geometry_steps(configs)
+        height, width, den = int(args["height"]), int(args["width"]), configs[cls.denoiser_name]
+        h, w = height // steps.vae_factor, width // steps.vae_factor
+        condition = {"prompt_embeds": ((int(args["max_sequence_length"]), int(den["joint_attention_dim"])), "embed"),
+                     "pooled_prompt_embeds": ((int(den["pooled_projection_dim"]),), "embed")}
+        return ConfigGeometry(height, width, 1, steps.vae_factor, ((h // 2) * (w // 2), int(den["in_channels"])),
+                              (int(configs["vae"]["latent_channels"]), h, w), condition)
 
     # -- geometry -----------------------------------------------------------------------------
 

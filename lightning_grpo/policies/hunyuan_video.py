@@ -25,13 +25,14 @@ concatenated to the noisy latent on the channel axis (`model_input`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_grpo.policies.family import FlowMatchingFamily, scheduler_sigmas
+from lightning_grpo.policies.base import configured
+from lightning_grpo.policies.family import ConfigGeometry, FlowMatchingFamily, scheduler_sigmas
 from lightning_grpo.policies.loading import placement
 from lightning_grpo.types import Condition
 
@@ -92,12 +93,15 @@ class HunyuanVideoPolicy(FlowMatchingFamily):
             (tile_sample_min_height, ..._stride_num_frames). Saves memory on long clips.
         vae_slicing: decode one clip of the batch at a time (`enable_slicing`).
         **kwargs: the shared arguments of `DiffusersPolicy` (dtype, denoiser_dtype, lora_rank,
-            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta).
+            lora_alpha, lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta,
+            sampling_noise_form).
     """
 
     pipeline_class = "HunyuanVideoPipeline"
     components = HUNYUAN_VIDEO_SPEC
     denoiser_name = "transformer"
+    geometry_arguments = ("height", "width", "num_frames")
+    published_config = "HunyuanVideo"
     default_num_steps = 16  # DanceGRPO HunyuanVideo recipe: 16 steps, eta 0.25
     default_eta = 0.25
 
@@ -120,9 +124,7 @@ class HunyuanVideoPolicy(FlowMatchingFamily):
         # the shared arguments (dtype, LoRA, checkpointing, sampling) are DiffusersPolicy's;
         # LightningCLI (jsonargparse) follows **kwargs into its signature for configs and --help
         super().__init__(pretrained_model_name_or_path, height, width, **kwargs)
-        ratio = int(self.vae.temporal_compression_ratio)
-        if num_frames < 1 or (num_frames - 1) % ratio:
-            raise ValueError(f"num_frames must be {ratio}k + 1 (the VAE compresses time {ratio}×, keeping the first frame), got {num_frames}")
+        self.check_frames(num_frames)
         self.num_frames = int(num_frames)
         self.guidance = float(guidance)
         self.true_cfg_scale = float(true_cfg_scale)
@@ -149,10 +151,29 @@ class HunyuanVideoPolicy(FlowMatchingFamily):
 
     # -- geometry -----------------------------------------------------------------------------
 
-    @property
-    def latent_multiple(self) -> int:
+    @classmethod
+    def latent_multiple_in(cls, configs: Mapping[str, Mapping[str, Any]]) -> tuple[int, str]:
         """The transformer's spatial patch size: frames are cut into p×p latent patches."""
-        return int(self.transformer.config.patch_size)
+        patch = configs.get(cls.denoiser_name, {}).get("patch_size")
+        return (int(patch), f": the patch_size of {cls.denoiser_name}/config.json") if isinstance(patch, int) else (1, "")
+
+    @classmethod
+    def uses_cfg_with(cls, init_args: Mapping[str, Any]) -> bool:
+        return float(configured(cls, init_args)["true_cfg_scale"]) > 1.0
+
+    @classmethod
+    def config_geometry(cls, init_args: Mapping[str, Any], configs: Mapping[str, Mapping[str, Any]], cfg: bool) -> ConfigGeometry:
+        """Latents [C, f, h, w]; Llama states [S, D] with their mask [S] and the CLIP pooled
+        vector, twice with true CFG."""
+        args, steps = configured(cls, init_args), cls.geometry_steps(configs)
+        height, width, frames, den = int(args["height"]), int(args["width"]), int(args["num_frames"]), configs[cls.denoiser_name]
+        latent = (int(den["out_channels"] or den["in_channels"]), (frames - 1) // steps.frame_ratio + 1,
+                  height // steps.vae_factor, width // steps.vae_factor)
+        length = int(args["max_sequence_length"])
+        text = {"prompt_embeds": ((length, int(den["text_embed_dim"])), "embed"), "prompt_attention_mask": ((length,), "mask"),
+                "pooled_prompt_embeds": ((int(den["pooled_projection_dim"]),), "embed")}
+        condition = {**text, **({f"negative_{k}": v for k, v in text.items()} if cfg else {})}
+        return ConfigGeometry(height, width, frames, steps.vae_factor, latent, latent, condition)
 
     @property
     def latent_channels(self) -> int:

@@ -1,8 +1,11 @@
 """The family registry: every diffusers-backed family, with a tiny stand-in to test it on.
 
-One entry per family. The family contract test (tests/families/test_family_contract.py) is
-parametrized over `FAMILIES`, so a new family is one family file, one entry here and one YAML
-in configs/; no new test code (docs/architecture.md, "Adding a family").
+One entry per family. The family contract test (tests/families/test_family_contract.py), the
+family-knowledge test (tests/families/test_family_knowledge.py) and the config tests
+(tests/configs: each family's recipe instantiated and fitted for two steps on its stand-in) are
+parametrized over `FAMILIES`, so a new family is one family file, one entry here (with its
+stand-in builder) and one YAML in configs/; no new test code (docs/architecture.md, "Adding a
+family").
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ class Family:
         policy_class: dotted path of the `DiffusersPolicy` subclass.
         build_stand_in: `build(path, seed=0) -> path` writes a tiny random pipeline of the
             family's real classes in the diffusers layout (offline, seconds on a CPU).
-        stand_in_kwargs: policy arguments that fit the stand-in (resolution, sequence length).
-        config: the family's example YAML under configs/.
+        stand_in_kwargs: policy arguments the family contract test builds the stand-in policy
+            with: what fits the stand-in (resolution, frames, sequence length, prompt template)
+            and the contract's own choices named in `contract_only`.
+        contract_only: keys of `stand_in_kwargs` that are the contract test's choices (e.g. a
+            guidance scale that exercises CFG), not needed to run on the stand-in: a recipe run
+            on the stand-in keeps its own values for them (`recipe_arguments`).
+        config: the family's recipe under configs/ (the config tests fit it on the stand-in).
     """
 
     name: str
@@ -33,6 +41,7 @@ class Family:
     build_stand_in: Callable[..., Path]
     stand_in_kwargs: dict[str, Any] = field(default_factory=dict)
     config: str = ""
+    contract_only: tuple[str, ...] = ()
 
     def policy_type(self) -> type[DiffusersPolicy]:
         return resolve_class(self.policy_class)
@@ -40,6 +49,30 @@ class Family:
     def stand_in_policy(self, path: str | Path, **kwargs: Any) -> DiffusersPolicy:
         """The family's policy on a stand-in folder written by `build_stand_in`."""
         return self.policy_type()(str(path), **{**self.stand_in_kwargs, **kwargs})
+
+    def recipe_arguments(self, path: str | Path) -> dict[str, Any]:
+        """What a recipe's `model.policy.init_args` take to run on the stand-in at `path` on a
+        CPU: the folder, the stand-in's geometry (`stand_in_kwargs` but `contract_only`) and
+        float32 components; every other recipe value stays."""
+        geometry = {k: v for k, v in self.stand_in_kwargs.items() if k not in self.contract_only}
+        return {"pretrained_model_name_or_path": str(path), **geometry, "dtype": "float32", "denoiser_dtype": "float32"}
+
+    def serves(self, class_path: str) -> bool:
+        """Whether a config's `class_path` names this family's policy class (by any import path:
+        "lightning_grpo.policies.X" or the module's own)."""
+        module, _, name = str(class_path).rpartition(".")
+        if not module or name != self.policy_class.rpartition(".")[2]:
+            return False
+        try:
+            return resolve_class(class_path) is self.policy_type()
+        except (ImportError, AttributeError):
+            return False
+
+
+def family_of(class_path: str) -> Family | None:
+    """The registered family whose policy class `class_path` names (the first registered, when
+    several families share a class), or None."""
+    return next((family for family in FAMILIES.values() if family.serves(class_path)), None)
 
 
 def _build_flux(path: str | Path, seed: int = 0) -> Path:
@@ -66,6 +99,18 @@ def _build_skyreels_i2v(path: str | Path, seed: int = 0) -> Path:
     return build_tiny_hunyuan_video(path, seed, image_to_video=True)
 
 
+def _build_wan_t2v(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_wan
+
+    return build_tiny_wan(path, seed)
+
+
+def _build_sd3(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_sd3
+
+    return build_tiny_sd3(path, seed)
+
+
 _STAND_IN = {"height": 16, "width": 16}  # stand_ins.IMAGE_SIZE
 _VIDEO_STAND_IN = {**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "prompt_template": VIDEO_TEMPLATE}
 
@@ -83,10 +128,11 @@ def register_family(family: Family) -> Family:
 register_family(Family(
     name="flux", policy_class="lightning_grpo.policies.flux.FluxPolicy", build_stand_in=_build_flux,
     stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "guidance": 3.5}, config="configs/flux_hps.yaml",
+    contract_only=("guidance",),
 ))
 register_family(Family(
     name="sd", policy_class="lightning_grpo.policies.stable_diffusion.StableDiffusionPolicy", build_stand_in=_build_sd,
-    stand_in_kwargs={**_STAND_IN, "guidance_scale": 3.0}, config="configs/sd14_hps.yaml",
+    stand_in_kwargs={**_STAND_IN, "guidance_scale": 3.0}, config="configs/sd14_hps.yaml", contract_only=("guidance_scale",),
 ))
 
 register_family(Family(
@@ -100,4 +146,16 @@ register_family(Family(
     stand_in_kwargs=_VIDEO_STAND_IN,
 ))
 
-__all__ = ["FAMILIES", "Family", "register_family"]
+register_family(Family(
+    name="wan_t2v", policy_class="lightning_grpo.policies.wan.WanT2VPolicy", build_stand_in=_build_wan_t2v,
+    stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0},
+    config="configs/wan_t2v_videoalign.yaml", contract_only=("guidance_scale",),
+))
+
+register_family(Family(
+    name="sd3", policy_class="lightning_grpo.policies.sd3.StableDiffusion3Policy", build_stand_in=_build_sd3,
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "guidance_scale": 3.0},
+    config="configs/sd35_pickscore.yaml", contract_only=("guidance_scale",),
+))
+
+__all__ = ["FAMILIES", "Family", "family_of", "register_family"]

@@ -18,11 +18,12 @@ empty prompt) is the HunyuanVideo family's; with it GRPO steps the optimizer onc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
+from lightning_grpo.policies.family import ConfigGeometry
 from lightning_grpo.policies.hunyuan_video import HunyuanVideoPolicy
 from lightning_grpo.policies.loading import placement
 from lightning_grpo.types import Condition
@@ -52,6 +53,7 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
     pipeline_class = "HunyuanSkyreelsImageToVideoPipeline"
     conditions_on_images = True
     default_eta = 0.3  # DanceGRPO SkyReels recipe: 16 steps, eta 0.3
+    published_config = "SkyReels-V1-Hunyuan-I2V"
 
     def __init__(
         self,
@@ -74,6 +76,13 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
                 f"{self.pretrained_model_name_or_path!r}: a SkyReels I2V transformer takes 2C input channels (noise ⊕ first "
                 f"frame), this one takes {channels} for {self.transformer.config.out_channels} out: a text-to-video checkpoint?"
             )
+
+    @classmethod
+    def config_geometry(cls, init_args: Mapping[str, Any], configs: Mapping[str, Mapping[str, Any]], cfg: bool) -> ConfigGeometry:
+        """HunyuanVideo's, plus the first frame's latent I [C, f, h, w] (once, whatever CFG)."""
+        geometry = super().config_geometry(init_args, configs, cfg)
+        geometry.condition["image_latents"] = (geometry.latent, "latent")
+        return geometry
 
     @property
     def latent_channels(self) -> int:

@@ -10,12 +10,13 @@ Mirrors `diffusers.StableDiffusionPipeline` step by step so that, with the same 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import Tensor
 
-from lightning_grpo.policies.family import DiffusersPolicy
+from lightning_grpo.policies.base import configured
+from lightning_grpo.policies.family import ConfigGeometry, DiffusersPolicy
 from lightning_grpo.policies.loading import placement
 from lightning_grpo.types import Condition
 
@@ -48,7 +49,8 @@ class StableDiffusionPolicy(DiffusersPolicy):
         negative_prompt: the unconditional prompt for CFG ("" as the pipeline's default).
         **kwargs: the shared arguments of `DiffusersPolicy` (dtype, denoiser_dtype — keep
             "float32" for full fine-tuning with mixed precision —, lora_rank, lora_alpha,
-            lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta).
+            lora_target_modules, gradient_checkpointing, num_sampling_steps, sampling_eta,
+            sampling_noise_form).
     """
 
     paradigm = "diffusion"
@@ -58,6 +60,7 @@ class StableDiffusionPolicy(DiffusersPolicy):
     default_num_steps = 50  # DanceGRPO SD 1.4 recipe: 50 DDIM steps, eta 1.0
     default_eta = 1.0
     pipeline_extra_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    published_config = "stable-diffusion-v1-4"
 
     def __init__(
         self,
@@ -85,6 +88,23 @@ class StableDiffusionPolicy(DiffusersPolicy):
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+    @classmethod
+    def uses_cfg_with(cls, init_args: Mapping[str, Any]) -> bool:
+        return float(configured(cls, init_args)["guidance_scale"]) > 1.0
+
+    @classmethod
+    def config_geometry(cls, init_args: Mapping[str, Any], configs: Mapping[str, Mapping[str, Any]], cfg: bool) -> ConfigGeometry:
+        """Latents [C, h, w]; CLIP states [L, D], L the text encoder's positions (77: prompts are
+        padded to the tokenizer's maximum), twice with CFG."""
+        args, steps = configured(cls, init_args), cls.geometry_steps(configs)
+        height, width, unet = int(args["height"]), int(args["width"]), configs[cls.denoiser_name]
+        h, w = height // steps.vae_factor, width // steps.vae_factor
+        length = int(configs.get("text_encoder", {}).get("max_position_embeddings", 77))
+        text = ((length, int(unet["cross_attention_dim"])), "embed")
+        condition = {"prompt_embeds": text, **({"negative_prompt_embeds": text} if cfg else {})}
+        return ConfigGeometry(height, width, 1, steps.vae_factor, (int(unet["in_channels"]), h, w),
+                              (int(configs["vae"]["latent_channels"]), h, w), condition)
 
     def build_sampler(self, num_steps: int | None = None, eta: float | None = None) -> Sampler:
         """DDIMSDESampler from the checkpoint's own scheduler config (betas, prediction type, offset)."""

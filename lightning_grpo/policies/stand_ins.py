@@ -301,3 +301,111 @@ def build_tiny_hunyuan_video(path: str | Path, seed: int = 0, image_to_video: bo
     )
     pipeline.save_pretrained(path)
     return path
+
+
+# -- Wan 2.1 ---------------------------------------------------------------------------------------
+
+WAN_LATENTS_MEAN = [-0.25, 0.5, 0.1, -0.6]
+WAN_LATENTS_STD = [1.5, 0.6, 2.2, 0.9]
+"""Per-channel statistics of the tiny Wan VAE's latents (made up, far from 0 and 1 so that a
+missed or wrong normalisation changes every decoded pixel; the real VAE has 16 of each)."""
+
+
+def build_tiny_wan(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.1 text-to-video pipeline to `path` and return it.
+
+    Layout as Wan-AI/Wan2.1-T2V-1.3B-Diffusers: model_index.json, transformer/
+    (WanTransformer3DModel, 3-D patches 1×2×2), vae/ (AutoencoderKLWan with per-channel
+    `latents_mean` / `latents_std`, ×4 in space and time), text_encoder/ (UMT5EncoderModel),
+    tokenizer/ (a T5 unigram tokenizer, as google/umt5-xxl's), scheduler/. The published
+    checkpoint ships a UniPCMultistepScheduler with `flow_shift` 3; the stand-in ships the
+    FlowMatchEulerDiscreteScheduler with the same shift, the schedule the family samples with
+    (`WanT2VPolicy.pipeline_sigmas`), so plain `WanPipeline.from_pretrained(path)` samples what the
+    policy's deterministic sampler does.
+    Frames 16×16, VIDEO_FRAMES frames; latents [B, 4, 2, 4, 4]; UMT5 states [B, S, 32].
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    path = Path(path)
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(seed + 1)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=TEXT_HIDDEN, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+        latents_mean=WAN_LATENTS_MEAN, latents_std=WAN_LATENTS_STD, scale_factor_spatial=4, scale_factor_temporal=4,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipeline.save_pretrained(path)
+    return path
+
+
+# -- Stable Diffusion 3 / 3.5 ------------------------------------------------------------------------
+
+def tiny_clip_with_projection(tokenizer, seed: int, hidden: int, projection: int):
+    """A 2-layer CLIPTextModelWithProjection (SD3's CLIP-L / CLIP-G role) for `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=TEXT_MAX_LENGTH, projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable Diffusion 3.5 pipeline to `path` and return it.
+
+    Layout as stabilityai/stable-diffusion-3.5-medium: model_index.json, transformer/
+    (SD3Transformer2DModel with QK RMS-norm and a dual-attention block, as 3.5 Medium's MMDiT-X),
+    vae/ (AutoencoderKL with shift and scaling factors), text_encoder/ + tokenizer/ (CLIP-L's
+    role), text_encoder_2/ + tokenizer_2/ (CLIP-G's), text_encoder_3/ + tokenizer_3/ (T5's),
+    scheduler/ (FlowMatchEulerDiscreteScheduler, static shift 3 as the real checkpoint).
+    The two CLIP widths (16 + 8) are narrower than T5's (32), so the pipeline's zero-padding of the
+    CLIP states to T5's width is exercised. Resolution 16×16; latents [B, 4, 8, 8], 2×2 patches;
+    text states [B, 16 + S, 32]; pooled [B, 24].
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    path = Path(path)
+    tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    text_encoder = tiny_clip_with_projection(tokenizer, seed, hidden=16, projection=16)
+    text_encoder_2 = tiny_clip_with_projection(tokenizer_2, seed + 1, hidden=8, projection=8)
+    torch.manual_seed(seed + 2)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(seed + 3)
+    transformer = SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, caption_projection_dim=16, pooled_projection_dim=24,
+        pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,),
+    ).eval()
+    vae = tiny_vae(seed + 4, flux=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(path)
+    return path

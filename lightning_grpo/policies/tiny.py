@@ -7,11 +7,12 @@ pretrained component, so the training system can be exercised in seconds on a CP
 from __future__ import annotations
 
 import zlib
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from lightning_grpo.policies.base import Paradigm, PolicyAdapter
+from lightning_grpo.policies.base import Paradigm, PolicyAdapter, configured
 from lightning_grpo.types import Condition
 
 
@@ -29,6 +30,7 @@ class TinyPolicy(PolicyAdapter):
     """
 
     paradigm: Paradigm = "flow"  # type: ignore[misc]
+    geometry_arguments = ("resolution",)
 
     def __init__(
         self,
@@ -58,6 +60,10 @@ class TinyPolicy(PolicyAdapter):
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+    @classmethod
+    def uses_cfg_with(cls, init_args: Mapping[str, Any]) -> bool:
+        return float(configured(cls, init_args)["guidance_scale"]) > 1.0
 
     def _embed(self, prompts: list[str]) -> Tensor:
         rows = []

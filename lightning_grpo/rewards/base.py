@@ -6,6 +6,7 @@ finite score per sample. It is never differentiated: GRPO only needs the scores.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 
 import torch
@@ -113,3 +114,18 @@ class MultiReward(nn.Module):
     ) -> dict[str, Tensor]:
         """{name: Tensor[B]}; `allow_nonfinite` is passed to every reward (see `Reward.forward`)."""
         return {r.name: r(pixels, prompts, images, allow_nonfinite=allow_nonfinite) for r in self.rewards}
+
+
+class ServiceClientState:
+    """Mixin for rewards that call a service through a lazily made `self._client` (httpx) guarded
+    by `self._lock`: neither crosses a process boundary (DataLoader workers, spawned ranks, a
+    deep copy), so they are pickled as None and the copy makes its own client on first use."""
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_client"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()

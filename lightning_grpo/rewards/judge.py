@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_grpo.rewards.base import Reward, RewardError
+from lightning_grpo.rewards.base import Reward, RewardError, ServiceClientState
 
 DEFAULT_YES_NO_TEMPLATE = (
     'Does this image match the description "{prompt}" (objects, attributes, positions and count)? '
@@ -139,7 +139,7 @@ def _word(token: str) -> str:
     return token.strip().strip(string.punctuation).lower()
 
 
-class OpenAIJudgeReward(Reward):
+class OpenAIJudgeReward(ServiceClientState, Reward):
     """A VLM judge behind an OpenAI-compatible chat API (see the module doc).
 
     Args:
@@ -312,15 +312,6 @@ class OpenAIJudgeReward(Reward):
             raise RewardError(message)
         warnings.warn(f"{message}; scoring it NaN (reward_failure='drop_group' drops its group)", RuntimeWarning, stacklevel=2)
         return None
-
-    def __getstate__(self) -> dict:
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state["_client"], state["_lock"] = None, None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._lock = threading.Lock()
 
     def extra_repr(self) -> str:
         return f"url={self.url!r}, model={self.model!r}, mode={self.mode!r}"

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_grpo.rewards.base import Reward, RewardError
+from lightning_grpo.rewards.base import Reward, RewardError, ServiceClientState
 from lightning_grpo.rewards.wire import ENCODINGS, Encoding, WireFormatError, decode_scores, encode_request
 
 MAX_BACKOFF_S = 30.0
@@ -50,7 +50,7 @@ class _Attempt:
     status: str
 
 
-class RemoteReward(Reward):
+class RemoteReward(ServiceClientState, Reward):
     """Scores from one or more reward servers (see the module doc).
 
     Args:
@@ -235,16 +235,6 @@ class RemoteReward(Reward):
                 time.sleep(poll)
         if pending:
             raise RewardError(f"reward {self.name!r}: not ready after {timeout:g} s: " + ", ".join(f"{u} ({last.get(u, '?')})" for u in pending))
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_client"], state["_lock"] = None, None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._lock = threading.Lock()
 
     def extra_repr(self) -> str:
         return f"urls={self.urls}, batch_size={self.batch_size}, encoding={self.encoding!r}, retries={self.retries}"

@@ -12,7 +12,7 @@ What it does, seeded end to end (same seed and torch build: same weights):
    real pipelines. Random transformers still map different prompts to different features;
    the denoiser learns to read them.
 3. The pipeline is saved with `save_pretrained` and LOADED BACK THROUGH THE POLICY ADAPTER
-   (`FluxPolicy` / `StableDiffusionPolicy`), and the denoiser is trained through the family
+   (the FLUX / SD families of the registry), and the denoiser is trained through the family
    layer: images encoded by the adapter's `encode_pixels`, text by its `encode_prompts`, the
    loss on its `predict`, so the pretrained function is exactly what GRPO later samples. Only
    the objective depends on the paradigm (`policy.paradigm`):
@@ -277,10 +277,10 @@ def save_pipeline(family: str, folder: Path, vae, config: PretrainConfig, stats:
 
 
 TOY_POLICIES = {
-    "flux": ("FluxPolicy", {"max_sequence_length": TEXT_MAX_LENGTH}),
-    "sd": ("StableDiffusionPolicy", {}),
+    "flux": ("flux", {"max_sequence_length": TEXT_MAX_LENGTH}),
+    "sd": ("sd", {}),
 }
-"""Per toy family: the policy class in lightning_grpo.policies and its extra arguments."""
+"""Per toy family: its entry in the family registry (lightning_grpo.policies.registry) and its extra arguments."""
 
 CFG_DROPOUT = {"flux": 0.0, "sd": 0.1}
 """Share of empty prompts in the denoiser training (SD: so CFG is usable; FLUX has no CFG)."""
@@ -288,10 +288,10 @@ CFG_DROPOUT = {"flux": 0.0, "sd": 0.1}
 
 def load_policy(family: str, folder: Path, image_size: int):
     """The policy adapter of `family` on the pipeline in `folder` (the code GRPO uses)."""
-    import lightning_grpo.policies as policies
+    from lightning_grpo.policies.registry import FAMILIES
 
     name, kwargs = TOY_POLICIES[family]
-    return getattr(policies, name)(folder, height=image_size, width=image_size, **kwargs)
+    return FAMILIES[name].policy_type()(folder, height=image_size, width=image_size, **kwargs)
 
 
 @torch.no_grad()

@@ -76,10 +76,10 @@ FAMILIES = ("hunyuan_video", "skyreels")
 DEFAULT_OUT = Path(__file__).parent / "pretrained"
 
 TOY_POLICIES = {
-    "hunyuan_video": ("HunyuanVideoPolicy", "HunyuanVideoPipeline"),
-    "skyreels": ("SkyReelsI2VPolicy", "HunyuanSkyreelsImageToVideoPipeline"),
+    "hunyuan_video": ("hunyuan_video", "HunyuanVideoPipeline"),
+    "skyreels": ("skyreels_i2v", "HunyuanSkyreelsImageToVideoPipeline"),
 }
-"""Per toy family: the policy class in lightning_grpo.policies, the diffusers pipeline class."""
+"""Per toy family: its entry in the family registry (lightning_grpo.policies.registry), the diffusers pipeline class."""
 
 
 @dataclass
@@ -208,10 +208,10 @@ def save_frozen_fp16(policy, folder: Path) -> None:
 
 def load_policy(family: str, folder: Path, config: VideoPretrainConfig):
     """The policy adapter of `family` on the pipeline in `folder` (the code GRPO uses)."""
-    import lightning_grpo.policies as policies
+    from lightning_grpo.policies.registry import FAMILIES
 
     size = config.size
-    return getattr(policies, TOY_POLICIES[family][0])(
+    return FAMILIES[TOY_POLICIES[family][0]].policy_type()(
         str(folder), height=size.image_size, width=size.image_size, num_frames=size.frames,
         max_sequence_length=VIDEO_TEXT_MAX_LENGTH, guidance=config.guidance,
     )

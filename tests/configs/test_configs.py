@@ -1,4 +1,8 @@
-"""Every YAML under configs/ parses and instantiates (real-model recipes on tiny stand-ins of the same classes)."""
+"""Every YAML under configs/ parses and instantiates (real-model recipes on tiny stand-ins of the same
+classes), and every registered family's recipe fits two steps on its stand-in through the real CLI.
+
+The stand-ins and the arguments a recipe takes to run on one come from the family registry
+(`Family.build_stand_in`, `Family.recipe_arguments`): a new family needs no code here."""
 
 from __future__ import annotations
 
@@ -13,20 +17,35 @@ from PIL import Image
 
 from lightning_grpo.cli import run
 from lightning_grpo.module import GRPOModule
-from lightning_grpo.policies import FAMILIES, FluxPolicy, StableDiffusionPolicy
-from tests.policies.tiny import build_tiny_flux, build_tiny_sd
-from tests.rewards.conftest import TINY_OPEN_CLIP, TINY_OPEN_CLIP_CFG
+from lightning_grpo.policies.registry import FAMILIES, family_of
+from tests.rewards.conftest import TINY_OPEN_CLIP, TINY_OPEN_CLIP_CFG, write_tiny_pickscore
 from tests.rewards.test_videoalign import write_tiny_videoreward
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-POLICY_CLASSES = {"FluxPolicy": FluxPolicy, "StableDiffusionPolicy": StableDiffusionPolicy}
-VIDEO_POLICIES = {"HunyuanVideoPolicy": "hunyuan_video", "SkyReelsI2VPolicy": "skyreels_i2v"}  # class → FAMILIES entry
+FAMILY_RECIPES = sorted({family.config for family in FAMILIES.values() if family.config})
+"""Each registered family's recipe (repository-relative paths)."""
+
+
+class Assets(dict):
+    """Model paths for `substitute`: the reward and data stand-ins, and each family's stand-in
+    pipeline, built on first use (only the families a test's configs name)."""
+
+    def __init__(self, root: Path, **assets: str) -> None:
+        super().__init__(**assets)
+        self.root = root
+
+    def __missing__(self, name: str) -> str:
+        if name not in FAMILIES:
+            raise KeyError(name)
+        self[name] = str(FAMILIES[name].build_stand_in(self.root / name))
+        return self[name]
 
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory) -> dict[str, str]:
-    """Tiny SD and FLUX pipelines, a tiny open_clip checkpoint (HPS layout) and a prompt file."""
+    """A tiny open_clip checkpoint (HPS layout), a tiny VideoAlign, a tiny PickScore, a prompt file, first frames,
+    and (lazily) the registered families' stand-in pipelines."""
     import open_clip
 
     root = tmp_path_factory.mktemp("stand_ins")
@@ -45,49 +64,47 @@ def stand_ins(tmp_path_factory) -> dict[str, str]:
         rows.append(json.dumps({"prompt": prompt, "image": f"frames/{i}.png"}))
     (root / "first_frames.jsonl").write_text("\n".join(rows) + "\n")
     videoreward, qwen, *_ = write_tiny_videoreward(root / "videoalign")
-    return {
-        "sd": str(build_tiny_sd(root / "sd")),
-        "flux": str(build_tiny_flux(root / "flux")),
-        "hunyuan_video": str(FAMILIES["hunyuan_video"].build_stand_in(root / "hunyuan_video")),
-        "skyreels_i2v": str(FAMILIES["skyreels_i2v"].build_stand_in(root / "skyreels_i2v")),
-        "videoalign": str(videoreward),
-        "qwen": str(qwen),
-        "first_frames": str(root / "first_frames.jsonl"),
-        "clip": str(root / "HPS_v2.1_compressed.pt"),
-        "prompts": str(root / "prompts.txt"),
-    }
+    pickscore_model, pickscore_processor = write_tiny_pickscore(root / "pickscore")
+    return Assets(
+        root,
+        videoalign=str(videoreward),
+        qwen=str(qwen),
+        first_frames=str(root / "first_frames.jsonl"),
+        clip=str(root / "HPS_v2.1_compressed.pt"),
+        prompts=str(root / "prompts.txt"),
+        pickscore_model=str(pickscore_model),
+        pickscore_processor=str(pickscore_processor),
+    )
 
 
 def substitute(node, assets: dict[str, str]):
-    """Point every model path of a config at the tiny stand-ins, keeping all other values."""
+    """Point every model path of a config at the tiny stand-ins, keeping all other values: a
+    registered family's policy gets its stand-in (`Family.recipe_arguments`)."""
     if isinstance(node, list):
         return [substitute(item, assets) for item in node]
     if not isinstance(node, dict):
         return node
     node = {key: substitute(value, assets) for key, value in node.items()}
-    name = str(node.get("class_path", "")).rsplit(".", 1)[-1]
+    class_path = str(node.get("class_path", ""))
+    name = class_path.rsplit(".", 1)[-1]
     args = node.setdefault("init_args", {}) if "class_path" in node else {}
-    if name == "FluxPolicy":
-        args.update(pretrained_model_name_or_path=assets["flux"], height=16, width=16, max_sequence_length=16)
-    elif name == "StableDiffusionPolicy":
-        args.update(pretrained_model_name_or_path=assets["sd"], height=16, width=16)
+    family = family_of(class_path) if class_path else None
+    if family is not None:
+        args.update(family.recipe_arguments(assets[family.name]))
     elif name == "DDIMSDESampler" and "pretrained_model_name_or_path" in args:
         args["pretrained_model_name_or_path"] = assets["sd"]
     elif name in ("HPSReward", "ClipScore"):
         args.update(checkpoint=assets["clip"], architecture=TINY_OPEN_CLIP)
         if name == "ClipScore":  # the tiny stand-in has no open_clip registry entry (DFN5B's: squash)
             args["pretrained_tag"] = None
-    elif name in VIDEO_POLICIES:  # the family's stand-in at its stand-in geometry
-        family = FAMILIES[VIDEO_POLICIES[name]]
-        args.update(pretrained_model_name_or_path=assets[family.name], **family.stand_in_kwargs)
+    elif name == "PickScore":
+        args.update(model_dir=assets["pickscore_model"], processor_dir=assets["pickscore_processor"])
     elif name == "VideoAlignReward":
         args.update(checkpoint_dir=assets["videoalign"], base_model_dir=assets["qwen"], dtype="float32")
     elif name == "PromptDataModule":
         args["train_files"] = assets["prompts"]
     elif name == "ImagePromptDataModule":
         args.update(train_files=assets["first_frames"], image_size=16)
-    if name.endswith("Policy") and (name in POLICY_CLASSES or name in VIDEO_POLICIES):
-        args.update(dtype="float32", denoiser_dtype="float32")
     return node
 
 
@@ -104,6 +121,10 @@ def instantiate(config: Path, assets: dict[str, str], tmp_path: Path):
 
 def test_there_are_configs():
     assert {"tiny.yaml", "flux_hps.yaml", "sd14_hps.yaml", "hunyuan_t2v_videoalign.yaml", "skyreels_i2v_mq.yaml"} <= {c.name for c in CONFIGS}
+    assert {str(c.relative_to(ROOT)) for c in CONFIGS} >= set(FAMILY_RECIPES)  # every family's recipe is shipped
+    for family in FAMILIES.values():  # ... and it is a recipe of that family
+        policy = yaml.safe_load((ROOT / family.config).read_text())["model"]["policy"]
+        assert family_of(policy["class_path"]) is not None and family.serves(policy["class_path"]), family.name
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -128,30 +149,42 @@ def test_config_opens_with_a_comment_and_instantiates(config, stand_ins, tmp_pat
         assert cli.model.sampler.eta == args.get("sampling_eta", cli.model.policy.default_eta)
         if args.get("sampling_shift") is not None:
             assert cli.model.sampler.shift == args["sampling_shift"]
+        if args.get("sampling_noise_form") is not None:
+            assert cli.model.sampler.noise_form == args["sampling_noise_form"]
 
 
-@pytest.mark.parametrize("config_name", ["flux_hps.yaml", "sd14_hps.yaml", "flux_hps_clip.yaml", "hunyuan_t2v_videoalign.yaml", "skyreels_i2v_mq.yaml"])
-def test_short_cpu_fit_of_each_family(config_name, stand_ins, tmp_path, monkeypatch):
-    """One GRPO iteration of the real adapters (tiny stand-ins), with the recipe shrunk to CPU size."""
+@pytest.mark.parametrize("config_name", FAMILY_RECIPES + ["configs/flux_hps_clip.yaml"])
+def test_two_step_cpu_fit_of_each_family(config_name, stand_ins, tmp_path, monkeypatch):
+    """Two GRPO optimizer steps of each registered family's recipe on its stand-in, through
+    `lightning-grpo fit -c` (the real CLI, with its default callbacks and logger), the recipe
+    shrunk to CPU size: CPU, one device, no strategy or precision, G = 2, 3 sampling steps."""
     monkeypatch.chdir(ROOT)  # any repository-relative path in the recipe resolves as in the README
-    raw = substitute(yaml.safe_load((ROOT / "configs" / config_name).read_text()), stand_ins)
-    raw["trainer"] = dict(accelerator="cpu", devices=1, max_steps=1, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False, limit_val_batches=0)
-    raw["model"].update(group_size=2, micro_batch_size=2, samples_per_update=None, show_progress=False)
+    raw = substitute(yaml.safe_load((ROOT / config_name).read_text()), stand_ins)
+    trainer = {k: v for k, v in raw.get("trainer", {}).items() if k not in ("strategy", "precision", "num_nodes", "logger")}
+    trainer.update(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path),
+                   logger={"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path), "name": "fit"}})
+    raw["trainer"] = trainer
+    raw["model"].update(group_size=2, micro_batch_size=2, samples_per_update=None, rollout_batch_size=None, show_progress=False)
     if raw["model"].get("best_of_n"):  # keep top 1 + bottom 1 of the shrunk group
         raw["model"]["best_of_n"] = [1, 1]
     if "sampler" in raw["model"]:
         raw["model"]["sampler"]["init_args"]["num_steps"] = 3
     else:
         raw["model"]["policy"]["init_args"]["num_sampling_steps"] = 3
-    path = tmp_path / config_name
+    raw["data"]["init_args"]["batch_size"] = 1
+    path = tmp_path / Path(config_name).name
     path.write_text(yaml.safe_dump(raw))
-    cli = run(["-c", str(path)], subcommand=False)
-    before = [p.detach().clone() for p in cli.model.policy.trainable_parameters()]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 1
-    after = cli.model.policy.trainable_parameters()
-    assert any(not torch.equal(b, a.detach()) for b, a in zip(before, after))
+    cli = run(["fit", "-c", str(path)])
+    assert cli.trainer.global_step == 2
     assert cli.trainer.callback_metrics["train/ratio/first_update_max_dev"] <= 1e-6
+    assert any((tmp_path / "fit").rglob("events.out.tfevents*"))  # the logger wrote the run
+    # GRPO moved the trained weights: LoRA B matrices start at zero, full fine-tuning at the stand-in's weights
+    policy_args = raw["model"]["policy"]
+    fresh = dict(family_of(policy_args["class_path"]).policy_type()(**policy_args["init_args"]).named_parameters())
+    trained = {n: p.detach() for n, p in cli.model.policy.named_parameters() if p.requires_grad}
+    assert trained
+    moved = [n for n, p in trained.items() if ("lora_B" in n and p.abs().max() > 0) or ("lora_" not in n and not torch.equal(p, fresh[n]))]
+    assert moved
 
 
 REAL_RECIPES = [c for c in CONFIGS if (yaml.safe_load(c.read_text())["trainer"] or {}).get("accelerator") == "gpu"]

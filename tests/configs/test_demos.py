@@ -39,7 +39,9 @@ def _short_fit(config: str, tmp_path: Path):
 
 @pytest.mark.parametrize("config,family,denoiser,judge", [
     ("demo.yaml", "flux", "transformer", "exact_match"), ("demo_sd.yaml", "sd", "unet", "exact_match"),
-    ("demo_t2v.yaml", "hunyuan_video", "transformer", "exact_match"), ("demo_i2v.yaml", "skyreels", "transformer", "motion_accuracy"),
+    # the video demos' own held-out evaluations make these minutes long: slow (CI runs them)
+    pytest.param("demo_t2v.yaml", "hunyuan_video", "transformer", "exact_match", marks=pytest.mark.slow),
+    pytest.param("demo_i2v.yaml", "skyreels", "transformer", "motion_accuracy", marks=pytest.mark.slow),
 ])
 def test_demo_fits_on_the_shipped_pipeline(tmp_path, monkeypatch, config, family, denoiser, judge):
     monkeypatch.chdir(ROOT)  # the configs name repository-relative paths, as the README runs them

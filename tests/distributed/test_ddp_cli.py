@@ -271,8 +271,7 @@ def test_ddp_fit_resume_and_test(demo, request, tmp_path):
     # -- resume from the earlier checkpoint: the same last steps, on 2 processes again
     resumed_probe = tmp_path / "probe_resume"
     early = fit.version(0) / "checkpoints" / f"epoch=0-step={spec.checkpoint_every}.ckpt"
-    # (a version of its own: by default a resume appends to the folder of its checkpoint, docs/reliability.md)
-    run = lightning_grpo(["fit", "-c", str(fit.config), *DDP, f"--ckpt_path={early}", "--trainer.logger.init_args.version=version_1",
+    run = lightning_grpo(["fit", "-c", str(fit.config), *DDP, f"--ckpt_path={early}",
                           f"--trainer.callbacks.out={resumed_probe}"], cwd=fit.cwd, log=tmp_path / "resume.log")
     run.check("2-process resume")
     resumed = assert_ranks_equal(probes(resumed_probe, "fit"), steps)

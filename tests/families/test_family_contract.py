@@ -1,7 +1,8 @@
 """The family contract, checked for every family in the registry (no per-family test code).
 
 For each registered family, on its tiny stand-in pipeline:
-  - the deterministic sample of the policy's own sampler equals the diffusers pipeline's;
+  - the deterministic sample of the policy's own sampler equals the diffusers pipeline's, and so
+    do its decoded pixels (the family's VAE normalisation);
   - the first inner GRPO update has ratio 1;
   - checkpoints hold only the trainable weights and load strictly;
   - LoRA trains only adapter weights; its KL reference costs no second copy of the denoiser;
@@ -84,6 +85,22 @@ def test_deterministic_sample_equals_the_pipeline(name, stand_in_paths):
     reference = pipeline_sample(plain_pipeline(policy, stand_in_paths[name]), policy, noise)
     assert (latents - noise).abs().max() > 0.1  # the loop moved
     torch.testing.assert_close(latents, reference, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decoded_sample_equals_the_pipelines_pixels(name, stand_in_paths):
+    """The family's VAE normalisation (`latent_normalization`: scale/shift, per-channel mean/std)
+    and layout: `decode` of the deterministic sample = the pipeline's own decoded output."""
+    policy = make_policy(name, stand_in_paths)
+    noise = noise_for(policy)
+    pixels = policy.decode(policy_sample(policy, noise))  # [B, 3, H, W] or [B, F, 3, H, W], in [0, 1]
+    frames = first_frames(policy)
+    kwargs = {**policy.pipeline_call_kwargs(len(PROMPTS)), **({} if frames is None else {"image": frames})}
+    pipe = plain_pipeline(policy, stand_in_paths[name])
+    reference = pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=STEPS, output_type="pt", return_dict=False, **kwargs)[0]
+    assert pixels.shape == reference.shape
+    assert pixels.std() > 0.01  # not a constant image
+    torch.testing.assert_close(pixels, reference.float(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

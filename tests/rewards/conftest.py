@@ -73,11 +73,15 @@ def _clip_vocab_and_merges(folder: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def pickscore_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model_dir, processor_dir): a tiny CLIPModel (save_pretrained) and a local CLIPProcessor."""
+    return write_tiny_pickscore(tmp_path_factory.mktemp("pickscore"))
+
+
+def write_tiny_pickscore(root: Path) -> tuple[Path, Path]:
+    """Write a tiny PickScore under `root`: (model_dir, processor_dir), seeded."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    root = tmp_path_factory.mktemp("pickscore")
     processor_dir, model_dir = root / "processor", root / "model"
-    processor_dir.mkdir()
+    processor_dir.mkdir(parents=True)
     vocab_file, merges_file = _clip_vocab_and_merges(root)
     tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file))
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
