@@ -1,4 +1,4 @@
-"""Wall time and denoiser calls to a held-out accuracy: full SDE vs MixGRPO window vs Flow-GRPO-Fast branch.
+"""Time and denoiser calls to a held-out accuracy at equal CPU time: GRPO (full SDE, MixGRPO window, Flow-GRPO-Fast branch) vs DiffusionNFT.
 
     OMP_NUM_THREADS=1 python bench/time_to_accuracy.py                     # configs/demo.yaml, 240 s per variant
     OMP_NUM_THREADS=1 python bench/time_to_accuracy.py --budget 10 --eval-every 2   # smoke run
@@ -9,7 +9,10 @@ it (same seeds, same prompts, same noise streams), changing only the rollout's s
 - full SDE:      every step an SDE step, `timestep_fraction` 0.6 of them trained (today's demo);
 - mixed window:  MixGRPO's sliding window (`SlidingWindow`), SDE and training on its w steps only;
 - mixed window + 2nd-order tail: MixGRPO-Flash, the window plus `MultistepODETail` after it;
-- branching:     Flow-GRPO-Fast (`RandomBranch`), ODE to a random step, k SDE steps, ODE after.
+- branching:     Flow-GRPO-Fast (`RandomBranch`), ODE to a random step, k SDE steps, ODE after;
+- DiffusionNFT:  the objective `DiffusionNFT` (`--model.objective=DiffusionNFT`): ODE rollouts with
+                 the old policy, trained on the forward process (β = `--nft-beta`, the demo's
+                 timestep_fraction and adv_clip_max; lightning_grpo/objectives/nft.py).
 
 With `--jobs N` the variants run as N parallel processes (one thread each) started by this
 command, so all of them train under the same machine load at the same time.
@@ -22,9 +25,15 @@ A variant stops after `--budget` seconds of training on `--clock`: process CPU t
 machine), or wall time; both are reported. Denoiser calls are counted with a forward pre-hook on
 the transformer (rollout + update; evaluation calls excluded).
 
-Printed: one table (rollouts, calls, wall time until the held-out exact match first reaches
-base + `--target-points`, accuracy at the budget), then, last, the key ratio: the best variant's
-wall time to target relative to full SDE.
+Beside the accuracy, the artifact measures of `lightning_grpo.artifacts` (periodic energy, stray
+background energy, chroma, luminance, clipped highlights, hue shift) of the last evaluation's
+samples against the base policy's samples of the same prompts and seeds: how many measures left
+the base's warning band (`compare_samples`, z = 3), and which.
+
+Printed: one table (rollouts, calls, time until the held-out exact match first reaches base +
+`--target-points`, accuracy at the budget, artifacts), the best GRPO variant's time to target
+relative to full SDE, then, last, the key ratio: DiffusionNFT's time to target relative to GRPO's
+(full SDE) on the `--clock` clock (a bound against the budget where one did not reach it).
 """
 
 from __future__ import annotations
@@ -38,13 +47,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
 SCHEDULES = "lightning_grpo.samplers"
 
 
-def variants(window: int, shift_interval: int, branch_steps: int, compression: float) -> dict[str, list[str]]:
+def variants(window: int, shift_interval: int, branch_steps: int, compression: float, nft_beta: float = 1.0) -> dict[str, list[str]]:
     """CLI overrides of each variant (on top of configs/demo.yaml)."""
     mixed = [
         f"--model.step_schedule={SCHEDULES}.SlidingWindow", f"--model.step_schedule.size={window}",
@@ -61,7 +71,13 @@ def variants(window: int, shift_interval: int, branch_steps: int, compression: f
             f"--model.step_schedule={SCHEDULES}.RandomBranch", f"--model.step_schedule.num_sde_steps={branch_steps}",
             "--model.timestep_fraction=1.0",
         ],
+        NFT: ["--model.objective=DiffusionNFT", f"--model.objective.init_args.beta={nft_beta}"],
     }
+
+
+NFT = "DiffusionNFT"
+REFERENCE = "full SDE"
+ARTIFACT_MEASURES = ("periodic_energy", "background_energy", "chroma", "luminance", "clipped", "hue_shift")
 
 
 @dataclass
@@ -83,6 +99,8 @@ class Curve:
     overrides: list[str]
     points: list[Point] = field(default_factory=list)
     eval_seconds: float = 0.0
+    artifacts: dict[str, float] = field(default_factory=dict)  # measure -> value at the last evaluation
+    artifacts_outside: list[str] = field(default_factory=list)  # measures outside the base's band there
 
     def first_reaching(self, target: float) -> Point | None:
         return next((p for p in self.points if p.exact_match >= target - 1e-9), None)
@@ -133,13 +151,17 @@ def make_stopwatch(curve: Curve, counter: DenoiserCounter, held_out, every: int,
             self.rollouts += 1
             out_of_time = self.train_seconds >= budget
             if self.rollouts % every == 0 or out_of_time:
-                self._evaluate(pl_module)
+                self._evaluate(pl_module, last=out_of_time)
             if out_of_time:
                 trainer.should_stop = True
 
-        def _evaluate(self, pl_module) -> None:
+        def _evaluate(self, pl_module, last: bool = False) -> None:
             started = time.perf_counter()
-            accuracy = held_out(pl_module)
+            accuracy, pixels = held_out(pl_module)
+            if self.rollouts == 0:
+                self.base_pixels = pixels
+            elif last:
+                measure_artifacts(curve, self.base_pixels, pixels)
             curve.eval_seconds += time.perf_counter() - started
             curve.points.append(Point(self.rollouts, round(self.train_seconds, 2), round(self.wall, 2), round(self.cpu, 2),
                                       counter.calls, counter.samples, accuracy))
@@ -147,6 +169,16 @@ def make_stopwatch(curve: Curve, counter: DenoiserCounter, held_out, every: int,
                   f"calls {counter.calls:6d}  held-out exact match {100 * accuracy:5.1f}%", flush=True)
 
     return Stopwatch()
+
+
+def measure_artifacts(curve: Curve, base: Any, current: Any) -> None:
+    """The artifact measures of `current` samples against the `base` policy's (same prompts and
+    seeds), into `curve` (`lightning_grpo.artifacts.compare_samples`; no image encoder: no KID)."""
+    from lightning_grpo.artifacts import compare_samples
+
+    report = compare_samples(base, current, samples_per_prompt=1)
+    curve.artifacts = {name: round(c.value, 6) for name, c in report.items() if name in ARTIFACT_MEASURES}
+    curve.artifacts_outside = [name for name, c in report.items() if c.outside]
 
 
 def run_variant(name: str, overrides: list[str], args: argparse.Namespace, held_out) -> Curve:
@@ -191,7 +223,8 @@ def run_in_parallel(names: list[str], argv: list[str], jobs: int) -> list[Curve]
         curves = []
         for index in range(len(names)):
             data = json.loads(files[index].read_text())["curves"][0]
-            curves.append(Curve(data["name"], data["overrides"], [Point(**p) for p in data["points"]], data["eval_seconds"]))
+            curves.append(Curve(data["name"], data["overrides"], [Point(**p) for p in data["points"]], data["eval_seconds"],
+                                data.get("artifacts", {}), data.get("artifacts_outside", [])))
     return curves
 
 
@@ -223,8 +256,8 @@ def table(curves: list[Curve], base: float, target: float, budget: float, clock:
         f"held-out exact match: base {100 * base:.1f}%, target {100 * target:.1f}% (base + {100 * (target - base):.0f} pts); "
         f"budget {budget:.0f} s of training ({clock} clock) per variant",
         "| variant | calls / rollout | rollouts to target | denoiser calls to target | wall time to target | CPU time to target | "
-        "rollouts in budget | exact match at budget | best exact match | eval time (excluded) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "rollouts in budget | exact match at budget | best exact match | eval time (excluded) | artifacts outside the base's band at budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in curves:
         last, hit = c.points[-1], c.first_reaching(target)
@@ -232,15 +265,22 @@ def table(curves: list[Curve], base: float, target: float, budget: float, clock:
         reach = (f"{hit.rollouts} | {hit.denoiser_calls} | {hit.wall_seconds:.1f} s | {hit.cpu_seconds:.1f} s" if hit
                  else "not reached | – | – | –")
         best = max(p.exact_match for p in c.points)
+        outside = (", ".join(c.artifacts_outside) or "none") if c.artifacts else "–"
         lines.append(f"| {c.name} | {per_rollout:.1f} | {reach} | {last.rollouts} | {100 * last.exact_match:.1f}% | "
-                     f"{100 * best:.1f}% | {c.eval_seconds:.0f} s |")
+                     f"{100 * best:.1f}% | {c.eval_seconds:.0f} s | {outside} |")
+    measured = [c for c in curves if c.artifacts]
+    if measured:
+        names = list(measured[0].artifacts)
+        lines += ["", "artifact measures of the held-out samples at the budget (per-sample means; hue_shift: degrees from the "
+                  "base policy's samples)", "| variant | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {c.name} | " + " | ".join(f"{c.artifacts[n]:.4g}" for n in names) + " |" for c in measured]
     return "\n".join(lines)
 
 
 def key_ratio(curves: list[Curve], target: float, budget: float) -> str:
-    """Best variant's time to target relative to full SDE (full SDE not reaching it: vs the budget, a bound)."""
+    """Best GRPO variant's time to target relative to full SDE (full SDE not reaching it: vs the budget, a bound)."""
     reference = curves[0].first_reaching(target)
-    reached = [(c.first_reaching(target).train_seconds, c.name) for c in curves[1:] if c.first_reaching(target)]
+    reached = [(c.first_reaching(target).train_seconds, c.name) for c in curves[1:] if c.first_reaching(target) and c.name != NFT]
     if not reached:
         return "no faster variant reached the target within the budget"
     seconds, name = min(reached)
@@ -250,6 +290,26 @@ def key_ratio(curves: list[Curve], target: float, budget: float) -> str:
     return (f"{name}: denoiser calls to target {calls / reference.denoiser_calls:.2f}x full SDE; time to target "
             f"{seconds:.1f} s vs {reference.train_seconds:.1f} s = {seconds / reference.train_seconds:.2f}x full SDE "
             f"({100 * (1 - seconds / reference.train_seconds):.0f}% less)")
+
+
+def nft_ratio(curves: list[Curve], target: float, budget: float, clock: str) -> str:
+    """DiffusionNFT's time to target relative to GRPO's (full SDE) on the budget's clock; where one
+    of them did not reach the target within the budget, a bound against the budget."""
+    by_name = {c.name: c for c in curves}
+    if NFT not in by_name or REFERENCE not in by_name:
+        return f"DiffusionNFT vs GRPO: needs both the {NFT!r} and the {REFERENCE!r} variants"
+    nft, grpo = by_name[NFT].first_reaching(target), by_name[REFERENCE].first_reaching(target)
+    if nft is None and grpo is None:
+        return (f"DiffusionNFT vs GRPO (full SDE): neither reached the target in {budget:.0f} s {clock}; exact match at budget "
+                f"{100 * by_name[NFT].points[-1].exact_match:.1f}% vs {100 * by_name[REFERENCE].points[-1].exact_match:.1f}%")
+    if grpo is None:
+        return (f"DiffusionNFT vs GRPO (full SDE): NFT reached the target in {nft.train_seconds:.1f} s {clock}, GRPO not in "
+                f"{budget:.0f} s: time to target <= {nft.train_seconds / budget:.2f}x GRPO")
+    if nft is None:
+        return (f"DiffusionNFT vs GRPO (full SDE): GRPO reached the target in {grpo.train_seconds:.1f} s {clock}, NFT not in "
+                f"{budget:.0f} s: time to target >= {budget / grpo.train_seconds:.2f}x GRPO")
+    return (f"DiffusionNFT vs GRPO (full SDE): time to target {nft.train_seconds:.1f} s vs {grpo.train_seconds:.1f} s {clock} = "
+            f"{nft.train_seconds / grpo.train_seconds:.2f}x GRPO; denoiser calls {nft.denoiser_calls / grpo.denoiser_calls:.2f}x")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -268,6 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shift-interval", type=int, default=25, help="MixGRPO shift interval τ (rollouts)")
     parser.add_argument("--branch-steps", type=int, default=2, help="Flow-GRPO-Fast SDE steps k")
     parser.add_argument("--compression", type=float, default=0.4, help="MixGRPO-Flash tail compression")
+    parser.add_argument("--nft-beta", type=float, default=1.0, help="DiffusionNFT's beta (official default 1.0)")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once, as parallel processes")
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants (names as in the table)")
     parser.add_argument("--json", type=Path, default=None, help="also write every curve to this JSON file")
@@ -287,11 +348,12 @@ def main(argv: list[str] | None = None) -> None:
     prompts = heldout_prompts(templates=args.templates)
     metric = [ShapesVerifier(mode="exact", name="exact_match")]
 
-    def held_out(module) -> float:
-        result = evaluate(module.policy, module.sampler, prompts, metric, seed=args.seed, batch_size=len(prompts), show_progress=False)
-        return float(result.scores["exact_match"].mean())
+    def held_out(module) -> tuple[float, Any]:
+        result = evaluate(module.policy, module.sampler, prompts, metric, seed=args.seed, batch_size=len(prompts), show_progress=False,
+                          keep_pixels=True)
+        return float(result.scores["exact_match"].mean()), result.pixels
 
-    chosen = variants(args.window, args.shift_interval, args.branch_steps, args.compression)
+    chosen = variants(args.window, args.shift_interval, args.branch_steps, args.compression, args.nft_beta)
     if args.only:
         chosen = {name: chosen[name] for name in args.only}
     if args.from_log is not None:
@@ -313,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "base": base, "target": target,
                                          "curves": [asdict(c) for c in curves]}, indent=2) + "\n")
     print(key_ratio(curves, target, args.budget) if math.isfinite(target) else "no target")
+    print(nft_ratio(curves, target, args.budget, args.clock) if math.isfinite(target) else "no target")
 
 
 if __name__ == "__main__":

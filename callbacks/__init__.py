@@ -1,6 +1,6 @@
 """Lightning callbacks for GRPO runs: reward logging, ODE-solver visualisation, diversity, EMA,
-held-out evaluation, reward-hacking monitor. `lightning-grpo` turns on RewardLogger, DiversityMonitor (pixel, latent) and
-ODEVisualizer by default (see `lightning_grpo.cli.default_callbacks`)."""
+held-out evaluation, reward-hacking monitor, test report. `lightning-grpo` turns on RewardLogger, DiversityMonitor (pixel, latent),
+ODEVisualizer and TestReport by default (see `lightning_grpo.cli.default_callbacks`)."""
 
 # This folder is installed as lightning_grpo.callbacks (pyproject.toml's package-dir). Imported as a
 # top-level `callbacks` (the repository root on sys.path), its modules would exist twice, under two
@@ -14,5 +14,6 @@ from lightning_grpo.callbacks.evaluation import HeldOutEvaluation
 from lightning_grpo.callbacks.ode_visualizer import ODEVisualizer
 from lightning_grpo.callbacks.reward_hacking import RewardHackingMonitor
 from lightning_grpo.callbacks.reward_logger import RewardLogger
+from lightning_grpo.callbacks.test_report import TestReport
 
-__all__ = ["AcrossPromptDiversity", "DiversityMonitor", "EMA", "HeldOutEvaluation", "ODEVisualizer", "RewardHackingMonitor", "RewardLogger", "WithinGroupDiversity"]
+__all__ = ["AcrossPromptDiversity", "DiversityMonitor", "EMA", "HeldOutEvaluation", "ODEVisualizer", "RewardHackingMonitor", "RewardLogger", "TestReport", "WithinGroupDiversity"]

@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from lightning_grpo import compat
 from lightning_grpo.types import StepRecord
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def tensorboard_writers(trainer: Trainer) -> list[SummaryWriter]:
 def logging_step(trainer: Trainer) -> int:
     """The x-axis value Lightning gives `self.log` scalars during fit (one per training batch, i.e.
     per rollout), so histograms and images line up with the scalars of the same step."""
-    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    return compat.logging_step(trainer)  # a private Lightning counter: lightning_grpo/compat.py
 
 
 def last_step(pl_module: LightningModule) -> StepRecord | None:

@@ -49,6 +49,10 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
     "ODE tails": ("model.ode_tail", [
         "lightning_grpo.samplers.MultistepODETail",
     ]),
+    "objectives": ("model.objective", [
+        "lightning_grpo.objectives.GRPO",
+        "lightning_grpo.objectives.DiffusionNFT",
+    ]),
     "rewards": ("model.rewards", [
         "lightning_grpo.rewards.HPSReward",
         "lightning_grpo.rewards.ClipScore",
@@ -77,6 +81,7 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
         "lightning_grpo.callbacks.EMA",
         "lightning_grpo.callbacks.HeldOutEvaluation",
         "lightning_grpo.callbacks.RewardHackingMonitor",
+        "lightning_grpo.callbacks.TestReport",
         "lightning_grpo.checkpointing.RunLock",  # added to every fit by the CLI; listed for Python users
     ]),
     "data modules": ("data", [

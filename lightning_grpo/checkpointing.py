@@ -47,13 +47,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 import torch
 
+from lightning_grpo.compat import is_local_path
 from lightning_grpo.errors import InputError
 from lightning_grpo.stopping import StopNow
 
@@ -83,7 +84,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if not _is_local_file_protocol(path):
+        if not is_local_path(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None) -> dict[str, Any]:
-        if _is_local_file_protocol(path) and is_sharded_checkpoint(path):
+        if is_local_path(path) and is_sharded_checkpoint(path):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is a folder of shards written by DenoiserFSDPStrategy: resume it with that strategy "
                 "(`lightning-grpo export` reads it too)"
@@ -153,7 +154,7 @@ def check_checkpoint_file(path: str | os.PathLike, part: tuple[int, int] | None 
     process's share of a folder's files, see there; `verify=False`: existence and completeness
     only, the bytes are checked later, when it loads)."""
     text = str(path)
-    if not _is_local_file_protocol(text):
+    if not is_local_path(text):
         return
     if not Path(text).exists():
         raise CheckpointError(f"checkpoint {text!r} does not exist")
@@ -190,7 +191,7 @@ def verify_checkpoint(path: str | os.PathLike, part: tuple[int, int] | None = No
             (`DenoiserFSDPStrategy.load_checkpoint` gathers their verdicts); None: all of them.
     """
     text = str(path)
-    if not _is_local_file_protocol(text):
+    if not is_local_path(text):
         return
     root = Path(text)
     if root.is_dir():
@@ -503,7 +504,7 @@ class RunLock(Callback):
         if stage != "fit" or self._handle is not None or trainer.logger is None:
             return  # without a logger there is no run folder (default_root_dir may be the working directory)
         folder = trainer.log_dir  # on every rank: a broadcast under DDP
-        if not trainer.is_global_zero or not folder or not _is_local_file_protocol(str(folder)):
+        if not trainer.is_global_zero or not folder or not is_local_path(str(folder)):
             return
         self.folder = Path(folder)
         self._handle = acquire_run_lock(self.folder)
@@ -597,6 +598,9 @@ class GRPOCheckpoint(ModelCheckpoint):
       `good_model_path` names the latest (printed at the end of fit). Lightning runs checkpoint
       callbacks after the others, so the monitor's verdict of a step is in before its save; give
       the monitor an `every_n_steps` that `every_n_train_steps` divides, or no save is checked.
+
+    It overrides and calls protected ModelCheckpoint members (`compat.MODEL_CHECKPOINT`, checked
+    against the installed Lightning by tests/training/test_compat.py).
 
     Args:
         keep_last: the most recent checkpoints to keep (>= 1); -1 keeps all.
@@ -851,3 +855,65 @@ def check_max_steps(checkpoint: dict[str, Any], max_steps: int, path: str | None
             f"checkpoint{f' {path!r}' if path else ''} is at optimizer step {step} and trainer.max_steps={max_steps}: "
             f"nothing left to train; extend the run with --trainer.max_steps greater than {step}"
         )
+
+
+# ------------------------------------------------------------------------------------ the module's checkpoint entries
+def rebuilt_keys(module: Any) -> set[str]:
+    """`GRPOModule.rebuilt_keys`: the state its config rebuilds exactly, left out of checkpoints:
+    reward models, the KL reference, the first-frame image policy and the policy's frozen weights
+    (text encoders, VAE, LoRA base weights: gigabytes otherwise). Under FSDP, this rank's shards' keys."""
+    saved = set(module.state_dict())
+    keys = {k for k in saved if k.startswith(("rewards.", "reference_policy.", "first_frames."))}
+    # remove_duplicate=False: tied weights (T5's encoder.embed_tokens = shared) under every name
+    keys |= {f"policy.{name}" for name, p in module.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    # the policy's buffers too: rebuilt from its config and never trained (SD3's sin-cos position table)
+    return keys | ({f"policy.{name}" for name, _ in module.policy.named_buffers(remove_duplicate=False)} & saved)
+
+
+def save_module_checkpoint(module: Any, checkpoint: dict[str, Any], scoring_key: str) -> None:
+    """`GRPOModule.on_save_checkpoint`: leave out the state the config rebuilds (`rebuilt_keys`),
+    add the model signature and (async scoring) every rank's pending rollout, and refuse NaN/inf
+    weights or optimizer state (the non-finite guard stops a run first)."""
+    from lightning_grpo.scoring import checkpoint_entry
+
+    state = checkpoint["state_dict"]
+    for key in module.rebuilt_keys() & set(state):
+        del state[key]
+    checkpoint[SIGNATURE_KEY] = model_signature(module)
+    if module._scoring is not None:  # the rollout being scored, with its scores: exact resume
+        checkpoint[scoring_key] = checkpoint_entry(module._scoring.state_dict())  # every rank's, on rank zero
+    check_finite(checkpoint, "refusing to write a checkpoint")
+
+
+def load_module_checkpoint(module: Any, checkpoint: dict[str, Any], scoring_key: str) -> None:
+    """`GRPOModule.on_load_checkpoint`: refuse a checkpoint of another model (naming what differs)
+    or one with nothing left to train; write changed optimizer settings into its optimizer state;
+    fill in the rebuilt state (strict loading) and give each rank its pending rollout back."""
+    from lightning_grpo.scoring import rank_state
+
+    trainer = module.trainer if module._trainer is not None else None
+    path = trainer.ckpt_path if trainer is not None else None
+    check_signature(checkpoint, module, path)
+    if trainer is not None and trainer.state.fn == "fit":
+        check_max_steps(checkpoint, trainer.max_steps, path)
+        changes = apply_resume_overrides(_with_loaded_optimizers(checkpoint, trainer), module.hparams)
+        if changes:
+            listed = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
+            rank_zero_info(f"Resuming with changed settings (applied from the next step): {listed}")
+    if "state_dict" not in checkpoint:  # sharded (FSDP): the strategy loaded the weights already
+        return
+    state, current = checkpoint["state_dict"], module.state_dict()
+    for key in module.rebuilt_keys():
+        state.setdefault(key, current[key])
+    if module._scoring is not None:
+        rank = module.global_rank if trainer is not None else 0
+        module._scoring.load_state_dict(rank_state(checkpoint.get(scoring_key), rank, module._world_size()))
+
+
+def _with_loaded_optimizers(checkpoint: dict[str, Any], trainer: Any) -> dict[str, Any]:
+    """The checkpoint, or, when the strategy has already loaded the optimizer state itself (a
+    sharded checkpoint holds it in its shards, not under "optimizer_states"), the checkpoint with
+    the live optimizers' parameter groups in that place, so resume overrides are written there."""
+    if "optimizer_states" in checkpoint or "state_dict" in checkpoint:
+        return checkpoint
+    return {**checkpoint, "optimizer_states": [{"param_groups": o.param_groups} for o in trainer.strategy.optimizers]}

@@ -18,8 +18,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from lightning_grpo import stopping
-from lightning_grpo.callbacks import EMA, DiversityMonitor, ODEVisualizer, RewardLogger
+from lightning_grpo import compat, stopping
+from lightning_grpo.callbacks import EMA, DiversityMonitor, ODEVisualizer, RewardLogger, TestReport
 from lightning_grpo.catalog import import_shipped
 from lightning_grpo.checkpointing import (
     GRPOCheckpoint,
@@ -60,7 +60,8 @@ def default_callbacks() -> list:
       50 optimizer steps and at the end, beside the step-0 samples (off by itself without
       validation prompts).
     - GRPOProgressBar: progress in optimizer steps, a bar in a terminal, a line every 10 steps
-      (reward, s/step, ETA) in a log file (`trainer.enable_progress_bar: false` turns it off).
+      (reward, s/step, ETA) in a log file (`trainer.enable_progress_bar: false` turns it off);
+    - TestReport: `lightning-grpo test`'s 95% intervals, results.csv/.md and the grid of 64 samples.
     EMA and HeldOutEvaluation need choices (decay; a prompts file) and are opt-in.
     """
     return [
@@ -69,6 +70,7 @@ def default_callbacks() -> list:
         RewardLogger(),
         DiversityMonitor(spaces=["pixel", "latent"]),
         ODEVisualizer(num_prompts=4, seeds=[0, 1], every_n_steps=50),
+        TestReport(grid_size=64),
     ]
 
 
@@ -118,10 +120,13 @@ class GRPOCLI(LightningCLI):
                     f"{name} is not an option: GRPOModule trains with its own AdamW; set it with --model.learning_rate, "
                     "--model.weight_decay, --model.adam_betas, --model.adam_eps and --model.lr_warmup_steps (linear warm-up)"
                 )
+            if name == "--model.test_grid_size":
+                parser.error("--model.test_grid_size moved to the TestReport callback (on by default): "
+                             "--trainer.callbacks+=lightning_grpo.callbacks.TestReport --trainer.callbacks.grid_size=N")
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        """Replaces LightningCLI's: that one loads the whole checkpoint here and writes its saved
+        """Replaces LightningCLI's (a protected method: `compat.LIGHTNING_CLI`): that one loads the whole checkpoint here and writes its saved
         `model` hyperparameters over the parsed config, so options given on resume
         (`--model.learning_rate=...`) were silently dropped, and a large checkpoint was read twice.
         Here the config stays as given; `GRPOModule.on_load_checkpoint` applies the changed options
@@ -280,7 +285,7 @@ class _StopMessages(logging.Filter):
     message: , saved checkpoint to ..." are dropped (`GRPOCheckpoint`'s resume line says where the
     checkpoint is)."""
 
-    LOGGERS = ("lightning.pytorch.trainer.connectors.signal_connector", "lightning.pytorch.utilities.rank_zero",
+    LOGGERS = (compat.SIGNAL_CONNECTOR_LOGGER, "lightning.pytorch.utilities.rank_zero",
                "lightning.fabric.utilities.rank_zero")
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -396,6 +401,7 @@ def run(args: list[str] | None = None, subcommand: bool = True, verbose: bool | 
         verbose, _ = verbose_requested([])
     quiet_third_party(verbose)
     _silence_expected_warnings()
+    compat.warn_if_untested()  # the private Lightning API used (compat.py) is checked for these versions only
     import_shipped()  # so `fit --help` lists every shipped reward, policy, sampler, callback (catalog.py)
     return GRPOCLI(
         GRPOModule,

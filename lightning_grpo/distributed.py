@@ -38,6 +38,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch import distributed as dist
 
+from lightning_grpo.compat import set_module_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -418,11 +420,8 @@ class DenoiserFSDPStrategy(ModelParallelStrategy):
             self.model.to(self.root_device)
             return
         _move_unsharded(self.model, self.root_device)
-        # LightningModule.device is read from a property that only `.to()` updates; this is
-        # lightning.fabric's own helper for it (private; lightning 2.6.6)
-        from lightning.fabric.utilities.device_dtype_mixin import _update_properties
-
-        _update_properties(self.model, device=self.root_device)
+        # LightningModule.device is read from a property that only `.to()` updates (private API: compat)
+        set_module_device(self.model, self.root_device)
 
     # -- checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -643,3 +642,230 @@ def _move_unsharded(module: nn.Module, device: torch.device) -> None:
         raise ValueError(f"{type(module).__name__} holds tensors of its own beside sharded submodules: cannot offload around it")
     for child in module.children():
         _move_unsharded(child, device)
+
+
+# ============================================================================ the rank choreography of a step
+# Where each group's samples live, which of them train, and how the ranks keep their collectives
+# paired: everything of a training step that depends on the rank, in one place. GRPOModule calls
+# `rank_prompts` before its rollout, `select_for_update` after scoring, `plan_update` and
+# `micro_backward` for its update loop; each is the plain single-process computation on one process.
+@dataclass
+class RankPrompts:
+    """What this rank rolls out: prompts P (every rank's when groups span ranks), their first
+    frames [P, 3, H, W] or None, the global index of the first group, and the members of each
+    group (None: all G)."""
+
+    prompts: list[str]
+    images: Tensor | None
+    first_group: int
+    members: range | None
+
+
+def rank_prompts(prompts: list[str], images: Tensor | None, group_size: int, spans_ranks: bool) -> RankPrompts:
+    """Groups on one rank: its own P prompts, groups rank·P.. (DDP's sampler gives every rank the
+    same P), all G members. Groups spanning ranks: every rank's prompts (gathered, rank order),
+    groups 0.., and this rank's G/W members of each."""
+    if not spans_ranks:
+        return RankPrompts(list(prompts), images, rank() * len(prompts), None)
+    device = images.device if images is not None else None
+    parts = all_gather_objects((list(prompts), None if images is None else images.cpu()))
+    gathered = [p for part, _ in parts for p in part]
+    frames = None if images is None else torch.cat([f for _, f in parts]).to(device)
+    return RankPrompts(gathered, frames, 0, members_of_rank(group_size, rank(), world_size()))
+
+
+@dataclass
+class StepSelection:
+    """What this rank trains on in one step, after scoring (`select_for_update`).
+
+    Attributes:
+        trained: the samples this rank trains [B'] (none: every group dropped, or best-of-n kept
+            none of its members).
+        targets: their `objectives.Targets` (`per_reward` of the `kept` samples).
+        scores: {name: Tensor} of the trained samples, every rank's when groups span ranks (logging).
+        kept: this rank's samples of the groups kept (the step record, the zero-weight padding).
+        pixels: the kept samples' pixels.
+        kept_scores: {name: Tensor} of the kept samples.
+        group_size: samples per prompt on this rank (G, or G/W when groups span ranks).
+        partial: groups were dropped, so the last optimizer step may hold fewer samples.
+        all_dropped: no group was kept (`reward_failure="drop_group"`).
+    """
+
+    trained: Any
+    targets: Any
+    scores: dict[str, Tensor]
+    kept: Any
+    pixels: Tensor
+    kept_scores: dict[str, Tensor]
+    group_size: int
+    partial: bool
+    all_dropped: bool = False
+
+    def record(self, reward_names: list[str], empty: bool = False) -> Any:
+        """The step's `StepRecord` for callbacks. `empty`: the record of a rank that trained
+        nothing while others did: no sample, its rollout's shapes (callbacks run collectives on
+        records, so every rank must hold one: issue 27; they skip records without samples)."""
+        from lightning_grpo.types import StepRecord
+
+        kept, pixels = self.kept, self.pixels
+        if empty:
+            none = torch.zeros(0, device=pixels.device)
+            return StepRecord(prompts=[], group_size=self.group_size, latents=kept.latents[:0, -1].detach(), pixels=pixels[:0].detach(),
+                              scores={n: none for n in reward_names}, reward_advantages={n: none for n in reward_names}, advantages=none)
+        return StepRecord(
+            prompts=kept.prompts, group_size=self.group_size,
+            latents=kept.latents[:, -1].detach().clone(),  # clone: do not keep all T+1 steps alive
+            pixels=pixels.detach(), scores={k: v.detach() for k, v in self.kept_scores.items()},
+            reward_advantages=self.targets.per_reward, advantages=self.targets.advantages,
+        )
+
+
+def select_for_update(
+    rollout: Any, pixels: Tensor, scores: dict[str, Tensor], *, targets_of: Any, filter_groups: Any | None,
+    group_size: int, spans_ranks: bool, members: range | None,
+) -> StepSelection:
+    """Steps 3b-4: drop the groups with a non-finite reward (`filter_groups`: the module's
+    `GroupFilter` of scores, None to keep all), make the objective's targets (`targets_of`: scores
+    of whole groups → `Targets`) and pick this rank's trained samples.
+
+    Groups spanning ranks: the ranks' rewards are gathered by sample key, every rank drops and
+    selects the same groups from the whole groups and keeps its own members of the result, which
+    is exactly what one process holding every group computes."""
+    if spans_ranks:
+        return _select_spanning(rollout, pixels, scores, targets_of, filter_groups, group_size, members)
+    num_rolled = rollout.batch_size
+    if filter_groups is not None:
+        kept = filter_groups(scores, num_rolled)
+        if kept.dropped_groups and kept.keep.numel() == 0:  # nothing left; other ranks may still train
+            from lightning_grpo.objectives.base import Targets
+
+            empty = rollout.select(torch.zeros(0, dtype=torch.long))
+            return StepSelection(empty, Targets.empty(), {}, rollout, pixels, scores, group_size, False, all_dropped=True)
+        if kept.dropped_groups:
+            keep = kept.keep.to(pixels.device)
+            rollout, pixels, scores = rollout.select(keep), pixels[keep], {n: s[keep.to(s.device)] for n, s in scores.items()}
+    targets = targets_of(scores)
+    chosen = targets.chosen
+    trained = rollout if chosen is None else rollout.select(chosen)
+    trained_scores = scores if chosen is None else {n: s[chosen.to(s.device)] for n, s in scores.items()}
+    return StepSelection(trained, targets, trained_scores, rollout, pixels, scores, group_size, rollout.batch_size < num_rolled)
+
+
+def _select_spanning(rollout, pixels, scores, targets_of, filter_groups, group_size: int, members: range | None) -> StepSelection:
+    """`select_for_update` on the gathered groups (see there)."""
+    from lightning_grpo.objectives.base import Targets
+
+    gathered = gather_by_key(scores, rollout.sample_keys, group_size)
+    full, num_full = gathered.scores, gathered.num_groups * group_size
+    kept_full = torch.arange(num_full, device=gathered.position.device)
+    if filter_groups is not None:  # every rank sees every reward: the same groups go
+        kept_full = filter_groups(full, num_full).keep.to(kept_full.device)
+        full = {n: s[kept_full] for n, s in full.items()}
+    kept, kept_rows = local_selection(gathered.position, kept_full, num_full)
+    record = dict(kept=rollout.select(kept), pixels=pixels[kept], kept_scores={n: s[kept] for n, s in scores.items()},
+                  group_size=len(members) if members is not None else group_size)
+    partial = record["kept"].batch_size < rollout.batch_size
+    if kept_full.numel() == 0:
+        return StepSelection(rollout.select(kept), Targets.empty(), {}, partial=partial, all_dropped=True, **record)
+    targets = targets_of(full)
+    chosen_full = kept_full if targets.chosen is None else kept_full[targets.chosen]
+    local, rows = local_selection(gathered.position, chosen_full, num_full)
+    trained_scores = full if targets.chosen is None else {n: s[targets.chosen.to(s.device)] for n, s in full.items()}
+    targets = targets.rows(rows)
+    targets.per_reward = {n: v[kept_rows] for n, v in targets.per_reward.items()}
+    return StepSelection(rollout.select(local), targets, trained_scores, partial=partial, **record)
+
+
+@dataclass
+class MicroStep:
+    """One backward of the update: samples [m] (positions into this rank's trained samples) at
+    trained column `column`; the loss is multiplied by m · `weight` (see `UpdateSchedule.weight`,
+    divided by the columns per sample) so that every optimizer step follows the mean gradient over
+    all ranks' samples × columns. `sync`: the last backward of its optimizer step, after which DDP
+    all-reduces (every other one runs under `skip_gradient_sync`). `padding`: this rank has no
+    sample in the optimizer step; a zero-weight backward keeps its all-reduce paired."""
+
+    samples: Tensor
+    column: int
+    weight: float
+    sync: bool
+    padding: bool = False
+
+
+def optimizer_steps(
+    num_samples: int, per_update: int | None, agree: bool, order: Tensor, micro_batch_size: int, num_columns: int,
+) -> list[list[MicroStep]]:
+    """Per optimizer step of this rank's update, its backwards (`MicroStep`s), in the order they
+    run: optimizer steps of `per_update` samples of the shuffled `order` [B] (`update_schedule`,
+    the same number on every rank when `agree`), each made of micro-batches × columns."""
+    schedule = update_schedule(num_samples, per_update, agree)
+    steps = []
+    for k_opt, positions in enumerate(schedule.local):
+        samples_of_step = order[positions.start : positions.stop]
+        # not split() alone: it cuts an empty tensor into one empty micro-batch, not into none
+        micro_batches = samples_of_step.split(micro_batch_size) if len(positions) else ()
+        weight = schedule.weight(k_opt) / num_columns
+        calls = [(m, k) for m in micro_batches for k in range(num_columns)]
+        if not calls:
+            steps.append([MicroStep(order[:0], 0, 0.0, sync=True, padding=True)])
+            continue
+        steps.append([MicroStep(m, k, weight, sync=n == len(calls) - 1) for n, (m, k) in enumerate(calls)])
+    return steps
+
+
+def plan_update(
+    num_samples: int, partial: bool, *, per_update: int | None, micro_batch_size: int, num_columns: int, order_seed: int,
+    agree: bool, device: torch.device,
+) -> list[list[MicroStep]]:
+    """This rank's `optimizer_steps` over its `num_samples` trained samples in a random order (a
+    generator of `order_seed`), after checking they split evenly (unless groups were dropped,
+    `partial`, or the ranks `agree` on a schedule whose last step may be short)."""
+    if not (partial or agree):
+        check_divides(num_samples, per_update or num_samples, micro_batch_size)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(order_seed)).to(device)  # [B]
+    return optimizer_steps(num_samples, per_update, agree, order, micro_batch_size, num_columns)
+
+
+def micro_backward(module: Any, step: MicroStep, loss_of: Any, padding_rollout: Any) -> tuple[Tensor, Any] | None:
+    """Run one `MicroStep`: `loss_of(samples, column)` → (mean loss, statistics), backpropagated
+    with the weight m · `step.weight`, under `skip_gradient_sync` unless it is its optimizer step's
+    synchronised backward; a padding step runs `padding_backward` on `padding_rollout` (None back)."""
+    if step.padding:  # nothing of ours in this optimizer step: keep the all-reduce in step
+        padding_backward(module, padding_rollout)
+        return None
+    strategy_model = module.trainer.strategy.model if module._trainer is not None else None
+    with nullcontext() if step.sync else skip_gradient_sync(strategy_model):
+        loss, stats = loss_of(step.samples, step.column)
+        module.manual_backward(loss * step.samples.numel() * step.weight)
+    return loss, stats
+
+
+def padding_backward(module: Any, rollout: Any) -> None:
+    """A backward of weight 0 through the policy on one sample of `rollout`: a rank with no sample
+    in an optimizer step (`MicroStep.padding`) still runs the step's synchronised backward, so the
+    ranks' gradient all-reduces stay paired (its gradients are zeros; the others' are averaged)."""
+    x = rollout.latents[:1, 0]  # [1, *L] the initial noise: finite wherever the rollout skipped steps
+    t = module.sampler.timesteps[:1].to(x.device)  # [1]
+    condition = {key: value[:1] for key, value in rollout.condition.items()}
+    module.manual_backward(module.policy.predict(x, t, condition).float().sum() * 0.0)
+
+
+def check_divides(num_samples: int, per_update: int, micro_batch_size: int) -> None:
+    """The trained samples must split into optimizer steps of `per_update`, each into micro-batches."""
+    if num_samples % per_update or per_update % micro_batch_size:
+        raise ValueError(
+            f"{num_samples} trained samples per rollout must split into optimizer steps of samples_per_update="
+            f"{per_update}, each made of micro-batches of {micro_batch_size}"
+        )
+
+
+def counts_may_differ(world: int, drop_nonfinite: bool, spans_ranks: bool, selects: bool) -> bool:
+    """Ranks may train on different numbers of samples (so they must agree on the update schedule):
+    groups dropped per rank, or a selection (best-of-n) over groups whose members live on several ranks."""
+    return world > 1 and (drop_nonfinite or (spans_ranks and selects))
+
+
+__all__ += [
+    "MicroStep", "RankPrompts", "StepSelection", "check_divides", "counts_may_differ", "micro_backward", "optimizer_steps", "padding_backward",
+    "plan_update", "rank_prompts", "select_for_update",
+]

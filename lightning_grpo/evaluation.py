@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import math
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,9 +305,10 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 def preserve_rng(device: torch.device | str | None = None) -> Iterator[None]:
     """Restore the global CPU (and the device's CUDA) random state on exit, so whatever runs
     inside cannot shift the training random stream."""
+    from lightning.pytorch.utilities.seed import isolate_rng
+
     device = torch.device(device) if device is not None else torch.device("cpu")
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=True):
+    with isolate_rng(include_cuda=device.type == "cuda"):  # Python's and NumPy's random states too
         yield
 
 
@@ -537,3 +538,37 @@ def _concat_results(parts: list[EvaluationResult]) -> EvaluationResult:
         pixels=torch.cat(pixels) if pixels else None,
         keys=keys,
     )
+
+
+def evaluate_batch(module: Any, batch: dict[str, Any], batch_idx: int, stage: str) -> EvaluationResult:
+    """A `GRPOModule`'s validation or test step: deterministic (eta = 0) samples of the batch's
+    prompts, scored by every reward (logged once gathered, `log_evaluation`). Noise is keyed by
+    (seed, the prompt's position in the held-out split, sample), so any number of ranks draws the
+    samples of one process (a batch without positions, from another datamodule: by (seed, batch,
+    rank, position)); own generators, so evaluating never moves the training random stream."""
+    indices = batch.get("indices")
+    rank = module.global_rank if module._trainer is not None else 0
+    seed = module.hparams.seed if indices is not None else sample_seed(module.hparams.seed, batch_idx, rank)
+    return evaluate(
+        module.policy, module.sampler, batch["prompts"], module.rewards, seed=seed, batch_size=module.hparams.decode_batch_size,
+        keep_pixels=stage == "test" and module.keep_test_pixels, images=module.batch_first_frames(batch), show_progress=False,
+        allow_nonfinite=module.hparams.reward_failure == "drop_group", indices=indices,
+    )
+
+
+def log_evaluation(log: Callable[..., Any], result: EvaluationResult, stage: str, count_nonfinite: bool, device: Any) -> None:
+    """Log gathered results (`gather_results`) through a LightningModule's `log`:
+    `<stage>/reward/<name>`, the mean of the finite scores (NaN when none is; the same on every
+    rank, so `sync_dist` averages equal values); with `count_nonfinite` (`reward_failure=
+    "drop_group"`) also how many were not finite (`<name>_nonfinite`). Nothing without a sample."""
+    if not result.prompts:  # nothing evaluated (no batch, or blocks without one readable image)
+        return
+    for name, s in result.scores.items():
+        finite = torch.isfinite(s)
+        mean = s[finite].mean() if finite.any() else torch.tensor(float("nan"))
+        log(f"{stage}/reward/{name}", mean.to(device), batch_size=len(s), sync_dist=True)
+        if count_nonfinite:
+            log(f"{stage}/reward/{name}_nonfinite", (~finite).sum().float().to(device), batch_size=len(s), sync_dist=True)
+
+
+__all__ += ["evaluate_batch", "log_evaluation"]

@@ -192,6 +192,16 @@ class GeneratedFirstFrames(FirstFrames):
         os.replace(temporary, path)
 
 
+def batch_first_frames(batch: dict, source: FirstFrames | None, policy: nn.Module, device: torch.device) -> Tensor | None:
+    """A training or evaluation batch's first frames [P, 3, H, W]: its own `"images"`, else made
+    by `source` (`GRPOModule(first_frames=...)`) at the policy's resolution (None without either:
+    text-to-X, or a batch without prompts)."""
+    images = batch.get("images")
+    if images is not None or source is None or not batch["prompts"]:
+        return images
+    return source(list(batch["prompts"]), frame_size(policy)).to(device)
+
+
 def _native_size(policy: nn.Module) -> tuple[int, int]:
     """The image policy's resolution for the cache key; (0, 0) when it does not say."""
     try:

@@ -39,6 +39,52 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") % (2**63)
 
 
+def step_seed(seed: int, counter: int, rank: int = 0, offset: int = 0) -> int:
+    """The seed of one of a training step's generators: (seed, counter, rank, offset) mixed as
+    seed·1_000_003 + counter·1_009 + rank·101 + offset, mod 2^63. `counter` is the global step or
+    the rollout's index in training; `offset` names the stream (0 the rollout, 1 the update's
+    choices, 7 the asynchronous rollout, 17 the step schedule). These streams only seed the base
+    of a rollout and the update's draws, whose per-sample draws then go through `sample_seed`'s
+    hash; the linear mix is kept (not replaced by the hash) because every stored run and every
+    checkpoint's resumed stream was made with it (tests/training/test_grpo_reference.py)."""
+    return (seed * 1_000_003 + counter * 1_009 + rank * 101 + offset) % (2**63)
+
+
+@dataclass(frozen=True)
+class StepStreams:
+    """The step-level random streams of a training run, each seeded by `step_seed`: the one
+    scheme of `GRPOModule`'s generators (per-sample draws then key `sample_seed` by them).
+
+    Args:
+        seed: the run's seed (`GRPOModule(seed=...)`).
+        global_step: optimizer steps made (restored on resume).
+        rank: this process's global rank.
+    """
+
+    seed: int
+    global_step: int = 0
+    rank: int = 0
+
+    def rollout(self, iteration: int | None, device: torch.device | str) -> torch.Generator:
+        """The rollout's base generator, the rank left out (its noise is keyed by sample): by the
+        global step, or by the rollout's index in training `iteration` (async scoring, whose first
+        two rollouts share global step 0)."""
+        seed = step_seed(self.seed, self.global_step) if iteration is None else step_seed(self.seed, iteration, offset=7)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def order_seed(self) -> int:
+        """The update's order of this rank's samples."""
+        return step_seed(self.seed, self.global_step, self.rank, offset=1)
+
+    def column_seed(self) -> int:
+        """The update's per-sample choices (an objective's columns), keyed by sample: no rank."""
+        return step_seed(self.seed, self.global_step, offset=1)
+
+    def schedule(self, iteration: int) -> torch.Generator:
+        """The step schedule's draw of rollout `iteration` (the same on every rank)."""
+        return torch.Generator().manual_seed(step_seed(self.seed, iteration, offset=17))
+
+
 def base_seed(generator: torch.Generator | None) -> int:
     """One 62-bit draw from `generator` (the global CPU generator when None): the base seed of a
     rollout's per-sample streams, so the same generator state gives the same rollout."""
@@ -104,4 +150,4 @@ def keyed_timestep_indices(keys: Tensor, candidates: Tensor, fraction: float, se
     return torch.cat(rows)  # [B, K]
 
 
-__all__ = ["SampleNoise", "base_seed", "keyed_timestep_indices", "sample_keys", "sample_seed"]
+__all__ = ["SampleNoise", "base_seed", "keyed_timestep_indices", "sample_keys", "sample_seed", "step_seed", "StepStreams"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -149,3 +150,82 @@ class GRPOProgressBar(TQDMProgressBar):
                              (now - last_time) / (step - last_step), elapsed, eta, metrics)
         print(line, flush=True)
         self._last_line = (step, now)
+
+
+# ---------------------------------------------------------------------------- inside a training step
+class PhaseTimer:
+    """Wall-clock seconds per phase of a training step (rollout, decode, reward, update), logged as
+    `train/time/<phase>`; CUDA is synchronised around each phase so the numbers mean something."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def phase_bar(phase: str, enabled: bool) -> Callable[[Iterable], Iterable]:
+    """Wraps an iterable of a step's phase in a tqdm bar when `enabled`; disable=None lets tqdm turn
+    itself off when stderr is not a terminal (a log file would get a carriage-return-joined line of
+    bar frames per rollout)."""
+    from tqdm.auto import tqdm
+
+    return lambda iterable: tqdm(iterable, desc=phase, leave=False, disable=None if enabled else True, dynamic_ncols=True)
+
+
+__all__ += ["PhaseTimer", "phase_bar"]
+
+
+def step_logs(selection: Any, objective: Any, stats: list[Any], grad_norms: list[Any], lr: float, timer: PhaseTimer,
+              group_size: int) -> dict[str, Any]:
+    """{name: value} a training step logs under `train/`: per reward its mean, std, range and share
+    of groups without variance; the training targets' mean, std and largest magnitude; the
+    objective's statistics (`Objective.summarize`); the mean gradient norm, the learning rate, the
+    optimizer steps made; the seconds per phase and the samples trained per second."""
+    import torch
+
+    from lightning_grpo.grpo.advantages import zero_variance_fraction
+
+    logs: dict[str, Any] = {}
+    trained_group, values = objective.trained_group_size(group_size), selection.targets.values
+    for name, s in selection.scores.items():
+        logs.update({f"reward/{name}_mean": s.mean(), f"reward/{name}_std": s.std(), f"reward/{name}_min": s.min(), f"reward/{name}_max": s.max()})
+        logs[f"reward/{name}_zero_var_groups"] = zero_variance_fraction(s, trained_group)
+    logs.update({"advantage/mean": values.mean(), "advantage/std": values.std(), "advantage/abs_max": values.abs().max()})
+    logs.update(objective.summarize(stats))
+    logs.update({"grad_norm": torch.stack(grad_norms).mean(), "lr": lr, "optimizer_steps": float(len(grad_norms))})
+    logs.update({f"time/{phase}": seconds for phase, seconds in timer.seconds.items()})
+    logs["time/samples_per_s"] = selection.trained.batch_size / max(sum(timer.seconds.values()), 1e-9)
+    return logs
+
+
+__all__ += ["step_logs"]
+
+
+def log_reward(module: Any, scores: dict[str, Any], num_samples: int) -> None:
+    """Log `reward` through the module: the mean of the rewards' means over every rank's trained
+    samples (one all-reduce, `distributed.mean_over_ranks`, on every rank: a rank that trained
+    nothing adds zeros), so the number the progress bar shows and `GRPOCheckpoint` ranks
+    checkpoints by is the run's, not rank zero's."""
+    import torch
+
+    from lightning_grpo.distributed import mean_over_ranks
+
+    zero = torch.zeros((), device=module.device)
+    sums = torch.stack([scores[r.name].float().sum() if r.name in scores else zero for r in module.rewards.rewards])
+    means = mean_over_ranks(sums, num_samples)
+    if means is not None:
+        module.log("reward", means.mean(), prog_bar=True, batch_size=max(num_samples, 1))
+
+
+__all__ += ["log_reward"]

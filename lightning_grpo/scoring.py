@@ -182,4 +182,48 @@ def _to_device(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-__all__ = ["AsyncScoring", "Scored", "asdict_shallow", "checkpoint_entry", "rank_state"]
+__all__ = ["AsyncScoring", "Scored", "asdict_shallow", "checkpoint_entry", "decode", "decode_and_score", "rank_state", "score"]
+
+
+# ---------------------------------------------------------------------------- decode and score
+ASYNC_SCORING_KEY = "grpo_async_scoring"
+"""Checkpoint entry of the rollout pending under `async_scoring` (see `AsyncScoring.state_dict`)."""
+
+
+def chunks(num_samples: int, size: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Sample indices [0, num_samples) in chunks of `size` (the decode and score batches)."""
+    return torch.arange(num_samples, device=device).split(size)
+
+
+def decode(policy: Any, trajectories: Rollout, batch_size: int) -> Tensor:
+    """The final latents decoded, `batch_size` at a time: pixels [B, C, H, W] or [B, F, C, H, W]."""
+    final = trajectories.latents[:, -1]
+    with torch.no_grad():
+        return torch.cat([policy.decode(final[chunk]) for chunk in chunks(trajectories.batch_size, batch_size, final.device)])
+
+
+def score(rewards: Any, trajectories: Rollout, pixels: Tensor, batch_size: int, allow_nonfinite: bool) -> dict[str, Tensor]:
+    """{name: [B]} scores of every reward (`MultiReward`), `batch_size` samples at a time
+    (non-finite kept with `allow_nonfinite`). Runs on the scoring thread with `async_scoring`: it
+    must not log."""
+    images, scores = trajectories.images, {}
+    for chunk in chunks(trajectories.batch_size, batch_size, pixels.device):
+        prompts = [trajectories.prompts[i] for i in chunk.tolist()]
+        chunk_scores = rewards(pixels[chunk], prompts, None if images is None else images[chunk], allow_nonfinite=allow_nonfinite)
+        for name, values in chunk_scores.items():
+            scores.setdefault(name, []).append(values)
+    return {name: torch.cat(values) for name, values in scores.items()}
+
+
+def decode_and_score(policy: Any, trajectories: Rollout, batch_size: int, score_fn: ScoreFn, scoring: AsyncScoring | None,
+                     timer: Any) -> Scored | None:
+    """The rollout to train on, decoded and scored: this one (`score_fn` now), or with
+    `scoring` (`async_scoring`) the previous one while this one is scored in the background (None
+    on the first step). Each phase is timed by `timer` (`progress.PhaseTimer`)."""
+    with timer("decode"):
+        pixels = decode(policy, trajectories, batch_size)
+    if scoring is None:
+        with timer("reward"):
+            return Scored(trajectories, pixels, score_fn(trajectories, pixels))
+    with timer("reward_wait"):
+        return scoring.exchange(trajectories, pixels)

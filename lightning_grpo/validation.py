@@ -73,13 +73,13 @@ class Range:
 
 MODULE_RANGES: dict[str, Range] = {
     "group_size": Range(2, integer=True, why="advantages compare the samples of a prompt"),
-    "timestep_fraction": Range(0, 1, low_open=True),
+    "timestep_fraction": Range(0, 1, low_open=True, optional=True),
     "micro_batch_size": Range(1, integer=True),
     "samples_per_update": Range(1, integer=True, optional=True),
-    "clip_range": Range(0, low_open=True),
-    "adv_clip_max": Range(0, low_open=True, why="advantages are clamped to ±adv_clip_max: 0 makes every advantage 0, "
-                                                "a negative value sets every advantage to -adv_clip_max"),
-    "kl_beta": Range(0, why="a negative weight rewards moving away from the initial policy"),
+    "clip_range": Range(0, low_open=True, optional=True),
+    "adv_clip_max": Range(0, low_open=True, optional=True, why="advantages are clamped to ±adv_clip_max: 0 makes every advantage 0, "
+                                                               "a negative value sets every advantage to -adv_clip_max"),
+    "kl_beta": Range(0, optional=True, why="a negative weight rewards moving away from the initial policy"),
     "learning_rate": Range(0, why="a negative rate climbs the loss"),
     "weight_decay": Range(0),
     "adam_eps": Range(0, low_open=True),
@@ -88,11 +88,11 @@ MODULE_RANGES: dict[str, Range] = {
     "decode_batch_size": Range(1, integer=True),
     "rollout_batch_size": Range(1, integer=True, optional=True),
     "seed": Range(0, integer=True),
-    "test_grid_size": Range(0, integer=True),
     "max_skipped_steps": Range(1, integer=True),
     "constant_reward_steps": Range(1, integer=True),
 }
-"""GRPOModule's numeric options (`adam_betas` and `best_of_n` are checked beside them)."""
+"""GRPOModule's numeric options (`adam_betas` and `best_of_n` are checked beside them); the flat
+GRPO options are optional here (None: not set, the objective's own value; see `objectives.GRPO.ranges`)."""
 
 POLICY_RANGES: dict[str, Range] = {
     "height": Range(1, integer=True),
@@ -197,6 +197,28 @@ def check_reward_weights(weights: Mapping[str, float]) -> None:
         raise ConfigError(f"every reward weight is 0 ({dict(weights)}): advantages would all be 0; give one reward a non-zero weight")
 
 
+def check_module_parts(options: Mapping[str, Any], objective: Any, policy: Any, sampler: Any, step_schedule: Any, ode_tail: Any) -> None:
+    """What `GRPOModule.__init__` checks before it builds anything: the sampler fits the policy's
+    paradigm, every numeric option is in its range (`MODULE_RANGES`), the choice options are known,
+    the step schedule fits the sampler and an ODE tail has a schedule (unless the objective's
+    rollouts are ODE rollouts) and a flow sampler."""
+    import torch
+
+    from lightning_grpo.policies.base import check_sampler_matches
+
+    check_sampler_matches(policy, sampler)
+    check_module_options(dict(options), prefix="")
+    for name, allowed in (("nonfinite", ("stop", "skip")), ("reward_failure", ("raise", "drop_group"))):
+        if options[name] not in allowed:
+            raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {options[name]!r}")
+    if step_schedule is not None:  # fail at construction if the schedule does not fit the sampler
+        step_schedule.sde_steps(sampler.num_steps, 0, torch.Generator().manual_seed(0))
+    if ode_tail is not None:
+        if step_schedule is None and objective.needs.log_probs:
+            raise ValueError("ode_tail needs a step_schedule: without one every step is an SDE step and there is no tail")
+        ode_tail.sigmas(sampler, 0)  # a flow sampler, or a clear error
+
+
 # --------------------------------------------------------------------------------- at fit set-up
 def validate_fit(module: Any, trainer: Any) -> None:
     """Checks that need the built module and trainer (world size, the policy's CFG, the data)."""
@@ -209,7 +231,7 @@ def validate_fit(module: Any, trainer: Any) -> None:
         trained = batch_size * per_group
         per_update = trained if (module.policy.uses_cfg or hp.samples_per_update is None) else hp.samples_per_update
         round_max_steps(trainer, trained // per_update, f"batch_size={batch_size} × {per_group} trained samples per group / {per_update} per optimizer step")
-    check_manual_optimisation(trainer.accumulate_grad_batches, trainer.gradient_clip_val)
+    check_manual_optimisation(trainer.accumulate_grad_batches, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
 
 
 def round_max_steps(trainer: Any, steps_per_rollout: int, how: str = "") -> int:
@@ -230,8 +252,10 @@ def round_max_steps(trainer: Any, steps_per_rollout: int, how: str = "") -> int:
     return rounded
 
 
-def check_manual_optimisation(accumulate_grad_batches: int | None, gradient_clip_val: float | None) -> None:
-    """Trainer options that manual optimisation ignores or refuses, with the module option to use."""
+def check_manual_optimisation(accumulate_grad_batches: int | None, gradient_clip_val: float | None,
+                              gradient_clip_algorithm: Any = None) -> None:
+    """Trainer options that manual optimisation ignores or refuses, with the module option to use
+    (the module clips by norm, `model.max_grad_norm`: a trainer asking for value clipping is refused)."""
     if accumulate_grad_batches not in (None, 1):
         raise ConfigError(
             f"trainer.accumulate_grad_batches={accumulate_grad_batches} is not supported (GRPO optimises manually): "
@@ -239,6 +263,10 @@ def check_manual_optimisation(accumulate_grad_batches: int | None, gradient_clip
         )
     if gradient_clip_val:
         raise ConfigError(f"trainer.gradient_clip_val={gradient_clip_val} is not supported (manual optimisation): use model.max_grad_norm")
+    algorithm = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)
+    if algorithm not in (None, "norm"):
+        raise ConfigError(f"trainer.gradient_clip_algorithm={algorithm!r} is not supported: GRPOModule clips the gradient by its "
+                          "norm, model.max_grad_norm (None turns clipping off)")
 
 
 # --------------------------------------------------------------------------------- skipped steps
@@ -265,6 +293,12 @@ class SkipGuard:
                 f"the run cannot make progress: {remedy} or raise model.max_skipped_steps"
             )
 
+    def empty_batch(self) -> None:
+        """Warn of a training batch without a readable record and count its step as skipped."""
+        warnings.warn("empty training batch (no readable record in it): skipping this step", RuntimeWarning, stacklevel=4)
+        self.step(True, why="every record of the data's block was malformed or its image unreadable",
+                  what="their batches were empty", remedy="fix the data (the malformed records are named in the warnings above)")
+
 
 # --------------------------------------------------------------------------------- on the config
 def validate_config(config: Any, fit: bool = True, stage: str | None = None) -> None:
@@ -286,6 +320,7 @@ def validate_config(config: Any, fit: bool = True, stage: str | None = None) -> 
             model.get("micro_batch_size", 1), _uses_cfg(policy),
         )
     check_module_options(model)
+    _check_objective(model)
     _check_sampler(model)
     _check_policy(policy)
     check_reward_weights({f"reward {i}": _init_args(r).get("weight", 1.0) for i, r in enumerate(model.get("rewards") or [])})
@@ -297,9 +332,20 @@ def validate_config(config: Any, fit: bool = True, stage: str | None = None) -> 
         warn_cannot_learn(model)
 
 
+def _check_objective(model: Mapping[str, Any]) -> None:
+    """The objective's numeric options in their ranges (its `ranges`), named as the config sets
+    them, before it is built (its constructor's error would reach the user inside a parser traceback)."""
+    from lightning_grpo.objectives.base import objective_class
+
+    cls, section = objective_class(model), model.get("objective")
+    init_args = _init_args(section) if section is not None and not isinstance(section, str) else {}
+    if cls is not None and init_args:  # the flat GRPO options are checked with the module's (MODULE_RANGES)
+        check_ranges({name: init_args[name] for name in cls.ranges if name in init_args}, cls.ranges, "model.objective.init_args.")
+
+
 def _check_trainer(trainer: Mapping[str, Any]) -> None:
     check_ranges(trainer, TRAINER_RANGES, "trainer.")
-    check_manual_optimisation(trainer.get("accumulate_grad_batches", 1), trainer.get("gradient_clip_val"))
+    check_manual_optimisation(trainer.get("accumulate_grad_batches", 1), trainer.get("gradient_clip_val"), trainer.get("gradient_clip_algorithm"))
 
 
 def _check_sampler(model: Mapping[str, Any]) -> None:
@@ -501,3 +547,45 @@ __all__ = [
     "ConfigError", "Range", "SkipGuard", "check_batch_settings", "check_module_options", "check_ranges", "check_reward_weights",
     "round_max_steps", "validate_config", "validate_fit", "warn_cannot_learn",
 ]
+
+
+# --------------------------------------------------------------------------------- constant rewards
+class ConstantRewardWatch:
+    """Warns once `limit` training steps in a row had every advantage 0 (each reward constant within
+    every group): such steps change nothing, e.g. a verifier that always fails."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def step(self, advantages: Any, optimizer_step: int) -> None:
+        """Record one training step's advantages (a tensor; empty: this rank trained nothing)."""
+        if advantages.numel() == 0:
+            return
+        self.in_a_row = self.in_a_row + 1 if bool((advantages == 0).all()) else 0
+        if self.in_a_row == self.limit:
+            warnings.warn(
+                f"the reward was constant within every group for {self.in_a_row} training steps in a row (up to "
+                f"optimizer step {optimizer_step}): every advantage is 0 and nothing is learned; check the reward (one that never "
+                "varies, e.g. a verifier that always fails?) or sample more varied groups (group_size, the sampler's eta)",
+                RuntimeWarning, stacklevel=4,
+            )
+
+
+__all__ += ["ConstantRewardWatch"]
+
+
+def watch_selection(skips: SkipGuard, constant: ConstantRewardWatch, selection: Any, drop_group: bool, whole_groups: bool,
+                    alone: bool, step: int) -> bool:
+    """After a step's groups were selected (`distributed.StepSelection`): count the step as skipped
+    when every group was dropped, or as made when `drop_group` kept some (on a rank that sees whole
+    groups, `whole_groups`), and feed the constant-reward watch. False when this process has nothing
+    to update (every group dropped and no other rank to pair collectives with, `alone`)."""
+    if selection.all_dropped and whole_groups:
+        skips.step(True, why="reward_failure='drop_group'; each failing reward is named in the warnings above")
+    elif drop_group and whole_groups:
+        skips.step(False)
+    if selection.all_dropped and alone:
+        return False
+    constant.step(selection.targets.values, step)
+    return True
+__all__ += ["watch_selection"]

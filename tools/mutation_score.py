@@ -9,8 +9,9 @@
     python tools/mutation_score.py --unchecked --verify-with tests/grpo -- 'lightning_grpo.grpo.*'   # ... on unrun mutants
     python tools/mutation_score.py --generate-only               # only write mutation/mutants/ (for --unchecked --verify-with)
 
-The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, the advantage and update
-path of `module.py` and `datamodules/streaming.py` (the mutmut settings are in pyproject.toml).
+The core is the scope `CORE` below: `grpo/`, `samplers/`, `rollout.py`, `objectives/`, the update
+path of `module.py`, the rank choreography of `distributed.py`, the guarded optimizer step of
+`optimization.py` and `datamodules/streaming.py` (the mutmut settings are in pyproject.toml).
 Mutants listed in tools/equivalent_mutants.txt (one `name  reason` a line) are equivalent: no test
 can tell them from the original, so they leave the denominator. The last line printed is the
 score: killed / (all − equivalent), over the core.
@@ -42,17 +43,19 @@ STAGED = {"lightning_grpo": "lightning_grpo", "callbacks": "lightning_grpo/callb
 EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.txt"
 
 # mutmut names a mutant <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>
-_MODULE_UPDATE_PATH = (
-    "_advantages", "_select", "_loss_weights", "_update", "_timestep_indices", "_micro_loss", "_optimizer_step",
-    "_trained_group_size",
-)
+_MODULE_UPDATE_PATH = ("_select", "_update", "_optimizer_step", "_column_seed")
+# the rank choreography of a step (distributed.py's last section) and the guarded optimizer step
+_CHOREOGRAPHY = ("select_for_update", "_select_spanning", "optimizer_steps", "check_divides", "counts_may_differ", "update_schedule")
 CORE = [
     "lightning_grpo.grpo.*",
     "lightning_grpo.samplers.*",
     "lightning_grpo.rollout.*",
     "lightning_grpo.datamodules.streaming.*",
+    "lightning_grpo.objectives.*",
     *(f"lightning_grpo.module.xǁGRPOModuleǁ{name}__mutmut_*" for name in _MODULE_UPDATE_PATH),
-    "lightning_grpo.module.x__check_divides__mutmut_*",
+    *(f"lightning_grpo.distributed.x_{name}__mutmut_*" for name in _CHOREOGRAPHY),
+    "lightning_grpo.optimization.x_guarded_step__mutmut_*",
+    "lightning_grpo.optimization.x_gradient_norm__mutmut_*",
 ]
 KILLED = {"killed", "timeout", "caught by type check", "segfault", "killed (verified)"}
 VERIFIED_FILE = MUTANTS / "verified_kills.json"

@@ -9,8 +9,10 @@ layout that `group_advantages` expects.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +42,20 @@ class GroupFilter:
     def dropped_groups(self) -> int:
         """Groups dropped because at least one of their samples has a non-finite reward."""
         return int((~self.kept_groups).sum())
+
+    def warning(self, step: int) -> str:
+        """The warning of a step that dropped groups: each failing reward with its count, the outcome."""
+        counts = ", ".join(f"{name!r} on {n} sample(s)" for name, n in self.nonfinite_samples.items())
+        outcome = "skipping this update" if self.keep.numel() == 0 else "training on the others"
+        return f"non-finite reward from {counts}: dropping {self.dropped_groups} of {self.num_groups} groups at step {step}, {outcome}"
+
+    def report(self, log: Any, num_samples: int, step: int) -> GroupFilter:
+        """Log `train/reward/dropped_groups` through a LightningModule's `log` and, when a group
+        was dropped, warn naming each failing reward (`warning`); returns itself."""
+        log("train/reward/dropped_groups", float(self.dropped_groups), on_step=True, batch_size=max(num_samples, 1))
+        if self.dropped_groups:
+            warnings.warn(self.warning(step), RuntimeWarning, stacklevel=5)
+        return self
 
 
 def filter_nonfinite_groups(scores: Mapping[str, Tensor], group_size: int) -> GroupFilter:

@@ -49,14 +49,13 @@ class TinyPolicy(PolicyAdapter):
         self.resolution = resolution
         self.vocab_buckets = vocab_buckets
         self.guidance_scale = float(guidance_scale)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        self.embedding = nn.Embedding(vocab_buckets, embed_dim)
-        self.embedding.requires_grad_(False)  # the "text encoder" is frozen, as in real adapters
-        self.film = nn.Linear(embed_dim + 1, 2 * hidden)
-        self.conv_in = nn.Conv2d(3, hidden, 3, padding=1)
-        self.conv_out = nn.Conv2d(hidden, 3, 3, padding=1)
-        torch.random.set_rng_state(generator_state)
+        with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random stream is left as it was
+            torch.manual_seed(seed)
+            self.embedding = nn.Embedding(vocab_buckets, embed_dim)
+            self.embedding.requires_grad_(False)  # the "text encoder" is frozen, as in real adapters
+            self.film = nn.Linear(embed_dim + 1, 2 * hidden)
+            self.conv_in = nn.Conv2d(3, hidden, 3, padding=1)
+            self.conv_out = nn.Conv2d(hidden, 3, 3, padding=1)
 
     @property
     def uses_cfg(self) -> bool:

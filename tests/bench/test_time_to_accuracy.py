@@ -39,3 +39,27 @@ def test_time_to_target_table_and_key_ratio_from_a_log(tmp_path):
     assert ratio.startswith("branching: denoiser calls to target 0.42x full SDE") and "= 0.40x full SDE (60% less)" in ratio
     # full SDE never reaching the target: the ratio is a bound against the budget
     assert "<= 0.32x" in tta.key_ratio([curves[0], curves[1]], 0.455, 25.0)
+
+
+def test_the_nft_ratio_compares_diffusion_nft_with_full_sde_grpo(tmp_path):
+    """NFT at target after 12 s cpu, full SDE after 20 s: 0.60x; the GRPO key ratio leaves NFT out;
+    where GRPO never reaches the target, NFT's ratio is a bound against the budget."""
+    log = tmp_path / "run.log"
+    log.write_text(LOG + """
+  [DiffusionNFT] rollouts    0  train     0.0 s wall     0.0 s cpu  calls      0  held-out exact match  25.0%
+  [DiffusionNFT] rollouts   10  train    36.0 s wall    12.0 s cpu  calls    160  held-out exact match  50.0%
+""")
+    curves = tta.curves_from_log(log, ["full SDE", "branching", "DiffusionNFT"], budget=25.0, clock="cpu")
+    target = 0.45
+    ratio = tta.nft_ratio(curves, target, 25.0, "cpu")
+    assert ratio == "DiffusionNFT vs GRPO (full SDE): time to target 12.0 s vs 20.0 s cpu = 0.60x GRPO; denoiser calls 0.67x"
+    assert tta.key_ratio(curves, target, 25.0).startswith("branching:")  # NFT is not a GRPO variant
+    assert "<= 0.48x GRPO" in tta.nft_ratio(curves, 0.48, 25.0, "cpu")  # full SDE's best is 45%: not reached
+    assert "needs both" in tta.nft_ratio(curves[:2], target, 25.0, "cpu")
+
+
+def test_every_variant_is_a_valid_command_line():
+    """The DiffusionNFT variant names the objective by its short name and sets its beta."""
+    chosen = tta.variants(2, 25, 2, 0.4, nft_beta=0.1)
+    assert list(chosen) == ["full SDE", "mixed window", "mixed window + 2nd-order tail", "branching", "DiffusionNFT"]
+    assert chosen["DiffusionNFT"] == ["--model.objective=DiffusionNFT", "--model.objective.init_args.beta=0.1"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_grpo.callbacks import TestReport
 from lightning_grpo.cli import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,9 +99,10 @@ def test_test_subcommand_reports_intervals_and_files(fitted: Path, tmp_path: Pat
     assert low <= mean <= high and high > low
     folder = Path(cli.trainer.log_dir) / "test"
     assert {p.name for p in folder.iterdir()} == {"results.csv", "results.md", "grid.png"}
-    result = cli.model.test_results
+    result = next(c for c in cli.trainer.callbacks if isinstance(c, TestReport)).results
     assert len(result.prompts) == int(metrics[f"test/reward/{REWARD}_n"]) > 0
     assert result.summary()[REWARD][0] == pytest.approx(mean, rel=1e-5)
     if from_checkpoint:  # the trained weights were loaded (no EMA callback here: the current ones)
-        base = run(cli_args("test", tmp_path / "base")).model.test_results.scores[REWARD]
+        base_cli = run(cli_args("test", tmp_path / "base"))
+        base = next(c for c in base_cli.trainer.callbacks if isinstance(c, TestReport)).results.scores[REWARD]
         assert not torch.equal(base, result.scores[REWARD])

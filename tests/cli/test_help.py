@@ -77,6 +77,7 @@ def _package_classes() -> dict[str, set[str]]:
     from lightning.pytorch import Callback, LightningDataModule
 
     from lightning_grpo.first_frames import FirstFrames
+    from lightning_grpo.objectives.base import Objective
     from lightning_grpo.policies.base import PolicyAdapter
     from lightning_grpo.rewards.base import Reward
     from lightning_grpo.samplers.base import Sampler
@@ -91,7 +92,8 @@ def _package_classes() -> dict[str, set[str]]:
     packages = (lightning_grpo, lightning_grpo.callbacks, lightning_grpo.datamodules)
     modules = [importlib.import_module(m.name) for p in packages for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]
     bases = {"policies": PolicyAdapter, "samplers": Sampler, "step schedules": StepSchedule, "ODE tails": MultistepODETail,
-             "rewards": Reward, "first frames": FirstFrames, "callbacks": Callback, "data modules": LightningDataModule}
+             "rewards": Reward, "first frames": FirstFrames, "callbacks": Callback, "data modules": LightningDataModule,
+             "objectives": Objective}
     found: dict[str, set[str]] = {kind: set() for kind in bases}
     for module in modules:
         if any(part.startswith("_") for part in module.__name__.split(".")):

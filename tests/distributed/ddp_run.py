@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-import lightning_grpo.module as module_code  # noqa: E402
+import lightning_grpo.distributed  # noqa: E402
 from lightning_grpo.datamodules.prompts import PromptDataModule  # noqa: E402
 from lightning_grpo.distributed import CommHookCounter, DenoiserFSDPStrategy, count_allreduce_hook  # noqa: E402
 from lightning_grpo.module import GRPOModule  # noqa: E402
@@ -122,13 +122,16 @@ def main() -> None:
     parser.add_argument("--cpu-offload", action="store_true", help="with --fsdp: cpu_offload=True")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes (launch one process per node with NODE_RANK set)")
     parser.add_argument("--failing-prompt", help="the reward is NaN on this prompt; reward_failure='drop_group'")
+    parser.add_argument("--samples-per-update", type=int, help="samples per optimizer step (default: the whole rollout)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.sync_every_backward:  # the behaviour before issue 14: no no_sync at all
-        module_code.skip_gradient_sync = lambda model: contextlib.nullcontext()
+        lightning_grpo.distributed.skip_gradient_sync = lambda model: contextlib.nullcontext()  # looked up there at each backward
     options = {"groups_across_ranks": args.groups_across_ranks}
     if args.best_of_n:
         options["best_of_n"] = tuple(args.best_of_n)
+    if args.samples_per_update:
+        options["samples_per_update"] = args.samples_per_update
     module = make_module(args.flux, failing_prompt=args.failing_prompt, **options)
     if args.union:
         prompts = union_batches(args.union)

@@ -34,6 +34,7 @@ from lightning_grpo.callbacks import EMA
 from lightning_grpo.checkpointing import AtomicCheckpointIO, CheckpointError, check_checkpoint_file
 from lightning_grpo.distributed import DenoiserFSDPStrategy, denoiser_blocks
 from lightning_grpo.module import GRPOModule
+from lightning_grpo.objectives import Prepared, Targets
 from lightning_grpo.policies import FluxPolicy, StableDiffusionPolicy
 from lightning_grpo.policies.tiny import TinyPolicy
 from lightning_grpo.samplers import FlowSDESampler
@@ -143,7 +144,7 @@ def test_the_denoiser_blocks_are_the_units_and_the_frozen_parts_stay_whole(flux_
 
 @pytest.mark.parametrize("lora_rank", [0, 2])
 def test_a_sharded_denoiser_rolls_out_and_backpropagates_outside_any_wrapper(flux_dir, one_rank, lora_rank):
-    """After sharding, the module's own rollout and `_micro_loss` run as without FSDP (no
+    """After sharding, the module's own rollout and objective loss run as without FSDP (no
     wrapper around the LightningModule): the same trajectory and loss as the unsharded module,
     and the backward fills the sharded gradients of the trained parameters only (LoRA: the
     adapters, whose base weights share their units)."""
@@ -152,8 +153,9 @@ def test_a_sharded_denoiser_rolls_out_and_backpropagates_outside_any_wrapper(flu
     def loss_of(module):
         torch.manual_seed(0)
         trajectories = rollout(module.policy, module.sampler, ["a red circle"], 2, torch.Generator().manual_seed(1))
-        advantages = torch.tensor([1.0, -1.0])
-        loss, _ = module._micro_loss(trajectories, advantages, torch.arange(2), torch.zeros(2, dtype=torch.long))
+        targets = Targets(values=torch.tensor([1.0, -1.0]), chosen=None, per_reward={})
+        prepared = Prepared(trajectories, targets, torch.zeros(2, 1, dtype=torch.long), {})  # both at step 0
+        loss, _ = module.objective.loss(module, prepared, torch.arange(2), 0)
         return trajectories, loss
 
     plain = flux_module(flux_dir)

@@ -96,8 +96,10 @@ for package in (lightning_grpo, lightning_grpo.callbacks, lightning_grpo.datamod
         if not info.name.endswith("__main__"):
             importlib.import_module(info.name)
 names = {}
+venv = Path(sys.prefix).resolve()  # CI's .venv lies inside the repository: its packages are not ours
 for name, module in list(sys.modules.items()):
-    if getattr(module, "__file__", None) and Path(module.__file__).resolve().is_relative_to(Path.cwd()):
+    path = Path(module.__file__).resolve() if getattr(module, "__file__", None) else None
+    if path is not None and path.is_relative_to(Path.cwd()) and not path.is_relative_to(venv):
         names.setdefault(Path(module.__file__).resolve(), []).append(name)
 twice = {str(f): n for f, n in names.items() if len(n) > 1}
 assert not twice, twice

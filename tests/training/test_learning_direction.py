@@ -50,9 +50,9 @@ def one_step(module: GRPOModule, num_prompts: int = 2) -> tuple[Rollout, torch.T
     seen: dict[str, object] = {}
     update = module._update
 
-    def recording_update(trajectories, advantages, **kwargs):
-        seen["trajectories"], seen["advantages"] = trajectories, advantages.detach().clone()
-        return update(trajectories, advantages, **kwargs)
+    def recording_update(selection):
+        seen["trajectories"], seen["advantages"] = selection.trained, selection.targets.values.detach().clone()
+        return update(selection)
 
     module._update = recording_update
     trainer = Trainer(

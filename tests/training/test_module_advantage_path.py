@@ -1,6 +1,6 @@
-"""The module's own advantage and batch-layout steps, by hand: `_select` passes every advantage
-option on to `grpo_advantages`, and `_check_divides` refuses a rollout that does not split into
-optimizer steps of micro-batches."""
+"""The module's own advantage and batch-layout steps, by hand: the GRPO objective's `targets`
+passes every advantage option on to `grpo_advantages`, and `check_divides` refuses a rollout that
+does not split into optimizer steps of micro-batches."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import math
 import pytest
 import torch
 
-from lightning_grpo.module import _check_divides
+from lightning_grpo.distributed import check_divides
+from lightning_grpo.objectives import Prepared, Targets
 from tests.training.fixtures import make_module
+
+
+def _targets(module, scores):
+    return module.objective.targets(scores, module.rewards.weights, module.hparams.group_size)
 
 
 @pytest.mark.parametrize(
@@ -22,18 +27,18 @@ from tests.training.fixtures import make_module
         ("global", [-0.5 / math.sqrt(2), 0.5 / math.sqrt(2), -1.5 / math.sqrt(2), 1.5 / math.sqrt(2)]),
     ],
 )
-def test_select_normalises_with_the_configured_std(std_mode, expected):
+def test_targets_normalise_with_the_configured_std(std_mode, expected):
     module = make_module(group_size=2, micro_batch_size=1, samples_per_update=2, advantage_std=std_mode)
-    chosen, scores, advantages = module._select({"redness": torch.tensor([0.0, 1.0, 0.0, 3.0])})
-    assert chosen is None and torch.equal(scores["redness"], torch.tensor([0.0, 1.0, 0.0, 3.0]))
-    torch.testing.assert_close(advantages, torch.tensor(expected))
+    targets = _targets(module, {"redness": torch.tensor([0.0, 1.0, 0.0, 3.0])})
+    assert targets.chosen is None
+    torch.testing.assert_close(targets.values, torch.tensor(expected))
 
 
-def test_select_clamps_the_advantages_at_adv_clip_max():
+def test_targets_clamp_the_advantages_at_adv_clip_max():
     """The same groups with adv_clip_max = 0.5: every ±1/√2 ≈ ±0.7071 is cut to ±0.5."""
     module = make_module(group_size=2, micro_batch_size=1, samples_per_update=2, adv_clip_max=0.5)
-    _, _, advantages = module._select({"redness": torch.tensor([0.0, 1.0, 0.0, 3.0])})
-    torch.testing.assert_close(advantages, torch.tensor([-0.5, 0.5, -0.5, 0.5]))
+    targets = _targets(module, {"redness": torch.tensor([0.0, 1.0, 0.0, 3.0])})
+    torch.testing.assert_close(targets.values, torch.tensor([-0.5, 0.5, -0.5, 0.5]))
 
 
 @pytest.mark.parametrize(
@@ -48,10 +53,10 @@ def test_select_clamps_the_advantages_at_adv_clip_max():
 )
 def test_check_divides_refuses_each_kind_of_misfit(num_samples, per_update, micro_batch_size, fits):
     if fits:
-        _check_divides(num_samples, per_update, micro_batch_size)
+        check_divides(num_samples, per_update, micro_batch_size)
     else:
         with pytest.raises(ValueError, match=f"{num_samples} trained samples"):
-            _check_divides(num_samples, per_update, micro_batch_size)
+            check_divides(num_samples, per_update, micro_batch_size)
 
 
 def test_an_update_is_a_function_of_the_seed_not_of_the_global_rng():
@@ -85,16 +90,17 @@ def test_one_optimizer_step_follows_the_gradient_of_the_mean_loss_over_samples_a
     seen = {}
     update = module._update
 
-    def recording_update(trajectories, advantages, **kwargs):
-        seen.update(trajectories=trajectories, advantages=advantages.detach().clone())
-        return update(trajectories, advantages, **kwargs)
+    def recording_update(selection):
+        seen.update(trajectories=selection.trained, targets=selection.targets)
+        return update(selection)
 
     module._update = recording_update
     _, record = fit(module, PROMPTS, batches=1)
-    trajectories, advantages = seen["trajectories"], seen["advantages"]
+    trajectories, targets = seen["trajectories"], seen["targets"]
     steps = trainable_steps(reference.sampler)  # all 4 steps (fraction 1)
-    losses = [reference._micro_loss(trajectories, advantages, torch.tensor([b]), step.view(1))[0]
-              for b in range(trajectories.batch_size) for step in steps]
+    every_step = Prepared(trajectories, targets, steps.repeat(trajectories.batch_size, 1), {})  # [B, 4]
+    losses = [reference.objective.loss(reference, every_step, torch.tensor([b]), k)[0]
+              for b in range(trajectories.batch_size) for k in range(len(steps))]
     (torch.stack(losses).sum() / len(losses)).backward()
     grads = [p.grad.flatten() for p in reference.policy.trainable_parameters() if p.grad is not None]
     assert record.metrics[0]["train/grad_norm"] == pytest.approx(float(torch.cat(grads).norm()), rel=1e-4)
@@ -107,18 +113,19 @@ def _trained_subsets(seed: int) -> list[dict[tuple[int, int], set[int]]]:
 
     module = make_module(seed=seed)  # timestep_fraction 0.5: 2 of the 4 steps per sample
     per_rollout: list[dict] = []
-    update, micro_loss = module._update, module._micro_loss
+    update, loss = module._update, module.objective.loss
 
     def recording_update(*args, **kwargs):
         per_rollout.append({})
         return update(*args, **kwargs)
 
-    def recording_loss(trajectories, advantages, samples, index):
-        for key, i in zip(trajectories.sample_keys[samples.cpu()].tolist(), index.tolist()):
+    def recording_loss(module_, prepared, samples, column):
+        index = prepared.columns[samples, column]
+        for key, i in zip(prepared.rollout.sample_keys[samples.cpu()].tolist(), index.tolist()):
             per_rollout[-1].setdefault(tuple(key), set()).add(i)
-        return micro_loss(trajectories, advantages, samples, index)
+        return loss(module_, prepared, samples, column)
 
-    module._update, module._micro_loss = recording_update, recording_loss
+    module._update, module.objective.loss = recording_update, recording_loss
     fit(module, PROMPTS, batches=2)
     return per_rollout
 
@@ -138,17 +145,15 @@ def test_the_trained_timestep_subsets_do_not_depend_on_the_rank():
     from types import SimpleNamespace
 
     from lightning_grpo.rollout import rollout
-    from lightning_grpo.samplers.step_schedule import trainable_steps
     from tests.training.fixtures import PROMPTS
 
     module = make_module(seed=4)  # timestep_fraction 0.5: 2 of the 4 steps
     trajectories = rollout(module.policy, module.sampler, PROMPTS[:2], 4, torch.Generator().manual_seed(0))
-    candidates = trainable_steps(module.sampler)
 
     def subsets(rank: int, step: int) -> torch.Tensor:
         module._trainer = SimpleNamespace(global_rank=rank, global_step=step)
         try:
-            return module._timestep_indices(trajectories, candidates)
+            return module.objective.prepare(module, trajectories, Targets.empty(), module._column_seed()).columns
         finally:
             module._trainer = None
 

@@ -1,4 +1,4 @@
-"""The module's update step by hand: `_micro_loss` at known ratios, the KL to the frozen reference,
+"""The module's update step by hand: the GRPO objective's loss at known ratios, the KL to the frozen reference,
 the update schedule of uneven ranks (faked on one process), DDP's `no_sync` around every backward
 but the last of an optimizer step, and `_optimizer_step`'s clipping on both branches.
 
@@ -17,9 +17,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 import lightning_grpo.distributed
-import lightning_grpo.module
 from lightning_grpo.grpo.loss import gaussian_kl
 from lightning_grpo.module import GRPOModule
+from lightning_grpo.objectives import Prepared, Targets
 from lightning_grpo.policies.tiny import TinyPolicy
 from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers import FlowSDESampler
@@ -42,17 +42,26 @@ def _shifted_rollout(module: GRPOModule) -> Rollout:
     return dataclasses.replace(trajectories, log_probs=old)
 
 
+def _loss(module: GRPOModule, trajectories: Rollout, advantages: torch.Tensor, samples: torch.Tensor, index: torch.Tensor):
+    """The objective's loss of `samples` at their step `index` (one trained column each)."""
+    weights = None if advantages.ndim == 1 else torch.tensor([r.weight for r in module.rewards.rewards])
+    columns = torch.zeros(trajectories.batch_size, 1, dtype=torch.long)
+    columns[samples, 0] = index
+    prepared = Prepared(trajectories, Targets(advantages, None, {}, weights), columns, {})
+    return module.objective.loss(module, prepared, samples, 0)
+
+
 def _surrogate(advantage: float, ratio: float, clip: float = 0.2) -> float:
     """max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)) for one sample."""
     return max(-advantage * ratio, -advantage * min(max(ratio, 1 - clip), 1 + clip))
 
 
-def test_micro_loss_is_the_clipped_surrogate_at_known_ratios():
+def test_the_loss_is_the_clipped_surrogate_at_known_ratios():
     module = make_module(clip_range=0.2, adv_clip_max=1.0)
     trajectories = _shifted_rollout(module)
     advantages = torch.zeros(8)
     advantages[SAMPLES] = torch.tensor([0.7, -2.5])  # −2.5 is clamped to −1 by adv_clip_max
-    loss, stats = module._micro_loss(trajectories, advantages, SAMPLES, INDEX)
+    loss, stats = _loss(module, trajectories, advantages, SAMPLES, INDEX)
     r1, r6 = math.exp(0.5), math.exp(-0.1)
     # sample 1: A = 0.7, ρ clipped to 1.2 -> −0.84; sample 6: A = −1, ρ inside -> +0.9048
     expected = (-0.7 * 1.2 + 1.0 * r6) / 2
@@ -63,7 +72,7 @@ def test_micro_loss_is_the_clipped_surrogate_at_known_ratios():
     assert float(stats.clip_fraction) == 0.5 and float(stats.kl) == 0.0
 
 
-def test_micro_loss_of_per_reward_advantages_weights_each_rewards_surrogate():
+def test_the_loss_of_per_reward_advantages_weights_each_rewards_surrogate():
     """[B, K] advantages: Σ_k w_k · mean_b(surrogate of A_bk), with the module's reward weights."""
     policy = TinyPolicy(paradigm="flow", resolution=8)
     rewards = [Redness(weight=1.0), Redness(name="redness_again", weight=0.5)]
@@ -72,14 +81,14 @@ def test_micro_loss_of_per_reward_advantages_weights_each_rewards_surrogate():
     trajectories = _shifted_rollout(module)
     advantages = torch.zeros(8, 2)
     advantages[SAMPLES] = torch.tensor([[0.7, -0.4], [-2.5, 0.3]])
-    loss, _ = module._micro_loss(trajectories, advantages, SAMPLES, INDEX)
+    loss, _ = _loss(module, trajectories, advantages, SAMPLES, INDEX)
     r1, r6 = math.exp(0.5), math.exp(-0.1)
     first = (-0.7 * 1.2 + 1.0 * r6) / 2  # A_1 = 0.7 clipped ratio; A_6 = −1 (clamped)
     second = (0.4 * r1 - 0.3 * r6) / 2  # A_1 = −0.4: the unclipped ρ is the larger loss; A_6 = 0.3 inside
     assert float(loss) == pytest.approx(1.0 * first + 0.5 * second, rel=1e-4)
 
 
-def test_micro_loss_adds_beta_times_the_kl_to_the_frozen_initial_policy():
+def test_the_loss_adds_beta_times_the_kl_to_the_frozen_initial_policy():
     """After the policy moved away from its frozen copy, the loss is the surrogate plus
     β·mean KL(N(μ_θ, σ²) ‖ N(μ_ref, σ²)), the means from each model's prediction at the same x_i."""
     module = make_module(kl_beta=0.3, clip_range=0.2)
@@ -91,8 +100,8 @@ def test_micro_loss_adds_beta_times_the_kl_to_the_frozen_initial_policy():
     advantages[SAMPLES] = torch.tensor([0.7, -0.4])
     without_kl = make_module(kl_beta=0.0, clip_range=0.2)
     without_kl.policy.load_state_dict(module.policy.state_dict())
-    loss, stats = module._micro_loss(trajectories, advantages, SAMPLES, INDEX)
-    surrogate, _ = without_kl._micro_loss(trajectories, advantages, SAMPLES, INDEX)
+    loss, stats = _loss(module, trajectories, advantages, SAMPLES, INDEX)
+    surrogate, _ = _loss(without_kl, trajectories, advantages, SAMPLES, INDEX)
 
     x, condition = trajectories.latents[SAMPLES, INDEX], {k: v[SAMPLES] for k, v in trajectories.condition.items()}
     t = module.sampler.timesteps[INDEX]
@@ -106,26 +115,32 @@ def test_micro_loss_adds_beta_times_the_kl_to_the_frozen_initial_policy():
 
 
 def test_trained_group_size_is_the_kept_count_under_best_of_n():
-    assert make_module(group_size=6)._trained_group_size() == 6
-    assert make_module(group_size=6, best_of_n=(2, 1), samples_per_update=None)._trained_group_size() == 3
+    assert make_module(group_size=6).objective.trained_group_size(6) == 6
+    assert make_module(group_size=6, best_of_n=(2, 1), samples_per_update=None).objective.trained_group_size(6) == 3
 
 
 def _recording_fit(module: GRPOModule, monkeypatch) -> tuple[object, list, list]:
-    """Fit one batch (8 samples), recording each `_micro_loss` call and, at each optimizer step,
-    the gradients of the trainable parameters (None where a parameter has none)."""
+    """Fit one batch (8 samples), recording each loss call (its rollout, samples and steps), each
+    zero-weight padding backward (its rollout) and, at each optimizer step, the gradients of the
+    trainable parameters (None where a parameter has none)."""
     calls, grads = [], []
-    micro_loss, optimizer_step = module._micro_loss, module._optimizer_step
+    loss, padding, optimizer_step = module.objective.loss, lightning_grpo.distributed.padding_backward, module._optimizer_step
 
-    def recording_loss(trajectories, advantages, samples, index):
-        calls.append((trajectories, advantages.detach().clone(), samples.clone(), index.clone()))
-        return micro_loss(trajectories, advantages, samples, index)
+    def recording_loss(module_, prepared, samples, column):
+        calls.append((prepared.rollout, samples.clone(), prepared.columns[samples, column].clone()))
+        return loss(module_, prepared, samples, column)
+
+    def recording_padding(module_, rollout_):
+        calls.append(("padding", rollout_))
+        return padding(module_, rollout_)
 
     def recording_step(optimizer, scheduler):
         grads.append([None if p.grad is None else p.grad.detach().clone() for p in module.policy.trainable_parameters()])
         calls.append("step")
         return optimizer_step(optimizer, scheduler)
 
-    monkeypatch.setattr(module, "_micro_loss", recording_loss)
+    monkeypatch.setattr(module.objective, "loss", recording_loss)
+    monkeypatch.setattr(lightning_grpo.distributed, "padding_backward", recording_padding)
     monkeypatch.setattr(module, "_optimizer_step", recording_step)
     trainer, _ = fit(module, PROMPTS, batches=1)
     return trainer, calls, grads
@@ -133,23 +148,19 @@ def _recording_fit(module: GRPOModule, monkeypatch) -> tuple[object, list, list]
 
 def test_a_rank_with_fewer_samples_takes_part_in_the_other_ranks_steps_with_zero_weight(monkeypatch):
     """Ranks holding 8 and 16 samples, 4 per optimizer step: both run 4 steps; in the last two this
-    rank has none and runs one zero-weight backward on sample 0 of the padding rollout at the first
-    trainable step, so DDP's all-reduce meets the other rank's (faked: the count all-gather). With
-    a KL term (nonzero once the policy moved) only the zero weight keeps that backward's gradient 0."""
+    rank has none and runs one zero-weight backward through the policy on the padding rollout, so
+    DDP's all-reduce meets the other rank's (faked: the count all-gather)."""
     module = make_module(samples_per_update=4, micro_batch_size=2, timestep_fraction=0.5, kl_beta=0.1)  # K = 2 of 4
-    monkeypatch.setattr(module, "_counts_may_differ", lambda: True)
+    monkeypatch.setattr(lightning_grpo.distributed, "counts_may_differ", lambda *args: True)
     monkeypatch.setattr(lightning_grpo.distributed, "all_gather_objects", lambda count: [count, 16])
     trainer, calls, grads = _recording_fit(module, monkeypatch)
     assert trainer.global_step == 4
-    steps = " ".join("s" if c == "step" else "c" for c in calls).split("s")[:-1]
-    assert [s.split() for s in steps] == [["c"] * 4, ["c"] * 4, ["c"], ["c"]]  # 2 micro-batches × K, then a pad
+    steps = " ".join("s" if c == "step" else ("p" if c[0] == "padding" else "c") for c in calls).split("s")[:-1]
+    assert [s.split() for s in steps] == [["c"] * 4, ["c"] * 4, ["p"], ["p"]]  # 2 micro-batches × K, then a pad
     trained = [c for c in calls if c != "step"]
     rollout_of_step = trained[0][0]
     for padding_call in trained[-2:]:
-        trajectories, advantages, samples, index = padding_call
-        assert trajectories is rollout_of_step  # the padding rollout: here the trained one (nothing dropped)
-        assert torch.equal(advantages, torch.zeros(1)) and torch.equal(samples, torch.zeros(1, dtype=torch.long))
-        assert torch.equal(index, torch.zeros(1, dtype=torch.long))  # the first trainable step
+        assert padding_call[1] is rollout_of_step  # the padding rollout: here the trained one (nothing dropped)
     for step_grads in grads[:2]:
         assert all(g is not None for g in step_grads) and any(g.abs().sum() > 0 for g in step_grads)
     for step_grads in grads[2:]:  # a backward ran (every gradient exists) and added nothing
@@ -173,7 +184,7 @@ def test_every_backward_but_the_last_of_an_optimizer_step_skips_the_gradient_syn
         log.append(inside[0])
         return backward(loss, *args, **kwargs)
 
-    monkeypatch.setattr(lightning_grpo.module, "skip_gradient_sync", recording_skip)
+    monkeypatch.setattr(lightning_grpo.distributed, "skip_gradient_sync", recording_skip)
     monkeypatch.setattr(module, "manual_backward", recording_backward)
     trainer, _ = fit(module, PROMPTS, batches=1)
     assert log == [True, True, True, False] * 2
@@ -238,10 +249,13 @@ def test_the_optimizer_steps_on_gradients_clipped_to_max_grad_norm_and_logs_the_
 
 
 def test_max_grad_norm_clips_by_norm_and_a_trainer_set_to_clip_by_value_is_refused():
-    """The module asks Lightning for norm clipping explicitly: a Trainer configured to clip by
-    value conflicts with it and fails at the first optimizer step instead of clipping by value."""
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    """The module clips by norm (`model.max_grad_norm`): a Trainer configured to clip by value
+    is refused at set-up, before any rollout, instead of being ignored."""
+    from lightning_grpo.validation import ConfigError
 
     module = make_module(samples_per_update=None, max_grad_norm=1e-4)
-    with pytest.raises(MisconfigurationException, match="gradient_clip_algorithm"):
+    rollouts = []
+    module._rollout = lambda work: rollouts.append(work)
+    with pytest.raises(ConfigError, match="gradient_clip_algorithm='value'.*max_grad_norm"):
         fit(module, PROMPTS, batches=1, gradient_clip_algorithm="value")
+    assert rollouts == []

@@ -27,13 +27,13 @@ def test_step_trains_on_the_advantages_of_the_chosen_form(form, mode):
     module = make_module(group_size=4, best_of_n=(1, 1), samples_per_update=2, multi_reward=form, best_of_n_advantages=mode)
     module.rewards.rewards.append(Blueness(weight=2.0))
     seen = []
-    original = module._micro_loss
+    original = module.objective.loss
 
-    def spy(trajectories, advantages, samples, index):
-        seen.append(advantages)
-        return original(trajectories, advantages, samples, index)
+    def spy(module_, prepared, samples, column):
+        seen.append(prepared.targets.values)
+        return original(module_, prepared, samples, column)
 
-    module._micro_loss = spy
+    module.objective.loss = spy
     trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=ListPrompts(PROMPTS, 2))

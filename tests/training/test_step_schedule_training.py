@@ -68,20 +68,20 @@ def test_module_with_a_full_window_trains_exactly_like_today():
 
 
 def _record_trained_indices(module, monkeypatch) -> list[list[int]]:
-    """Wrap `_micro_loss` so every call's timestep indices are kept, grouped by rollout."""
+    """Wrap the objective's loss so every call's timestep indices are kept, grouped by rollout."""
     per_rollout: list[list[int]] = []
-    original_update, original_loss = module._update, module._micro_loss
+    original_update, original_loss = module._update, module.objective.loss
 
     def update(*args, **kwargs):
         per_rollout.append([])
         return original_update(*args, **kwargs)
 
-    def micro_loss(trajectories, advantages, samples, index):
-        per_rollout[-1].extend(index.tolist())
-        return original_loss(trajectories, advantages, samples, index)
+    def loss(module_, prepared, samples, column):
+        per_rollout[-1].extend(prepared.columns[samples, column].tolist())
+        return original_loss(module_, prepared, samples, column)
 
     monkeypatch.setattr(module, "_update", update)
-    monkeypatch.setattr(module, "_micro_loss", micro_loss)
+    monkeypatch.setattr(module.objective, "loss", loss)
     return per_rollout
 
 

@@ -1,0 +1,257 @@
+"""GRPO runs whose every number is stored, to prove a restructuring changed nothing.
+
+Each case trains a few steps (the weight-free TinyPolicy in Python, the shipped toy FLUX pipeline
+and configs/tiny.yaml through the CLI with the default callbacks) and records, after every
+training step, a SHA-256 of the trainable weights (their float32 bytes), every logged `train/`
+value as `float.hex()` and a SHA-256 of the step record's advantages. `tests/training/
+test_grpo_reference.py` runs the same cases with the code of today and compares exactly.
+
+The file `grpo_reference.json` beside this script was written by running it in a checkout of the
+code the restructuring of issue 30 started from (commit 8c37f8c, its "commit" entry), with the
+flat GRPO options that both versions accept (`GRPOModule(clip_range=...)`, the shorthand of the
+GRPO objective), from that checkout's root:
+
+    git archive 8c37f8c | tar -x -C /tmp/base && cd /tmp/base
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python <this repository>/tests/data/make_grpo_reference.py \
+        --out <this repository>/tests/data/grpo_reference.json
+
+The two-process cases (`DDP_CASES`) run tests/distributed/ddp_run.py on 2 gloo processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+STEPS = 3
+
+
+def _sha(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _hex(value) -> str:
+    value = float(value)
+    return "nan" if math.isnan(value) else value.hex()
+
+
+def _recorder():
+    from lightning.pytorch import Callback
+
+    class Recorder(Callback):
+        """After each training step: weights, logged train/ values and the record's advantages."""
+
+        def __init__(self) -> None:
+            self.steps: list[dict] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights = torch.cat([p.detach().float().flatten() for p in pl_module.policy.trainable_parameters()])
+            metrics = {k: _hex(v) for k, v in sorted(trainer.callback_metrics.items()) 
+                       if (k.startswith("train/") and not k.startswith("train/time/")) or k == "reward"}
+            record = pl_module.last_step
+            self.steps.append({
+                "global_step": trainer.global_step, "weights": _sha(weights), "metrics": metrics,
+                "advantages": None if record is None else _sha(record.advantages),
+                "scores": None if record is None else {k: _sha(v) for k, v in sorted(record.scores.items())},
+            })
+
+    return Recorder()
+
+
+# ------------------------------------------------------------------------------------ Python cases
+def _tiny_case(name: str):
+    """(module, datamodule) of a Python case: TinyPolicy, Redness (and friends)."""
+    from lightning_grpo.module import GRPOModule
+    from lightning_grpo.policies.tiny import TinyPolicy
+    from lightning_grpo.samplers import DDIMSDESampler, FlowSDESampler
+    from lightning_grpo.samplers.ode_tail import MultistepODETail
+    from lightning_grpo.samplers.step_schedule import RandomBranch, SlidingWindow
+    from tests.training.fixtures import PROMPTS, ListPrompts, Redness
+
+    class Greenness(Redness):
+        default_name = "greenness"
+
+        def score(self, pixels, prompts, images=None):
+            return (pixels[:, 1] - pixels[:, 2]).flatten(1).mean(1)
+
+    class FailingOnSquares(Redness):
+        """NaN for every sample of the prompts that name a square (a reward failing on some groups)."""
+
+        def score(self, pixels, prompts, images=None):
+            scores = super().score(pixels, prompts, images)
+            failing = torch.tensor(["square" in p for p in prompts], device=scores.device)
+            return torch.where(failing, torch.full_like(scores, float("nan")), scores)
+
+    base = dict(group_size=4, timestep_fraction=0.5, micro_batch_size=2, samples_per_update=4, clip_range=0.2,
+                learning_rate=1e-3, show_progress=False)
+    flow = FlowSDESampler(num_steps=4, eta=0.7)
+    cases = {
+        "flow_default": lambda: (dict(base), flow, [Redness()], "flow", 1.0),
+        "per_reward_best_of_n_kl": lambda: (
+            dict(base, group_size=4, best_of_n=(1, 1), best_of_n_advantages="kept", multi_reward="per_reward", kl_beta=0.1,
+                 advantage_std="global", drop_last_timestep=True, lr_warmup_steps=2, max_grad_norm=0.01, samples_per_update=2,
+                 timestep_fraction=1.0, adv_clip_max=0.8),
+            flow, [Redness(weight=1.0), Greenness(weight=0.5)], "flow", 1.0),
+        "sum_best_of_n_group_warmup": lambda: (
+            dict(base, best_of_n=(2, 1), samples_per_update=None, lr_warmup_steps=3, max_grad_norm=0.05, seed=3),
+            flow, [Redness(), Greenness(weight=2.0)], "flow", 1.0),
+        "ddim_cfg_kl": lambda: (
+            dict(base, kl_beta=0.05, samples_per_update=None, micro_batch_size=4, timestep_fraction=0.75),
+            DDIMSDESampler(num_steps=4, eta=1.0), [Redness()], "diffusion", 2.0),
+        "sliding_window_ode_tail": lambda: (
+            dict(base, step_schedule=SlidingWindow(size=2, shift_interval=1), ode_tail=MultistepODETail(compression=0.5),
+                 rollout_batch_size=3, shared_noise=False, timestep_fraction=1.0),
+            FlowSDESampler(num_steps=6, eta=0.7), [Redness()], "flow", 1.0),
+        "random_branch_flow_grpo": lambda: (
+            dict(base, step_schedule=RandomBranch(num_sde_steps=2, high=4), seed=7),
+            FlowSDESampler(num_steps=5, eta=0.5, noise_form="flow_grpo"), [Redness()], "flow", 1.0),
+        "drop_group": lambda: (
+            dict(base, reward_failure="drop_group", samples_per_update=4),
+            flow, [FailingOnSquares()], "flow", 1.0),
+        "async_scoring": lambda: (dict(base, async_scoring=True), flow, [Redness()], "flow", 1.0),
+    }
+    options, sampler, rewards, paradigm, guidance = cases[name]()
+    policy = TinyPolicy(paradigm=paradigm, resolution=8, guidance_scale=guidance)
+    module = GRPOModule(policy=policy, sampler=sampler, rewards=rewards, **options)
+    return module, ListPrompts(PROMPTS, batch_size=2)
+
+
+PYTHON_CASES = ["flow_default", "per_reward_best_of_n_kl", "sum_best_of_n_group_warmup", "ddim_cfg_kl",
+                "sliding_window_ode_tail", "random_branch_flow_grpo", "drop_group", "async_scoring"]
+
+
+def run_python_case(name: str) -> list[dict]:
+    import warnings
+
+    from lightning.pytorch import Trainer, seed_everything
+
+    seed_everything(0, verbose=False)
+    module, data = _tiny_case(name)
+    recorder = _recorder()
+    trainer = Trainer(max_steps=STEPS * (2 if name == "async_scoring" else 1), accelerator="cpu", devices=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=[recorder])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=data)
+    return recorder.steps
+
+
+# ------------------------------------------------------------------------------------ CLI cases
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli_config(name: str, folder: Path) -> list[str]:
+    """Arguments of a CLI case: the shipped YAML, trimmed to a short run (and, for the toy FLUX
+    demo, without its held-out evaluation and monitor, whose samples do not touch training)."""
+    if name == "tiny_cli":
+        return ["-c", str(ROOT / "configs" / "tiny.yaml"), f"--trainer.logger.init_args.save_dir={folder}",
+                f"--trainer.max_steps={STEPS}"]
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    raw["trainer"]["callbacks"] = [c for c in raw["trainer"]["callbacks"] if c["class_path"].rsplit(".", 1)[-1]
+                                   in ("GRPOCheckpoint", "ODEVisualizer")]
+    raw["trainer"]["logger"]["init_args"]["save_dir"] = str(folder)
+    raw["trainer"]["max_steps"] = STEPS
+    raw["model"].update(group_size=4, micro_batch_size=4, samples_per_update=4)
+    raw["data"]["init_args"]["batch_size"] = 2
+    path = folder / "demo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return ["-c", str(path)]
+
+
+CLI_CASES = ["tiny_cli", "demo_flux_cli"]
+
+
+# ------------------------------------------------------------------------------------ two processes
+DDP_CASES = {
+    # groups of 4 spanning 2 ranks, best-of-n over whole groups, a reward failing on one prompt
+    "ddp_spanning_best_of_n_drop": ["--groups-across-ranks", "--best-of-n", "1", "1", "--failing-prompt", "a red photo"],
+    # groups on one rank each; rank 1 drops a group, so the ranks agree on the update schedule
+    "ddp_drop_group": ["--failing-prompt", "a red photo"],
+    # ... in optimizer steps of 4 samples: rank 0 makes 2, rank 1 (4 samples left) 1 and a zero-weight one
+    "ddp_drop_group_padding": ["--failing-prompt", "a red photo", "--samples-per-update", "4"],
+}
+DDP_PROMPTS = [f"a {c} {s}" for c in ("red", "blue", "cat", "dog") for s in ("circle", "square", "sofa", "photo")]
+
+
+def run_ddp_case(name: str) -> list[dict]:
+    """tests/distributed/ddp_run.py on 2 gloo processes (the tiny FLUX stand-in): per step, each
+    rank's weights and logged values."""
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "tests" / "policies"))
+    from tiny import build_tiny_flux
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        build_tiny_flux(tmp / "flux")
+        (tmp / "prompts.txt").write_text("\n".join(DDP_PROMPTS) + "\n")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, str(ROOT / "tests" / "distributed" / "ddp_run.py"), "--flux", str(tmp / "flux"), "--out",
+                   str(tmp), "--tag", "run", "--devices", "2", "--steps", "2", "--prompts", str(tmp / "prompts.txt"), *DDP_CASES[name]]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        steps = []
+        for rank, path in enumerate(sorted(tmp.glob("run_rank_*.pt"))):
+            for step in torch.load(path, weights_only=False)["steps"]:
+                steps.append({
+                    "rank": rank, "global_step": step["optimizer_steps"], "weights": _sha(step["weights"]),
+                    "metrics": {k: _hex(v) for k, v in sorted(step["metrics"].items()) if not k.startswith("train/time/")},
+                    "advantages": None if step["advantages"] is None else _sha(step["advantages"]),
+                })
+        return steps
+
+
+def run_cli_case(name: str) -> list[dict]:
+    from lightning_grpo.cli import run
+
+    previous = os.getcwd()
+    os.chdir(ROOT)  # the configs name repository-relative paths
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            recorder = _recorder()
+            cli = run(_cli_config(name, Path(folder)), subcommand=False)
+            cli.trainer.callbacks.append(recorder)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            return recorder.steps
+    finally:
+        os.chdir(previous)
+
+
+def run_case(name: str) -> list[dict]:
+    if name in DDP_CASES:
+        return run_ddp_case(name)
+    return run_cli_case(name) if name in CLI_CASES else run_python_case(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cases", nargs="*", default=PYTHON_CASES + CLI_CASES + list(DDP_CASES))
+    args = parser.parse_args()
+    global ROOT
+    ROOT = Path.cwd()  # the code under test: the working directory's lightning_grpo and configs
+    sys.path.insert(0, str(ROOT))
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"commit": commit, "steps": STEPS, "cases": {}}
+    for name in args.cases:
+        print(f"{name} ...", flush=True)
+        result["cases"][name] = run_case(name)
+    args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
