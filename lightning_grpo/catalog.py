@@ -67,6 +67,7 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
         "lightning_grpo.toy.verifier.ShapesVerifier",
         "lightning_grpo.toy.motion_verifier.MovingShapesVerifier",
         "lightning_grpo.toy.motion_verifier.FirstFrameFidelity",
+        "lightning_grpo.toy.motion_verifier.FirstFrameAdherence",
     ]),
     "first frames": ("model.first_frames", [
         "lightning_grpo.first_frames.GeneratedFirstFrames",
