@@ -247,4 +247,24 @@ def objective_class(model: Mapping[str, Any]) -> type[Objective] | None:
     return cls if isinstance(cls, type) and issubclass(cls, Objective) else None
 
 
-__all__ = ["Objective", "Prepared", "RolloutNeeds", "Targets", "objective_class", "objective_options", "resolve_objective"]
+
+class SelectingObjective(Objective):
+    """An objective with DanceGRPO's best-of-n selection (`best_of_n`: keep_top, keep_bottom of
+    each group, or None for all) and an optional KL to the frozen initial policy (`kl_beta`):
+    what follows from those two options for the module, in one place (GRPO and DiffusionNFT)."""
+
+    best_of_n: tuple[int, int] | None = None
+    kl_beta: float = 0.0
+
+    def trained_group_size(self, group_size: int) -> int:
+        return group_size if self.best_of_n is None else sum(self.best_of_n)
+
+    @property
+    def selects(self) -> bool:
+        return self.best_of_n is not None
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_beta > 0
+
+__all__ = ["Objective", "Prepared", "RolloutNeeds", "SelectingObjective", "Targets", "objective_class", "objective_options", "resolve_objective"]

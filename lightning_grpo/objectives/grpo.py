@@ -16,7 +16,7 @@ from lightning_grpo.grpo.advantages import (
 )
 from lightning_grpo.grpo.loss import clipped_surrogate_loss, gaussian_kl
 from lightning_grpo.noise import keyed_timestep_indices
-from lightning_grpo.objectives.base import Objective, Prepared, RolloutNeeds, Targets
+from lightning_grpo.objectives.base import Prepared, RolloutNeeds, SelectingObjective, Targets
 from lightning_grpo.samplers.step_schedule import trainable_steps
 from lightning_grpo.types import GRPOStats, Rollout, index_condition
 from lightning_grpo.validation import ConfigError, Range
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from lightning_grpo.module import GRPOModule
 
 
-class GRPO(Objective):
+class GRPO(SelectingObjective):
     """Group Relative Policy Optimisation over the denoising steps (DanceGRPO, Flow-GRPO).
 
     Targets: each reward normalised within its group (A_k = (r_k − mean_g) / (std + 1e-8)),
@@ -97,17 +97,6 @@ class GRPO(Objective):
         if module.sampler.eta <= 0:
             raise ValueError(f"the training sampler needs eta > 0 (got {module.sampler.eta}): an ODE sampler has no log-probability")
         check_best_of_n(self.best_of_n, module.hparams.group_size)
-
-    def trained_group_size(self, group_size: int) -> int:
-        return group_size if self.best_of_n is None else sum(self.best_of_n)
-
-    @property
-    def selects(self) -> bool:
-        return self.best_of_n is not None
-
-    @property
-    def uses_reference(self) -> bool:
-        return self.kl_beta > 0
 
     # -- targets -------------------------------------------------------------------------------
     def targets(self, scores: dict[str, Tensor], weights: dict[str, float], group_size: int) -> Targets:

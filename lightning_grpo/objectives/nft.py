@@ -36,7 +36,7 @@ from torch import Tensor
 
 from lightning_grpo.grpo.advantages import BestOfNAdvantages, StdMode, grpo_advantages, reward_advantages
 from lightning_grpo.noise import keyed_timestep_indices, sample_seed
-from lightning_grpo.objectives.base import Objective, Prepared, RolloutNeeds, Targets
+from lightning_grpo.objectives.base import Prepared, RolloutNeeds, SelectingObjective, Targets
 from lightning_grpo.objectives.grpo import check_best_of_n
 from lightning_grpo.types import Rollout, index_condition
 from lightning_grpo.validation import ConfigError, Range
@@ -48,7 +48,7 @@ WEIGHT_FLOOR = 1e-5
 """Lower bound of the adaptive weight w (official value), so a perfect prediction does not divide by 0."""
 
 
-class DiffusionNFT(Objective):
+class DiffusionNFT(SelectingObjective):
     """Diffusion Negative-aware FineTuning: forward-process RL of flow models (module docstring).
 
     Args:
@@ -127,17 +127,6 @@ class DiffusionNFT(Objective):
         for index, param in enumerate(module.policy.trainable_parameters()):
             self.register_buffer(f"old_{index}", param.detach().clone())  # θ_old, saved in checkpoints
         self._num_old = len(module.policy.trainable_parameters())
-
-    def trained_group_size(self, group_size: int) -> int:
-        return group_size if self.best_of_n is None else sum(self.best_of_n)
-
-    @property
-    def selects(self) -> bool:
-        return self.best_of_n is not None
-
-    @property
-    def uses_reference(self) -> bool:
-        return self.kl_beta > 0
 
     # -- the old policy ------------------------------------------------------------------------
     def old_weights(self) -> list[Tensor]:

@@ -7,7 +7,7 @@ between base models:
     components       {subfolder: (kind, "library.Class")}: what the checkpoint folder holds
     denoiser_name    the one trainable module ("transformer", "unet")
     latent_normalization  how VAE latents become the denoiser's (`ScaleShift`, `ChannelMeanStd`)
-    latent_multiple, default_num_steps, default_eta, default_lora_targets, published_config
+    latent_multiple (or latent_multiple_from_patch_size), default_num_steps, default_eta, default_lora_targets, published_config
 
 and implements `predict`, `encode_prompts` (through the pipeline's own `encode_prompt`),
 `latent_channels`, `pipeline_call_kwargs`, `uses_cfg_with` and `config_geometry`. Everything
@@ -242,6 +242,7 @@ class DiffusersPolicy(PolicyAdapter):
     denoiser_name: ClassVar[str]
     latent_normalization: ClassVar[LatentNormalization] = ScaleShift()  # VAE latents ↔ the denoiser's
     latent_multiple: ClassVar[int] = 1  # extra down-sampling after the VAE (FLUX's 2×2 packing: 2)
+    latent_multiple_from_patch_size: ClassVar[bool] = False  # read it from the denoiser's patch_size instead
     default_num_steps: ClassVar[int]
     default_eta: ClassVar[float]
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -344,9 +345,19 @@ class DiffusersPolicy(PolicyAdapter):
 
     @classmethod
     def latent_multiple_in(cls, configs: Mapping[str, Mapping[str, Any]]) -> tuple[int, str]:
-        """(multiple, why): the extra down-sampling of the latents after the VAE, a fixed
-        `latent_multiple` here (FLUX's 2×2 packing; families that read it from the denoiser's
-        config, e.g. a transformer's patch size, override this)."""
+        """(multiple, why): the extra down-sampling of the latents after the VAE: the fixed
+        `latent_multiple` (FLUX's 2×2 packing), or with `latent_multiple_from_patch_size` the
+        spatial `patch_size` of the denoiser's config.json (an int, or (t, h, w) for video
+        transformers such as Wan's; the pipelines check height and width against VAE factor × it)."""
+        if cls.latent_multiple_from_patch_size:
+            patch = configs.get(cls.denoiser_name, {}).get("patch_size")
+            if isinstance(patch, int):
+                return patch, f": the patch_size of {cls.denoiser_name}/config.json"
+            if isinstance(patch, (list, tuple)) and len(patch) == 3:
+                if int(patch[1]) != int(patch[2]):
+                    raise ValueError(f"non-square spatial patches {tuple(patch)} are not supported")
+                return int(patch[1]), f": the spatial patch_size of {cls.denoiser_name}/config.json"
+            return 1, ""
         multiple = int(cls.latent_multiple)
         return multiple, f": {cls.__name__} packs {multiple}×{multiple} latents into one token" if multiple > 1 else ""
 

@@ -100,6 +100,7 @@ class HunyuanVideoPolicy(FlowMatchingFamily):
     pipeline_class = "HunyuanVideoPipeline"
     components = HUNYUAN_VIDEO_SPEC
     denoiser_name = "transformer"
+    latent_multiple_from_patch_size = True  # the transformer's patch_size (config.json)
     geometry_arguments = ("height", "width", "num_frames")
     published_config = "HunyuanVideo"
     default_num_steps = 16  # DanceGRPO HunyuanVideo recipe: 16 steps, eta 0.25
@@ -150,12 +151,6 @@ class HunyuanVideoPolicy(FlowMatchingFamily):
         return {"template": template["template"], "crop_start": int(crop)}
 
     # -- geometry -----------------------------------------------------------------------------
-
-    @classmethod
-    def latent_multiple_in(cls, configs: Mapping[str, Mapping[str, Any]]) -> tuple[int, str]:
-        """The transformer's spatial patch size: frames are cut into p×p latent patches."""
-        patch = configs.get(cls.denoiser_name, {}).get("patch_size")
-        return (int(patch), f": the patch_size of {cls.denoiser_name}/config.json") if isinstance(patch, int) else (1, "")
 
     @classmethod
     def uses_cfg_with(cls, init_args: Mapping[str, Any]) -> bool:

@@ -70,6 +70,7 @@ class StableDiffusion3Policy(FlowMatchingFamily):
     pipeline_class = "StableDiffusion3Pipeline"
     components = SD3_SPEC
     denoiser_name = "transformer"
+    latent_multiple_from_patch_size = True  # the transformer's patch_size (config.json)
     latent_normalization = ScaleShift(shift=True)  # z = x / scaling_factor + shift_factor
     published_config = "stable-diffusion-3.5-medium"
     default_num_steps = 10  # Flow-GRPO's SD 3.5 recipes: 10 sampling steps, noise level 0.7
@@ -99,12 +100,6 @@ class StableDiffusion3Policy(FlowMatchingFamily):
         self.sampling_shift = sampling_shift
 
     # -- geometry from configs ------------------------------------------------------------------
-
-    @classmethod
-    def latent_multiple_in(cls, configs: Mapping[str, Mapping[str, Any]]) -> tuple[int, str]:
-        """The transformer's patch size: the pipeline checks height and width against VAE factor × it."""
-        patch = configs.get(cls.denoiser_name, {}).get("patch_size")
-        return (int(patch), f": the patch_size of {cls.denoiser_name}/config.json") if isinstance(patch, int) else (1, "")
 
     @classmethod
     def uses_cfg_with(cls, init_args: Mapping[str, Any]) -> bool:

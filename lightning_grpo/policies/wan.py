@@ -86,6 +86,7 @@ class WanT2VPolicy(FlowMatchingFamily):
     pipeline_class = "WanPipeline"
     components = WAN_SPEC
     denoiser_name = "transformer"
+    latent_multiple_from_patch_size = True  # the transformer's patch_size (config.json)
     latent_normalization = ChannelMeanStd()
     geometry_arguments = ("height", "width", "num_frames")
     published_config = "Wan2.1-T2V-1.3B-Diffusers"
@@ -137,17 +138,6 @@ class WanT2VPolicy(FlowMatchingFamily):
         spatial = vae_config.get("scale_factor_spatial") or 2 ** (len(vae_config["dim_mult"]) - 1)
         temporal = vae_config.get("scale_factor_temporal") or 2 ** sum(bool(d) for d in vae_config["temperal_downsample"])
         return int(spatial), int(temporal)
-
-    @classmethod
-    def latent_multiple_in(cls, configs: Mapping[str, Mapping[str, Any]]) -> tuple[int, str]:
-        """The transformer's spatial patch size (patch_size = (t, h, w); WanPipeline checks the
-        height against VAE factor × patch_size[1] and the width against × patch_size[2])."""
-        patch = configs.get(cls.denoiser_name, {}).get("patch_size")
-        if isinstance(patch, (list, tuple)) and len(patch) == 3:
-            if int(patch[1]) != int(patch[2]):
-                raise ValueError(f"non-square spatial patches {tuple(patch)} are not supported")
-            return int(patch[1]), f": the spatial patch_size of {cls.denoiser_name}/config.json"
-        return 1, ""
 
     @classmethod
     def uses_cfg_with(cls, init_args: Mapping[str, Any]) -> bool:
