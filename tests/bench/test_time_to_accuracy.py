@@ -59,7 +59,13 @@ def test_the_nft_ratio_compares_diffusion_nft_with_full_sde_grpo(tmp_path):
 
 
 def test_every_variant_is_a_valid_command_line():
-    """The DiffusionNFT variant names the objective by its short name and sets its beta."""
+    """The DiffusionNFT variant names the objective by its short name and sets its beta; every
+    variant states its step schedule and KL weight, whatever configs/demo.yaml chooses (the demo
+    is the branching schedule with KL since issue 28: "full SDE" must not inherit it)."""
     chosen = tta.variants(2, 25, 2, 0.4, nft_beta=0.1)
     assert list(chosen) == ["full SDE", "mixed window", "mixed window + 2nd-order tail", "branching", "DiffusionNFT"]
-    assert chosen["DiffusionNFT"] == ["--model.objective=DiffusionNFT", "--model.objective.init_args.beta=0.1"]
+    assert chosen["DiffusionNFT"][:2] == ["--model.objective=DiffusionNFT", "--model.objective.init_args.beta=0.1"]
+    for name, overrides in chosen.items():
+        assert "--model.kl_beta=0" in overrides, name
+        assert any(o.startswith("--model.step_schedule=") for o in overrides), name
+    assert "--model.step_schedule=null" in chosen["full SDE"] and "--model.step_schedule=null" in chosen["DiffusionNFT"]
