@@ -68,6 +68,21 @@ def tiny_clip_text_encoder(tokenizer, seed: int, max_positions: int = TEXT_MAX_L
     return CLIPTextModel(config).eval()
 
 
+def tiny_t5_encoder(tokenizer, seed: int, umt5: bool = False):
+    """A 2-layer T5EncoderModel (UMT5EncoderModel with `umt5`: Wan's) whose special-token ids match
+    `tokenizer`, hidden size TEXT_HIDDEN, seeded by `seed`."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    torch.manual_seed(seed)
+    config = config_class(
+        vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return model_class(config).eval()
+
+
 def tiny_vae(seed: int, flux: bool = False):
     """A 2-block AutoencoderKL (×2 down-sampling, 4 latent channels); FLUX-style when `flux`."""
     from diffusers import AutoencoderKL
@@ -146,29 +161,12 @@ def build_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = Tru
     Resolution 16×16; packed latents [B, 16, 16]; T5 embeddings [B, 16, 32] at max length 16.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     path = Path(path)
     tokenizer = tiny_clip_tokenizer()
     text_encoder = tiny_clip_text_encoder(tokenizer, seed)
     tokenizer_2 = tiny_t5_tokenizer()
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=TEXT_HIDDEN,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.1,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-        )
-    ).eval()
+    text_encoder_2 = tiny_t5_encoder(tokenizer_2, seed + 1)
     torch.manual_seed(seed + 2)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -325,18 +323,10 @@ def build_tiny_wan(path: str | Path, seed: int = 0) -> Path:
     Frames 16×16, VIDEO_FRAMES frames; latents [B, 4, 2, 4, 4]; UMT5 states [B, S, 32].
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     path = Path(path)
     tokenizer = tiny_t5_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, dropout_rate=0.1, feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
+    text_encoder = tiny_t5_encoder(tokenizer, seed, umt5=True)
     torch.manual_seed(seed + 1)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
@@ -381,20 +371,12 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     text states [B, 16 + S, 32]; pooled [B, 24].
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import T5Config, T5EncoderModel
 
     path = Path(path)
     tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
     text_encoder = tiny_clip_with_projection(tokenizer, seed, hidden=16, projection=16)
     text_encoder_2 = tiny_clip_with_projection(tokenizer_2, seed + 1, hidden=8, projection=8)
-    torch.manual_seed(seed + 2)
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_3), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, dropout_rate=0.1, feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id,
-        )
-    ).eval()
+    text_encoder_3 = tiny_t5_encoder(tokenizer_3, seed + 2)
     torch.manual_seed(seed + 3)
     transformer = SD3Transformer2DModel(
         sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
