@@ -196,10 +196,12 @@ def _scalars(log_dir: Path) -> dict[str, list[float]]:
 @pytest.mark.slow  # two short CLI fits (about a minute on 2 busy cores): -m slow, run in CI
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("config, model, extra", [
-    # both demos pick SDE steps with a step schedule (branching), which NFT's ODE rollouts refuse
+    # both demos pick SDE steps with a step schedule (branching), which NFT's ODE rollouts refuse;
+    # demo_t2v's per-reward advantages (`multi_reward: per_reward`, a GRPO option) too: NFT
+    # combines its rewards as Σ_k w_k·A_k (the sum form) itself
     ("demo.yaml", {"group_size": 4, "samples_per_update": 8, "micro_batch_size": 8}, ["--model.step_schedule=null"]),
     ("demo_t2v.yaml", {"group_size": 8, "samples_per_update": 4, "micro_batch_size": 4, "best_of_n": [2, 2], "timestep_fraction": 0.25},
-     ["--model.step_schedule=null"]),
+     ["--model.step_schedule=null", "--model.multi_reward=null"]),
 ])
 def test_the_cli_trains_the_demos_with_diffusion_nft(tmp_path, config, model, extra):
     """`lightning-grpo fit -c configs/<demo> --model.objective=DiffusionNFT`, the demo trimmed to
