@@ -158,4 +158,18 @@ register_family(Family(
     config="configs/sd35_pickscore.yaml", contract_only=("guidance_scale",),
 ))
 
+
+def _build_qwen_image(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(path, seed)
+
+
+register_family(Family(
+    name="qwen_image", policy_class="lightning_grpo.policies.qwen_image.QwenImagePolicy", build_stand_in=_build_qwen_image,
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "true_cfg_scale": 3.0},
+    config="configs/qwen_image_hps.yaml", contract_only=("true_cfg_scale",),
+))
+
+
 __all__ = ["FAMILIES", "Family", "family_of", "register_family"]
