@@ -437,7 +437,7 @@ def qwen2_tokenizer(words, max_length: int = 2048):
 
     alphabet = _byte_level_alphabet()
     space = alphabet[ord(" ")]
-    words = list(dict.fromkeys(words))
+    words = ["".join(alphabet[b] for b in word.encode()) for word in dict.fromkeys(words)]  # byte-level form ("\n" → "Ċ")
     chains: dict[str, list[tuple[str, str]]] = {}
     for word in words:
         pieces, chain = list(word), []
@@ -452,7 +452,8 @@ def qwen2_tokenizer(words, max_length: int = 2048):
         for left, right in merges:
             vocab.setdefault(left + right, len(vocab))
         tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-        split = [w for w in order if tokenizer.tokenize(w) != [w] or tokenizer.tokenize(" " + w) != [space + w]]
+        decoded = {w: tokenizer.convert_tokens_to_string([w]) for w in order}
+        split = [w for w in order if tokenizer.tokenize(decoded[w]) != [w] or tokenizer.tokenize(" " + decoded[w]) != [space + w]]
         if not split:
             break
         order = split + [w for w in order if w not in split]
@@ -525,5 +526,81 @@ def build_tiny_qwen_image(path: str | Path, seed: int = 0) -> Path:
     if len(tokenizer(prefix).input_ids) != pipeline.prompt_template_encode_start_idx:
         raise AssertionError(f"the tiny tokenizer splits the prompt template into {len(tokenizer(prefix).input_ids)} tokens, "
                              f"the pipeline drops {pipeline.prompt_template_encode_start_idx}")
+    pipeline.save_pretrained(path)
+    return path
+
+
+# -- FLUX.2 klein ----------------------------------------------------------------------------------
+
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+"""A short chat template giving what Qwen3's own template gives for plain user/assistant turns
+(Flux2KleinPipeline asks for one user turn, a generation prompt and `enable_thinking=False`: the
+empty think block); the real template's tool-call and reasoning branches are left out."""
+
+FLUX2_BN_MEAN = [0.2, -0.3, 0.1, 0.5, -0.6, 0.05, 0.3, -0.1, 0.4, -0.2, 0.15, -0.45, 0.25, 0.0, -0.35, 0.6]
+FLUX2_BN_VAR = [1.8, 0.5, 2.5, 0.7, 1.2, 3.0, 0.4, 1.5, 0.9, 2.2, 0.6, 1.1, 2.8, 0.8, 1.6, 0.45]
+"""Running statistics of the tiny FLUX.2 VAE's batch norm over the 2×2-patchified latents (made
+up, far from 0 and 1 as the Wan and Qwen-Image stand-ins': a missed normalisation changes every
+decoded pixel; the real VAE has 128 of each, learnt)."""
+
+
+def tiny_qwen3(tokenizer, seed: int, hidden: int = 16, layers: int = 27):
+    """A Qwen3ForCausalLM with `layers` thin layers (Flux2KleinPipeline stacks hidden states 9, 18
+    and 27, so it needs 27 at least) for `tokenizer`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def build_tiny_flux2_klein(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.2 [klein] base pipeline (Flux2KleinPipeline, not step-distilled: its
+    CFG runs) to `path` and return it.
+
+    Layout as black-forest-labs/FLUX.2-klein-base-4B: model_index.json, transformer/
+    (Flux2Transformer2DModel, no guidance embedding), vae/ (AutoencoderKLFlux2 with its batch norm
+    over 2×2-patchified latents; made-up running statistics), text_encoder/ (Qwen3ForCausalLM, 27
+    layers), tokenizer/ (a byte-level BPE Qwen2Tokenizer with a Qwen3-style chat template),
+    scheduler/ (FlowMatchEulerDiscreteScheduler with dynamic shifting; the pipeline passes its own
+    μ). Resolution 16×16; VAE latents [B, 4, 8, 8], patchified [B, 16, 4, 4]; text states [B, S, 48]
+    (hidden states 9, 18, 27 side by side).
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    path = Path(path)
+    tokenizer = qwen2_tokenizer(["user", "assistant", "\n\n"] + WORDS)
+    tokenizer.add_tokens(["<think>", "</think>"])  # Qwen3's think markers: added, not special
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    text_encoder = tiny_qwen3(tokenizer, seed)
+    torch.manual_seed(seed + 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * text_encoder.config.hidden_size, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=IMAGE_SIZE,
+    ).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.tensor(FLUX2_BN_MEAN))
+        vae.bn.running_var.copy_(torch.tensor(FLUX2_BN_VAR))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipeline = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  transformer=transformer, is_distilled=False)
     pipeline.save_pretrained(path)
     return path
