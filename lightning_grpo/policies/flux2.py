@@ -7,9 +7,9 @@ the pipeline's denoising loop:
     text:     the pipeline's `encode_prompt`: Qwen3 hidden states 9, 18 and 27 side by side
               [B, S, 3·D] over the prompt in the chat template, padded to S = max_sequence_length
               (the transformer sees the padding too, as in the pipeline: no mask)
-    latents:  VAE latents [B, C, h, w] patchified 2×2 to [B, 4C, h/2, w/2] and normalised by the
-              VAE's batch-norm running statistics (`PatchBatchNorm`): the layout the pipeline's
-              `latents` argument takes; the transformer gets them as tokens [B, h/2·w/2, 4C]
+    latents:  VAE latents [B, C, h, w] normalised by the VAE's batch-norm running statistics over
+              2×2 patches (`PatchBatchNorm`) and patchified to [B, 4C, h/2, w/2]: the layout the
+              pipeline's `latents` argument takes; the transformer gets them as tokens [B, h/2·w/2, 4C]
     denoiser: transformer(tokens, timestep = σ, states, text / image position ids); with CFG
               (undistilled checkpoints only) a second pass on "" , v = v_u + s·(v_c − v_u)
     decode:   z = unpatchify(x·sqrt(var + eps) + mean), pixels = clamp(VAE.decode(z) / 2 + 0.5, 0, 1)
@@ -45,10 +45,12 @@ FLUX2_KLEIN_SPEC = {
 
 
 class PatchBatchNorm(LatentNormalization):
-    """FLUX.2's VAE normalisation: VAE latents z [B, C, h, w] are patchified 2×2 to [B, 4C, h/2,
-    w/2], then x = (p − μ)/σ per channel with μ, σ² + eps the VAE's `bn` running mean / variance
-    (+ `batch_norm_eps`); `denormalize` is the inverse back to z. In the pipelines' own order
-    (`Flux2KleinPipeline._encode_vae_image` and its decode), with their patchify functions."""
+    """FLUX.2's VAE normalisation: per channel of the 2×2-patchified latents, p = patchify(z)
+    [B, 4C, h/2, w/2], x = (p − μ)/σ with μ, σ² the VAE's `bn` running mean / variance (+ its
+    `batch_norm_eps`), in the pipelines' own order (`Flux2KleinPipeline._encode_vae_image` and its
+    decode) and with their patchify functions. Both directions take and give the VAE's layout
+    [B, C, h, w] (the patches are unfolded again: one statistic per channel and 2×2 position);
+    the family's `pack_latents` patchifies."""
 
     def _stats(self, x: Tensor, vae: nn.Module) -> tuple[Tensor, Tensor]:
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
@@ -60,13 +62,14 @@ class PatchBatchNorm(LatentNormalization):
 
         patches = Flux2KleinPipeline._patchify_latents(z)  # [B, 4C, h/2, w/2]
         mean, std = self._stats(patches, vae)
-        return (patches - mean) / std
+        return Flux2KleinPipeline._unpatchify_latents((patches - mean) / std)  # [B, C, h, w]
 
     def denormalize(self, x: Tensor, vae: nn.Module) -> Tensor:
         from diffusers import Flux2KleinPipeline
 
-        mean, std = self._stats(x, vae)
-        return Flux2KleinPipeline._unpatchify_latents(x * std + mean)  # [B, C, h, w]
+        patches = Flux2KleinPipeline._patchify_latents(x)  # [B, 4C, h/2, w/2]
+        mean, std = self._stats(patches, vae)
+        return Flux2KleinPipeline._unpatchify_latents(patches * std + mean)  # [B, C, h, w]
 
     def __repr__(self) -> str:
         return "PatchBatchNorm()"
@@ -106,6 +109,10 @@ class Flux2KleinPolicy(FlowMatchingFamily):
     published_config = "FLUX.2-klein-9B"
     default_num_steps = 4  # Flow-Factory examples/grpo/lora/flux2_klein/default.yaml: 4 steps (klein is step-distilled), noise 0.5
     default_eta = 0.5
+    default_lora_targets = (  # Flow-Factory Flux2KleinAdapter.default_target_modules (its "attn.to_out.0" matches the double blocks only)
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+        "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out", "attn.to_qkv_mlp_proj",
+    )
 
     def __init__(
         self,
@@ -177,10 +184,30 @@ class Flux2KleinPolicy(FlowMatchingFamily):
         h, w = self.latent_size
         return (4 * self.latent_channels, h // 2, w // 2)
 
+    def pack_latents(self, z: Tensor) -> Tensor:
+        """[B, C, h, w] → 2×2 patches [B, 4C, h/2, w/2] (Flux2KleinPipeline._patchify_latents)."""
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline._patchify_latents(z)
+
+    def unpack_latents(self, latents: Tensor) -> Tensor:
+        """[B, 4C, h/2, w/2] → [B, C, h, w] (Flux2KleinPipeline._unpatchify_latents)."""
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline._unpatchify_latents(latents)
+
+    def prepare_latents(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Standard normal noise [B, 4C, h/2, w/2], fp32, drawn in that shape with diffusers'
+        `randn_tensor` as `Flux2KleinPipeline.prepare_latents` draws it (already patchified, so a
+        given generator yields the pipeline's own latents)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor((batch_size, *self.latent_shape), generator=generator, device=placement(self.denoiser)[0], dtype=torch.float32)
+
     def pipeline_latents(self, latents: Tensor) -> Tensor:
         """What `Flux2KleinPipeline(..., output_type="latent")` returns for the policy's final
         latents: the VAE latents z [B, C, h, w] (denormalised, unpatchified)."""
-        return self.latent_normalization.denormalize(latents, self.vae)
+        return self.latent_normalization.denormalize(self.unpack_latents(latents), self.vae)
 
     # -- sampler ----------------------------------------------------------------------------------
 

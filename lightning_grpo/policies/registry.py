@@ -172,4 +172,17 @@ register_family(Family(
 ))
 
 
+def _build_flux2_klein(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_flux2_klein
+
+    return build_tiny_flux2_klein(path, seed)
+
+
+register_family(Family(
+    name="flux2_klein", policy_class="lightning_grpo.policies.flux2.Flux2KleinPolicy", build_stand_in=_build_flux2_klein,
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 32, "guidance_scale": 3.0},
+    config="configs/flux2_klein_pickscore.yaml", contract_only=("guidance_scale",),
+))
+
+
 __all__ = ["FAMILIES", "Family", "family_of", "register_family"]
