@@ -181,7 +181,7 @@ def _build_flux2_klein(path: str | Path, seed: int = 0) -> Path:
 register_family(Family(
     name="flux2_klein", policy_class="lightning_grpo.policies.flux2.Flux2KleinPolicy", build_stand_in=_build_flux2_klein,
     stand_in_kwargs={**_STAND_IN, "max_sequence_length": 32, "guidance_scale": 3.0},
-    config="configs/flux2_klein_pickscore.yaml", contract_only=("guidance_scale",),
+    config="configs/flux2_pickscore.yaml", contract_only=("guidance_scale",),
 ))
 
 
