@@ -57,7 +57,8 @@ class QwenImagePolicy(FlowMatchingFamily):
         true_cfg_scale: true classifier-free guidance scale s; > 1 runs the negative prompt too
             (two passes, as the pipeline) and GRPO then steps the optimizer once per rollout.
             Default 1 (no CFG; the pipeline's own default is 4 with a negative prompt).
-        negative_prompt: the unconditional branch's prompt.
+        negative_prompt: the unconditional branch's prompt (" ", as the Qwen-Image model card's
+            example: "using an empty string if you do not have specific concept to remove").
         max_sequence_length: text tokens per prompt S after the template (the pipeline's cap is
             1024; its call default 512): longer prompts are cut, shorter ones zero-padded, masked.
         sampling_shift: the `build_sampler()` schedule: None uses the pipeline's own sigmas at
