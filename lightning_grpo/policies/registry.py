@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lightning_grpo.policies.family import DiffusersPolicy, resolve_class
-from lightning_grpo.policies.stand_ins import VIDEO_FRAMES, VIDEO_TEMPLATE
+from lightning_grpo.policies.stand_ins import FLUX2_DEV_TEXT_LENGTH, VIDEO_FRAMES, VIDEO_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,19 @@ register_family(Family(
     name="flux2_klein", policy_class="lightning_grpo.policies.flux2.Flux2KleinPolicy", build_stand_in=_build_flux2_klein,
     stand_in_kwargs={**_STAND_IN, "max_sequence_length": 32, "guidance_scale": 3.0},
     config="configs/flux2_pickscore.yaml", contract_only=("guidance_scale",),
+))
+
+
+def _build_flux2_dev(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_flux2_dev
+
+    return build_tiny_flux2_dev(path, seed)
+
+
+register_family(Family(
+    name="flux2_dev", policy_class="lightning_grpo.policies.flux2.Flux2DevPolicy", build_stand_in=_build_flux2_dev,
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": FLUX2_DEV_TEXT_LENGTH, "guidance_scale": 3.5},
+    config="configs/flux2_dev_pickscore.yaml", contract_only=("guidance_scale",),
 ))
 
 
