@@ -92,6 +92,13 @@ class PolicyAdapter(nn.Module, ABC):
         trainable denoiser(s), and the frozen denoiser copy of full fine-tuning's KL reference."""
         return [self]
 
+    def trained_at(self, timesteps: Tensor) -> Tensor:
+        """Which of the sampler's model-facing timesteps [T] the trainable weights act at:
+        BoolTensor[T]. Every step here; a family whose trained part runs at some noise levels only
+        (Wan 2.2 A14B with one of its two experts trained) says which, and the objectives draw the
+        trained steps among those (`trainable_policy_steps`)."""
+        return torch.ones(timesteps.shape, dtype=torch.bool, device=timesteps.device)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates (the denoiser, or its LoRA weights)."""
         return [p for p in self.parameters() if p.requires_grad]

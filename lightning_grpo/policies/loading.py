@@ -89,7 +89,7 @@ def check_component(root: Path, subfolder: str, kind: str) -> None:
     """Raise FileNotFoundError naming what is missing from `root/subfolder` for a `kind`.
 
     Kinds: "model" (config.json + a weights file), "tokenizer" (one of TOKENIZER_FILES),
-    "scheduler" (scheduler_config.json).
+    "scheduler" (scheduler_config.json), "processor" (an image processor's preprocessor_config.json).
     """
     folder = root / subfolder
     if not folder.is_dir():
@@ -105,6 +105,9 @@ def check_component(root: Path, subfolder: str, kind: str) -> None:
     elif kind == "scheduler":
         if not (folder / "scheduler_config.json").is_file():
             raise FileNotFoundError(f"missing file {str(folder / 'scheduler_config.json')!r}")
+    elif kind == "processor":
+        if not (folder / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"missing file {str(folder / 'preprocessor_config.json')!r}")
     else:
         raise ValueError(f"unknown component kind {kind!r}")
 
