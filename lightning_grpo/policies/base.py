@@ -34,6 +34,10 @@ class PolicyAdapter(nn.Module, ABC):
 
     paradigm: ClassVar[Paradigm]
     conditions_on_images: ClassVar[bool] = False
+    pipeline_one_image_per_call: ClassVar[bool] = False
+    """True when the family's diffusers pipeline conditions one call on one image (diffusers' Wan
+    I2V: a batch of P images is repeated per prompt and fails); the policy itself takes a batch of
+    first frames, which equals one pipeline call per prompt (the family contract test calls it so)."""
     geometry_arguments: ClassVar[tuple[str, ...]] = ()
     """Constructor arguments that fix the latents' shape (height, width, frames, ...): a checkpoint
     records their values and refuses to load into a policy built with others
