@@ -176,4 +176,16 @@ register_family(Family(
 ))
 
 
+def _build_wan_i2v(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_wan_i2v
+
+    return build_tiny_wan_i2v(path, seed)
+
+
+register_family(Family(
+    name="wan_i2v", policy_class="lightning_grpo.policies.wan.WanI2VPolicy", build_stand_in=_build_wan_i2v,
+    stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0},
+    config="configs/wan_i2v_mq.yaml", contract_only=("guidance_scale",),
+))
+
 __all__ = ["FAMILIES", "Family", "family_of", "register_family"]

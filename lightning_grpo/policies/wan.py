@@ -547,6 +547,7 @@ class WanI2VPolicy(WanT2VPolicy):
     pipeline_class = "WanImageToVideoPipeline"
     components = WAN_I2V_SPEC
     conditions_on_images = True
+    pipeline_one_image_per_call = True  # WanImageToVideoPipeline: one image per call (class docstring)
     published_config = "Wan2.1-I2V-14B-480P-Diffusers"
 
     def check_components(self) -> None:
