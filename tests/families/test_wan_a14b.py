@@ -6,7 +6,8 @@ deterministic sample equals `WanPipeline`'s, so the switch is right on the whole
     transformer's forward recorded in both), with the stand-in's boundary between two steps;
   - a micro-batch whose samples sit on both sides of the boundary sends each to its expert;
   - "low" and "both": the optimizer and the checkpoint hold exactly the trained experts' weights,
-    one GRPO step moves those and leaves the frozen expert as it was;
+    full fine-tuning's KL reference copies only them, one GRPO step moves those and leaves the
+    frozen expert as it was;
   - "both" with LoRA exports two files that plain diffusers loads into the two experts
     (`load_lora_weights(..., load_into_transformer_2=True)`) and samples what the policy samples.
 """
@@ -86,8 +87,11 @@ def test_only_the_trained_experts_are_optimised_and_checkpointed(trained, stand_
     names = {"low": ["transformer_2"], "both": ["transformer", "transformer_2"]}[trained]
     frozen = sorted(set(EXPERT) - set(names))
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    module = grpo(policy)
-    trainer, _ = fit(module, default_root_dir=tmp_path)
+    module = grpo(policy, kl_beta=0.1)  # full fine-tuning's KL reference: a frozen copy of the trained experts only
+    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    assert count(module.parameters()) - count(policy.parameters()) == sum(count(getattr(policy, name).parameters()) for name in names)
+    trainer, record = fit(module, default_root_dir=tmp_path)
+    assert record.metrics[0]["train/ratio/first_update_max_dev"] <= 1e-6  # the copies swapped in are the initial experts
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     expected = {id(p) for name in names for p in getattr(policy, name).parameters()}
     assert optimised == expected
