@@ -1,4 +1,7 @@
-"""Wan 2.1 text-to-video as a GRPO policy (rectified flow, velocity prediction, FlowSDESampler).
+"""Wan as GRPO policies (rectified flow, velocity prediction, FlowSDESampler): Wan 2.1 text-to-video
+(`WanT2VPolicy`), and two subclasses below it: Wan 2.1 image-to-video (`WanI2VPolicy`, mirroring
+`WanImageToVideoPipeline`) and Wan 2.2 T2V A14B with its two experts (`WanA14BPolicy`, `WanPipeline`
+with `transformer_2` and `boundary_ratio`). The text-to-video family:
 
 Mirrors `diffusers.WanPipeline` (Wan 2.1 T2V 1.3B / 14B, one transformer) so that, with the same
 initial noise and the same flow-matching Euler schedule, `FlowSDESampler(eta=0).ode_step` driven
