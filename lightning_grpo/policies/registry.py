@@ -159,6 +159,31 @@ register_family(Family(
 ))
 
 
+def _build_qwen_image(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(path, seed)
+
+
+register_family(Family(
+    name="qwen_image", policy_class="lightning_grpo.policies.qwen_image.QwenImagePolicy", build_stand_in=_build_qwen_image,
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "true_cfg_scale": 3.0},
+    config="configs/qwen_image_hps.yaml", contract_only=("true_cfg_scale",),
+))
+
+
+def _build_flux2_klein(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_flux2_klein
+
+    return build_tiny_flux2_klein(path, seed)
+
+
+register_family(Family(
+    name="flux2_klein", policy_class="lightning_grpo.policies.flux2.Flux2KleinPolicy", build_stand_in=_build_flux2_klein,
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 32, "guidance_scale": 3.0},
+    config="configs/flux2_pickscore.yaml", contract_only=("guidance_scale",),
+))
+
 
 def _build_wan_a14b(path: str | Path, seed: int = 0) -> Path:
     from lightning_grpo.policies.stand_ins import build_tiny_wan_a14b
@@ -187,5 +212,6 @@ register_family(Family(
     stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0},
     config="configs/wan_i2v_mq.yaml", contract_only=("guidance_scale",),
 ))
+
 
 __all__ = ["FAMILIES", "Family", "family_of", "register_family"]
