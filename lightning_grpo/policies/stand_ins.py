@@ -689,3 +689,28 @@ def build_tiny_wan_i2v(path: str | Path, seed: int = 0) -> Path:
     )
     pipeline.save_pretrained(path)
     return path
+
+
+# -- Wan 2.2 I2V A14B (two experts, no CLIP) ---------------------------------------------------------
+
+def build_tiny_wan22_i2v_a14b(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.2 I2V A14B pipeline to `path` and return it.
+
+    Layout as Wan-AI/Wan2.2-I2V-A14B-Diffusers: a `WanImageToVideoPipeline` with two experts
+    (transformer/, transformer_2/: 4 + 4 + 4 input channels, no CLIP image states), vae/,
+    text_encoder/, tokenizer/, scheduler/, no image encoder, and `boundary_ratio`
+    WAN_A14B_BOUNDARY_RATIO (between the 4-step schedule's second and third timesteps; the
+    published I2V A14B: 0.9). Latents [B, 4, 2, 4, 4]; UMT5 states [B, S, 32].
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    path = Path(path)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = tiny_t5_encoder(tokenizer, seed, umt5=True)
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_wan_vae(seed + 2), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_wan_transformer(seed + 1, in_channels=12), transformer_2=tiny_wan_transformer(seed + 3, in_channels=12),
+        boundary_ratio=WAN_A14B_BOUNDARY_RATIO,
+    )
+    pipeline.save_pretrained(path)
+    return path

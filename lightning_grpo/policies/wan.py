@@ -564,9 +564,21 @@ class WanI2VPolicy(WanT2VPolicy):
                 f"{expected - 2 * z_dim} + first frame {z_dim}) and return {z_dim}; it takes {config.in_channels} and returns "
                 f"{config.out_channels}: a text-to-video checkpoint?"
             )
-        if config.image_dim is None:
+        if self.uses_clip and config.image_dim is None:
             raise ValueError(f"{type(self).__name__}: the transformer takes no CLIP image states (image_dim is None): "
-                             "a Wan 2.2 I2V / TI2V checkpoint? (not supported by this family)")
+                             "a Wan 2.2 I2V checkpoint? (WanA14BI2VPolicy)")
+        if not self.uses_clip and config.image_dim is not None:
+            raise ValueError(f"{type(self).__name__}: the transformer takes CLIP image states (image_dim {config.image_dim}) "
+                             "and the family loads no image encoder: a Wan 2.1 I2V checkpoint? (WanI2VPolicy)")
+
+    @classmethod
+    def clip_in(cls) -> bool:
+        """Whether the checkpoint has a CLIP image encoder (Wan 2.1 I2V; Wan 2.2 I2V has none)."""
+        return "image_encoder" in cls.components
+
+    @property
+    def uses_clip(self) -> bool:
+        return self.clip_in()
 
     def frame_ratio_of_vae(self) -> int:
         return self.vae_compression(self.vae.config)[1]
@@ -576,13 +588,15 @@ class WanI2VPolicy(WanT2VPolicy):
         """Latents [C, f, h, w] (C = out_channels); UMT5 states [S, D] (twice with CFG); the mask and
         first-frame latent [t + C, f, h, w]; CLIP image states [(image_size/patch)² + 1, image_dim]."""
         geometry = super().config_geometry(init_args, configs, cfg)
-        den, vision = configs[cls.denoiser_name], configs["image_encoder"]
+        den = configs[cls.denoiser_name]
         channels = int(den["out_channels"])
         latent = (channels, *geometry.latent[1:])
-        tokens = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1
         geometry.latent = geometry.vae_latent = latent
         geometry.condition["image_condition"] = ((int(den["in_channels"]) - channels, *latent[1:]), "latent")
-        geometry.condition["image_embeds"] = ((tokens, int(vision["hidden_size"])), "embed")
+        if cls.clip_in():
+            vision = configs["image_encoder"]
+            tokens = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1
+            geometry.condition["image_embeds"] = ((tokens, int(vision["hidden_size"])), "embed")
         return geometry
 
     @property
@@ -591,8 +605,8 @@ class WanI2VPolicy(WanT2VPolicy):
         return int(self.transformer.config.out_channels)
 
     @torch.no_grad()
-    def first_frame_condition(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(M ⊕ Z [P, t + C, f, h, w], CLIP image states [P, T, D]) of first frames [P, 3, H, W] in
+    def first_frame_condition(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(M ⊕ Z [P, t + C, f, h, w], CLIP image states [P, T, D] or None without CLIP) of first frames [P, 3, H, W] in
         [0, 1]: per frame, the pipeline's `video_processor.preprocess` (resize to H×W, [−1, 1]) and
         `prepare_latents` (VAE mode, normalisation, mask); the CLIP states as its `encode_image`, with
         the processor told the values are already in [0, 1] (see the class docstring)."""
@@ -604,6 +618,8 @@ class WanI2VPolicy(WanT2VPolicy):
                                  torch.float32, device, None, unused_noise)[1]
             for frame in frames
         ]
+        if not self.uses_clip:
+            return torch.cat(conditions), None
         # the pipeline's `encode_image`, restated for `do_rescale=False` (its call passes no processor options)
         pixels = self.image_processor(images=images.float().cpu(), do_rescale=False, return_tensors="pt").pixel_values
         encoder = self.image_encoder
@@ -619,7 +635,9 @@ class WanI2VPolicy(WanT2VPolicy):
         if images.ndim != 4 or images.shape[0] != len(prompts) or images.shape[1] != 3:
             raise ValueError(f"first frames must be [P={len(prompts)}, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
         condition = WanT2VPolicy.encode_prompts(self, prompts)
-        condition["image_condition"], condition["image_embeds"] = self.first_frame_condition(images)
+        condition["image_condition"], states = self.first_frame_condition(images)
+        if states is not None:
+            condition["image_embeds"] = states
         return condition
 
     def model_input(self, latents: Tensor, condition: Condition) -> Tensor:
@@ -627,8 +645,35 @@ class WanI2VPolicy(WanT2VPolicy):
         return torch.cat([latents, condition["image_condition"].to(latents)], dim=1)
 
     def transformer_kwargs(self, condition: Condition, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        """The CLIP image states, in the transformer's dtype (the pipeline's `image_embeds`)."""
+        """The CLIP image states, in the transformer's dtype (the pipeline's `image_embeds`; none without CLIP)."""
+        if "image_embeds" not in condition:
+            return {}
         return {"encoder_hidden_states_image": condition["image_embeds"].to(device=device, dtype=dtype)}
 
 
-__all__ = ["EXPERTS", "LOW_NOISE_LORA_FILE", "WAN_I2V_SPEC", "WAN_SPEC", "WanA14BPolicy", "WanI2VPolicy", "WanExperts", "WanT2VPolicy", "euler_scheduler_config", "pipeline_boundary_ratio"]
+class WanA14BI2VPolicy(WanA14BPolicy, WanI2VPolicy):
+    """Wan 2.2 I2V A14B: `WanI2VPolicy`'s first-frame conditioning (mask ⊕ VAE latent of the frame
+    on the channel axis; no CLIP image encoder: the Wan 2.2 transformers take no image states) on
+    `WanA14BPolicy`'s two experts, switched by the step's timestep as `WanImageToVideoPipeline`
+    does it (`transformer` for t ≥ boundary_ratio·1000, 0.9 for the published I2V A14B, else
+    `transformer_2` with `guidance_scale_2`). `trained_experts`, the frozen expert, the trained
+    steps (`trained_at`) and the LoRA export: `WanA14BPolicy`'s; the first frames, one per pipeline
+    call: `WanI2VPolicy`'s.
+
+    Args:
+        pretrained_model_name_or_path: a Wan 2.2 I2V A14B folder in the diffusers layout
+            (transformer/, transformer_2/, vae/, text_encoder/, tokenizer/, scheduler/,
+            model_index.json with boundary_ratio), e.g. "Wan-AI/Wan2.2-I2V-A14B-Diffusers".
+        **kwargs: WanA14BPolicy's (trained_experts, guidance_scale_2), WanT2VPolicy's and
+            DiffusersPolicy's arguments.
+    """
+
+    pipeline_class = "WanImageToVideoPipeline"
+    components = {**WAN_SPEC, "transformer_2": ("model", "diffusers.WanTransformer3DModel")}
+    published_config = "Wan2.2-I2V-A14B-Diffusers"
+
+
+__all__ = [
+    "EXPERTS", "LOW_NOISE_LORA_FILE", "WAN_I2V_SPEC", "WAN_SPEC", "WanA14BI2VPolicy", "WanA14BPolicy", "WanExperts", "WanI2VPolicy",
+    "WanT2VPolicy", "euler_scheduler_config", "pipeline_boundary_ratio",
+]
