@@ -62,7 +62,8 @@ if TYPE_CHECKING:
     from lightning_grpo.samplers.base import Sampler
 
 ComponentSpec = dict[str, tuple[str, str]]
-"""{subfolder: (kind, "library.ClassName")}, kind one of "model", "tokenizer", "processor", "scheduler"."""
+"""{subfolder: (kind, "library.ClassName")}, kind one of "model", "tokenizer", "processor" (holds a tokenizer),
+"image_processor", "scheduler"."""
 
 
 # -- latent normalisation ------------------------------------------------------------------------
@@ -304,14 +305,21 @@ class DiffusersPolicy(PolicyAdapter):
             cls = resolve_class(class_name)
             if kind in ("tokenizer", "processor"):  # a processor is checked by the tokenizer it holds
                 setattr(self, subfolder, load_tokenizer(cls, path, subfolder))
+            elif kind == "image_processor":
+                setattr(self, subfolder, load_component(cls.from_pretrained, path, subfolder))
             elif kind == "scheduler":
                 self.scheduler_config: dict[str, Any] = dict(load_component(cls.load_config, path, subfolder))
             else:
-                is_denoiser = subfolder == self.denoiser_name
+                is_denoiser = self.trains_component(subfolder)
                 # transformers names the argument `dtype`, diffusers `torch_dtype`
                 key = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
                 module = load_component(cls.from_pretrained, path, subfolder, **{key: denoiser_dtype if is_denoiser else frozen_dtype})
                 setattr(self, subfolder, module if is_denoiser else freeze(module))
+
+    def trains_component(self, subfolder: str) -> bool:
+        """Whether the model in `subfolder` is trained (loaded at `denoiser_dtype`, not frozen): the
+        denoiser; a family with several denoisers says which (Wan 2.2 A14B's trained experts)."""
+        return subfolder == self.denoiser_name
 
     def vae_spatial_factor(self) -> int:
         """Pixels per latent along height and width (`vae_compression` of the loaded VAE's config)."""
@@ -402,7 +410,7 @@ class DiffusersPolicy(PolicyAdapter):
     @property
     def frozen_module_names(self) -> list[str]:
         """The model components other than the denoiser (text encoders, VAE): always frozen."""
-        return [sub for sub, (kind, _) in self.components.items() if kind == "model" and sub != self.denoiser_name]
+        return [sub for sub, (kind, _) in self.components.items() if kind == "model" and not self.trains_component(sub)]
 
     # -- the trainable denoiser (for FSDP wrapping and checkpointing) ------------------------
 

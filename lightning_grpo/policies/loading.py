@@ -90,7 +90,8 @@ def check_component(root: Path, subfolder: str, kind: str) -> None:
 
     Kinds: "model" (config.json + a weights file), "tokenizer" and "processor" (one of
     TOKENIZER_FILES: a processor folder, e.g. FLUX.2 [dev]'s PixtralProcessor, holds its
-    tokenizer's files beside processor_config.json), "scheduler" (scheduler_config.json).
+    tokenizer's files beside processor_config.json), "image_processor" (an image processor's
+    preprocessor_config.json, e.g. Wan I2V's CLIPImageProcessor), "scheduler" (scheduler_config.json).
     """
     folder = root / subfolder
     if not folder.is_dir():
@@ -106,6 +107,9 @@ def check_component(root: Path, subfolder: str, kind: str) -> None:
     elif kind == "scheduler":
         if not (folder / "scheduler_config.json").is_file():
             raise FileNotFoundError(f"missing file {str(folder / 'scheduler_config.json')!r}")
+    elif kind == "image_processor":
+        if not (folder / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"missing file {str(folder / 'preprocessor_config.json')!r}")
     else:
         raise ValueError(f"unknown component kind {kind!r}")
 

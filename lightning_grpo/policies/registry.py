@@ -198,4 +198,47 @@ register_family(Family(
 ))
 
 
+def _build_wan_a14b(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_wan_a14b
+
+    return build_tiny_wan_a14b(path, seed)
+
+
+register_family(Family(
+    name="wan_a14b", policy_class="lightning_grpo.policies.wan.WanA14BPolicy", build_stand_in=_build_wan_a14b,
+    # the contract trains the high-noise expert: its LoRA export is the one plain `load_lora_weights(out)`
+    # loads (diffusers puts one expert per file); tests/families/test_wan_a14b.py covers "low" and "both"
+    stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0,
+                     "guidance_scale_2": 2.0, "trained_experts": "high"},
+    config="configs/wan22_a14b_t2v_videoalign.yaml", contract_only=("guidance_scale", "guidance_scale_2", "trained_experts"),
+))
+
+
+def _build_wan_i2v(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_wan_i2v
+
+    return build_tiny_wan_i2v(path, seed)
+
+
+register_family(Family(
+    name="wan_i2v", policy_class="lightning_grpo.policies.wan.WanI2VPolicy", build_stand_in=_build_wan_i2v,
+    stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0},
+    config="configs/wan_i2v_mq.yaml", contract_only=("guidance_scale",),
+))
+
+
+def _build_wan22_i2v_a14b(path: str | Path, seed: int = 0) -> Path:
+    from lightning_grpo.policies.stand_ins import build_tiny_wan22_i2v_a14b
+
+    return build_tiny_wan22_i2v_a14b(path, seed)
+
+
+register_family(Family(
+    name="wan22_i2v_a14b", policy_class="lightning_grpo.policies.wan.WanA14BI2VPolicy", build_stand_in=_build_wan22_i2v_a14b,
+    stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0,
+                     "guidance_scale_2": 2.0, "trained_experts": "high"},  # as wan_a14b's
+    config="configs/wan22_a14b_i2v_mq.yaml", contract_only=("guidance_scale", "guidance_scale_2", "trained_experts"),
+))
+
+
 __all__ = ["FAMILIES", "Family", "family_of", "register_family"]

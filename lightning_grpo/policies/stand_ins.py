@@ -322,25 +322,41 @@ def build_tiny_wan(path: str | Path, seed: int = 0) -> Path:
     policy's deterministic sampler does.
     Frames 16×16, VIDEO_FRAMES frames; latents [B, 4, 2, 4, 4]; UMT5 states [B, S, 32].
     """
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     path = Path(path)
     tokenizer = tiny_t5_tokenizer()
     text_encoder = tiny_t5_encoder(tokenizer, seed, umt5=True)
-    torch.manual_seed(seed + 1)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=TEXT_HIDDEN, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
-    ).eval()
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-        latents_mean=WAN_LATENTS_MEAN, latents_std=WAN_LATENTS_STD, scale_factor_spatial=4, scale_factor_temporal=4,
-    ).eval()
+    transformer = tiny_wan_transformer(seed + 1)
+    vae = tiny_wan_vae(seed + 2)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
     pipeline.save_pretrained(path)
     return path
+
+
+def tiny_wan_transformer(seed: int, in_channels: int = 4, **extra):
+    """A 2-block WanTransformer3DModel (3-D patches 1×2×2, 4 output channels) taking
+    `in_channels` (4: text-to-video; image-to-video adds the mask and image channels), seeded."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=4,
+        text_dim=TEXT_HIDDEN, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, **extra,
+    ).eval()
+
+
+def tiny_wan_vae(seed: int):
+    """A tiny AutoencoderKLWan: 4 latent channels with per-channel `latents_mean` / `latents_std`,
+    ×4 in space and time, seeded."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+        latents_mean=WAN_LATENTS_MEAN, latents_std=WAN_LATENTS_STD, scale_factor_spatial=4, scale_factor_temporal=4,
+    ).eval()
 
 
 # -- Stable Diffusion 3 / 3.5 ------------------------------------------------------------------------
@@ -707,5 +723,99 @@ def build_tiny_flux2_dev(path: str | Path, seed: int = 0) -> Path:
         base_image_seq_len=256, max_image_seq_len=4096,
     )
     pipeline = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=processor, transformer=transformer)
+    pipeline.save_pretrained(path)
+    return path
+
+
+# -- Wan 2.2 A14B (two experts) -------------------------------------------------------------------
+
+WAN_A14B_BOUNDARY_RATIO = 0.7
+"""The stand-in's boundary_ratio: boundary timestep 700, between the second and third timesteps
+(857.1, 600.0) of the 4-step Euler schedule with shift 3, so both experts run in a 4-step sample
+(the published T2V A14B: 0.875)."""
+
+
+def build_tiny_wan_a14b(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.2 A14B text-to-video pipeline to `path` and return it.
+
+    Layout as Wan-AI/Wan2.2-T2V-A14B-Diffusers: `build_tiny_wan`'s, plus transformer_2/ (the
+    low-noise expert, the same architecture with its own weights) and `boundary_ratio`
+    (WAN_A14B_BOUNDARY_RATIO) in model_index.json. Latents [B, 4, 2, 4, 4]; UMT5 states [B, S, 32].
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    path = Path(path)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = tiny_t5_encoder(tokenizer, seed, umt5=True)
+    pipeline = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_wan_vae(seed + 2), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_wan_transformer(seed + 1), transformer_2=tiny_wan_transformer(seed + 3), boundary_ratio=WAN_A14B_BOUNDARY_RATIO,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+# -- Wan 2.1 image-to-video ----------------------------------------------------------------------------
+
+WAN_CLIP_HIDDEN = 16  # the tiny CLIP vision tower's width: the I2V transformer's image_dim
+
+
+def build_tiny_wan_i2v(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.1 image-to-video pipeline to `path` and return it.
+
+    Layout as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers: `build_tiny_wan`'s, with a transformer taking
+    4 + 4 + 4 channels (noise, first-frame mask, first-frame latent) and CLIP image states
+    (`image_dim`, the added K/V projections of its cross-attention), plus image_encoder/ (a 2-layer
+    CLIPVisionModel, 16×16 images in 4×4 patches: 17 tokens) and image_processor/ (a
+    CLIPImageProcessor at 16×16). The processor is saved with `do_rescale=False`: it takes pixel
+    values in [0, 1] as the framework's first frames are (the published one rescales 0–255 values,
+    what a PIL image gives; `WanI2VPolicy` passes `do_rescale=False` itself), so the plain pipeline
+    given the same float frames processes them as the policy does.
+    Frames 16×16, VIDEO_FRAMES frames; latents [B, 4, 2, 4, 4]; UMT5 states [B, S, 32].
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    path = Path(path)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = tiny_t5_encoder(tokenizer, seed, umt5=True)
+    transformer = tiny_wan_transformer(seed + 1, in_channels=12, image_dim=WAN_CLIP_HIDDEN, added_kv_proj_dim=24)
+    torch.manual_seed(seed + 3)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=WAN_CLIP_HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE,
+        patch_size=4, projection_dim=WAN_CLIP_HIDDEN,
+    )).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_rescale=False,
+    )
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_wan_vae(seed + 2), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+# -- Wan 2.2 I2V A14B (two experts, no CLIP) ---------------------------------------------------------
+
+def build_tiny_wan22_i2v_a14b(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.2 I2V A14B pipeline to `path` and return it.
+
+    Layout as Wan-AI/Wan2.2-I2V-A14B-Diffusers: a `WanImageToVideoPipeline` with two experts
+    (transformer/, transformer_2/: 4 + 4 + 4 input channels, no CLIP image states), vae/,
+    text_encoder/, tokenizer/, scheduler/, no image encoder, and `boundary_ratio`
+    WAN_A14B_BOUNDARY_RATIO (between the 4-step schedule's second and third timesteps; the
+    published I2V A14B: 0.9). Latents [B, 4, 2, 4, 4]; UMT5 states [B, S, 32].
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    path = Path(path)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = tiny_t5_encoder(tokenizer, seed, umt5=True)
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_wan_vae(seed + 2), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_wan_transformer(seed + 1, in_channels=12), transformer_2=tiny_wan_transformer(seed + 3, in_channels=12),
+        boundary_ratio=WAN_A14B_BOUNDARY_RATIO,
+    )
     pipeline.save_pretrained(path)
     return path

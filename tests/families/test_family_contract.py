@@ -48,11 +48,20 @@ def plain_pipeline(policy, path: Path):
     return pipe
 
 
-def pipeline_sample(pipe, policy, noise: torch.Tensor) -> torch.Tensor:
+def pipeline_sample(pipe, policy, noise: torch.Tensor, output_type: str = "latent") -> torch.Tensor:
+    """The pipeline's sample of PROMPTS (with their first frames) from `noise`. A pipeline that
+    conditions a call on one image (`pipeline_one_image_per_call`: diffusers' Wan I2V repeats a
+    batch of images per prompt) is called once per prompt, the samples stacked."""
     frames = first_frames(policy)
+    if frames is not None and policy.pipeline_one_image_per_call:
+        return torch.cat([
+            pipe(prompt=[prompt], image=frames[i : i + 1], latents=noise[i : i + 1].clone(), num_inference_steps=STEPS,
+                 output_type=output_type, return_dict=False, **policy.pipeline_call_kwargs(1))[0]
+            for i, prompt in enumerate(PROMPTS)
+        ])
     extra = {} if frames is None else {"image": frames}
     kwargs = {**policy.pipeline_call_kwargs(len(PROMPTS)), **extra}
-    return pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=STEPS, output_type="latent", return_dict=False, **kwargs)[0]
+    return pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=STEPS, output_type=output_type, return_dict=False, **kwargs)[0]
 
 
 def policy_sample(policy, noise: torch.Tensor) -> torch.Tensor:
@@ -95,10 +104,7 @@ def test_decoded_sample_equals_the_pipelines_pixels(name, stand_in_paths):
     policy = make_policy(name, stand_in_paths)
     noise = noise_for(policy)
     pixels = policy.decode(policy_sample(policy, noise))  # [B, 3, H, W] or [B, F, 3, H, W], in [0, 1]
-    frames = first_frames(policy)
-    kwargs = {**policy.pipeline_call_kwargs(len(PROMPTS)), **({} if frames is None else {"image": frames})}
-    pipe = plain_pipeline(policy, stand_in_paths[name])
-    reference = pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=STEPS, output_type="pt", return_dict=False, **kwargs)[0]
+    reference = pipeline_sample(plain_pipeline(policy, stand_in_paths[name]), policy, noise, output_type="pt")
     assert pixels.shape == reference.shape
     assert pixels.std() > 0.01  # not a constant image
     torch.testing.assert_close(pixels, reference.float(), atol=1e-4, rtol=0)
