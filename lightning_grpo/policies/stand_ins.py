@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_grpo.toy.tokenizers import clip_tokenizer, t5_tokenizer
+from lightning_grpo.worlds.tokenizers import clip_tokenizer, t5_tokenizer
 
 
 # The shared handmade vocabulary: a few words (letters are the tokenizers' fallback), so any
@@ -224,7 +224,7 @@ def tiny_llama_tokenizer(words=WORDS, max_length: int = 64):
     template's tokens off the front, so prompts must start at the same position)."""
     from transformers import LlamaTokenizerFast
 
-    from lightning_grpo.toy.tokenizers import LETTERS, PUNCTUATION, word_merges
+    from lightning_grpo.worlds.tokenizers import LETTERS, PUNCTUATION, word_merges
 
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "▁": 4}
     for piece in list(LETTERS) + list(PUNCTUATION):

@@ -1,7 +1,7 @@
-"""The embedded default: the shapes world (renderer, prompts and split, verifier reward).
+"""The worlds: small synthetic domains with a vocabulary, a renderer, prompt templates, a
+compositional train / held-out split and a pixel verifier, where GRPO can be watched learning on a
+CPU. `lightning_grpo.worlds.shapes` (images) and `lightning_grpo.worlds.moving_shapes` (clips).
 
-Public API re-exported from `lightning_grpo.toy.shapes`; see that module's `__all__`.
+Not part of the library core: nothing in `lightning_grpo` outside this package imports it (configs
+name its classes by class path).
 """
-
-from lightning_grpo.toy.shapes import *  # noqa: F401,F403
-from lightning_grpo.toy.shapes import __all__  # noqa: F401

@@ -2,7 +2,7 @@
 
 The shipped toy FLUX, toy Stable Diffusion, toy HunyuanVideo (text-to-video) and toy SkyReels-V1
 (image-to-video) pipelines are built from these, trained by
-`lightning_grpo.toy.pretrain`, and saved with `save_pretrained`, so the policy adapters load them
+`lightning_grpo.worlds.shapes.pretrain`, and saved with `save_pretrained`, so the policy adapters load them
 through exactly the code that loads FLUX.1-dev and SD 1.4. `ToySize` scales every width, so a
 test can build the same architecture at a fraction of the cost.
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_grpo.toy.prompts import HELDOUT_TEMPLATES, TEMPLATES
-from lightning_grpo.toy.tokenizers import clip_tokenizer, llama_tokenizer, t5_tokenizer, words_of
-from lightning_grpo.toy.vocab import COLOUR_NAMES, POSITIONS, SHAPES
+from lightning_grpo.worlds.shapes.prompts import HELDOUT_TEMPLATES, TEMPLATES
+from lightning_grpo.worlds.tokenizers import clip_tokenizer, llama_tokenizer, t5_tokenizer, words_of
+from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, POSITIONS, SHAPES
 
 #: Tokens per prompt (the longest template, "there is a ... of the image", takes 12 with EOS).
 TEXT_MAX_LENGTH = 16
@@ -117,7 +117,7 @@ def build_vae(size: ToySize, seed: int):
     """An AutoencoderKL down-sampling by `size.vae_factor` to `LATENT_CHANNELS` channels.
 
     No quant convs (as FLUX's VAE). Scaling / shift factors are set after training, from the
-    latent statistics (`lightning_grpo.toy.pretrain.latent_statistics`).
+    latent statistics (`lightning_grpo.worlds.shapes.pretrain.latent_statistics`).
     """
     from diffusers import AutoencoderKL
 
@@ -255,7 +255,7 @@ def video_vocabulary() -> list[str]:
 
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-    from lightning_grpo.toy.motion_prompts import motion_words
+    from lightning_grpo.worlds.moving_shapes.prompts import motion_words
 
     return list(dict.fromkeys(re.findall(r"[A-Za-z]+", DEFAULT_PROMPT_TEMPLATE["template"]) + motion_words()))
 
@@ -269,7 +269,7 @@ def build_video_tokenizers() -> tuple:
     """
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-    from lightning_grpo.toy.motion_prompts import motion_words
+    from lightning_grpo.worlds.moving_shapes.prompts import motion_words
 
     llama = llama_tokenizer(video_vocabulary(), LLAMA_TEMPLATE_TOKENS + VIDEO_TEXT_MAX_LENGTH)
     prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]

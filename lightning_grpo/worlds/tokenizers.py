@@ -80,7 +80,7 @@ def llama_tokenizer(words: Iterable[str], max_length: int, characters: str = "")
     the first word of a segment is marked too), and "\\n\\n" is one added token, as it is one token
     in Llama 3. With `words` covering the pipeline's prompt template, the template then
     tokenizes to the number of tokens the pipelines' hard-coded `crop_start` (95) assumes, like the
-    real Llama-3 tokenizer (`lightning_grpo.toy.components.build_video_tokenizers` checks it).
+    real Llama-3 tokenizer (`lightning_grpo.worlds.components.build_video_tokenizers` checks it).
     """
     from tokenizers import AddedToken
     from transformers import LlamaTokenizerFast

@@ -11,10 +11,10 @@ import yaml
 
 from lightning_grpo.cli import run
 from lightning_grpo.datamodules.sources import MalformedRecordError
-from lightning_grpo.toy.motion import describe_motion, render_first_frames, train_motion_scenes
-from lightning_grpo.toy.motion_data import MotionFirstFrameDataModule, MotionFirstFrames, first_frames_for_prompts
-from lightning_grpo.toy.motion_verifier import MovingShapesVerifier
-from lightning_grpo.toy.motion_vocab import MOTION_RADIUS, MotionScene
+from lightning_grpo.worlds.moving_shapes import describe_motion, render_first_frames, train_motion_scenes
+from lightning_grpo.worlds.moving_shapes.data import MotionFirstFrameDataModule, MotionFirstFrames, first_frames_for_prompts
+from lightning_grpo.worlds.moving_shapes.verifier import MovingShapesVerifier
+from lightning_grpo.worlds.moving_shapes.vocab import MOTION_RADIUS, MotionScene
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,17 +69,17 @@ def test_world_from_yaml(tmp_path, monkeypatch) -> None:
             "init_args": {"splits": {"new_combinations": "configs/prompts/motion_heldout.txt",
                                      "new_phrasings": "configs/prompts/motion_heldout_phrasings.txt",
                                      "both": "configs/prompts/motion_heldout_both.txt"},
-                          "first_frames": {"class_path": "lightning_grpo.toy.motion_data.MotionFirstFrames", "init_args": {"seed": 2}},
-                          "extra_rewards": [{"class_path": "lightning_grpo.toy.motion_verifier.MovingShapesVerifier",
+                          "first_frames": {"class_path": "lightning_grpo.worlds.moving_shapes.data.MotionFirstFrames", "init_args": {"seed": 2}},
+                          "extra_rewards": [{"class_path": "lightning_grpo.worlds.moving_shapes.verifier.MovingShapesVerifier",
                                              "init_args": {"aspect": "all", "mode": "exact", "name": "exact_match"}},
-                                            {"class_path": "lightning_grpo.toy.motion_verifier.FirstFrameFidelity"}]}}]},
+                                            {"class_path": "lightning_grpo.worlds.moving_shapes.verifier.FirstFrameFidelity"}]}}]},
         "model": {
             "policy": {"class_path": "lightning_grpo.policies.tiny.TinyPolicy", "init_args": {"resolution": 8}},
             "sampler": {"class_path": "lightning_grpo.samplers.FlowSDESampler", "init_args": {"num_steps": 2}},
-            "rewards": [{"class_path": "lightning_grpo.toy.motion_verifier.MovingShapesVerifier",
+            "rewards": [{"class_path": "lightning_grpo.worlds.moving_shapes.verifier.MovingShapesVerifier",
                          "init_args": {"aspect": "motion", "mode": "dense", "max_track_error": 0.06}}],
         },
-        "data": {"class_path": "lightning_grpo.toy.motion_data.MotionFirstFrameDataModule",
+        "data": {"class_path": "lightning_grpo.worlds.moving_shapes.data.MotionFirstFrameDataModule",
                  "init_args": {"train_files": "configs/prompts/motion_train.txt", "val_files": "configs/prompts/motion_heldout.txt",
                                "image_size": 8, "batch_size": 2}},
     }

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_grpo.rewards.base import RewardError
-from lightning_grpo.toy.motion import (
+from lightning_grpo.worlds.moving_shapes import (
     DIRECTIONS,
     TRAVEL,
     MotionTracks,
@@ -26,7 +26,7 @@ from lightning_grpo.toy.motion import (
     render_tracks,
     sample_tracks,
 )
-from lightning_grpo.toy.motion_verifier import (
+from lightning_grpo.worlds.moving_shapes.verifier import (
     FirstFrameAdherence,
     FirstFrameFidelity,
     MotionRules,
@@ -35,7 +35,7 @@ from lightning_grpo.toy.motion_verifier import (
     judge_clips,
     motion_exact_accuracy,
 )
-from lightning_grpo.toy.vocab import SHAPES
+from lightning_grpo.worlds.shapes.vocab import SHAPES
 
 FRAMES, SIZE = 9, 32
 
@@ -49,7 +49,7 @@ def scenes_and_tracks(repeats: int = 1, frames: int = FRAMES, seed: int = 0) -> 
 
 
 def degraded(clips: Tensor, degrade: Callable, blur: float, noise: float) -> Tensor:
-    """`degrade` (tests/toy/conftest.py: blur σ px + Gaussian noise) applied to every frame of clips [B, F, 3, H, W]."""
+    """`degrade` (tests/worlds/conftest.py: blur σ px + Gaussian noise) applied to every frame of clips [B, F, 3, H, W]."""
     return degrade(clips.flatten(0, 1), blur, noise).view_as(clips)
 
 
@@ -357,7 +357,7 @@ def test_reward_names_rules_and_errors() -> None:
 def test_rewards_of_one_batch_decode_it_once(monkeypatch) -> None:
     """MultiReward hands every reward the same tensor: the frames are decoded once; a changed
     tensor, other prompts or other rules are judged afresh."""
-    import lightning_grpo.toy.motion_verifier as verifier
+    import lightning_grpo.worlds.moving_shapes.verifier as verifier
     from lightning_grpo.rewards.base import MultiReward
 
     calls = []

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_grpo.toy.motion import (
+from lightning_grpo.worlds.moving_shapes import (
     DIRECTIONS,
     HELDOUT_MOTION_TEMPLATES,
     HELDOUT_SPLITS,
@@ -32,9 +32,9 @@ from lightning_grpo.toy.motion import (
     train_motion_scenes,
     write_motion_prompt_files,
 )
-from lightning_grpo.toy.prompts import PromptParseError
-from lightning_grpo.toy.tokenizers import words_of
-from lightning_grpo.toy.vocab import COLOUR_NAMES, COLOURS, SHAPES
+from lightning_grpo.worlds.shapes.prompts import PromptParseError
+from lightning_grpo.worlds.tokenizers import words_of
+from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, COLOURS, SHAPES
 
 PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "prompts"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_grpo.toy import exact_match_accuracy, heldout_scenes, parse_prompt, sample_captioned_images, train_scenes
+from lightning_grpo.worlds.shapes import exact_match_accuracy, heldout_scenes, parse_prompt, sample_captioned_images, train_scenes
 
 
 def test_same_seed_same_batch() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_grpo.toy import (
+from lightning_grpo.worlds.shapes import (
     COLOUR_NAMES,
     HELDOUT_SPLITS,
     HELDOUT_TEMPLATES,
@@ -28,7 +28,7 @@ from lightning_grpo.toy import (
     train_scenes,
     write_prompt_files,
 )
-from lightning_grpo.toy.tokenizers import words_of
+from lightning_grpo.worlds.tokenizers import words_of
 
 PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "prompts"
 
@@ -161,7 +161,7 @@ def test_reserved_phrasings_parse_and_use_only_trained_words() -> None:
 
 
 def test_pretraining_captions_never_use_reserved_phrasings() -> None:
-    from lightning_grpo.toy.pretrain import noisy_captions
+    from lightning_grpo.worlds.shapes.pretrain import noisy_captions
 
     _, captions = sample_captioned_images(2000, size=16, seed=0)
     captions += noisy_captions(captions, 0.35, seed=1)  # what pretrain.encode_training_set feeds the denoiser

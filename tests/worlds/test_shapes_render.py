@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_grpo.toy import COLOURS, POSITIONS, Scene, all_scenes, render_indices, render_scenes, scenes_to_indices
+from lightning_grpo.worlds.shapes import COLOURS, POSITIONS, Scene, all_scenes, render_indices, render_scenes, scenes_to_indices
 
 
 @pytest.mark.parametrize("size", [32, 64])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_grpo.rewards.base import RewardError
-from lightning_grpo.toy import (
+from lightning_grpo.worlds.shapes import (
     COLOUR_NAMES,
     POSITIONS,
     SHAPES,
@@ -24,8 +24,8 @@ from lightning_grpo.toy import (
     render_scenes,
     scenes_to_indices,
 )
-from lightning_grpo.toy.verifier import SceneRules, connected_components
-from lightning_grpo.toy.vocab import palette
+from lightning_grpo.worlds.shapes.verifier import SceneRules, connected_components
+from lightning_grpo.worlds.shapes.vocab import palette
 
 SEEDS = 5  # jitter draws per combination: 48 × 5 = 240 images per condition
 
@@ -349,7 +349,7 @@ def test_graded_colour_term_by_hand() -> None:
     image[1, :, 2:12, 2:12] = yellow.view(3, 1, 1)
     image[2, :, 2:12, 2:12] = ((red + yellow) / 2).view(3, 1, 1)  # orange: off the palette
     prompt = ["a red square at the top left"] * 3
-    from lightning_grpo.toy.verifier import graded_attributes
+    from lightning_grpo.worlds.shapes.verifier import graded_attributes
 
     terms = graded_attributes(image, prompt)
     assert terms[:, 1:].tolist() == [[1.0, 1.0]] * 3  # the square, in the top-left quadrant

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_grpo.rewards import ClipScore
-from lightning_grpo.toy.pretrain_clip import (
+from lightning_grpo.worlds.shapes.pretrain_clip import (
     CONFIG_NAME,
     INFO_NAME,
     TOY_CLIP_DIR,
@@ -19,10 +19,10 @@ from lightning_grpo.toy.pretrain_clip import (
     multi_positive_clip_loss,
     scene_ids,
 )
-from lightning_grpo.toy.prompts import TEMPLATES, describe
-from lightning_grpo.toy.render import render_scenes
-from lightning_grpo.toy.vocab import all_scenes
-from tests.toy.conftest import degrade
+from lightning_grpo.worlds.shapes.prompts import TEMPLATES, describe
+from lightning_grpo.worlds.shapes.render import render_scenes
+from lightning_grpo.worlds.shapes.vocab import all_scenes
+from tests.worlds.conftest import degrade
 
 SCENES = all_scenes()
 

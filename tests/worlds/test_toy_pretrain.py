@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_grpo.toy.components import build_tokenizers, vocabulary
-from lightning_grpo.toy.pretrain import PretrainConfig, load_policy, main, noisy_captions
-from lightning_grpo.toy.prompts import TEMPLATES, describe, parse_prompt, train_prompts
-from lightning_grpo.toy.vocab import all_scenes
+from lightning_grpo.worlds.components import build_tokenizers, vocabulary
+from lightning_grpo.worlds.shapes.pretrain import PretrainConfig, load_policy, main, noisy_captions
+from lightning_grpo.worlds.shapes.prompts import TEMPLATES, describe, parse_prompt, train_prompts
+from lightning_grpo.worlds.shapes.vocab import all_scenes
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,10 @@ def test_shipped_tokenizers_read_reserved_phrasings_as_whole_words():
     tokenizers the shipped pipelines load (the same vocabulary `build_tokenizers` makes)."""
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    from lightning_grpo.toy.components import TEXT_MAX_LENGTH
-    from lightning_grpo.toy.prompts import heldout_split_prompts
+    from lightning_grpo.worlds.components import TEXT_MAX_LENGTH
+    from lightning_grpo.worlds.shapes.prompts import heldout_split_prompts
 
-    folder = Path(__file__).resolve().parents[2] / "lightning_grpo" / "toy" / "pretrained" / "flux"
+    folder = Path(__file__).resolve().parents[2] / "lightning_grpo" / "worlds" / "shapes" / "pretrained" / "flux"
     clip, t5 = CLIPTokenizer.from_pretrained(folder / "tokenizer"), T5TokenizerFast.from_pretrained(folder / "tokenizer_2")
     built_clip, built_t5 = build_tokenizers()
     assert clip.get_vocab() == built_clip.get_vocab() and t5.get_vocab() == built_t5.get_vocab()

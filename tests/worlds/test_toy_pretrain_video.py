@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_grpo.toy.components import (
+from lightning_grpo.worlds.components import (
     LLAMA_TEMPLATE_TOKENS,
     VIDEO_TEXT_MAX_LENGTH,
     VideoToySize,
     build_video_tokenizers,
     build_video_transformer,
 )
-from lightning_grpo.toy.motion_prompts import motion_heldout_splits, train_motion_prompts
-from lightning_grpo.toy.pretrain_video import VideoPretrainConfig, image_to_video_transformer, load_policy, main
+from lightning_grpo.worlds.moving_shapes.prompts import motion_heldout_splits, train_motion_prompts
+from lightning_grpo.worlds.moving_shapes.pretrain import VideoPretrainConfig, image_to_video_transformer, load_policy, main
 
-SHIPPED = Path(__file__).resolve().parents[2] / "lightning_grpo" / "toy" / "pretrained"
+SHIPPED = Path(__file__).resolve().parents[2] / "lightning_grpo" / "worlds" / "moving_shapes" / "pretrained"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_script_writes_loadable_video_pipelines(pretrained, family, pipeline):
 def test_vae_scaling_makes_latents_unit_scale(pretrained):
     """The pipelines scale latents without a shift, so scale = 1/√(std² + mean²) of the VAE's
     latent means: the scaled latents of fresh clips have second moment ≈ 1."""
-    from lightning_grpo.toy.motion import sample_captioned_clips
+    from lightning_grpo.worlds.moving_shapes import sample_captioned_clips
 
     policy = load_policy("hunyuan_video", pretrained / "hunyuan_video", VideoPretrainConfig.reduced())
     report = json.loads((pretrained / "hunyuan_video" / "pretrain_report.json").read_text())["vae"]
@@ -145,7 +145,7 @@ def test_the_real_pipelines_sample_from_the_written_folders(pretrained):
 def test_latent_foreground_weights_follow_the_causal_vae_grouping():
     """Frame 0 alone in latent frame 0, frames 1–4 in latent frame 1, 5–8 in latent frame 2; each
     latent cell covers a 4×4 pixel block; a cell is lit when any of its pixels is (> 0.1)."""
-    from lightning_grpo.toy.pretrain_video import latent_foreground_weights
+    from lightning_grpo.worlds.moving_shapes.pretrain import latent_foreground_weights
 
     clips = torch.zeros(1, 9, 3, 8, 8)  # [N, F, 3, H, W]
     clips[0, 0, 1, 0, 0] = 0.5  # frame 0, top-left block  -> latent (0, 0, 0)
@@ -164,7 +164,7 @@ def test_latent_foreground_weights_follow_the_causal_vae_grouping():
 def test_weighted_flow_loss_is_the_plain_loss_at_unit_weight_and_scales_per_element():
     """mean(w·e²): w = 1 is the plain loss; weighting one half of the latents by 3 gives
     (3·S_a + S_b) / n from the two halves' summed squared errors."""
-    from lightning_grpo.toy import pretrain
+    from lightning_grpo.worlds.shapes import pretrain
 
     class Fixed:
         def predict(self, x, t, condition):  # v_θ = 0, so the error is −(ε − z)
@@ -185,7 +185,7 @@ def test_weighted_flow_loss_is_the_plain_loss_at_unit_weight_and_scales_per_elem
 def test_flow_loss_sigma_shift_moves_the_training_noise_up():
     """σ = s·u / (1 + (s − 1)·u) on the logit-normal draw u (at s = 3: u = 1/2 → 3/4): the timesteps
     the denoiser sees are 1000·σ of exactly that map, and s = 1 leaves u as drawn."""
-    from lightning_grpo.toy import pretrain
+    from lightning_grpo.worlds.shapes import pretrain
 
     seen = []
 
@@ -224,7 +224,7 @@ def test_t2v_training_continues_from_an_earlier_pipeline(pretrained, tmp_path):
 
 
 def test_caption_noise_argument_takes_one_rate_or_three():
-    from lightning_grpo.toy.pretrain_video import caption_noise_arg
+    from lightning_grpo.worlds.moving_shapes.pretrain import caption_noise_arg
 
     assert caption_noise_arg("0.3") == 0.3 and caption_noise_arg("0.3,0,0.6") == (0.3, 0.0, 0.6)
     for bad in ("0.3;0", "0.3,0.3", "0.3,0,1.5"):  # not numbers, two rates, a rate above 1
@@ -233,7 +233,7 @@ def test_caption_noise_argument_takes_one_rate_or_three():
 
 
 def test_train_denoiser_rejects_a_bad_shift_and_mismatched_weights_before_any_work():
-    from lightning_grpo.toy.pretrain import train_denoiser
+    from lightning_grpo.worlds.shapes.pretrain import train_denoiser
 
     latents = torch.zeros(4, 16, 3, 2, 2)
     data = (latents, ["a red circle moving up"] * 4, None)
@@ -264,9 +264,9 @@ def test_decoder_stage_changes_only_the_decoder(pretrained, tmp_path):
 
 
 def test_finetune_decoder_restores_the_flags_and_rejects_bad_arguments():
-    from lightning_grpo.toy.components import build_video_vae
-    from lightning_grpo.toy.pretrain import finetune_decoder
-    from lightning_grpo.toy.pretrain_video import clip_sampler
+    from lightning_grpo.worlds.components import build_video_vae
+    from lightning_grpo.worlds.shapes.pretrain import finetune_decoder
+    from lightning_grpo.worlds.moving_shapes.pretrain import clip_sampler
 
     config = VideoPretrainConfig.reduced()
     vae = build_video_vae(config.size, 0)

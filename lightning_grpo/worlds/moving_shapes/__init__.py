@@ -1,14 +1,14 @@
 """The moving-shapes world in one import: vocabulary, renderer, prompts and split, captioned clips
-(and, from `lightning_grpo.toy.motion_verifier`, the pixel verifiers).
+(and, from `lightning_grpo.worlds.moving_shapes.verifier`, the pixel verifiers).
 
-Clips of one coloured shape of the image world (`lightning_grpo.toy.shapes`) moving in a named
+Clips of one coloured shape of the image world (`lightning_grpo.worlds.shapes`) moving in a named
 direction: "a red circle moving to the right". The pieces live in small modules (motion_vocab,
 motion_render, motion_prompts, motion_dataset, motion_verifier); this module re-exports their
-public API, e.g. `from lightning_grpo.toy.motion import render_motion_scenes, train_motion_prompts`.
+public API, e.g. `from lightning_grpo.worlds.moving_shapes import render_motion_scenes, train_motion_prompts`.
 """
 
-from lightning_grpo.toy.motion_dataset import noisy_motion_captions, sample_captioned_clips
-from lightning_grpo.toy.motion_prompts import (
+from lightning_grpo.worlds.moving_shapes.dataset import noisy_motion_captions, sample_captioned_clips
+from lightning_grpo.worlds.moving_shapes.prompts import (
     HELDOUT_MOTION_TEMPLATES,
     HELDOUT_SPLITS,
     MOTION_PHRASES,
@@ -27,7 +27,7 @@ from lightning_grpo.toy.motion_prompts import (
     train_motion_scenes,
     write_motion_prompt_files,
 )
-from lightning_grpo.toy.motion_render import (
+from lightning_grpo.worlds.moving_shapes.render import (
     MotionTracks,
     frame_times,
     render_first_frames,
@@ -36,7 +36,7 @@ from lightning_grpo.toy.motion_render import (
     render_tracks,
     sample_tracks,
 )
-from lightning_grpo.toy.motion_vocab import (
+from lightning_grpo.worlds.moving_shapes.vocab import (
     DEFAULT_FRAMES,
     DIRECTION_VECTORS,
     DIRECTIONS,

@@ -3,7 +3,7 @@
 - Text-to-video needs nothing new: `PromptDataModule` reads `configs/prompts/motion_train.txt`
   (and the held-out files) like the image demo's prompts.
 - Image-to-video: every prompt's first frame shows its shape, in its colour, at the clip's start
-  (`lightning_grpo.toy.motion_render.render_first_frames`), drawn from a generator seeded by
+  (`lightning_grpo.worlds.moving_shapes.render.render_first_frames`), drawn from a generator seeded by
   `stable_hash(f"{seed}/{prompt}")`: a prompt always gets the same frame, in every process, batch
   and run, so held-out evaluations before and after training condition on identical frames.
   `MotionFirstFrames` is that source as a module called with (prompts, size) — the contract of
@@ -23,10 +23,10 @@ from lightning_grpo.datamodules.prompts import PromptDataModule
 from lightning_grpo.datamodules.sources import BadRecordReporter, Record
 from lightning_grpo.datamodules.streaming import PromptStream, StreamConfig, stable_hash
 from lightning_grpo.first_frames import FirstFrames
-from lightning_grpo.toy.motion_prompts import parse_motion_prompt
-from lightning_grpo.toy.motion_render import MotionTracks, render_tracks, sample_tracks
-from lightning_grpo.toy.motion_vocab import motion_scenes_to_indices
-from lightning_grpo.toy.prompts import PromptParseError
+from lightning_grpo.worlds.moving_shapes.prompts import parse_motion_prompt
+from lightning_grpo.worlds.moving_shapes.render import MotionTracks, render_tracks, sample_tracks
+from lightning_grpo.worlds.moving_shapes.vocab import motion_scenes_to_indices
+from lightning_grpo.worlds.shapes.prompts import PromptParseError
 
 
 def first_frames_for_prompts(prompts: list[str], size: int = 32, seed: int = 0, jitter: bool = True) -> Tensor:

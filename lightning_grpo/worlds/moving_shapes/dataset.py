@@ -2,7 +2,7 @@
 
 Every sample draws a scene from a pool and a training template, and renders the clip with jitter
 (random start and radius), so one caption maps to many slightly different clips, exactly like
-`lightning_grpo.toy.dataset.sample_captioned_images` for the image world. `noisy_motion_captions`
+`lightning_grpo.worlds.shapes.dataset.sample_captioned_images` for the image world. `noisy_motion_captions`
 re-describes captions with some attributes replaced at random (the noisy-caption pretraining that
 leaves the toy pipelines imperfect, so GRPO has something to learn).
 """
@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_grpo.toy.dataset import draw_captions, noisy_descriptions
-from lightning_grpo.toy.motion_prompts import MOTION_TEMPLATES, describe_motion, parse_motion_prompt
-from lightning_grpo.toy.motion_render import render_tracks, sample_tracks
-from lightning_grpo.toy.motion_vocab import DEFAULT_FRAMES, DIRECTIONS, MotionScene, all_motion_scenes, motion_scenes_to_indices
-from lightning_grpo.toy.vocab import COLOUR_NAMES, SHAPES
+from lightning_grpo.worlds.shapes.dataset import draw_captions, noisy_descriptions
+from lightning_grpo.worlds.moving_shapes.prompts import MOTION_TEMPLATES, describe_motion, parse_motion_prompt
+from lightning_grpo.worlds.moving_shapes.render import render_tracks, sample_tracks
+from lightning_grpo.worlds.moving_shapes.vocab import DEFAULT_FRAMES, DIRECTIONS, MotionScene, all_motion_scenes, motion_scenes_to_indices
+from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES
 
 
 def sample_captioned_clips(
@@ -35,7 +35,7 @@ def sample_captioned_clips(
     Args:
         n: number of samples.
         scenes: pool to draw from uniformly (default: all 48 combinations; pass
-            `lightning_grpo.toy.motion_prompts.train_motion_scenes()` to keep held-out combinations unseen).
+            `lightning_grpo.worlds.moving_shapes.prompts.train_motion_scenes()` to keep held-out combinations unseen).
         frames: F frames per clip (4k + 1 suits HunyuanVideo's VAE; default 9).
         size: frame side in pixels.
         seed: one seed fixes scenes, templates and jitter: same seed, same batch.

@@ -1,10 +1,10 @@
 """Pretrain the toy HunyuanVideo (text-to-video) and toy SkyReels-V1 (image-to-video) pipelines on the
 moving-shapes world, from scratch.
 
-    python -m lightning_grpo.toy.pretrain_video --family all --out lightning_grpo/toy/pretrained
+    python -m lightning_grpo.worlds.moving_shapes.pretrain --family all --out lightning_grpo/worlds/moving_shapes/pretrained
 
-The recipe of the image toys (`lightning_grpo.toy.pretrain`, whose VAE and denoiser training
-loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.toy.motion`; seeded end to end:
+The recipe of the image toys (`lightning_grpo.worlds.shapes.pretrain`, whose VAE and denoiser training
+loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.worlds.moving_shapes`; seeded end to end:
 
 1. VAE: an AutoencoderKLHunyuanVideo (causal 3D convolutions, ×4 in space and time) is trained to
    reconstruct jittered clips of all 48 combinations; its `scaling_factor` is then set from the
@@ -20,7 +20,7 @@ loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.toy.motion`; see
    captions by its `encode_prompts`, the loss on its `predict`): rectified flow,
        x_σ = (1 − σ)·z + σ·ε,  loss = |v_θ(x_σ, σ) − (ε − z)|²,  σ ~ logit-normal(0, 1),
    on NOISY captions (each attribute replaced by a random value with probability `caption_noise`,
-   `lightning_grpo.toy.motion.noisy_motion_captions`; one rate or (colour, shape, direction)
+   `lightning_grpo.worlds.moving_shapes.noisy_motion_captions`; one rate or (colour, shape, direction)
    rates), so the model follows its prompt only part of the time: what GRPO is for. The clips are
    encoded once and shared by both families.
 4. Image-to-video: a `HunyuanSkyreelsImageToVideoPipeline` on the same VAE and text encoders, whose
@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_grpo.toy.components import (
+from lightning_grpo.worlds.components import (
     CLIP_VIDEO_MAX_LENGTH,
     VIDEO_TEXT_MAX_LENGTH,
     VideoToySize,
@@ -62,7 +62,7 @@ from lightning_grpo.toy.components import (
     build_video_transformer,
     build_video_vae,
 )
-from lightning_grpo.toy.pretrain import (
+from lightning_grpo.worlds.shapes.pretrain import (
     _save_denoiser_fp16,
     finetune_decoder,
     lit_pixels,
@@ -121,7 +121,7 @@ class VideoPretrainConfig:
 
 def clip_sampler(size: VideoToySize):
     """`sample(n, seed)` → n jittered clips of all combinations in the VAE layout [n, 3, F, H, W]."""
-    from lightning_grpo.toy.motion import sample_captioned_clips
+    from lightning_grpo.worlds.moving_shapes import sample_captioned_clips
 
     return lambda n, seed: sample_captioned_clips(n, frames=size.frames, size=size.image_size, seed=seed)[0].transpose(1, 2)
 
@@ -132,7 +132,7 @@ def encode_clip_set(policy, config: VideoPretrainConfig, chunk: int = 256) -> tu
     of its decode), their true captions, first frames and denoiser loss weights: (latents [N, *L],
     prompts, frames [N, 3, H, W], `latent_foreground_weights` [N, 1, T', H', W'] or None when
     `denoiser_foreground_weight` is 0). Both families share the VAE, so one encoding serves both."""
-    from lightning_grpo.toy.motion import sample_captioned_clips
+    from lightning_grpo.worlds.moving_shapes import sample_captioned_clips
 
     size = config.size
     clips, prompts = sample_captioned_clips(config.dataset_size, frames=size.frames, size=size.image_size, seed=config.seed + 11)
@@ -229,9 +229,9 @@ def heldout_video_accuracy(policy, family: str, num_steps: int, samples_per_prom
     (`first_frames_for_prompts`, the frames the demos condition on); there, motion accuracy is the
     measure (the frame gives colour and shape)."""
     from lightning_grpo.rollout import ode_sample
-    from lightning_grpo.toy.motion import motion_heldout_split_prompts
-    from lightning_grpo.toy.motion_data import first_frames_for_prompts
-    from lightning_grpo.toy.motion_verifier import judge_clips
+    from lightning_grpo.worlds.moving_shapes import motion_heldout_split_prompts
+    from lightning_grpo.worlds.moving_shapes.data import first_frames_for_prompts
+    from lightning_grpo.worlds.moving_shapes.verifier import judge_clips
 
     sampler = policy.build_sampler(num_steps, eta=0.0)
     prompts = [p for p in motion_heldout_split_prompts("new_combinations") for _ in range(samples_per_prompt)]
@@ -255,8 +255,8 @@ def vae_ceiling(vae, config: VideoPretrainConfig, clips: int = 96, seed: int = 9
     """What the VAE alone lets any generator score: fresh rendered clips (all combinations, true
     captions) encoded (posterior mode) and decoded, judged by `judge_clips`. A perfect generator of
     latents scores at most this, so a base model far below the 15–60% band is first a VAE problem."""
-    from lightning_grpo.toy.motion import sample_captioned_clips
-    from lightning_grpo.toy.motion_verifier import judge_clips
+    from lightning_grpo.worlds.moving_shapes import sample_captioned_clips
+    from lightning_grpo.worlds.moving_shapes.verifier import judge_clips
 
     size = config.size
     pixels, prompts = sample_captioned_clips(clips, frames=size.frames, size=size.image_size, seed=seed)  # [N, F, 3, H, W]
@@ -313,7 +313,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
     """
     from diffusers import HunyuanVideoTransformer3DModel
 
-    from lightning_grpo.toy.motion import noisy_motion_captions
+    from lightning_grpo.worlds.moving_shapes import noisy_motion_captions
 
     torch.manual_seed(config.seed)
     started = time.perf_counter()
@@ -372,7 +372,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
 def caption_noise_arg(text: str) -> float | tuple[float, ...]:
     """`--caption-noise 0.3` (every attribute) or `--caption-noise 0.3,0,0.3` (colour, shape, direction),
     checked by `caption_noise_rates` here, so a bad value stops the command line before any training."""
-    from lightning_grpo.toy.dataset import caption_noise_rates
+    from lightning_grpo.worlds.shapes.dataset import caption_noise_rates
 
     try:
         rates = tuple(float(part) for part in text.split(","))
@@ -385,7 +385,7 @@ def caption_noise_arg(text: str) -> float | tuple[float, ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m lightning_grpo.toy.pretrain_video [--family hunyuan_video|skyreels|all] [--out DIR]`."""
+    """Command line: `python -m lightning_grpo.worlds.moving_shapes.pretrain [--family hunyuan_video|skyreels|all] [--out DIR]`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=(*FAMILIES, "all"), default="all", help="which pipeline(s) to build")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder receiving <family>/ pipelines")

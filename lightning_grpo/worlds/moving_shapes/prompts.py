@@ -5,7 +5,7 @@ phrasings training uses (RL prompts and the toy video pipelines' pretraining cap
 `HELDOUT_MOTION_TEMPLATES` are reserved paraphrases no training sees, built only from words the
 training templates also use (so the toy text encoders' vocabulary has every word, and the
 pretrained denoiser has read each, only never in these sentences), in new word orders; the same
-fairness rule as the image world's (`lightning_grpo.toy.prompts`). The parser does not depend on
+fairness rule as the image world's (`lightning_grpo.worlds.shapes.prompts`). The parser does not depend on
 the templates: it finds exactly one colour, one shape and one direction word anywhere in the
 prompt ("upwards", "rightwards", ... read as "up", "right", ...).
 
@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from lightning_grpo.toy.prompts import _SPLIT_MODULUS, HELDOUT_SPLITS, Phrasing, PromptParseError, _one
-from lightning_grpo.toy.tokenizers import words_of
-from lightning_grpo.toy.motion_vocab import DIRECTIONS, MotionScene, all_motion_scenes
-from lightning_grpo.toy.vocab import COLOUR_NAMES, SHAPES
+from lightning_grpo.worlds.shapes.prompts import _SPLIT_MODULUS, HELDOUT_SPLITS, Phrasing, PromptParseError, _one
+from lightning_grpo.worlds.tokenizers import words_of
+from lightning_grpo.worlds.moving_shapes.vocab import DIRECTIONS, MotionScene, all_motion_scenes
+from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES
 
 #: How each direction is written in a sentence ("moving {motion}").
 MOTION_PHRASES: dict[str, str] = {"right": "to the right", "left": "to the left", "up": "up", "down": "down"}

@@ -1,8 +1,8 @@
 """Vectorised renderer of moving-shapes clips (and of their first frames, the image-to-video condition).
 
 A clip is one object of the image world (same palette, same shapes, drawn by the same
-anti-aliased `lightning_grpo.toy.render.rasterize`) whose centre moves linearly in time from a
-start point by `TRAVEL` along its direction (geometry in `lightning_grpo.toy.motion_vocab`).
+anti-aliased `lightning_grpo.worlds.shapes.render.rasterize`) whose centre moves linearly in time from a
+start point by `TRAVEL` along its direction (geometry in `lightning_grpo.worlds.moving_shapes.vocab`).
 Rendering is two steps, so tests and callers can build any clip, good or deliberately bad:
 
 1. `sample_tracks` draws each clip's start and radius (the jitter) and lays out its centres
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_grpo.toy.motion_vocab import (
+from lightning_grpo.worlds.moving_shapes.vocab import (
     DEFAULT_FRAMES,
     MOTION_RADIUS,
     MOTION_RADIUS_JITTER,
@@ -29,7 +29,7 @@ from lightning_grpo.toy.motion_vocab import (
     direction_vectors,
     motion_scenes_to_indices,
 )
-from lightning_grpo.toy.render import jitter_generator, rasterize
+from lightning_grpo.worlds.shapes.render import jitter_generator, rasterize
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Read a moving-shapes clip back from pixels and score it against its prompt (the video verifiers).
 
-Every frame is decoded by the image world's strict verifier (`lightning_grpo.toy.verifier.decode_scenes`:
+Every frame is decoded by the image world's strict verifier (`lightning_grpo.worlds.shapes.verifier.decode_scenes`:
 foreground by palette coverage, the main object's colour, shape template and centroid, the
 one-object / purity / shape-match measures), all B·F frames in one batch. On top of that:
 
@@ -32,7 +32,7 @@ of another shape (what the text-to-video demo trains on, docs/results.md). Every
 object to be there, so a blank, static, reversed or two-object clip earns (almost) nothing of the
 dense and product forms.
 
-Measured rates: docs/results.md ("Moving-shapes verifier"), from tests/toy/test_motion_verifier.py.
+Measured rates: docs/results.md ("Moving-shapes verifier"), from tests/worlds/test_motion_verifier.py.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ import torch
 from torch import Tensor
 
 from lightning_grpo.rewards.base import Reward
-from lightning_grpo.toy.motion_prompts import parse_motion_prompt
-from lightning_grpo.toy.motion_render import frame_times
-from lightning_grpo.toy.motion_vocab import TRAVEL, direction_vectors
-from lightning_grpo.toy.verifier import SceneRules, decode_scenes
+from lightning_grpo.worlds.moving_shapes.prompts import parse_motion_prompt
+from lightning_grpo.worlds.moving_shapes.render import frame_times
+from lightning_grpo.worlds.moving_shapes.vocab import TRAVEL, direction_vectors
+from lightning_grpo.worlds.shapes.verifier import SceneRules, decode_scenes
 
 Aspect = Literal["motion", "appearance", "colour", "shape", "all"]
 Mode = Literal["dense", "exact", "product"]

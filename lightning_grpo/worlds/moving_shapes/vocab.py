@@ -1,6 +1,6 @@
 """The moving-shapes world's vocabulary: directions, the clip geometry, and the `MotionScene` record.
 
-A clip shows ONE object of the image world's palette and shapes (`lightning_grpo.toy.vocab`:
+A clip shows ONE object of the image world's palette and shapes (`lightning_grpo.worlds.shapes.vocab`:
 the same colour and shape names, the same indices) gliding at constant speed in one of four
 directions. Positions are not part of a motion scene: where the object starts is drawn at
 random from a box that is the same for every direction, so a first frame (the image-to-video
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_grpo.toy.vocab import COLOUR_NAMES, SHAPES
+from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES
 
 #: Direction names; order fixes the direction index.
 DIRECTIONS: tuple[str, ...] = ("right", "left", "up", "down")

@@ -1,12 +1,12 @@
 """The shapes world in one import: vocabulary, renderer, prompts and split, verifier reward.
 
-The pieces live in small modules (vocab, render, prompts, verifier, dataset); this module and the
-package `lightning_grpo.toy` re-export their public API, e.g.
-`from lightning_grpo.toy.shapes import ShapesVerifier, render_scenes, train_prompts`.
+The pieces live in small modules (vocab, render, prompts, verifier, dataset); this package
+re-exports their public API, e.g.
+`from lightning_grpo.worlds.shapes import ShapesVerifier, render_scenes, train_prompts`.
 """
 
-from lightning_grpo.toy.dataset import sample_captioned_images
-from lightning_grpo.toy.prompts import (
+from lightning_grpo.worlds.shapes.dataset import sample_captioned_images
+from lightning_grpo.worlds.shapes.prompts import (
     HELDOUT_SPLITS,
     HELDOUT_TEMPLATES,
     TEMPLATES,
@@ -24,8 +24,8 @@ from lightning_grpo.toy.prompts import (
     train_scenes,
     write_prompt_files,
 )
-from lightning_grpo.toy.render import render_indices, render_scenes
-from lightning_grpo.toy.verifier import (
+from lightning_grpo.worlds.shapes.render import render_indices, render_scenes
+from lightning_grpo.worlds.shapes.verifier import (
     DecodedScenes,
     SceneRules,
     ShapesVerifier,
@@ -34,7 +34,7 @@ from lightning_grpo.toy.verifier import (
     exact_match_accuracy,
     target_indices,
 )
-from lightning_grpo.toy.vocab import (
+from lightning_grpo.worlds.shapes.vocab import (
     BACKGROUND,
     COLOUR_NAMES,
     COLOURS,

@@ -12,9 +12,9 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import Tensor
 
-from lightning_grpo.toy.prompts import TEMPLATES, describe
-from lightning_grpo.toy.render import render_scenes
-from lightning_grpo.toy.vocab import Scene, all_scenes
+from lightning_grpo.worlds.shapes.prompts import TEMPLATES, describe
+from lightning_grpo.worlds.shapes.render import render_scenes
+from lightning_grpo.worlds.shapes.vocab import Scene, all_scenes
 
 T = TypeVar("T")
 
@@ -32,7 +32,7 @@ def sample_captioned_images(
     Args:
         n: number of samples.
         scenes: pool to draw from uniformly (default: all 48 combinations; pass
-            `lightning_grpo.toy.prompts.train_scenes()` to keep held-out combinations unseen).
+            `lightning_grpo.worlds.shapes.prompts.train_scenes()` to keep held-out combinations unseen).
         size: image side in pixels.
         seed: one seed fixes scenes, templates and jitter: same seed, same batch.
         jitter: randomise object size and position within its quadrant.

@@ -1,6 +1,6 @@
 """Pretrain the toy FLUX and toy Stable Diffusion pipelines on the shapes world, from scratch.
 
-    python -m lightning_grpo.toy.pretrain --family all --out lightning_grpo/toy/pretrained
+    python -m lightning_grpo.worlds.shapes.pretrain --family all --out lightning_grpo/worlds/shapes/pretrained
 
 What it does, seeded end to end (same seed and torch build: same weights):
 
@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_grpo.toy.components import (
+from lightning_grpo.worlds.components import (
     ToySize,
     TEXT_MAX_LENGTH,
     build_clip_text_encoder,
@@ -62,9 +62,9 @@ from lightning_grpo.toy.components import (
     build_unet,
     build_vae,
 )
-from lightning_grpo.toy.dataset import noisy_descriptions, sample_captioned_images
-from lightning_grpo.toy.prompts import TEMPLATES, describe, heldout_prompts, parse_prompt
-from lightning_grpo.toy.vocab import COLOUR_NAMES, POSITIONS, SHAPES, Scene
+from lightning_grpo.worlds.shapes.dataset import noisy_descriptions, sample_captioned_images
+from lightning_grpo.worlds.shapes.prompts import TEMPLATES, describe, heldout_prompts, parse_prompt
+from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, POSITIONS, SHAPES, Scene
 
 FAMILIES = ("flux", "sd")
 DEFAULT_OUT = Path(__file__).parent / "pretrained"
@@ -416,7 +416,7 @@ def heldout_accuracy(policy, num_steps: int, samples_per_prompt: int, seed: int 
     """Exact-match and per-attribute accuracy of ODE samples on the held-out prompts, with the
     family's own deterministic sampler (the pipeline's schedule)."""
     from lightning_grpo.rollout import ode_sample
-    from lightning_grpo.toy.verifier import attribute_correctness
+    from lightning_grpo.worlds.shapes.verifier import attribute_correctness
 
     sampler = policy.build_sampler(num_steps, eta=0.0)
     prompts = [p for p in heldout_prompts() for _ in range(samples_per_prompt)]
@@ -499,7 +499,7 @@ def _copy_vae_weights(vae, folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m lightning_grpo.toy.pretrain [--family flux|sd|all] [--out DIR]`."""
+    """Command line: `python -m lightning_grpo.worlds.shapes.pretrain [--family flux|sd|all] [--out DIR]`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=(*FAMILIES, "all"), default="all", help="which pipeline(s) to build")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder receiving <family>/ pipelines")

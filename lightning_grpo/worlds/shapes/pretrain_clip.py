@@ -1,11 +1,11 @@
 """Pretrain the toy CLIP of the shapes world: a tiny open_clip model whose CLIP score is a reward.
 
-    python -m lightning_grpo.toy.pretrain_clip --out lightning_grpo/toy/pretrained/clip
+    python -m lightning_grpo.worlds.shapes.pretrain_clip --out lightning_grpo/worlds/shapes/pretrained/clip
 
 What it builds: an open_clip `CLIP` (ViT vision tower at 32 px, patch 4; small causal text
 transformer with open_clip's own CLIP BPE tokenizer, so any prompt tokenizes) trained
 contrastively on rendered shapes-world images and their captions
-(`lightning_grpo.toy.dataset.sample_captioned_images`: all 48 combinations, all 5 templates,
+(`lightning_grpo.worlds.shapes.dataset.sample_captioned_images`: all 48 combinations, all 5 templates,
 jittered renders, fresh images every step).
 
 Why the model is built this way:
@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_grpo.toy.dataset import sample_captioned_images
-from lightning_grpo.toy.pretrain import warmup_cosine_schedule
-from lightning_grpo.toy.prompts import TEMPLATES, describe, parse_prompt
-from lightning_grpo.toy.render import render_scenes
-from lightning_grpo.toy.vocab import POSITIONS, SHAPES, all_scenes
+from lightning_grpo.worlds.shapes.dataset import sample_captioned_images
+from lightning_grpo.worlds.shapes.pretrain import warmup_cosine_schedule
+from lightning_grpo.worlds.shapes.prompts import TEMPLATES, describe, parse_prompt
+from lightning_grpo.worlds.shapes.render import render_scenes
+from lightning_grpo.worlds.shapes.vocab import POSITIONS, SHAPES, all_scenes
 
 #: Folder of the shipped toy CLIP (config + weights), inside the package.
 TOY_CLIP_DIR = Path(__file__).resolve().parent / "pretrained" / "clip"
@@ -298,7 +298,7 @@ def pretrain(config: PretrainConfig, out: Path, progress: bool = True) -> dict:
     metrics = caption_retrieval_accuracy(reward, config.eval_images_per_scene, size=config.image_size)
     degraded = caption_retrieval_accuracy(reward, config.eval_images_per_scene, size=config.image_size, degrade=True)
     info = {
-        "command": "python -m lightning_grpo.toy.pretrain_clip " + shlex.join(sys.argv[1:]),
+        "command": "python -m lightning_grpo.worlds.shapes.pretrain_clip " + shlex.join(sys.argv[1:]),
         "config": asdict(config),
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_bytes": (out / WEIGHTS_NAME).stat().st_size,

@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from lightning_grpo.toy.vocab import COLOUR_NAMES, SHAPES, Scene, all_scenes
+from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES, Scene, all_scenes
 
 #: Paraphrase templates; index 0 is the canonical one ("a red circle at the top left").
 TEMPLATES: tuple[str, ...] = (

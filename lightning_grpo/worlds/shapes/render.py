@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_grpo.toy.vocab import POSITION_CENTRES, POSITIONS, Scene, background, palette, scenes_to_indices
+from lightning_grpo.worlds.shapes.vocab import POSITION_CENTRES, POSITIONS, Scene, background, palette, scenes_to_indices
 
 #: Sub-pixels per pixel side used for anti-aliasing.
 SUPERSAMPLE = 4
@@ -61,7 +61,7 @@ def render_indices(
     """Render scenes given by attribute indices.
 
     Args:
-        indices: LongTensor[N, 3] of (colour, shape, position) indices (see `lightning_grpo.toy.vocab`).
+        indices: LongTensor[N, 3] of (colour, shape, position) indices (see `lightning_grpo.worlds.shapes.vocab`).
         size: image side in pixels (32 and 64 are the tested sizes; ≥ 16 is sensible).
         jitter: randomise each object's centre and size a little (within its quadrant).
         seed: seed of the jitter when no `generator` is given; same seed, same images.
@@ -93,7 +93,7 @@ def rasterize(colour: Tensor, shape: Tensor, centre: Tensor, radius: Tensor, siz
     """Draw one anti-aliased filled shape per image on the black background.
 
     The drawing primitive shared by the still renderer (`render_indices`) and the moving-shapes
-    world (`lightning_grpo.toy.motion_render`, which draws every frame of a track with it).
+    world (`lightning_grpo.worlds.moving_shapes.render`, which draws every frame of a track with it).
 
     Args:
         colour: LongTensor[N] palette indices; shape: LongTensor[N] shape indices.

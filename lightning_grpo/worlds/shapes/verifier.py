@@ -42,7 +42,7 @@ gives nothing to an image with two objects, and no attribute term can be earned 
 that is merely centred, coloured or sized right on average. `strict=False` reads the main
 object's attributes without these rules (the earlier, lenient verifier).
 
-Measured rates: docs/results.md ("Shapes-world verifier"), from tests/toy/test_shapes_verifier.py.
+Measured rates: docs/results.md ("Shapes-world verifier"), from tests/worlds/test_shapes_verifier.py.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_grpo.rewards.base import Reward
-from lightning_grpo.toy.prompts import parse_prompt
-from lightning_grpo.toy.render import shape_masks
-from lightning_grpo.toy.vocab import COLOUR_NAMES, SHAPES, Scene, background, palette
+from lightning_grpo.worlds.shapes.prompts import parse_prompt
+from lightning_grpo.worlds.shapes.render import shape_masks
+from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES, Scene, background, palette
 
 #: Coverage above which a pixel is foreground.
 FOREGROUND_THRESHOLD = 0.5
