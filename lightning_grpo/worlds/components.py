@@ -33,13 +33,20 @@ LATENT_CHANNELS = 4
 
 
 @dataclass(frozen=True)
-class ToySize:
-    """Widths of the toy components; `ToySize()` is what ships, `ToySize.reduced()` what CI builds."""
+class ComponentSize:
+    """Widths every toy pipeline has: the frame side, the text encoders' width, CLIP's depth and the
+    VAE's block widths (`ToySize` and `VideoToySize` add their denoisers')."""
 
     image_size: int = 32
     text_hidden: int = 64
     text_layers: int = 2
     vae_channels: tuple[int, ...] = (16, 32, 32)
+
+
+@dataclass(frozen=True)
+class ToySize(ComponentSize):
+    """Widths of the toy image components; `ToySize()` is what ships, `ToySize.reduced()` what CI builds."""
+
     flux_head_dim: int = 32
     flux_heads: int = 2
     flux_layers: int = 2
@@ -70,23 +77,21 @@ def build_tokenizers() -> tuple:
     return clip_tokenizer(words, TEXT_MAX_LENGTH), t5_tokenizer(words, TEXT_MAX_LENGTH)
 
 
-def build_clip_text_encoder(tokenizer, size: ToySize | VideoToySize, seed: int, max_length: int = TEXT_MAX_LENGTH):
+def token_ids(tokenizer) -> dict[str, int]:
+    """The vocabulary size and special token ids a toy text encoder's config takes from its tokenizer."""
+    return {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
+def build_clip_text_encoder(tokenizer, size: ComponentSize, seed: int, max_length: int = TEXT_MAX_LENGTH):
     """A CLIPTextModel (causal transformer, pooled at EOS) whose special ids match `tokenizer`,
     with `max_length` positions."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=size.text_hidden,
-        intermediate_size=4 * size.text_hidden,
-        num_hidden_layers=size.text_layers,
-        num_attention_heads=4,
-        max_position_embeddings=max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=size.text_hidden,
+        hidden_size=size.text_hidden, intermediate_size=4 * size.text_hidden, num_hidden_layers=size.text_layers,
+        num_attention_heads=4, max_position_embeddings=max_length, projection_dim=size.text_hidden, **token_ids(tokenizer),
     )
     return CLIPTextModel(config).eval()
 
@@ -117,7 +122,7 @@ def build_vae(size: ToySize, seed: int):
     """An AutoencoderKL down-sampling by `size.vae_factor` to `LATENT_CHANNELS` channels.
 
     No quant convs (as FLUX's VAE). Scaling / shift factors are set after training, from the
-    latent statistics (`lightning_grpo.worlds.shapes.pretrain.latent_statistics`).
+    latent statistics (`lightning_grpo.worlds.pretraining.latent_statistics`).
     """
     from diffusers import AutoencoderKL
 
@@ -220,15 +225,12 @@ LLAMA_TEMPLATE_TOKENS = 95
 
 
 @dataclass(frozen=True)
-class VideoToySize:
+class VideoToySize(ComponentSize):
     """Widths of the toy video components; `VideoToySize()` is what ships, `.reduced()` what CI builds."""
 
-    image_size: int = 32
     frames: int = 9
     latent_channels: int = 16  # as the real VAE; one latent frame holds 4 frames of motion: 8 channels blurred them
-    text_hidden: int = 64
     llama_layers: int = 3  # the pipelines read hidden_states[-3]: with 3 layers, the output of the first
-    text_layers: int = 2  # CLIP
     vae_channels: tuple[int, ...] = (8, 16, 32)  # full resolution stays narrow (its cost); 32 at 8×8
     head_dim: int = 32
     heads: int = 4  # inner width 128: at 64 the transformer could not model the 16-channel latents
@@ -287,16 +289,9 @@ def build_llama_encoder(tokenizer, size: VideoToySize, seed: int):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=size.text_hidden,
-        intermediate_size=2 * size.text_hidden,
-        num_hidden_layers=size.llama_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=size.text_hidden, intermediate_size=2 * size.text_hidden, num_hidden_layers=size.llama_layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        **token_ids(tokenizer),
     )
     return LlamaModel(config).eval()
 

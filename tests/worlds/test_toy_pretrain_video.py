@@ -164,7 +164,7 @@ def test_latent_foreground_weights_follow_the_causal_vae_grouping():
 def test_weighted_flow_loss_is_the_plain_loss_at_unit_weight_and_scales_per_element():
     """mean(w·e²): w = 1 is the plain loss; weighting one half of the latents by 3 gives
     (3·S_a + S_b) / n from the two halves' summed squared errors."""
-    from lightning_grpo.worlds.shapes import pretrain
+    from lightning_grpo.worlds import pretraining as pretrain
 
     class Fixed:
         def predict(self, x, t, condition):  # v_θ = 0, so the error is −(ε − z)
@@ -185,7 +185,7 @@ def test_weighted_flow_loss_is_the_plain_loss_at_unit_weight_and_scales_per_elem
 def test_flow_loss_sigma_shift_moves_the_training_noise_up():
     """σ = s·u / (1 + (s − 1)·u) on the logit-normal draw u (at s = 3: u = 1/2 → 3/4): the timesteps
     the denoiser sees are 1000·σ of exactly that map, and s = 1 leaves u as drawn."""
-    from lightning_grpo.worlds.shapes import pretrain
+    from lightning_grpo.worlds import pretraining as pretrain
 
     seen = []
 
@@ -233,7 +233,7 @@ def test_caption_noise_argument_takes_one_rate_or_three():
 
 
 def test_train_denoiser_rejects_a_bad_shift_and_mismatched_weights_before_any_work():
-    from lightning_grpo.worlds.shapes.pretrain import train_denoiser
+    from lightning_grpo.worlds.pretraining import train_denoiser
 
     latents = torch.zeros(4, 16, 3, 2, 2)
     data = (latents, ["a red circle moving up"] * 4, None)
@@ -244,7 +244,7 @@ def test_train_denoiser_rejects_a_bad_shift_and_mismatched_weights_before_any_wo
 
 
 def test_decoder_stage_changes_only_the_decoder(pretrained, tmp_path):
-    """`--vae-decoder-steps` (`pretrain.finetune_decoder`): the encoder and quant_conv, hence every
+    """`--vae-decoder-steps` (`pretraining.finetune_decoder`): the encoder and quant_conv, hence every
     latent an earlier transformer was trained on, stay bit for bit; the decoder moves; the report
     keeps the ceiling before beside the new one."""
     source = pretrained / "hunyuan_video"
@@ -265,7 +265,7 @@ def test_decoder_stage_changes_only_the_decoder(pretrained, tmp_path):
 
 def test_finetune_decoder_restores_the_flags_and_rejects_bad_arguments():
     from lightning_grpo.worlds.components import build_video_vae
-    from lightning_grpo.worlds.shapes.pretrain import finetune_decoder
+    from lightning_grpo.worlds.pretraining import finetune_decoder
     from lightning_grpo.worlds.moving_shapes.pretrain import clip_sampler
 
     config = VideoPretrainConfig.reduced()

@@ -2,16 +2,19 @@
 (and, from `lightning_grpo.worlds.moving_shapes.verifier`, the pixel verifiers).
 
 Clips of one coloured shape of the image world (`lightning_grpo.worlds.shapes`) moving in a named
-direction: "a red circle moving to the right". The pieces live in small modules (motion_vocab,
-motion_render, motion_prompts, motion_dataset, motion_verifier); this module re-exports their
-public API, e.g. `from lightning_grpo.worlds.moving_shapes import render_motion_scenes, train_motion_prompts`.
+direction: "a red circle moving to the right". The pieces live in small modules (vocab, render,
+prompts, dataset, verifier, data); this package re-exports the public API of the first four and
+`WORLD`, e.g. `from lightning_grpo.worlds.moving_shapes import render_motion_scenes, train_motion_prompts`.
 """
 
+from lightning_grpo.worlds.base import SyntheticWorld
 from lightning_grpo.worlds.moving_shapes.dataset import noisy_motion_captions, sample_captioned_clips
 from lightning_grpo.worlds.moving_shapes.prompts import (
     HELDOUT_MOTION_TEMPLATES,
     HELDOUT_SPLITS,
+    MOTION_PHRASEBOOK,
     MOTION_PHRASES,
+    MOTION_SPLIT,
     MOTION_TEMPLATES,
     PROMPT_FILES,
     describe_motion,
@@ -47,7 +50,14 @@ from lightning_grpo.worlds.moving_shapes.vocab import (
     motion_scenes_to_indices,
 )
 
+from lightning_grpo.worlds.moving_shapes.verifier import MovingShapesVerifier  # noqa: E402  (after the pieces it reads)
+
+#: The moving-shapes world as a `lightning_grpo.worlds.base.World` (clips [N, F, 3, H, W]).
+WORLD = SyntheticWorld("moving_shapes", MOTION_PHRASEBOOK, MOTION_SPLIT, words=motion_words, parser=parse_motion_prompt,
+                       renderer=render_motion_scenes, reward=MovingShapesVerifier)
+
 __all__ = [
+    "WORLD",
     "DEFAULT_FRAMES", "DIRECTIONS", "DIRECTION_VECTORS", "HELDOUT_MOTION_TEMPLATES", "HELDOUT_SPLITS",
     "MOTION_PHRASES", "MOTION_TEMPLATES", "PROMPT_FILES", "TRAVEL", "MotionScene", "MotionTracks",
     "all_motion_scenes", "describe_motion", "direction_vectors", "frame_times", "heldout_motion_scenes",

@@ -26,7 +26,7 @@ from lightning_grpo.first_frames import FirstFrames
 from lightning_grpo.worlds.moving_shapes.prompts import parse_motion_prompt
 from lightning_grpo.worlds.moving_shapes.render import MotionTracks, render_tracks, sample_tracks
 from lightning_grpo.worlds.moving_shapes.vocab import motion_scenes_to_indices
-from lightning_grpo.worlds.shapes.prompts import PromptParseError
+from lightning_grpo.worlds.base import PromptParseError
 
 
 def first_frames_for_prompts(prompts: list[str], size: int = 32, seed: int = 0, jitter: bool = True) -> Tensor:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from lightning_grpo.worlds.shapes.dataset import draw_captions, noisy_descriptions
-from lightning_grpo.worlds.moving_shapes.prompts import MOTION_TEMPLATES, describe_motion, parse_motion_prompt
+from lightning_grpo.worlds.base import noisy_descriptions, sample_captioned
+from lightning_grpo.worlds.moving_shapes.prompts import MOTION_PHRASEBOOK, MOTION_TEMPLATES, describe_motion, parse_motion_prompt
 from lightning_grpo.worlds.moving_shapes.render import render_tracks, sample_tracks
 from lightning_grpo.worlds.moving_shapes.vocab import DEFAULT_FRAMES, DIRECTIONS, MotionScene, all_motion_scenes, motion_scenes_to_indices
 from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES
@@ -32,22 +31,16 @@ def sample_captioned_clips(
 ) -> tuple[Tensor, list[str]]:
     """`n` random (clip, caption) pairs: pixels Tensor[n, F, 3, size, size] in [0, 1] and prompts.
 
-    Args:
-        n: number of samples.
-        scenes: pool to draw from uniformly (default: all 48 combinations; pass
-            `lightning_grpo.worlds.moving_shapes.prompts.train_motion_scenes()` to keep held-out combinations unseen).
-        frames: F frames per clip (4k + 1 suits HunyuanVideo's VAE; default 9).
-        size: frame side in pixels.
-        seed: one seed fixes scenes, templates and jitter: same seed, same batch.
-        jitter: random start point and radius per clip.
-        templates: indices of `MOTION_TEMPLATES` to draw captions from (default: all). The first
-            frames of the clips (`pixels[:, 0]`) are the image-to-video conditions.
+    `scenes` is the pool (default: all 48 combinations; `train_motion_scenes()` keeps held-out
+    combinations unseen), `frames` the frames per clip (4k + 1 suits HunyuanVideo's VAE), `seed`
+    fixes scenes, templates and jitter (random start point and radius per clip when `jitter`),
+    `templates` the indices of `MOTION_TEMPLATES` to draw captions from (default: all). The
+    clips' first frames (`pixels[:, 0]`) are the image-to-video conditions.
     """
-    gen = torch.Generator().manual_seed(int(seed))
-    picked, chosen = draw_captions(n, all_motion_scenes() if scenes is None else scenes, len(MOTION_TEMPLATES), templates, gen)
-    prompts = [describe_motion(scene, t) for scene, t in zip(picked, chosen)]
-    tracks = sample_tracks(motion_scenes_to_indices(picked), frames, jitter, generator=gen)
-    return render_tracks(tracks, size), prompts
+    def render(picked: list[MotionScene], generator) -> Tensor:
+        return render_tracks(sample_tracks(motion_scenes_to_indices(picked), frames, jitter, generator=generator), size)
+
+    return sample_captioned(n, all_motion_scenes() if scenes is None else scenes, MOTION_PHRASEBOOK, seed, templates, render)
 
 
 def noisy_motion_captions(prompts: list[str], noise: float | tuple[float, float, float], seed: int) -> list[str]:

@@ -3,15 +3,15 @@ moving-shapes world, from scratch.
 
     python -m lightning_grpo.worlds.moving_shapes.pretrain --family all --out lightning_grpo/worlds/moving_shapes/pretrained
 
-The recipe of the image toys (`lightning_grpo.worlds.shapes.pretrain`, whose VAE and denoiser training
-loops this reuses), on clips [N, F, 3, H, W] of `lightning_grpo.worlds.moving_shapes`; seeded end to end:
+The recipe of the image toys (`lightning_grpo.worlds.shapes.pretrain`; both run the VAE and denoiser
+training loops of `lightning_grpo.worlds.pretraining`), on clips [N, F, 3, H, W] of `lightning_grpo.worlds.moving_shapes`; seeded end to end:
 
 1. VAE: an AutoencoderKLHunyuanVideo (causal 3D convolutions, ×4 in space and time) is trained to
    reconstruct jittered clips of all 48 combinations; its `scaling_factor` is then set from the
    latent statistics. The HunyuanVideo pipelines scale without a shift (z·scale), so
    scale = 1/√(std² + mean²), as for SD. Optionally (`vae_decoder_steps`, also on a VAE reused
    with `--vae-from`) the decoder is then fine-tuned alone, the encoder frozen
-   (`pretrain.finetune_decoder`): the latents stay those earlier transformers learned.
+   (`pretraining.finetune_decoder`): the latents stay those earlier transformers learned.
 2. Text encoders: a LlamaModel (the pipelines read its third-last hidden state under their own
    Llama-3 chat template) and a CLIPTextModel (pooled), with word-level tokenizers, left at their
    seeded random initialisation and frozen, like the frozen encoders of the real pipelines.
@@ -45,32 +45,17 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lightning_grpo.worlds.components import (
-    CLIP_VIDEO_MAX_LENGTH,
-    VIDEO_TEXT_MAX_LENGTH,
-    VideoToySize,
-    build_clip_text_encoder,
-    build_llama_encoder,
-    build_video_scheduler,
-    build_video_tokenizers,
-    build_video_transformer,
-    build_video_vae,
-)
-from lightning_grpo.worlds.shapes.pretrain import (
-    _save_denoiser_fp16,
-    finetune_decoder,
-    lit_pixels,
-    save_module_fp16,
-    tail_mean,
-    train_denoiser,
-    train_vae,
-)
+from lightning_grpo.worlds.components import CLIP_VIDEO_MAX_LENGTH, VIDEO_TEXT_MAX_LENGTH, VideoToySize
+from lightning_grpo.worlds.components import build_clip_text_encoder, build_llama_encoder, build_video_scheduler
+from lightning_grpo.worlds.components import build_video_tokenizers, build_video_transformer, build_video_vae
+from lightning_grpo.worlds.pretraining import ToyPretrainConfig, command_line, finetune_decoder, lit_pixels, save_denoiser_fp16
+from lightning_grpo.worlds.pretraining import save_module_fp16, tail_mean, train_denoiser, train_vae, write_report
 
 FAMILIES = ("hunyuan_video", "skyreels")
 DEFAULT_OUT = Path(__file__).parent / "pretrained"
@@ -83,23 +68,19 @@ TOY_POLICIES = {
 
 
 @dataclass
-class VideoPretrainConfig:
-    """Everything that determines the shipped video pipelines (recorded in pretrain_report.json)."""
+class VideoPretrainConfig(ToyPretrainConfig):
+    """Everything that determines the shipped video pipelines (recorded in pretrain_report.json): the
+    shared `ToyPretrainConfig` fields at the video defaults, and the video stages' own."""
 
     size: VideoToySize = field(default_factory=VideoToySize)
-    seed: int = 0
     vae_steps: int = 800
     vae_batch: int = 16
-    vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-6
-    vae_foreground_weight: float = 4.0  # the shape's pixels weigh 1 + this in the VAE loss (pretrain.reconstruction_loss)
-    vae_decoder_steps: int = 0  # then the decoder alone, encoder frozen (`pretrain.finetune_decoder`): latents unchanged
+    vae_foreground_weight: float = 4.0  # the shape's pixels weigh 1 + this in the VAE loss (`reconstruction_loss`)
+    vae_decoder_steps: int = 0  # then the decoder alone, encoder frozen (`finetune_decoder`): latents unchanged
     vae_decoder_lr: float = 5e-4
     t2v_steps: int = 3000
     i2v_steps: int = 500
     denoiser_batch: int = 32
-    denoiser_lr: float = 1e-3
-    denoiser_sigma_shift: float = 1.0  # training-noise shift of the rectified-flow loss (`pretrain._flow_loss`)
     denoiser_foreground_weight: float = 0.0  # latent cells that see the shape weigh 1 + this (`latent_foreground_weights`)
     dataset_size: int = 4000
     # text-to-video: each attribute of a caption replaced w.p. 0.3, or (colour, shape, direction) rates
@@ -107,8 +88,6 @@ class VideoPretrainConfig:
     i2v_caption_noise: float = 0.6  # image-to-video: the frame fixes colour and shape, so motion is what varies
     scheduler_shift: float = 1.5
     guidance: float = 6.0  # the distilled guidance the transformer is trained at (HunyuanVideoPipeline's default)
-    eval_steps: int = 8
-    eval_samples_per_prompt: int = 4
 
     @classmethod
     def reduced(cls) -> VideoPretrainConfig:
@@ -148,8 +127,8 @@ def latent_foreground_weights(clips: Tensor, latent_shape: tuple[int, ...], fore
     Tensor[N, 1, T', H', W'] for clips [N, F, 3, H, W] and latents [N, C, T', H', W'].
 
     The shape covers a few percent of a clip, so plain L2 on the latents spends the denoiser on the
-    empty background; this is `pretrain.reconstruction_loss`'s weighting carried to the latent grid.
-    A pixel is lit as in `pretrain.lit_pixels`; a latent cell is lit when any pixel it encodes is:
+    empty background; this is `pretraining.reconstruction_loss`'s weighting carried to the latent grid.
+    A pixel is lit as in `pretraining.lit_pixels`; a latent cell is lit when any pixel it encodes is:
     HunyuanVideo's causal VAE puts frame 0 alone in latent frame 0 and frames 4k−3 … 4k in latent
     frame k (temporal ratio (F − 1)/(T' − 1)), each latent cell covering H/H' × W/W' pixels.
     """
@@ -280,7 +259,7 @@ def train_video_vae(config: VideoPretrainConfig):
 
 
 def sharpen_decoder(vae, stats: dict, config: VideoPretrainConfig) -> dict:
-    """Fine-tune the VAE's decoder alone (`pretrain.finetune_decoder`) and return the latent
+    """Fine-tune the VAE's decoder alone (`pretraining.finetune_decoder`) and return the latent
     statistics with a `decoder` entry (steps, lr, loss, time, the ceiling before) and the new
     ceiling. The encoder, hence the latents and `scaling_factor`, are unchanged: a transformer
     trained on the earlier VAE works with this one and decodes sharper (the stage-1 VAE rounded
@@ -348,22 +327,13 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
         steps = config.i2v_steps if i2v else config.t2v_steps
         data = (latents, captions, first_frames if i2v else None)
         losses = train_denoiser(policy, family, config, data=data, steps=steps, weights=weights)
-        _save_denoiser_fp16(policy, folder)
+        save_denoiser_fp16(policy, folder)
         save_frozen_fp16(policy, folder)
         policy = load_policy(family, folder, config)  # evaluate what ships
         accuracy = heldout_video_accuracy(policy, family, config.eval_steps, config.eval_samples_per_prompt)
-        reports[family] = {
-            "heldout": accuracy,
-            "final_loss": tail_mean(losses),
-            "vae": stats,
-            # the transformer this run started from ("none" or null: its seeded initialisation)
-            "init_from": str(init_from or out / "hunyuan_video") if family == "skyreels" else (t2v_init_from and str(t2v_init_from)),
-            "seconds": round(time.perf_counter() - family_start, 1),
-            "total_seconds_so_far": round(time.perf_counter() - started, 1),
-            "config": asdict(config),
-            "torch": torch.__version__,
-        }
-        (folder / "pretrain_report.json").write_text(json.dumps(reports[family], indent=2) + "\n")
+        # the transformer this run started from ("none" or null: its seeded initialisation)
+        start = str(init_from or out / "hunyuan_video") if i2v else (t2v_init_from and str(t2v_init_from))
+        reports[family] = write_report(folder, config, accuracy, losses, stats, started, family_start, init_from=start)
         print(f"{family}: held-out " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items() if k != "samples")
               + f" ({accuracy['samples']} samples) -> {folder}")
     return reports
@@ -372,7 +342,7 @@ def pretrain_video(families: tuple[str, ...], out: Path, config: VideoPretrainCo
 def caption_noise_arg(text: str) -> float | tuple[float, ...]:
     """`--caption-noise 0.3` (every attribute) or `--caption-noise 0.3,0,0.3` (colour, shape, direction),
     checked by `caption_noise_rates` here, so a bad value stops the command line before any training."""
-    from lightning_grpo.worlds.shapes.dataset import caption_noise_rates
+    from lightning_grpo.worlds.base import caption_noise_rates
 
     try:
         rates = tuple(float(part) for part in text.split(","))
@@ -384,30 +354,22 @@ def caption_noise_arg(text: str) -> float | tuple[float, ...]:
     return noise
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m lightning_grpo.worlds.moving_shapes.pretrain [--family hunyuan_video|skyreels|all] [--out DIR]`."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=(*FAMILIES, "all"), default="all", help="which pipeline(s) to build")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder receiving <family>/ pipelines")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reduced", action="store_true", help="tiny widths and a few steps (for tests)")
+def _source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The video script's own options: where its VAE and transformers start from."""
     parser.add_argument("--vae-from", type=Path, default=None, help="reuse this trained VAE folder (…/<family>/vae)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="T2V pipeline the I2V transformer starts from ('none': its seeded initialisation)")
     parser.add_argument("--t2v-init-from", type=Path, default=None,
                         help="T2V pipeline whose transformer the T2V training continues (one stage of a staged recipe)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: `python -m lightning_grpo.worlds.moving_shapes.pretrain [--family hunyuan_video|skyreels|all] [--out DIR]`."""
     overrides = {"vae_steps": int, "vae_decoder_steps": int, "vae_decoder_lr": float, "t2v_steps": int, "i2v_steps": int,
                  "denoiser_lr": float, "denoiser_sigma_shift": float, "denoiser_foreground_weight": float,
                  "caption_noise": caption_noise_arg}
-    for key, kind in overrides.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"VideoPretrainConfig.{key}")
-    args = parser.parse_args(argv)
-    config = VideoPretrainConfig.reduced() if args.reduced else VideoPretrainConfig()
-    config.seed = args.seed
-    for key in overrides:
-        if getattr(args, key) is not None:
-            setattr(config, key, getattr(args, key))
-    families = FAMILIES if args.family == "all" else (args.family,)
+    args, config, families = command_line(__doc__.split("\n\n")[0], FAMILIES, DEFAULT_OUT, VideoPretrainConfig,
+                                          VideoPretrainConfig.reduced, overrides, argv, _source_arguments)
     pretrain_video(families, args.out, config, args.vae_from, args.init_from, args.t2v_init_from)
 
 

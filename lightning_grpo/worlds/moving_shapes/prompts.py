@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from lightning_grpo.worlds.shapes.prompts import _SPLIT_MODULUS, HELDOUT_SPLITS, Phrasing, PromptParseError, _one
-from lightning_grpo.worlds.tokenizers import words_of
+from lightning_grpo.worlds.base import HELDOUT_SPLITS, CompositionalSplit, Phrasebook, one_value, write_prompt_files
 from lightning_grpo.worlds.moving_shapes.vocab import DIRECTIONS, MotionScene, all_motion_scenes
 from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES
+from lightning_grpo.worlds.tokenizers import words_of
 
 #: How each direction is written in a sentence ("moving {motion}").
 MOTION_PHRASES: dict[str, str] = {"right": "to the right", "left": "to the left", "up": "up", "down": "down"}
@@ -57,29 +57,24 @@ _DIRECTION_WORDS = {
     "up": "up", "upwards": "up", "down": "down", "downwards": "down",
 }
 
+#: The moving-shapes templates, filled from a `MotionScene` (the direction written as its phrase).
+MOTION_PHRASEBOOK = Phrasebook(
+    MOTION_TEMPLATES, HELDOUT_MOTION_TEMPLATES,
+    lambda scene: {"colour": scene.colour, "shape": scene.shape, "motion": MOTION_PHRASES[scene.direction]}, kind="motion ")
+#: The image world's split rule with the direction in place of the position: (c + s + d) % 3 == 0 held out.
+MOTION_SPLIT = CompositionalSplit(all_motion_scenes)
+
+motion_templates_of, describe_motion = MOTION_PHRASEBOOK.templates_of, MOTION_PHRASEBOOK.describe
+motion_prompts_for = MOTION_PHRASEBOOK.prompts_for
+is_heldout_motion, train_motion_scenes, heldout_motion_scenes = (
+    MOTION_SPLIT.is_heldout, MOTION_SPLIT.train_scenes, MOTION_SPLIT.heldout_scenes)
+
 __all__ = [
-    "HELDOUT_MOTION_TEMPLATES", "HELDOUT_SPLITS", "MOTION_PHRASES", "MOTION_TEMPLATES", "PROMPT_FILES", "describe_motion",
-    "heldout_motion_scenes", "is_heldout_motion", "motion_heldout_split_prompts", "motion_heldout_splits",
-    "motion_prompts_for", "motion_templates_of", "motion_words", "parse_motion_prompt", "train_motion_prompts",
-    "train_motion_scenes", "write_motion_prompt_files",
+    "HELDOUT_MOTION_TEMPLATES", "HELDOUT_SPLITS", "MOTION_PHRASEBOOK", "MOTION_PHRASES", "MOTION_SPLIT", "MOTION_TEMPLATES",
+    "PROMPT_FILES", "describe_motion", "heldout_motion_scenes", "is_heldout_motion", "motion_heldout_split_prompts",
+    "motion_heldout_splits", "motion_prompts_for", "motion_templates_of", "motion_words", "parse_motion_prompt",
+    "train_motion_prompts", "train_motion_scenes", "write_motion_prompt_files",
 ]
-
-
-def motion_templates_of(phrasing: Phrasing) -> tuple[str, ...]:
-    """`MOTION_TEMPLATES` for "train", `HELDOUT_MOTION_TEMPLATES` for "heldout"; a ValueError names anything else."""
-    if phrasing == "train":
-        return MOTION_TEMPLATES
-    if phrasing == "heldout":
-        return HELDOUT_MOTION_TEMPLATES
-    raise ValueError(f"phrasing must be 'train' or 'heldout', got {phrasing!r}")
-
-
-def describe_motion(scene: MotionScene, template: int = 0, phrasing: Phrasing = "train") -> str:
-    """The prompt for `scene` written with template `template` of `motion_templates_of(phrasing)`."""
-    templates = motion_templates_of(phrasing)
-    if not 0 <= template < len(templates):
-        raise IndexError(f"template {template} out of range; there are {len(templates)} {phrasing} motion templates")
-    return templates[template].format(colour=scene.colour, shape=scene.shape, motion=MOTION_PHRASES[scene.direction])
 
 
 @lru_cache(maxsize=4096)
@@ -90,33 +85,10 @@ def parse_motion_prompt(prompt: str) -> MotionScene:
     Raises `PromptParseError` (naming the prompt) when an attribute is missing or ambiguous.
     """
     words = re.findall(r"[a-z]+", prompt.lower())
-    colour = _one(prompt, "colour", {w for w in words if w in COLOUR_NAMES}, COLOUR_NAMES)
-    shape = _one(prompt, "shape", {w for w in words if w in SHAPES}, SHAPES)
-    direction = _one(prompt, "direction", {_DIRECTION_WORDS[w] for w in words if w in _DIRECTION_WORDS}, DIRECTIONS)
+    colour = one_value(prompt, "colour", {w for w in words if w in COLOUR_NAMES}, COLOUR_NAMES)
+    shape = one_value(prompt, "shape", {w for w in words if w in SHAPES}, SHAPES)
+    direction = one_value(prompt, "direction", {_DIRECTION_WORDS[w] for w in words if w in _DIRECTION_WORDS}, DIRECTIONS)
     return MotionScene(colour, shape, direction)
-
-
-def is_heldout_motion(scene: MotionScene) -> bool:
-    """Whether the combination is held out of RL training: (c + s + d) % 3 == 0 by index."""
-    return sum(scene.indices) % _SPLIT_MODULUS == 0
-
-
-def train_motion_scenes() -> list[MotionScene]:
-    """The 32 combinations RL training may use, in index order."""
-    return [s for s in all_motion_scenes() if not is_heldout_motion(s)]
-
-
-def heldout_motion_scenes() -> list[MotionScene]:
-    """The 16 combinations reserved for evaluation, in index order."""
-    return [s for s in all_motion_scenes() if is_heldout_motion(s)]
-
-
-def motion_prompts_for(
-    scenes: Sequence[MotionScene], templates: Sequence[int] | None = None, phrasing: Phrasing = "train"
-) -> list[str]:
-    """Every scene written with every chosen template of `phrasing` (default: all), scene-major order."""
-    chosen = range(len(motion_templates_of(phrasing))) if templates is None else templates
-    return [describe_motion(scene, t, phrasing) for scene in scenes for t in chosen]
 
 
 def train_motion_prompts(templates: Sequence[int] | None = None) -> list[str]:
@@ -127,13 +99,7 @@ def train_motion_prompts(templates: Sequence[int] | None = None) -> list[str]:
 def motion_heldout_split_prompts(split: str, templates: Sequence[int] | None = None) -> list[str]:
     """The prompts of one held-out split (module doc); `templates` selects training templates of
     "new_combinations". A ValueError names an unknown split."""
-    if split == "new_combinations":
-        return motion_prompts_for(heldout_motion_scenes(), templates)
-    if split == "new_phrasings":
-        return motion_prompts_for(train_motion_scenes(), phrasing="heldout")
-    if split == "both":
-        return motion_prompts_for(heldout_motion_scenes(), phrasing="heldout")
-    raise ValueError(f"unknown held-out split {split!r}; expected one of {list(HELDOUT_SPLITS)}")
+    return MOTION_SPLIT.split_prompts(MOTION_PHRASEBOOK, split, templates)
 
 
 def motion_heldout_splits() -> dict[str, list[str]]:
@@ -155,16 +121,5 @@ PROMPT_FILES = {"train": "motion_train.txt", "new_combinations": "motion_heldout
 
 def write_motion_prompt_files(directory: str | Path, templates: Sequence[int] | None = None) -> dict[str, Path]:
     """Write the training prompts and the three held-out splits, one prompt a line, into
-    `directory` (names in `PROMPT_FILES`); returns their paths keyed like `PROMPT_FILES`.
-
-    Plain text files are what the prompt datamodule and `HeldOutEvaluation` read.
-    """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    contents = {"train": train_motion_prompts(templates)}
-    contents.update({split: motion_heldout_split_prompts(split, templates) for split in HELDOUT_SPLITS})
-    paths = {}
-    for key, prompts in contents.items():
-        paths[key] = out / PROMPT_FILES[key]
-        paths[key].write_text("\n".join(prompts) + "\n")
-    return paths
+    `directory` (names in `PROMPT_FILES`); returns their paths keyed like `PROMPT_FILES`."""
+    return write_prompt_files(directory, MOTION_SPLIT.prompt_sets(MOTION_PHRASEBOOK, templates), PROMPT_FILES)

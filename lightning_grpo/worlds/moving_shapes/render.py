@@ -29,7 +29,8 @@ from lightning_grpo.worlds.moving_shapes.vocab import (
     direction_vectors,
     motion_scenes_to_indices,
 )
-from lightning_grpo.worlds.shapes.render import jitter_generator, rasterize
+from lightning_grpo.worlds.base import jitter_generator
+from lightning_grpo.worlds.shapes.render import rasterize
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,8 @@ def frame_times(frames: int, device: torch.device | str | None = None) -> Tensor
     return torch.arange(frames, device=device, dtype=torch.float32) / (frames - 1)
 
 
-def sample_tracks(
-    indices: Tensor,
-    frames: int = DEFAULT_FRAMES,
-    jitter: bool = True,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-) -> MotionTracks:
+def sample_tracks(indices: Tensor, frames: int = DEFAULT_FRAMES, jitter: bool = True, seed: int | None = 0,
+                  generator: torch.Generator | None = None) -> MotionTracks:
     """Tracks of the clips given by (colour, shape, direction) indices [N, 3].
 
     centre_f = start + t_f · TRAVEL · u_direction, with start = (0.5, 0.5) + U(−START_JITTER,
@@ -101,14 +97,8 @@ def render_tracks(tracks: MotionTracks, size: int = 32) -> Tensor:
     return pixels.view(n, frames, 3, size, size)
 
 
-def render_motion_indices(
-    indices: Tensor,
-    frames: int = DEFAULT_FRAMES,
-    size: int = 32,
-    jitter: bool = True,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def render_motion_indices(indices: Tensor, frames: int = DEFAULT_FRAMES, size: int = 32, jitter: bool = True,
+                          seed: int | None = 0, generator: torch.Generator | None = None) -> Tensor:
     """Clips of the (colour, shape, direction) indices [N, 3]: Tensor[N, F, 3, size, size] in [0, 1].
 
     Args:
@@ -120,27 +110,15 @@ def render_motion_indices(
     return render_tracks(sample_tracks(indices, frames, jitter, seed, generator), size)
 
 
-def render_motion_scenes(
-    scenes: list[MotionScene],
-    frames: int = DEFAULT_FRAMES,
-    size: int = 32,
-    jitter: bool = True,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
+def render_motion_scenes(scenes: list[MotionScene], frames: int = DEFAULT_FRAMES, size: int = 32,
+                         jitter: bool = True, seed: int | None = 0, generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None) -> Tensor:
     """Render `MotionScene`s to Tensor[N, F, 3, size, size]; see `render_motion_indices`."""
     return render_motion_indices(motion_scenes_to_indices(scenes, device), frames, size, jitter, seed, generator)
 
 
-def render_first_frames(
-    scenes: list[MotionScene],
-    size: int = 32,
-    jitter: bool = True,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
+def render_first_frames(scenes: list[MotionScene], size: int = 32, jitter: bool = True, seed: int | None = 0,
+                        generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
     """The first frame of each scene's clip (the shape at its start): Tensor[N, 3, size, size].
 
     Equal to `render_motion_scenes(scenes, frames, size, jitter, seed)[:, 0]` for any frame count

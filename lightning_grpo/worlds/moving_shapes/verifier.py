@@ -293,19 +293,12 @@ class MovingShapesVerifier(Reward):
         self,
         aspect: Aspect = "all",
         mode: Mode = "dense",
-        min_travel: float | None = None,
-        max_travel: float | None = None,
-        max_drift: float | None = None,
-        max_backstep: float | None = None,
-        max_track_error: float | None = None,
-        progress_tolerance: float | None = None,
-        max_area_change: float | None = None,
-        max_stray: float | None = None,
-        max_off_object: float | None = None,
-        min_purity: float | None = None,
-        max_off_palette: float | None = None,
-        max_shape_error: float | None = None,
-        max_elongation: float | None = None,
+        min_travel: float | None = None, max_travel: float | None = None, max_drift: float | None = None,  # direction
+        max_backstep: float | None = None, max_track_error: float | None = None,  # smooth
+        progress_tolerance: float | None = None, max_area_change: float | None = None,  # progress, stable
+        max_stray: float | None = None, max_off_object: float | None = None,  # per frame: one object
+        min_purity: float | None = None, max_off_palette: float | None = None,  # per frame: one colour
+        max_shape_error: float | None = None, max_elongation: float | None = None,  # per frame: the shape
         name: str | None = None,
         weight: float = 1.0,
     ) -> None:
@@ -315,12 +308,12 @@ class MovingShapesVerifier(Reward):
             raise ValueError(f"MovingShapesVerifier mode must be one of {list(get_args(Mode))}, got {mode!r}")
         super().__init__(name or f"{'moving_shapes' if aspect == 'all' else aspect}_{mode}", weight)
         self.aspect, self.mode = aspect, mode
-        scene = {"max_stray": max_stray, "max_off_object": max_off_object, "min_purity": min_purity, "max_off_palette": max_off_palette,
-                 "max_shape_error": max_shape_error, "max_elongation": max_elongation}
+        scene = SceneRules.with_overrides(max_stray=max_stray, max_off_object=max_off_object, min_purity=min_purity,
+                                          max_off_palette=max_off_palette, max_shape_error=max_shape_error,
+                                          max_elongation=max_elongation)
         motion = {"min_travel": min_travel, "max_travel": max_travel, "max_drift": max_drift, "max_backstep": max_backstep,
                   "max_track_error": max_track_error, "progress_tolerance": progress_tolerance, "max_area_change": max_area_change}
-        self.rules = MotionRules(**{k: float(v) for k, v in motion.items() if v is not None},
-                                 scene=SceneRules(**{k: float(v) for k, v in scene.items() if v is not None}))
+        self.rules = MotionRules(**{k: float(v) for k, v in motion.items() if v is not None}, scene=scene)
 
     def score(self, pixels: Tensor, prompts: list[str], images: Tensor | None = None) -> Tensor:
         """Tensor[B] of per-clip rewards in [0, 1]."""

@@ -16,11 +16,11 @@ Clip geometry (fractions of the image side, y grows downwards):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from lightning_grpo.worlds.base import scene_indices, scene_record
 from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES
 
 #: Direction names; order fixes the direction index.
@@ -52,41 +52,11 @@ def direction_vectors(device: torch.device | str | None = None, dtype: torch.dty
     return torch.tensor([DIRECTION_VECTORS[d] for d in DIRECTIONS], device=device, dtype=dtype)
 
 
-@dataclass(frozen=True, order=True)
-class MotionScene:
-    """One object of a clip: a colour, a shape and a direction of motion, by name.
-
-    Frozen and ordered so scenes can be set members, dict keys and sorted deterministically.
-    """
-
-    colour: str
-    shape: str
-    direction: str
-
-    def __post_init__(self) -> None:
-        if self.colour not in COLOUR_NAMES:
-            raise ValueError(f"unknown colour {self.colour!r}; expected one of {list(COLOUR_NAMES)}")
-        if self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; expected one of {list(SHAPES)}")
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"unknown direction {self.direction!r}; expected one of {list(DIRECTIONS)}")
-
-    @property
-    def indices(self) -> tuple[int, int, int]:
-        """(colour, shape, direction) indices into `COLOUR_NAMES`, `SHAPES`, `DIRECTIONS`."""
-        return COLOUR_NAMES.index(self.colour), SHAPES.index(self.shape), DIRECTIONS.index(self.direction)
-
-    @classmethod
-    def from_indices(cls, colour: int, shape: int, direction: int) -> MotionScene:
-        """The scene with the given attribute indices."""
-        return cls(COLOUR_NAMES[colour], SHAPES[shape], DIRECTIONS[direction])
-
-
-def all_motion_scenes() -> list[MotionScene]:
-    """Every (colour, shape, direction) combination, in index order (4 × 3 × 4 = 48)."""
-    return [MotionScene(c, s, d) for c in COLOUR_NAMES for s in SHAPES for d in DIRECTIONS]
-
-
-def motion_scenes_to_indices(scenes: list[MotionScene], device: torch.device | str | None = None) -> Tensor:
-    """Attribute indices of `scenes` as LongTensor[N, 3] (columns: colour, shape, direction)."""
-    return torch.tensor([s.indices for s in scenes], dtype=torch.long, device=device).reshape(-1, 3)
+#: One object of a clip: a colour, a shape and a direction of motion, by name (a `SceneRecord`:
+#: frozen and ordered, `.indices` into `COLOUR_NAMES`, `SHAPES`, `DIRECTIONS`).
+MotionScene = scene_record("MotionScene", __name__, "One object of a clip: a colour, a shape and a direction of motion.",
+                           colour=COLOUR_NAMES, shape=SHAPES, direction=DIRECTIONS)
+#: Every (colour, shape, direction) combination, in index order (4 × 3 × 4 = 48).
+all_motion_scenes = MotionScene.every
+#: Attribute indices of motion scenes as LongTensor[N, 3] (columns: colour, shape, direction).
+motion_scenes_to_indices = scene_indices

@@ -5,9 +5,13 @@ re-exports their public API, e.g.
 `from lightning_grpo.worlds.shapes import ShapesVerifier, render_scenes, train_prompts`.
 """
 
+from lightning_grpo.worlds.base import SyntheticWorld
+from lightning_grpo.worlds.components import vocabulary
 from lightning_grpo.worlds.shapes.dataset import sample_captioned_images
 from lightning_grpo.worlds.shapes.prompts import (
     HELDOUT_SPLITS,
+    PHRASEBOOK,
+    SPLIT,
     HELDOUT_TEMPLATES,
     TEMPLATES,
     PromptParseError,
@@ -45,7 +49,12 @@ from lightning_grpo.worlds.shapes.vocab import (
     scenes_to_indices,
 )
 
+#: The shapes world as a `lightning_grpo.worlds.base.World` (images [N, 3, H, W]).
+WORLD = SyntheticWorld("shapes", PHRASEBOOK, SPLIT, words=vocabulary, parser=parse_prompt, renderer=render_scenes,
+                       reward=ShapesVerifier)
+
 __all__ = [
+    "WORLD",
     "BACKGROUND",
     "COLOURS",
     "COLOUR_NAMES",

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_grpo.worlds.shapes.dataset import sample_captioned_images
-from lightning_grpo.worlds.shapes.pretrain import warmup_cosine_schedule
+from lightning_grpo.worlds.pretraining import warmup_cosine_schedule
 from lightning_grpo.worlds.shapes.prompts import TEMPLATES, describe, parse_prompt
 from lightning_grpo.worlds.shapes.render import render_scenes
 from lightning_grpo.worlds.shapes.vocab import POSITIONS, SHAPES, all_scenes

@@ -27,8 +27,16 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
+from lightning_grpo.worlds.base import (
+    HELDOUT_SPLITS,
+    CompositionalSplit,
+    Phrasebook,
+    Phrasing,
+    PromptParseError,
+    one_value,
+)
+from lightning_grpo.worlds.base import write_prompt_files as _write_files
 from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES, Scene, all_scenes
 
 #: Paraphrase templates; index 0 is the canonical one ("a red circle at the top left").
@@ -48,43 +56,28 @@ HELDOUT_TEMPLATES: tuple[str, ...] = (
     "{position}: the {shape} coloured {colour}",
 )
 
-Phrasing = Literal["train", "heldout"]
-#: The held-out evaluation splits, in report order.
-HELDOUT_SPLITS: tuple[str, ...] = ("new_combinations", "new_phrasings", "both")
-
 #: Words that name the vertical / horizontal half of a position (synonyms map to the canonical word).
 _VERTICAL = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
 _HORIZONTAL = {"left": "left", "right": "right"}
-_SPLIT_MODULUS = 3
 
+#: The shapes world's templates and the fields a `Scene` fills them with.
+PHRASEBOOK = Phrasebook(TEMPLATES, HELDOUT_TEMPLATES, lambda scene: {"colour": scene.colour, "shape": scene.shape,
+                                                                      "position": scene.position})
+#: The shapes world's split: (colour c, shape s, position p) held out iff (c + s + p) % 3 == 0.
+SPLIT = CompositionalSplit(all_scenes)
 
-class PromptParseError(ValueError):
-    """A prompt does not name exactly one colour, one shape and one position; the message names it."""
+templates_of = PHRASEBOOK.templates_of
+describe = PHRASEBOOK.describe
+prompts_for = PHRASEBOOK.prompts_for
+is_heldout = SPLIT.is_heldout
+train_scenes = SPLIT.train_scenes
+heldout_scenes = SPLIT.heldout_scenes
 
-
-def templates_of(phrasing: Phrasing) -> tuple[str, ...]:
-    """`TEMPLATES` for "train", `HELDOUT_TEMPLATES` for "heldout"; a ValueError names anything else."""
-    if phrasing == "train":
-        return TEMPLATES
-    if phrasing == "heldout":
-        return HELDOUT_TEMPLATES
-    raise ValueError(f"phrasing must be 'train' or 'heldout', got {phrasing!r}")
-
-
-def describe(scene: Scene, template: int = 0, phrasing: Phrasing = "train") -> str:
-    """The prompt for `scene` written with template `template` of `templates_of(phrasing)`."""
-    templates = templates_of(phrasing)
-    if not 0 <= template < len(templates):
-        raise IndexError(f"template {template} out of range; there are {len(templates)} {phrasing} templates")
-    return templates[template].format(colour=scene.colour, shape=scene.shape, position=scene.position)
-
-
-def _one(prompt: str, kind: str, found: set[str], choices: Sequence[str]) -> str:
-    """The single value of one attribute found in `prompt`, or a PromptParseError naming the prompt."""
-    if len(found) == 1:
-        return next(iter(found))
-    problem = "no" if not found else f"conflicting {sorted(found)} for the"
-    raise PromptParseError(f"cannot parse prompt {prompt!r}: {problem} {kind} (expected one of {list(choices)})")
+__all__ = [
+    "HELDOUT_SPLITS", "HELDOUT_TEMPLATES", "PHRASEBOOK", "SPLIT", "TEMPLATES", "Phrasing", "PromptParseError", "describe",
+    "heldout_prompts", "heldout_scenes", "heldout_split_prompts", "heldout_splits", "is_heldout", "parse_prompt", "prompts_for",
+    "templates_of", "train_prompts", "train_scenes", "write_prompt_files",
+]
 
 
 @lru_cache(maxsize=4096)
@@ -95,34 +88,13 @@ def parse_prompt(prompt: str) -> Scene:
     Raises `PromptParseError` (naming the prompt) when an attribute is missing or ambiguous.
     """
     words = re.findall(r"[a-z]+", prompt.lower())
-    colour = _one(prompt, "colour", {w for w in words if w in COLOUR_NAMES}, COLOUR_NAMES)
-    shape = _one(prompt, "shape", {w for w in words if w in SHAPES}, SHAPES)
-    vertical = _one(prompt, "vertical position", {_VERTICAL[w] for w in words if w in _VERTICAL}, ("top", "bottom"))
-    horizontal = _one(
+    colour = one_value(prompt, "colour", {w for w in words if w in COLOUR_NAMES}, COLOUR_NAMES)
+    shape = one_value(prompt, "shape", {w for w in words if w in SHAPES}, SHAPES)
+    vertical = one_value(prompt, "vertical position", {_VERTICAL[w] for w in words if w in _VERTICAL}, ("top", "bottom"))
+    horizontal = one_value(
         prompt, "horizontal position", {_HORIZONTAL[w] for w in words if w in _HORIZONTAL}, ("left", "right")
     )
     return Scene(colour, shape, f"{vertical} {horizontal}")
-
-
-def is_heldout(scene: Scene) -> bool:
-    """Whether the scene's combination is held out of RL training: (c + s + p) % 3 == 0 by index."""
-    return sum(scene.indices) % _SPLIT_MODULUS == 0
-
-
-def train_scenes() -> list[Scene]:
-    """The 32 combinations RL training may use, in index order."""
-    return [s for s in all_scenes() if not is_heldout(s)]
-
-
-def heldout_scenes() -> list[Scene]:
-    """The 16 combinations reserved for evaluation, in index order."""
-    return [s for s in all_scenes() if is_heldout(s)]
-
-
-def prompts_for(scenes: Sequence[Scene], templates: Sequence[int] | None = None, phrasing: Phrasing = "train") -> list[str]:
-    """Every scene written with every chosen template of `phrasing` (default: all), scene-major order."""
-    chosen = range(len(templates_of(phrasing))) if templates is None else templates
-    return [describe(scene, t, phrasing) for scene in scenes for t in chosen]
 
 
 def train_prompts(templates: Sequence[int] | None = None) -> list[str]:
@@ -138,18 +110,17 @@ def heldout_prompts(templates: Sequence[int] | None = None) -> list[str]:
 
 def heldout_split_prompts(split: str) -> list[str]:
     """The prompts of one held-out split (see the module doc); a ValueError names an unknown split."""
-    if split == "new_combinations":
-        return heldout_prompts()
-    if split == "new_phrasings":
-        return prompts_for(train_scenes(), phrasing="heldout")
-    if split == "both":
-        return prompts_for(heldout_scenes(), phrasing="heldout")
-    raise ValueError(f"unknown held-out split {split!r}; expected one of {list(HELDOUT_SPLITS)}")
+    return SPLIT.split_prompts(PHRASEBOOK, split)
 
 
 def heldout_splits() -> dict[str, list[str]]:
     """split name -> its prompts, for every split in `HELDOUT_SPLITS`."""
     return {split: heldout_split_prompts(split) for split in HELDOUT_SPLITS}
+
+
+#: File names of `write_prompt_files`, keyed like its result.
+PROMPT_FILES = {"train": "train.txt", "new_combinations": "heldout.txt", "new_phrasings": "heldout_phrasings.txt",
+                "both": "heldout_both.txt"}
 
 
 def write_prompt_files(directory: str | Path, templates: Sequence[int] | None = None) -> dict[str, Path]:
@@ -159,16 +130,6 @@ def write_prompt_files(directory: str | Path, templates: Sequence[int] | None = 
 
     Plain text files are what the prompt datamodule reads, so a recipe can point at them.
     """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    contents = {
-        "train": ("train.txt", train_prompts(templates)),
-        "heldout": ("heldout.txt", heldout_prompts(templates)),
-        "new_phrasings": ("heldout_phrasings.txt", heldout_split_prompts("new_phrasings")),
-        "both": ("heldout_both.txt", heldout_split_prompts("both")),
-    }
-    paths = {}
-    for key, (name, prompts) in contents.items():
-        paths[key] = out / name
-        paths[key].write_text("\n".join(prompts) + "\n")
-    return paths
+    paths = _write_files(directory, SPLIT.prompt_sets(PHRASEBOOK, templates), PROMPT_FILES)
+    paths["heldout"] = paths.pop("new_combinations")
+    return {key: paths[key] for key in ("train", "heldout", "new_phrasings", "both")}

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_grpo.worlds.base import jitter_generator
 from lightning_grpo.worlds.shapes.vocab import POSITION_CENTRES, POSITIONS, Scene, background, palette, scenes_to_indices
 
 #: Sub-pixels per pixel side used for anti-aliasing.
@@ -31,13 +32,6 @@ CENTRE_JITTER = 0.04
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def jitter_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
-    """The generator to draw jitter from: the given one, else a CPU one seeded with `seed` (0 if None)."""
-    if generator is not None:
-        return generator
-    return torch.Generator().manual_seed(0 if seed is None else int(seed))
-
-
 def shape_masks(shape: Tensor, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
     """Inside-masks [N, h, w] for per-image shapes, from offsets to the centre and radii [N, 1, 1].
 
@@ -51,13 +45,8 @@ def shape_masks(shape: Tensor, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
     return torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
 
 
-def render_indices(
-    indices: Tensor,
-    size: int = 32,
-    jitter: bool = True,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def render_indices(indices: Tensor, size: int = 32, jitter: bool = True, seed: int | None = 0,
+                   generator: torch.Generator | None = None) -> Tensor:
     """Render scenes given by attribute indices.
 
     Args:
@@ -125,13 +114,7 @@ def rasterize(colour: Tensor, shape: Tensor, centre: Tensor, radius: Tensor, siz
     return torch.cat(out).clamp_(0, 1)
 
 
-def render_scenes(
-    scenes: list[Scene],
-    size: int = 32,
-    jitter: bool = True,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
+def render_scenes(scenes: list[Scene], size: int = 32, jitter: bool = True, seed: int | None = 0,
+                  generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
     """Render a list of `Scene`s to Tensor[N, 3, size, size] in [0, 1]; see `render_indices`."""
     return render_indices(scenes_to_indices(scenes, device), size=size, jitter=jitter, seed=seed, generator=generator)

@@ -100,6 +100,12 @@ class SceneRules:
     max_elongation: float = 1.6
     min_inside: float = 0.9
 
+    @classmethod
+    def with_overrides(cls, **overrides: float | None) -> SceneRules:
+        """The default rules with every threshold given (not None) replaced, as a float: how the
+        image and the clip verifiers take their per-image thresholds as keyword options."""
+        return cls(**{name: float(value) for name, value in overrides.items() if value is not None})
+
     def __post_init__(self) -> None:
         for name in ("max_stray", "min_purity", "min_inside"):
             if not 0 <= getattr(self, name) <= 1:
@@ -463,13 +469,10 @@ class ShapesVerifier(Reward):
         self,
         mode: Literal["dense", "exact", "graded"] = "dense",
         strict: bool = True,
-        max_stray: float | None = None,
-        max_off_object: float | None = None,
-        min_purity: float | None = None,
-        max_off_palette: float | None = None,
-        max_shape_error: float | None = None,
-        max_elongation: float | None = None,
-        min_inside: float | None = None,
+        max_stray: float | None = None, max_off_object: float | None = None,  # one object
+        min_purity: float | None = None, max_off_palette: float | None = None,  # one colour, the named one
+        max_shape_error: float | None = None, max_elongation: float | None = None,  # the named shape
+        min_inside: float | None = None,  # the named place
         min_area_frac: float = 0.01,
         max_area_frac: float = 0.5,
         name: str | None = None,
@@ -482,9 +485,9 @@ class ShapesVerifier(Reward):
         super().__init__(name or f"shapes_{mode}" + ("" if strict else "_lenient"), weight)
         self.mode = mode
         self.strict = bool(strict)
-        overrides = {"max_stray": max_stray, "max_off_object": max_off_object, "min_purity": min_purity, "max_off_palette": max_off_palette,
-                     "max_shape_error": max_shape_error, "max_elongation": max_elongation, "min_inside": min_inside}
-        self.rules = SceneRules(**{k: float(v) for k, v in overrides.items() if v is not None})
+        self.rules = SceneRules.with_overrides(max_stray=max_stray, max_off_object=max_off_object, min_purity=min_purity,
+                                               max_off_palette=max_off_palette, max_shape_error=max_shape_error,
+                                               max_elongation=max_elongation, min_inside=min_inside)
         self.min_area_frac = float(min_area_frac)
         self.max_area_frac = float(max_area_frac)
 

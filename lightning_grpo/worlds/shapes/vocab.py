@@ -11,10 +11,11 @@ differs by > 0.65 in at least one channel (so a blurred or dimmed blob still rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from lightning_grpo.worlds.base import scene_indices, scene_record
 
 #: Colour names and their RGB values in [0, 1]. Order fixes the colour index.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -54,43 +55,11 @@ def background(device: torch.device | str | None = None, dtype: torch.dtype = to
     return torch.tensor(BACKGROUND, device=device, dtype=dtype)
 
 
-@dataclass(frozen=True, order=True)
-class Scene:
-    """One object in a scene: a colour, a shape and a position, by name.
-
-    Frozen and ordered so scenes can be set members, dict keys and sorted deterministically.
-    """
-
-    colour: str
-    shape: str
-    position: str
-
-    def __post_init__(self) -> None:
-        if self.colour not in COLOURS:
-            raise ValueError(f"unknown colour {self.colour!r}; expected one of {list(COLOUR_NAMES)}")
-        if self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; expected one of {list(SHAPES)}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"unknown position {self.position!r}; expected one of {list(POSITIONS)}")
-
-    @property
-    def indices(self) -> tuple[int, int, int]:
-        """(colour, shape, position) indices into `COLOUR_NAMES`, `SHAPES`, `POSITIONS`."""
-        return COLOUR_NAMES.index(self.colour), SHAPES.index(self.shape), POSITIONS.index(self.position)
-
-    @classmethod
-    def from_indices(cls, colour: int, shape: int, position: int) -> Scene:
-        """The scene with the given attribute indices."""
-        return cls(COLOUR_NAMES[colour], SHAPES[shape], POSITIONS[position])
-
-
-def all_scenes() -> list[Scene]:
-    """Every (colour, shape, position) combination, in index order (4 × 3 × 4 = 48)."""
-    return [
-        Scene(colour, shape, position) for colour in COLOUR_NAMES for shape in SHAPES for position in POSITIONS
-    ]
-
-
-def scenes_to_indices(scenes: list[Scene], device: torch.device | str | None = None) -> Tensor:
-    """Attribute indices of `scenes` as LongTensor[N, 3] (columns: colour, shape, position)."""
-    return torch.tensor([s.indices for s in scenes], dtype=torch.long, device=device).reshape(-1, 3)
+#: One object in a scene: a colour, a shape and a position, by name (a `SceneRecord`: frozen and
+#: ordered, `.indices` into `COLOUR_NAMES`, `SHAPES`, `POSITIONS`, `Scene.from_indices(c, s, p)`).
+Scene = scene_record("Scene", __name__, "One object in a scene: a colour, a shape and a position, by name.",
+                     colour=COLOUR_NAMES, shape=SHAPES, position=POSITIONS)
+#: Every (colour, shape, position) combination, in index order (4 × 3 × 4 = 48).
+all_scenes = Scene.every
+#: Attribute indices of scenes as LongTensor[N, 3] (columns: colour, shape, position).
+scenes_to_indices = scene_indices
