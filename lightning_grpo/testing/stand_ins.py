@@ -1,7 +1,8 @@
 """Tiny stand-ins: random, offline diffusers pipelines of each family in the real folder layout.
 
-The family registry (`lightning_grpo.policies.registry`) names one builder per family; the
-family contract test (tests/families) and the policy tests run on what they write.
+The family registry (`lightning_grpo.policies.registry`) names one builder per family by its dotted
+path (imported only when a stand-in is built); the family contract test (tests/families) and the
+policy tests run on what they write.
 
 Nothing here touches the network: every component is built from a small config with a fixed
 seed, and the tokenizers are built from a handmade vocabulary (a byte-pair CLIP vocabulary and
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_grpo.policies.registry import VIDEO_FRAMES, VIDEO_TEMPLATE  # noqa: F401  (the stand-ins' geometry)
 from lightning_grpo.worlds.tokenizers import clip_tokenizer, t5_tokenizer
 
 
@@ -208,13 +210,6 @@ def build_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = Tru
 LLAMA_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 """The chat-header tokens of HunyuanVideo's prompt template (single tokens, as in Llama 3)."""
 
-VIDEO_TEMPLATE = {
-    "template": "<|start_header_id|>system<|end_header_id|>describe the video<|eot_id|><|start_header_id|>user<|end_header_id|>{}<|eot_id|>",
-}
-"""A short prompt template in the form of the pipeline's DEFAULT_PROMPT_TEMPLATE for the tiny
-Llama tokenizer; its `crop_start` is counted by the policy (`template_crop_start`)."""
-
-VIDEO_FRAMES = 5  # frames of the stand-in clips: 4k + 1 with k = 1 → 2 latent frames
 CLIP_POOLED_LENGTH = 77  # HunyuanVideoPipeline encodes CLIP prompts at 77 tokens, fixed
 
 
@@ -391,3 +386,10 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     )
     pipeline.save_pretrained(path)
     return path
+
+
+def build_tiny_skyreels_i2v(path: str | Path, seed: int = 0) -> Path:
+    """The SkyReels-V1 image-to-video stand-in: the HunyuanVideo one whose transformer also takes
+    the first frame's latent on the channel axis (`build_tiny_hunyuan_video(image_to_video=True)`)."""
+    return build_tiny_hunyuan_video(path, seed, image_to_video=True)
+

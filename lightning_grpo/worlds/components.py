@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_grpo.worlds.shapes.prompts import HELDOUT_TEMPLATES, TEMPLATES
-from lightning_grpo.worlds.tokenizers import clip_tokenizer, llama_tokenizer, t5_tokenizer, words_of
-from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, POSITIONS, SHAPES
+from lightning_grpo.worlds.shapes.prompts import vocabulary
+from lightning_grpo.worlds.tokenizers import clip_tokenizer, llama_tokenizer, t5_tokenizer
 
 #: Tokens per prompt (the longest template, "there is a ... of the image", takes 12 with EOS).
 TEXT_MAX_LENGTH = 16
@@ -63,12 +62,6 @@ class ToySize(ComponentSize):
     def vae_factor(self) -> int:
         """Pixels per latent cell: 2^(number of VAE blocks − 1)."""
         return 2 ** (len(self.vae_channels) - 1)
-
-
-def vocabulary() -> list[str]:
-    """Every word the shapes world's prompts (and the parser's synonyms) use, reserved held-out
-    phrasings included (they add no new word: the list, hence the shipped tokenizers, stay the same)."""
-    return words_of(list(TEMPLATES) + list(HELDOUT_TEMPLATES) + list(COLOUR_NAMES) + list(SHAPES) + list(POSITIONS) + ["upper lower"])
 
 
 def build_tokenizers() -> tuple:

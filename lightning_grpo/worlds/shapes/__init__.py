@@ -6,7 +6,6 @@ re-exports their public API, e.g.
 """
 
 from lightning_grpo.worlds.base import SyntheticWorld
-from lightning_grpo.worlds.components import vocabulary
 from lightning_grpo.worlds.shapes.dataset import sample_captioned_images
 from lightning_grpo.worlds.shapes.prompts import (
     HELDOUT_SPLITS,
@@ -26,6 +25,7 @@ from lightning_grpo.worlds.shapes.prompts import (
     templates_of,
     train_prompts,
     train_scenes,
+    vocabulary,
     write_prompt_files,
 )
 from lightning_grpo.worlds.shapes.render import render_indices, render_scenes

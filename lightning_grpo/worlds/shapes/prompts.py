@@ -37,7 +37,8 @@ from lightning_grpo.worlds.base import (
     one_value,
 )
 from lightning_grpo.worlds.base import write_prompt_files as _write_files
-from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, SHAPES, Scene, all_scenes
+from lightning_grpo.worlds.shapes.vocab import COLOUR_NAMES, POSITIONS, SHAPES, Scene, all_scenes
+from lightning_grpo.worlds.tokenizers import words_of
 
 #: Paraphrase templates; index 0 is the canonical one ("a red circle at the top left").
 TEMPLATES: tuple[str, ...] = (
@@ -76,7 +77,7 @@ heldout_scenes = SPLIT.heldout_scenes
 __all__ = [
     "HELDOUT_SPLITS", "HELDOUT_TEMPLATES", "PHRASEBOOK", "SPLIT", "TEMPLATES", "Phrasing", "PromptParseError", "describe",
     "heldout_prompts", "heldout_scenes", "heldout_split_prompts", "heldout_splits", "is_heldout", "parse_prompt", "prompts_for",
-    "templates_of", "train_prompts", "train_scenes", "write_prompt_files",
+    "templates_of", "train_prompts", "train_scenes", "vocabulary", "write_prompt_files",
 ]
 
 
@@ -95,6 +96,12 @@ def parse_prompt(prompt: str) -> Scene:
         prompt, "horizontal position", {_HORIZONTAL[w] for w in words if w in _HORIZONTAL}, ("left", "right")
     )
     return Scene(colour, shape, f"{vertical} {horizontal}")
+
+
+def vocabulary() -> list[str]:
+    """Every word the shapes world's prompts (and the parser's synonyms) use, reserved held-out
+    phrasings included (they add no new word: the list, hence the shipped tokenizers, stay the same)."""
+    return words_of(list(TEMPLATES) + list(HELDOUT_TEMPLATES) + list(COLOUR_NAMES) + list(SHAPES) + list(POSITIONS) + ["upper lower"])
 
 
 def train_prompts(templates: Sequence[int] | None = None) -> list[str]:
