@@ -462,6 +462,12 @@ class DiffusersPolicy(PolicyAdapter):
             self.__dict__["_pipeline"] = pipe
         return self.__dict__["_pipeline"]
 
+    def pipeline_latents(self, latents: Tensor) -> Tensor:
+        """What the family's pipeline returns with `output_type="latent"` for the policy's final
+        latents: the same tensor for every family whose pipeline returns the layout its `latents`
+        argument takes (all but FLUX.2, whose pipeline returns the denormalised VAE latents)."""
+        return latents
+
     def pipeline_call_kwargs(self, num_prompts: int) -> dict[str, Any]:
         """Arguments that make `pipeline(prompts, latents=..., num_inference_steps=N, **these)`
         (len(prompts) = num_prompts) sample what this policy samples deterministically with

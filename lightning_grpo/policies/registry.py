@@ -154,4 +154,18 @@ register_family(Family(
     config="configs/sd35_pickscore.yaml", contract_only=("guidance_scale",),
 ))
 
+register_family(Family(
+    name="qwen_image", policy_class="lightning_grpo.policies.qwen_image.QwenImagePolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_qwen_image",
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "true_cfg_scale": 3.0},
+    config="configs/qwen_image_hps.yaml", contract_only=("true_cfg_scale",),
+))
+
+register_family(Family(
+    name="flux2_klein", policy_class="lightning_grpo.policies.flux2.Flux2KleinPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_flux2_klein",
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 32, "guidance_scale": 3.0},
+    config="configs/flux2_pickscore.yaml", contract_only=("guidance_scale",),
+))
+
 __all__ = ["FAMILIES", "VIDEO_FRAMES", "VIDEO_TEMPLATE", "Family", "StandInBuilder", "family_of", "register_family"]

@@ -388,8 +388,220 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+# -- Qwen-Image ------------------------------------------------------------------------------------
+
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+"""Qwen2's special tokens (one token each): the chat markers the prompt templates use and the
+vision markers Qwen2.5-VL's config names."""
+
+QWEN_IMAGE_TEMPLATE_WORDS = (
+    "system", "Describe", "the", "image", "by", "detailing", "color", "shape", "size", "texture", "quantity",
+    "text", "spatial", "relationships", "of", "objects", "and", "background", "user", "assistant",
+)
+"""The words of QwenImagePipeline's prompt template: whole tokens in the tiny tokenizer, so the
+template's prefix is the 34 tokens its hard-coded `prompt_template_encode_start_idx` drops, as with
+the real Qwen2 tokenizer (`build_tiny_qwen_image` checks it)."""
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte → printable-character map, which byte-level BPE (Qwen2's
+    `pre_tokenizers.ByteLevel`) applies before merging: printable Latin-1 bytes map to themselves,
+    the others (space, newline, control bytes) to the characters from U+0100 on ("Ġ" for space,
+    "Ċ" for newline). Hand-written (tokenizers exposes it only as `ByteLevel.alphabet()`, unordered)."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in kept:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def qwen2_tokenizer(words, max_length: int = 2048):
+    """A `transformers.Qwen2Tokenizer` (byte-level BPE, Qwen2's pre-tokenizer) with one token per
+    word of `words`, with and without a leading space ("Ġ"-marked), every byte as fallback, and
+    `QWEN_SPECIAL_TOKENS` as special tokens (`<|endoftext|>` pads, as Qwen2's).
+
+    Each word is merged left to right, then the space onto the whole word. BPE applies merges in
+    rank order, so a word whose letters another word's early merge grabs ("sh" of "shape" inside
+    "relationships") would split; such words' merges are moved to the front until every word is
+    one token (checked)."""
+    from transformers import Qwen2Tokenizer
+
+    alphabet = _byte_level_alphabet()
+    space = alphabet[ord(" ")]
+    words = ["".join(alphabet[b] for b in word.encode()) for word in dict.fromkeys(words)]  # byte-level form ("\n" → "Ċ")
+    chains: dict[str, list[tuple[str, str]]] = {}
+    for word in words:
+        pieces, chain = list(word), []
+        while len(pieces) > 1:
+            chain.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+        chains[word] = chain
+    order = list(words)
+    for _ in range(len(words) + 1):
+        vocab = {alphabet[byte]: byte for byte in range(256)}
+        merges = list(dict.fromkeys([m for w in order for m in chains[w]] + [(space, w) for w in order]))
+        for left, right in merges:
+            vocab.setdefault(left + right, len(vocab))
+        tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+        decoded = {w: tokenizer.convert_tokens_to_string([w]) for w in order}
+        split = [w for w in order if tokenizer.tokenize(decoded[w]) != [w] or tokenizer.tokenize(" " + decoded[w]) != [space + w]]
+        if not split:
+            break
+        order = split + [w for w in order if w not in split]
+    else:
+        raise AssertionError(f"words {split} do not merge into one token")
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"]})
+    return tokenizer
+
+
+def tiny_qwen25_vl(tokenizer, seed: int, hidden: int = TEXT_HIDDEN):
+    """A 2-layer Qwen2_5_VLForConditionalGeneration (1-block vision tower) for `tokenizer`:
+    Qwen-Image's text encoder class; the pipeline reads its last hidden state."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2, "out_hidden_size": hidden,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [0]},
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+QWEN_IMAGE_LATENTS_MEAN = [0.3, -0.45, 0.15, -0.8]
+QWEN_IMAGE_LATENTS_STD = [1.7, 0.55, 2.4, 0.8]
+"""Per-channel statistics of the tiny Qwen-Image VAE's latents (made up, far from 0 and 1, as
+Wan's stand-in: a missed normalisation changes every decoded pixel; the real VAE has 16)."""
+
+
+def build_tiny_qwen_image(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Qwen-Image pipeline to `path` and return it.
+
+    Layout as Qwen/Qwen-Image: model_index.json, transformer/ (QwenImageTransformer2DModel, packed
+    2×2 latents), vae/ (AutoencoderKLQwenImage with per-channel `latents_mean` / `latents_std`,
+    ×2 in space), text_encoder/ (Qwen2_5_VLForConditionalGeneration), tokenizer/ (a byte-level BPE
+    Qwen2Tokenizer on which the pipeline's prompt template prefix is 34 tokens, as on the real
+    one), scheduler/ (FlowMatchEulerDiscreteScheduler with Qwen-Image's dynamic exponential shift
+    and `shift_terminal`). Resolution 16×16; VAE latents [B, 4, 1, 8, 8], packed [B, 16, 16];
+    text states [B, L, 32].
+    """
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    path = Path(path)
+    tokenizer = qwen2_tokenizer(list(QWEN_IMAGE_TEMPLATE_WORDS) + WORDS)
+    text_encoder = tiny_qwen25_vl(tokenizer, seed)
+    torch.manual_seed(seed + 1)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=QWEN_IMAGE_LATENTS_MEAN, latents_std=QWEN_IMAGE_LATENTS_STD,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image scheduler/scheduler_config.json
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+    pipeline = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    prefix = pipeline.prompt_template_encode.split("{}")[0]
+    if len(tokenizer(prefix).input_ids) != pipeline.prompt_template_encode_start_idx:
+        raise AssertionError(f"the tiny tokenizer splits the prompt template into {len(tokenizer(prefix).input_ids)} tokens, "
+                             f"the pipeline drops {pipeline.prompt_template_encode_start_idx}")
+    pipeline.save_pretrained(path)
+    return path
+
+
+# -- FLUX.2 klein ----------------------------------------------------------------------------------
+
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+"""A short chat template giving what Qwen3's own template gives for plain user/assistant turns
+(Flux2KleinPipeline asks for one user turn, a generation prompt and `enable_thinking=False`: the
+empty think block); the real template's tool-call and reasoning branches are left out."""
+
+FLUX2_BN_MEAN = [0.2, -0.3, 0.1, 0.5, -0.6, 0.05, 0.3, -0.1, 0.4, -0.2, 0.15, -0.45, 0.25, 0.0, -0.35, 0.6]
+FLUX2_BN_VAR = [1.8, 0.5, 2.5, 0.7, 1.2, 3.0, 0.4, 1.5, 0.9, 2.2, 0.6, 1.1, 2.8, 0.8, 1.6, 0.45]
+"""Running statistics of the tiny FLUX.2 VAE's batch norm over the 2×2-patchified latents (made
+up, far from 0 and 1 as the Wan and Qwen-Image stand-ins': a missed normalisation changes every
+decoded pixel; the real VAE has 128 of each, learnt)."""
+
+
+def tiny_qwen3(tokenizer, seed: int, hidden: int = 16, layers: int = 27):
+    """A Qwen3ForCausalLM with `layers` thin layers (Flux2KleinPipeline stacks hidden states 9, 18
+    and 27, so it needs 27 at least) for `tokenizer`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def build_tiny_flux2_klein(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.2 [klein] base pipeline (Flux2KleinPipeline, not step-distilled: its
+    CFG runs) to `path` and return it.
+
+    Layout as black-forest-labs/FLUX.2-klein-base-4B: model_index.json, transformer/
+    (Flux2Transformer2DModel, no guidance embedding), vae/ (AutoencoderKLFlux2 with its batch norm
+    over 2×2-patchified latents; made-up running statistics), text_encoder/ (Qwen3ForCausalLM, 27
+    layers), tokenizer/ (a byte-level BPE Qwen2Tokenizer with a Qwen3-style chat template),
+    scheduler/ (FlowMatchEulerDiscreteScheduler with dynamic shifting; the pipeline passes its own
+    μ). Resolution 16×16; VAE latents [B, 4, 8, 8], patchified [B, 16, 4, 4]; text states [B, S, 48]
+    (hidden states 9, 18, 27 side by side).
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    path = Path(path)
+    tokenizer = qwen2_tokenizer(["user", "assistant", "\n\n"] + WORDS)
+    tokenizer.add_tokens(["<think>", "</think>"])  # Qwen3's think markers: added, not special
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    text_encoder = tiny_qwen3(tokenizer, seed)
+    torch.manual_seed(seed + 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * text_encoder.config.hidden_size, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=IMAGE_SIZE,
+    ).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.tensor(FLUX2_BN_MEAN))
+        vae.bn.running_var.copy_(torch.tensor(FLUX2_BN_VAR))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipeline = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  transformer=transformer, is_distilled=False)
+    pipeline.save_pretrained(path)
+    return path
+
+
 def build_tiny_skyreels_i2v(path: str | Path, seed: int = 0) -> Path:
     """The SkyReels-V1 image-to-video stand-in: the HunyuanVideo one whose transformer also takes
     the first frame's latent on the channel axis (`build_tiny_hunyuan_video(image_to_video=True)`)."""
     return build_tiny_hunyuan_video(path, seed, image_to_video=True)
-

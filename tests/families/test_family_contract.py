@@ -1,8 +1,9 @@
 """The family contract, checked for every family in the registry (no per-family test code).
 
 For each registered family, on its tiny stand-in pipeline:
-  - the deterministic sample of the policy's own sampler equals the diffusers pipeline's, and so
-    do its decoded pixels (the family's VAE normalisation);
+  - the deterministic sample of the policy's own sampler equals the diffusers pipeline's (compared
+    as the pipeline returns latents: `pipeline_latents`), and so do its decoded pixels (the
+    family's VAE normalisation);
   - the first inner GRPO update has ratio 1;
   - checkpoints hold only the trainable weights and load strictly;
   - LoRA trains only adapter weights; its KL reference costs no second copy of the denoiser;
@@ -84,7 +85,7 @@ def test_deterministic_sample_equals_the_pipeline(name, stand_in_paths):
     latents = policy_sample(policy, noise)
     reference = pipeline_sample(plain_pipeline(policy, stand_in_paths[name]), policy, noise)
     assert (latents - noise).abs().max() > 0.1  # the loop moved
-    torch.testing.assert_close(latents, reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(policy.pipeline_latents(latents), reference, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -221,7 +222,7 @@ def test_full_fine_tuning_export_round_trips_through_diffusers(name, stand_in_pa
             p.add_(torch.randn(p.shape, generator=generator) * 0.02)
     exported = plain_pipeline(policy, policy.export(tmp_path / "pipeline"))
     noise = noise_for(policy)
-    expected = policy_sample(policy, noise)
+    expected = policy.pipeline_latents(policy_sample(policy, noise))
     torch.testing.assert_close(pipeline_sample(exported, policy, noise), expected, atol=ATOL, rtol=0)
     base = pipeline_sample(plain_pipeline(policy, stand_in_paths[name]), policy, noise)
     assert (base - expected).abs().max() > 1e-3  # the comparison can fail
@@ -242,6 +243,6 @@ def test_lora_export_cli_round_trips_through_load_lora_weights(name, lora_runs, 
     noise = noise_for(policy)
     base = pipeline_sample(pipe, policy, noise)
     pipe.load_lora_weights(str(out))
-    expected = policy_sample(policy, noise)
+    expected = policy.pipeline_latents(policy_sample(policy, noise))
     torch.testing.assert_close(pipeline_sample(pipe, policy, noise), expected, atol=ATOL, rtol=0)
     assert (base - expected).abs().max() > 1e-3  # the LoRA matters: the comparison can fail
