@@ -302,10 +302,8 @@ class DiffusersPolicy(PolicyAdapter):
         check_pretrained_folder(path, {sub: kind for sub, (kind, _) in self.components.items()})
         for subfolder, (kind, class_name) in self.components.items():
             cls = resolve_class(class_name)
-            if kind == "tokenizer":
+            if kind in ("tokenizer", "processor"):  # a processor is checked by the tokenizer it holds
                 setattr(self, subfolder, load_tokenizer(cls, path, subfolder))
-            elif kind == "processor":
-                setattr(self, subfolder, load_component(cls.from_pretrained, path, subfolder))
             elif kind == "scheduler":
                 self.scheduler_config: dict[str, Any] = dict(load_component(cls.load_config, path, subfolder))
             else:

@@ -25,6 +25,10 @@ VIDEO_FRAMES = 5
 VIDEO_TEMPLATE = {
     "template": "<|start_header_id|>system<|end_header_id|>describe the video<|eot_id|><|start_header_id|>user<|end_header_id|>{}<|eot_id|>",
 }
+#: The FLUX.2 [dev] stand-in's max_sequence_length: the pipeline's system message with the template
+#: (39 tokens with the stand-in's tokenizer: its words are whole tokens) and the test prompts (up to 9
+#: tokens) fit, so no prompt is cut.
+FLUX2_DEV_TEXT_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -168,4 +172,12 @@ register_family(Family(
     config="configs/flux2_pickscore.yaml", contract_only=("guidance_scale",),
 ))
 
-__all__ = ["FAMILIES", "VIDEO_FRAMES", "VIDEO_TEMPLATE", "Family", "StandInBuilder", "family_of", "register_family"]
+register_family(Family(
+    name="flux2_dev", policy_class="lightning_grpo.policies.flux2.Flux2DevPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_flux2_dev",
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": FLUX2_DEV_TEXT_LENGTH, "guidance_scale": 3.5},
+    config="configs/flux2_dev_pickscore.yaml", contract_only=("guidance_scale",),
+))
+
+__all__ = ["FAMILIES", "FLUX2_DEV_TEXT_LENGTH", "VIDEO_FRAMES", "VIDEO_TEMPLATE", "Family", "StandInBuilder", "family_of",
+           "register_family"]

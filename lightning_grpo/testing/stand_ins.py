@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_grpo.policies.registry import VIDEO_FRAMES, VIDEO_TEMPLATE  # noqa: F401  (the stand-ins' geometry)
+from lightning_grpo.policies.registry import FLUX2_DEV_TEXT_LENGTH, VIDEO_FRAMES, VIDEO_TEMPLATE  # noqa: F401  (the stand-ins' geometry)
 from lightning_grpo.worlds.tokenizers import clip_tokenizer, t5_tokenizer
 
 
@@ -597,6 +597,108 @@ def build_tiny_flux2_klein(path: str | Path, seed: int = 0) -> Path:
     )
     pipeline = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                   transformer=transformer, is_distilled=False)
+    pipeline.save_pretrained(path)
+    return path
+
+
+# -- FLUX.2 dev ------------------------------------------------------------------------------------
+
+MISTRAL_SPECIAL_TOKENS = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+"""The control tokens of Mistral Small 3.1's chat template and of PixtralProcessor's image
+placeholders (one token each, special, as in the real tokenizer)."""
+
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set blocks = [{'type': 'text', 'text': message['content']}] %}"
+    "{%- else %}{%- set blocks = message['content'] %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' }}{%- for b in blocks %}{{- b['text'] }}{%- endfor %}{{- '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' }}{%- for b in blocks %}"
+    "{%- if b['type'] == 'text' %}{{- b['text'] }}{%- else %}{{- '[IMG]' }}{%- endif %}{%- endfor %}{{- '[/INST]' }}"
+    "{%- else %}{%- for b in blocks %}{{- b['text'] }}{%- endfor %}{{- eos_token }}{%- endif %}{%- endfor %}"
+)
+"""A short chat template giving what Mistral Small 3.1's gives for the turns Flux2Pipeline sends
+(a system message and a user turn of content blocks, no generation prompt): BOS,
+[SYSTEM_PROMPT]…[/SYSTEM_PROMPT], [INST]…[/INST]; the real template's tool calls and date
+substitution are left out."""
+
+
+
+def tiny_pixtral_processor():
+    """A `transformers.PixtralProcessor` built offline: a byte-fallback BPE tokenizer
+    (`llama_tokenizer`) whose words are those of Flux2Pipeline's system message and WORDS,
+    Mistral's control tokens, `<pad>` padding, a tiny PixtralImageProcessor and
+    `MISTRAL_CHAT_TEMPLATE`."""
+    import re
+
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    from lightning_grpo.worlds.tokenizers import llama_tokenizer
+
+    words = list(dict.fromkeys(re.findall(r"[A-Za-z]+", SYSTEM_MESSAGE))) + WORDS
+    tokenizer = llama_tokenizer(words, 512)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MISTRAL_SPECIAL_TOKENS), "pad_token": "<pad>"})
+    images = PixtralImageProcessor(patch_size=8, size={"longest_edge": 32})
+    return PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, spatial_merge_size=2, chat_template=MISTRAL_CHAT_TEMPLATE)
+
+
+def tiny_mistral3(tokenizer, seed: int, hidden: int = 16, layers: int = 30):
+    """A Mistral3ForConditionalGeneration (FLUX.2 [dev]'s text encoder class) with a `layers`-layer
+    thin Mistral text model (Flux2Pipeline stacks hidden states 10, 20 and 30, so it needs 30 at
+    least) and a 1-layer Pixtral vision tower, for `tokenizer`."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 24,
+            "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+            "max_position_embeddings": 512, "sliding_window": None, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "patch_size": 8, "image_size": 32},
+        image_token_index=ids("[IMG]"), spatial_merge_size=2, tie_word_embeddings=False,
+    )
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def build_tiny_flux2_dev(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.2 [dev] pipeline (Flux2Pipeline) to `path` and return it.
+
+    Layout as black-forest-labs/FLUX.2-dev: model_index.json, transformer/ (Flux2Transformer2DModel
+    with a guidance embedding: the guidance-distilled [dev]), vae/ (AutoencoderKLFlux2, the same
+    made-up batch-norm statistics as the [klein] stand-in), text_encoder/
+    (Mistral3ForConditionalGeneration, 30 text layers), tokenizer/ (a PixtralProcessor with a
+    Mistral-style chat template: `tiny_pixtral_processor`), scheduler/ (FlowMatchEulerDiscreteScheduler
+    with dynamic shifting; the pipeline passes its own μ). Resolution 16×16; VAE latents
+    [B, 4, 8, 8], patchified [B, 16, 4, 4]; text states [B, S, 48] (hidden states 10, 20, 30).
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    path = Path(path)
+    processor = tiny_pixtral_processor()
+    text_encoder = tiny_mistral3(processor.tokenizer, seed)
+    torch.manual_seed(seed + 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * text_encoder.config.text_config.hidden_size, timestep_guidance_channels=16,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=IMAGE_SIZE,
+    ).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.tensor(FLUX2_BN_MEAN))
+        vae.bn.running_var.copy_(torch.tensor(FLUX2_BN_VAR))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipeline = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=processor, transformer=transformer)
     pipeline.save_pretrained(path)
     return path
 
