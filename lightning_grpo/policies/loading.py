@@ -282,8 +282,10 @@ def add_lora(
 
     The base weights stay frozen; only the LoRA A/B matrices require grad. With the default
     `init=True` B starts at zero, so the adapted model initially equals the base model.
-    Uses diffusers' `PeftAdapterMixin.add_adapter` (all diffusers denoisers have it).
+    Uses diffusers' `PeftAdapterMixin.add_adapter` (all diffusers denoisers have it). The
+    adapters are float32 whatever the base's dtype (trained in full precision).
     """
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
     if rank < 1:
@@ -298,6 +300,11 @@ def add_lora(
     model.add_adapter(config)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
+    # peft creates the adapters in the base weights' dtype: under a bf16 denoiser AdamW would
+    # step the LoRA matrices in bf16, where an update of lr 1e-4 relative to a weight is below
+    # half an ulp (2^-9) and is lost. diffusers' training scripts upcast the trainable
+    # parameters; peft's forward casts the input to the adapter's dtype and the sum back.
+    cast_training_params(model, dtype=torch.float32)
 
 
 __all__ = [
