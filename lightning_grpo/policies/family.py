@@ -381,6 +381,14 @@ class DiffusersPolicy(PolicyAdapter):
         if num_frames < 1 or (num_frames - 1) % ratio:
             raise ValueError(f"num_frames must be {ratio}k + 1 (the VAE compresses time {ratio}×, keeping the first frame), got {num_frames}")
 
+    def check_first_frames(self, prompts: list[str], images: Tensor | None) -> None:
+        """Refuse missing or misshapen first frames of an image-to-video family's `encode_prompts`:
+        one RGB image [3, H, W] in [0, 1] per prompt."""
+        if images is None:
+            raise ValueError(f"{type(self).__name__} is image-to-video: encode_prompts needs first frames (images [P, 3, H, W] in [0, 1])")
+        if images.ndim != 4 or images.shape[0] != len(prompts) or images.shape[1] != 3:
+            raise ValueError(f"first frames must be [P={len(prompts)}, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+
     @classmethod
     def config_geometry(cls, init_args: Mapping[str, Any], configs: Mapping[str, Mapping[str, Any]], cfg: bool) -> ConfigGeometry:
         """One sample's shapes for a policy built with `init_args` on components with `configs`,

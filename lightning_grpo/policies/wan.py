@@ -630,10 +630,7 @@ class WanI2VPolicy(WanT2VPolicy):
     def encode_prompts(self, prompts: list[str], images: Tensor | None = None) -> Condition:
         """WanT2VPolicy's text condition plus "image_condition" (M ⊕ Z) and "image_embeds" (CLIP)."""
         prompts = list(prompts)
-        if images is None:
-            raise ValueError(f"{type(self).__name__} is image-to-video: encode_prompts needs first frames (images [P, 3, H, W] in [0, 1])")
-        if images.ndim != 4 or images.shape[0] != len(prompts) or images.shape[1] != 3:
-            raise ValueError(f"first frames must be [P={len(prompts)}, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        self.check_first_frames(prompts, images)
         condition = WanT2VPolicy.encode_prompts(self, prompts)
         condition["image_condition"], states = self.first_frame_condition(images)
         if states is not None:
