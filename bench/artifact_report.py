@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.kid:
         from lightning_grpo.rewards import ClipScore
 
-        clip = ROOT / "lightning_grpo" / "toy" / "pretrained" / "clip"
+        clip = ROOT / "lightning_grpo" / "worlds" / "shapes" / "pretrained" / "clip"
         encoder = encoder_of([ClipScore(checkpoint=str(clip / "open_clip_model.safetensors"), architecture=str(clip))])
     demos = sorted({key.split("/")[0] for key in stored}) if args.demo is None else [args.demo]
     for demo in demos:

@@ -65,7 +65,7 @@ def start_server(seconds: float, port: int, workdir: Path) -> subprocess.Popen:
     config = {
         "reward": {
             "class_path": "lightning_grpo.rewards.Delayed",
-            "init_args": {"seconds": seconds, "reward": {"class_path": "lightning_grpo.toy.verifier.ShapesVerifier", "init_args": {"mode": "graded"}}},
+            "init_args": {"seconds": seconds, "reward": {"class_path": "lightning_grpo.worlds.shapes.verifier.ShapesVerifier", "init_args": {"mode": "graded"}}},
         },
         "accelerator": "cpu", "devices": 1, "max_batch_size": 1,
     }

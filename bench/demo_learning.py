@@ -6,14 +6,14 @@ on three held-out splits, judged by the strict pixel verifier, with gold measure
     python bench/demo_learning.py --family t2v    # toy HunyuanVideo text-to-video, configs/demo_t2v.yaml
     python bench/demo_learning.py --family i2v    # toy SkyReels-V1 image-to-video, configs/demo_i2v.yaml
 
-The video families are judged in the moving-shapes world (`lightning_grpo.toy.motion_verifier`):
+The video families are judged in the moving-shapes world (`lightning_grpo.worlds.moving_shapes.verifier`):
 text-to-video by exact match (colour, shape and motion right, one object in every frame),
 image-to-video by motion accuracy (the exact motion check; the first frame, the same before and
 after, fixes colour and shape), with the first-frame fidelity beside it (does the clip still start
 from its conditioning image?).
 
 1. Builds the demo exactly as `lightning-grpo fit -c <config>` does (same LightningCLI parsing).
-2. Evaluates the base pipeline on the three held-out splits (`lightning_grpo.toy.prompts`):
+2. Evaluates the base pipeline on the three held-out splits (`lightning_grpo.worlds.shapes.prompts`):
    new combinations (attribute triples RL never sees, training phrasings; 80 prompts), new
    phrasings (training triples in reserved phrasings no training ever used; 96 prompts), and
    both (48 prompts): deterministic ODE sampling (eta = 0) from fixed seeds,
@@ -64,7 +64,7 @@ CONFIGS = {"flux": ROOT / "configs" / "demo.yaml", "sd": ROOT / "configs" / "dem
            "t2v": ROOT / "configs" / "demo_t2v.yaml", "i2v": ROOT / "configs" / "demo_i2v.yaml"}
 JUDGE = {"flux": "exact_match", "sd": "exact_match", "t2v": "exact_match", "i2v": "motion_accuracy"}
 """The measure each family is judged by (acceptance: its change on new combinations)."""
-TOY_CLIP = ROOT / "lightning_grpo" / "toy" / "pretrained" / "clip"
+TOY_CLIP = ROOT / "lightning_grpo" / "worlds" / "shapes" / "pretrained" / "clip"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 SPLITS = ("new_combinations", "new_phrasings", "both")
-"""The held-out splits of both worlds (`lightning_grpo.toy.prompts`, `lightning_grpo.toy.motion_prompts`)."""
+"""The held-out splits of both worlds (`lightning_grpo.worlds.shapes.prompts`, `lightning_grpo.worlds.moving_shapes.prompts`)."""
 
 
 def seed_list(text: str) -> list[int]:
@@ -150,7 +150,7 @@ def judge_and_gold_measures(family: str = "flux") -> list:
     if family in ("t2v", "i2v"):
         return video_measures(family)
     from lightning_grpo.rewards import ClipScore
-    from lightning_grpo.toy.verifier import ShapesVerifier
+    from lightning_grpo.worlds.shapes.verifier import ShapesVerifier
 
     return [
         ShapesVerifier(mode="exact", name="exact_match"),
@@ -165,7 +165,7 @@ def video_measures(family: str) -> list:
     the dense forms, and for image-to-video whether the first and the last frame keep the
     conditioning image's object (`FirstFrameAdherence`) and the first-frame fidelity (1 − mean
     |frame 0 − image|, over every pixel)."""
-    from lightning_grpo.toy.motion_verifier import FirstFrameAdherence, FirstFrameFidelity, MovingShapesVerifier
+    from lightning_grpo.worlds.moving_shapes.verifier import FirstFrameAdherence, FirstFrameFidelity, MovingShapesVerifier
 
     measures = [
         MovingShapesVerifier(aspect="all", mode="exact", name="exact_match"),
@@ -181,10 +181,10 @@ def video_measures(family: str) -> list:
 def heldout_split_prompts(family: str) -> dict[str, list[str]]:
     """split name -> prompts: the shapes world's splits, or the moving-shapes world's for video."""
     if family in ("t2v", "i2v"):
-        from lightning_grpo.toy.motion_prompts import motion_heldout_splits
+        from lightning_grpo.worlds.moving_shapes.prompts import motion_heldout_splits
 
         return motion_heldout_splits()
-    from lightning_grpo.toy.prompts import heldout_splits
+    from lightning_grpo.worlds.shapes.prompts import heldout_splits
 
     return heldout_splits()
 
@@ -407,10 +407,10 @@ def main(argv: list[str] | None = None) -> float:
 
 def first_frames(family: str, prompts: list[str], policy):
     """Image-to-video: each prompt's first frame (the shape at its start, the same frame for a
-    prompt in every run: `lightning_grpo.toy.motion_data.first_frames_for_prompts`); else None."""
+    prompt in every run: `lightning_grpo.worlds.moving_shapes.data.first_frames_for_prompts`); else None."""
     if family != "i2v":
         return None
-    from lightning_grpo.toy.motion_data import first_frames_for_prompts
+    from lightning_grpo.worlds.moving_shapes.data import first_frames_for_prompts
 
     return first_frames_for_prompts(prompts, size=policy.height)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from lightning_grpo.toy import all_scenes, render_indices, scenes_to_indices
+from lightning_grpo.worlds.shapes import all_scenes, render_indices, scenes_to_indices
 
 
 def main(argv: list[str] | None = None) -> float:

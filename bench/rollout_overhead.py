@@ -1,6 +1,6 @@
 """GRPO rollout time ÷ the diffusers pipeline's own __call__, same model, batch, steps, resolution.
 
-Model: the shipped toy FLUX pipeline (FluxTransformer2DModel etc., lightning_grpo/toy/pretrained/flux),
+Model: the shipped toy FLUX pipeline (FluxTransformer2DModel etc., lightning_grpo/worlds/shapes/pretrained/flux),
 loaded once by `FluxPipeline.from_pretrained` and once by `FluxPolicy` (the same weights).
 - pipeline: `FluxPipeline(prompts, num_images_per_prompt=G, num_inference_steps=T, output_type="latent")`
 - GRPO:     `rollout(policy, FlowSDESampler(T, eta), prompts, G)` (all P·G samples batched, log-probs kept,
@@ -24,7 +24,7 @@ from lightning_grpo.policies import FluxPolicy
 from lightning_grpo.rollout import rollout
 from lightning_grpo.samplers import FlowSDESampler
 
-TOY_FLUX = Path(__file__).resolve().parents[1] / "lightning_grpo" / "toy" / "pretrained" / "flux"
+TOY_FLUX = Path(__file__).resolve().parents[1] / "lightning_grpo" / "worlds" / "shapes" / "pretrained" / "flux"
 
 
 def median_time(fn, repeats: int) -> float:

@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.chdir(ROOT)  # the config names repository-relative paths
     from lightning_grpo.evaluation import evaluate
-    from lightning_grpo.toy.prompts import heldout_prompts
-    from lightning_grpo.toy.verifier import ShapesVerifier
+    from lightning_grpo.worlds.shapes.prompts import heldout_prompts
+    from lightning_grpo.worlds.shapes.verifier import ShapesVerifier
 
     prompts = heldout_prompts(templates=args.templates)
     metric = [ShapesVerifier(mode="exact", name="exact_match")]

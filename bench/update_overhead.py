@@ -24,7 +24,7 @@ from lightning_grpo.policies import FluxPolicy
 from lightning_grpo.samplers import FlowSDESampler
 from tests.training.fixtures import ListPrompts, Redness
 
-TOY_FLUX = Path(__file__).resolve().parents[1] / "lightning_grpo" / "toy" / "pretrained" / "flux"
+TOY_FLUX = Path(__file__).resolve().parents[1] / "lightning_grpo" / "worlds" / "shapes" / "pretrained" / "flux"
 
 
 class UpdateTimes(Callback):

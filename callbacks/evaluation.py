@@ -54,7 +54,7 @@ class HeldOutEvaluation(Callback):
     callback is present the "after" evaluation uses the EMA weights.
 
     Image-to-video: each prompt's first frame comes from `first_frames` (a module called as
-    ``first_frames(prompts, (height, width))``, e.g. `lightning_grpo.toy.motion_data.MotionFirstFrames`),
+    ``first_frames(prompts, (height, width))``, e.g. `lightning_grpo.worlds.moving_shapes.data.MotionFirstFrames`),
     else from the module's own `first_frames` source when it has one; the same frames before and
     after, and the rewards receive them (e.g. a first-frame fidelity measure).
 

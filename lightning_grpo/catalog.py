@@ -64,14 +64,14 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
         "lightning_grpo.rewards.RemoteReward",
         "lightning_grpo.rewards.OpenAIJudgeReward",
         "lightning_grpo.rewards.Delayed",
-        "lightning_grpo.toy.verifier.ShapesVerifier",
-        "lightning_grpo.toy.motion_verifier.MovingShapesVerifier",
-        "lightning_grpo.toy.motion_verifier.FirstFrameFidelity",
-        "lightning_grpo.toy.motion_verifier.FirstFrameAdherence",
+        "lightning_grpo.worlds.shapes.verifier.ShapesVerifier",
+        "lightning_grpo.worlds.moving_shapes.verifier.MovingShapesVerifier",
+        "lightning_grpo.worlds.moving_shapes.verifier.FirstFrameFidelity",
+        "lightning_grpo.worlds.moving_shapes.verifier.FirstFrameAdherence",
     ]),
     "first frames": ("model.first_frames", [
         "lightning_grpo.first_frames.GeneratedFirstFrames",
-        "lightning_grpo.toy.motion_data.MotionFirstFrames",
+        "lightning_grpo.worlds.moving_shapes.data.MotionFirstFrames",
     ]),
     "callbacks": ("trainer.callbacks", [
         "lightning_grpo.checkpointing.GRPOCheckpoint",
@@ -88,7 +88,7 @@ CATALOG: dict[str, tuple[str, list[str]]] = {
     "data modules": ("data", [
         "lightning_grpo.datamodules.prompts.PromptDataModule",
         "lightning_grpo.datamodules.image_prompts.ImagePromptDataModule",
-        "lightning_grpo.toy.motion_data.MotionFirstFrameDataModule",
+        "lightning_grpo.worlds.moving_shapes.data.MotionFirstFrameDataModule",
     ]),
 }
 """kind -> (the config option that takes it, class paths as a config writes them)."""

@@ -16,7 +16,6 @@ the few collective steps that are specific to GRPO:
   rank's samples, evaluation results split over the ranks and gathered (`evaluation.evaluate`);
 - `denoiser_blocks`: the trainable denoiser and its block classes, the FSDP units;
 - `DenoiserFSDPStrategy`: FSDP2 of the denoiser's blocks, sharded checkpoints (docs/scaling.md);
-- `CommHookCounter`: a DDP communication hook that counts gradient all-reduces (tests, bench).
 
 Every function is a no-op on one process, so the module calls them unconditionally.
 """
@@ -27,7 +26,7 @@ import math
 import os
 import shutil
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -241,35 +240,9 @@ def denoiser_blocks(policy: nn.Module) -> tuple[str, set[type[nn.Module]]]:
     return policy.denoiser_name, policy.block_classes
 
 
-# ---------------------------------------------------------------------------- counting
-@dataclass
-class CommHookCounter:
-    """State of `count_allreduce_hook`: gradient buckets all-reduced so far, by bucket index.
-
-    Register with `DDPStrategy(ddp_comm_state=counter, ddp_comm_hook=count_allreduce_hook)` on
-    CUDA; Lightning registers comm hooks on CUDA only, so on CPU call
-    `trainer.strategy.model.register_comm_hook(counter, count_allreduce_hook)` (e.g. at train start)."""
-
-    process_group: Any = None
-    calls: int = 0
-    buckets: list[int] = field(default_factory=list)
-
-
-def count_allreduce_hook(state: CommHookCounter, bucket):  # (state, dist.GradBucket) -> Future[Tensor]
-    """DDP communication hook: count, then all-reduce the bucket as DDP's default does.
-
-    Unannotated on purpose: DDP checks the annotations of a hook and rejects the strings that
-    `from __future__ import annotations` makes of them."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    state.calls += 1
-    state.buckets.append(bucket.index())
-    return allreduce_hook(state.process_group, bucket)
-
-
 __all__ = [
-    "CommHookCounter", "DenoiserFSDPStrategy", "GatheredScores", "UpdateSchedule", "all_gather_objects", "all_gather_tensor",
-    "broadcast_object", "count_allreduce_hook", "denoiser_blocks", "gather_by_key", "gather_objects_to_zero",
+    "DenoiserFSDPStrategy", "GatheredScores", "UpdateSchedule", "all_gather_objects", "all_gather_tensor",
+    "broadcast_object", "denoiser_blocks", "gather_by_key", "gather_objects_to_zero",
     "local_selection", "mean_over_ranks", "members_of_rank", "replicated_state_names", "skip_gradient_sync",
     "update_schedule",
 ]

@@ -675,7 +675,7 @@ def denoiser_figures(recipe: Recipe) -> DenoiserFigures:
     steps = int(sampler_steps or recipe.policy_args.get("num_sampling_steps") or policy_cls.default_num_steps)
     den_class, den_config = components[den_name], configs[den_name]
     return DenoiserFigures(
-        trainable, frozen_base, block, torch.float32 if lora else setting.denoiser,  # peft keeps adapters in fp32
+        trainable, frozen_base, block, torch.float32 if lora else setting.denoiser,  # add_lora upcasts the adapters to fp32
         group, samples, trained, rollout_batch, micro, steps,
         _measure_denoiser(recipe, policy_cls, den_class, den_config, geometry, setting, rollout_batch, grad=False),
         _measure_denoiser(recipe, policy_cls, den_class, den_config, geometry, setting, micro, grad=True),

@@ -63,7 +63,7 @@ class GeneratedFirstFrames(FirstFrames):
 
     Args:
         policy: any image policy of the framework (decode gives ``[B, 3, H, W]``), e.g. the
-            shipped toy FLUX ``lightning_grpo/toy/pretrained/flux`` or FLUX.1-dev.
+            shipped toy FLUX ``lightning_grpo/worlds/shapes/pretrained/flux`` or FLUX.1-dev.
         seed: the frames' seed (part of the cache key).
         sampler: the ODE's sampler; None uses ``policy.build_sampler(num_steps)``, the family's
             own schedule (its eta is not used: the ODE step ignores it).

@@ -17,7 +17,7 @@ from lightning_grpo.grpo.advantages import (
 from lightning_grpo.grpo.loss import clipped_surrogate_loss, gaussian_kl
 from lightning_grpo.noise import keyed_timestep_indices
 from lightning_grpo.objectives.base import Prepared, RolloutNeeds, SelectingObjective, Targets
-from lightning_grpo.samplers.step_schedule import trainable_steps
+from lightning_grpo.samplers.step_schedule import trainable_policy_steps, trainable_steps
 from lightning_grpo.types import GRPOStats, Rollout, index_condition
 from lightning_grpo.validation import ConfigError, Range
 
@@ -116,6 +116,7 @@ class GRPO(SelectingObjective):
         """Each sample's random subset of its trainable steps [B', K], keyed by its (group, member)
         (`noise.keyed_timestep_indices`), so it is the same on any rank and in any batch."""
         candidates = trainable_steps(module.sampler, rollout.sde_steps, self.drop_last_timestep)
+        candidates = trainable_policy_steps(module.policy, module.sampler, candidates)  # where its trained weights act
         steps = keyed_timestep_indices(rollout.sample_keys, candidates, self.timestep_fraction, seed).to(module.device)
         return Prepared(rollout=rollout, targets=targets, columns=steps, extra={})
 

@@ -38,6 +38,7 @@ from lightning_grpo.grpo.advantages import BestOfNAdvantages, StdMode, grpo_adva
 from lightning_grpo.noise import keyed_timestep_indices, sample_seed
 from lightning_grpo.objectives.base import Prepared, RolloutNeeds, SelectingObjective, Targets
 from lightning_grpo.objectives.grpo import check_best_of_n
+from lightning_grpo.samplers.step_schedule import trainable_policy_steps
 from lightning_grpo.types import Rollout, index_condition
 from lightning_grpo.validation import ConfigError, Range
 
@@ -173,7 +174,7 @@ class DiffusionNFT(SelectingObjective):
         sampling schedule (a random subset, keyed by the sample's key) and a fresh ε (keyed the same
         way); x_t and the old policy's velocity there, computed once with θ_old."""
         sampler = module.sampler
-        candidates = torch.arange(sampler.num_steps)
+        candidates = trainable_policy_steps(module.policy, sampler, torch.arange(sampler.num_steps))  # where its trained weights act
         steps = keyed_timestep_indices(rollout.sample_keys, candidates, self.timestep_fraction, seed)  # [B', K]
         x0 = rollout.latents[:, -1]  # [B', *L] the clean samples
         noise = _keyed_noise(rollout.sample_keys, steps.shape[1], x0, seed)  # [B', K, *L]

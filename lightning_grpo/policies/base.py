@@ -34,6 +34,10 @@ class PolicyAdapter(nn.Module, ABC):
 
     paradigm: ClassVar[Paradigm]
     conditions_on_images: ClassVar[bool] = False
+    pipeline_one_image_per_call: ClassVar[bool] = False
+    """True when the family's diffusers pipeline conditions one call on one image (diffusers' Wan
+    I2V: a batch of P images is repeated per prompt and fails); the policy itself takes a batch of
+    first frames, which equals one pipeline call per prompt (the family contract test calls it so)."""
     geometry_arguments: ClassVar[tuple[str, ...]] = ()
     """Constructor arguments that fix the latents' shape (height, width, frames, ...): a checkpoint
     records their values and refuses to load into a policy built with others
@@ -91,6 +95,13 @@ class PolicyAdapter(nn.Module, ABC):
         (its KL reference, a copy of the whole adapter, stays replicated). Families return their
         trainable denoiser(s), and the frozen denoiser copy of full fine-tuning's KL reference."""
         return [self]
+
+    def trained_at(self, timesteps: Tensor) -> Tensor:
+        """Which of the sampler's model-facing timesteps [T] the trainable weights act at:
+        BoolTensor[T]. Every step here; a family whose trained part runs at some noise levels only
+        (Wan 2.2 A14B with one of its two experts trained) says which, and the objectives draw the
+        trained steps among those (`trainable_policy_steps`)."""
+        return torch.ones(timesteps.shape, dtype=torch.bool, device=timesteps.device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates (the denoiser, or its LoRA weights)."""

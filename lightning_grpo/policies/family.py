@@ -62,7 +62,8 @@ if TYPE_CHECKING:
     from lightning_grpo.samplers.base import Sampler
 
 ComponentSpec = dict[str, tuple[str, str]]
-"""{subfolder: (kind, "library.ClassName")}, kind one of "model", "tokenizer", "processor", "scheduler"."""
+"""{subfolder: (kind, "library.ClassName")}, kind one of "model", "tokenizer", "processor" (holds a tokenizer),
+"image_processor", "scheduler"."""
 
 
 # -- latent normalisation ------------------------------------------------------------------------
@@ -302,18 +303,23 @@ class DiffusersPolicy(PolicyAdapter):
         check_pretrained_folder(path, {sub: kind for sub, (kind, _) in self.components.items()})
         for subfolder, (kind, class_name) in self.components.items():
             cls = resolve_class(class_name)
-            if kind == "tokenizer":
+            if kind in ("tokenizer", "processor"):  # a processor is checked by the tokenizer it holds
                 setattr(self, subfolder, load_tokenizer(cls, path, subfolder))
-            elif kind == "processor":
+            elif kind == "image_processor":
                 setattr(self, subfolder, load_component(cls.from_pretrained, path, subfolder))
             elif kind == "scheduler":
                 self.scheduler_config: dict[str, Any] = dict(load_component(cls.load_config, path, subfolder))
             else:
-                is_denoiser = subfolder == self.denoiser_name
+                is_denoiser = self.trains_component(subfolder)
                 # transformers names the argument `dtype`, diffusers `torch_dtype`
                 key = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
                 module = load_component(cls.from_pretrained, path, subfolder, **{key: denoiser_dtype if is_denoiser else frozen_dtype})
                 setattr(self, subfolder, module if is_denoiser else freeze(module))
+
+    def trains_component(self, subfolder: str) -> bool:
+        """Whether the model in `subfolder` is trained (loaded at `denoiser_dtype`, not frozen): the
+        denoiser; a family with several denoisers says which (Wan 2.2 A14B's trained experts)."""
+        return subfolder == self.denoiser_name
 
     def vae_spatial_factor(self) -> int:
         """Pixels per latent along height and width (`vae_compression` of the loaded VAE's config)."""
@@ -375,6 +381,14 @@ class DiffusersPolicy(PolicyAdapter):
         if num_frames < 1 or (num_frames - 1) % ratio:
             raise ValueError(f"num_frames must be {ratio}k + 1 (the VAE compresses time {ratio}×, keeping the first frame), got {num_frames}")
 
+    def check_first_frames(self, prompts: list[str], images: Tensor | None) -> None:
+        """Refuse missing or misshapen first frames of an image-to-video family's `encode_prompts`:
+        one RGB image [3, H, W] in [0, 1] per prompt."""
+        if images is None:
+            raise ValueError(f"{type(self).__name__} is image-to-video: encode_prompts needs first frames (images [P, 3, H, W] in [0, 1])")
+        if images.ndim != 4 or images.shape[0] != len(prompts) or images.shape[1] != 3:
+            raise ValueError(f"first frames must be [P={len(prompts)}, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+
     @classmethod
     def config_geometry(cls, init_args: Mapping[str, Any], configs: Mapping[str, Mapping[str, Any]], cfg: bool) -> ConfigGeometry:
         """One sample's shapes for a policy built with `init_args` on components with `configs`,
@@ -404,7 +418,7 @@ class DiffusersPolicy(PolicyAdapter):
     @property
     def frozen_module_names(self) -> list[str]:
         """The model components other than the denoiser (text encoders, VAE): always frozen."""
-        return [sub for sub, (kind, _) in self.components.items() if kind == "model" and sub != self.denoiser_name]
+        return [sub for sub, (kind, _) in self.components.items() if kind == "model" and not self.trains_component(sub)]
 
     # -- the trainable denoiser (for FSDP wrapping and checkpointing) ------------------------
 
@@ -461,6 +475,12 @@ class DiffusersPolicy(PolicyAdapter):
                 logger.addFilter(_FirstTruncationOnly())
             self.__dict__["_pipeline"] = pipe
         return self.__dict__["_pipeline"]
+
+    def pipeline_latents(self, latents: Tensor) -> Tensor:
+        """What the family's pipeline returns with `output_type="latent"` for the policy's final
+        latents: the same tensor for every family whose pipeline returns the layout its `latents`
+        argument takes (all but FLUX.2, whose pipeline returns the denormalised VAE latents)."""
+        return latents
 
     def pipeline_call_kwargs(self, num_prompts: int) -> dict[str, Any]:
         """Arguments that make `pipeline(prompts, latents=..., num_inference_steps=N, **these)`

@@ -88,8 +88,10 @@ def _has_any(folder: Path, names: Sequence[str]) -> bool:
 def check_component(root: Path, subfolder: str, kind: str) -> None:
     """Raise FileNotFoundError naming what is missing from `root/subfolder` for a `kind`.
 
-    Kinds: "model" (config.json + a weights file), "tokenizer" (one of TOKENIZER_FILES),
-    "scheduler" (scheduler_config.json).
+    Kinds: "model" (config.json + a weights file), "tokenizer" and "processor" (one of
+    TOKENIZER_FILES: a processor folder, e.g. FLUX.2 [dev]'s PixtralProcessor, holds its
+    tokenizer's files beside processor_config.json), "image_processor" (an image processor's
+    preprocessor_config.json, e.g. Wan I2V's CLIPImageProcessor), "scheduler" (scheduler_config.json).
     """
     folder = root / subfolder
     if not folder.is_dir():
@@ -99,12 +101,15 @@ def check_component(root: Path, subfolder: str, kind: str) -> None:
             raise FileNotFoundError(f"missing file {str(folder / 'config.json')!r}")
         if not _has_weights(folder):
             raise FileNotFoundError(f"no weights file (*{', *'.join(WEIGHT_SUFFIXES)}) in {str(folder)!r}")
-    elif kind == "tokenizer":
+    elif kind in ("tokenizer", "processor"):
         if not _has_any(folder, TOKENIZER_FILES):
             raise FileNotFoundError(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in {str(folder)!r}")
     elif kind == "scheduler":
         if not (folder / "scheduler_config.json").is_file():
             raise FileNotFoundError(f"missing file {str(folder / 'scheduler_config.json')!r}")
+    elif kind == "image_processor":
+        if not (folder / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"missing file {str(folder / 'preprocessor_config.json')!r}")
     else:
         raise ValueError(f"unknown component kind {kind!r}")
 
@@ -245,9 +250,14 @@ def load_tokenizer(tokenizer_cls: Any, name_or_path: str | os.PathLike, subfolde
 
     transformers 5 does not raise when a tokenizer's files cannot be found (e.g. a hub id
     offline): it builds a tokenizer holding only its special tokens, which then maps every
-    prompt to unknown tokens. Such a tokenizer is reported as a FileNotFoundError instead.
+    prompt to unknown tokens. Such a tokenizer is reported as a FileNotFoundError instead. A
+    processor (`tokenizer_cls` a transformers ProcessorMixin, e.g. PixtralProcessor) is checked
+    by the tokenizer it holds.
     """
-    tokenizer = load_component(tokenizer_cls.from_pretrained, name_or_path, subfolder)
+    loaded = load_component(tokenizer_cls.from_pretrained, name_or_path, subfolder)
+    tokenizer = getattr(loaded, "tokenizer", None) if not hasattr(loaded, "get_vocab") else loaded
+    if tokenizer is None:
+        raise TypeError(f"'{subfolder}' of {str(name_or_path)!r} loaded as {type(loaded).__name__}, which is neither a tokenizer nor holds one")
     regular = len(tokenizer.get_vocab()) - len(set(tokenizer.all_special_tokens))
     if regular < MIN_TOKENIZER_VOCAB:
         kind = "local folder" if looks_local(name_or_path) else "hub id"
@@ -255,7 +265,7 @@ def load_tokenizer(tokenizer_cls: Any, name_or_path: str | os.PathLike, subfolde
             f"tokenizer '{subfolder}' of {kind} {str(name_or_path)!r} loaded with {regular} regular tokens: "
             "its vocabulary files were not found (offline without a cached copy?)"
         )
-    return tokenizer
+    return loaded
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -276,8 +286,10 @@ def add_lora(
 
     The base weights stay frozen; only the LoRA A/B matrices require grad. With the default
     `init=True` B starts at zero, so the adapted model initially equals the base model.
-    Uses diffusers' `PeftAdapterMixin.add_adapter` (all diffusers denoisers have it).
+    Uses diffusers' `PeftAdapterMixin.add_adapter` (all diffusers denoisers have it). The
+    adapters are float32 whatever the base's dtype (trained in full precision).
     """
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
     if rank < 1:
@@ -292,6 +304,11 @@ def add_lora(
     model.add_adapter(config)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
+    # peft creates the adapters in the base weights' dtype: under a bf16 denoiser AdamW would
+    # step the LoRA matrices in bf16, where an update of lr 1e-4 relative to a weight is below
+    # half an ulp (2^-9) and is lost. diffusers' training scripts upcast the trainable
+    # parameters; peft's forward casts the input to the adapter's dtype and the sum back.
+    cast_training_params(model, dtype=torch.float32)
 
 
 __all__ = [

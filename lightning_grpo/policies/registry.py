@@ -15,7 +15,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lightning_grpo.policies.family import DiffusersPolicy, resolve_class
-from lightning_grpo.policies.stand_ins import VIDEO_FRAMES, VIDEO_TEMPLATE
+
+#: Frames of the video stand-in clips (4k + 1 with k = 1: 2 latent frames); the stand-ins'
+#: geometry lives here, beside the arguments the registry runs them with, so the registry needs
+#: nothing from `lightning_grpo.testing` until a stand-in is built.
+VIDEO_FRAMES = 5
+#: A short prompt template in the form of the HunyuanVideo pipelines' DEFAULT_PROMPT_TEMPLATE for the
+#: tiny Llama tokenizer of the stand-ins; its `crop_start` is counted by the policy (`template_crop_start`).
+VIDEO_TEMPLATE = {
+    "template": "<|start_header_id|>system<|end_header_id|>describe the video<|eot_id|><|start_header_id|>user<|end_header_id|>{}<|eot_id|>",
+}
+#: The FLUX.2 [dev] stand-in's max_sequence_length: the pipeline's system message with the template
+#: (39 tokens with the stand-in's tokenizer: its words are whole tokens) and the test prompts (up to 9
+#: tokens) fit, so no prompt is cut.
+FLUX2_DEV_TEXT_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class StandInBuilder:
+    """A stand-in builder named by its dotted path ("lightning_grpo.testing.stand_ins.build_tiny_flux"),
+    imported when called: `builder(path, seed=0) -> path`. The registry names every builder of
+    `lightning_grpo.testing` this way, so importing the library core never imports the test support
+    (tests/packaging/test_core_imports.py)."""
+
+    dotted: str
+
+    def __call__(self, path: str | Path, seed: int = 0) -> Path:
+        return resolve_class(self.dotted)(path, seed)
 
 
 @dataclass(frozen=True)
@@ -26,7 +52,9 @@ class Family:
         name: short name ("flux", "sd").
         policy_class: dotted path of the `DiffusersPolicy` subclass.
         build_stand_in: `build(path, seed=0) -> path` writes a tiny random pipeline of the
-            family's real classes in the diffusers layout (offline, seconds on a CPU).
+            family's real classes in the diffusers layout (offline, seconds on a CPU); given as
+            the dotted path of a function (a `StandInBuilder`, imported when called: the
+            builders live in `lightning_grpo.testing.stand_ins`) or as the function itself.
         stand_in_kwargs: policy arguments the family contract test builds the stand-in policy
             with: what fits the stand-in (resolution, frames, sequence length, prompt template)
             and the contract's own choices named in `contract_only`.
@@ -38,10 +66,14 @@ class Family:
 
     name: str
     policy_class: str
-    build_stand_in: Callable[..., Path]
+    build_stand_in: Callable[..., Path] | str
     stand_in_kwargs: dict[str, Any] = field(default_factory=dict)
     config: str = ""
     contract_only: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.build_stand_in, str):
+            object.__setattr__(self, "build_stand_in", StandInBuilder(self.build_stand_in))
 
     def policy_type(self) -> type[DiffusersPolicy]:
         return resolve_class(self.policy_class)
@@ -75,42 +107,6 @@ def family_of(class_path: str) -> Family | None:
     return next((family for family in FAMILIES.values() if family.serves(class_path)), None)
 
 
-def _build_flux(path: str | Path, seed: int = 0) -> Path:
-    from lightning_grpo.policies.stand_ins import build_tiny_flux
-
-    return build_tiny_flux(path, seed)
-
-
-def _build_sd(path: str | Path, seed: int = 0) -> Path:
-    from lightning_grpo.policies.stand_ins import build_tiny_sd
-
-    return build_tiny_sd(path, seed)
-
-
-def _build_hunyuan_video(path: str | Path, seed: int = 0) -> Path:
-    from lightning_grpo.policies.stand_ins import build_tiny_hunyuan_video
-
-    return build_tiny_hunyuan_video(path, seed)
-
-
-def _build_skyreels_i2v(path: str | Path, seed: int = 0) -> Path:
-    from lightning_grpo.policies.stand_ins import build_tiny_hunyuan_video
-
-    return build_tiny_hunyuan_video(path, seed, image_to_video=True)
-
-
-def _build_wan_t2v(path: str | Path, seed: int = 0) -> Path:
-    from lightning_grpo.policies.stand_ins import build_tiny_wan
-
-    return build_tiny_wan(path, seed)
-
-
-def _build_sd3(path: str | Path, seed: int = 0) -> Path:
-    from lightning_grpo.policies.stand_ins import build_tiny_sd3
-
-    return build_tiny_sd3(path, seed)
-
-
 _STAND_IN = {"height": 16, "width": 16}  # stand_ins.IMAGE_SIZE
 _VIDEO_STAND_IN = {**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "prompt_template": VIDEO_TEMPLATE}
 
@@ -126,36 +122,88 @@ def register_family(family: Family) -> Family:
 
 
 register_family(Family(
-    name="flux", policy_class="lightning_grpo.policies.flux.FluxPolicy", build_stand_in=_build_flux,
+    name="flux", policy_class="lightning_grpo.policies.flux.FluxPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_flux",
     stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "guidance": 3.5}, config="configs/flux_hps.yaml",
     contract_only=("guidance",),
 ))
 register_family(Family(
-    name="sd", policy_class="lightning_grpo.policies.stable_diffusion.StableDiffusionPolicy", build_stand_in=_build_sd,
+    name="sd", policy_class="lightning_grpo.policies.stable_diffusion.StableDiffusionPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_sd",
     stand_in_kwargs={**_STAND_IN, "guidance_scale": 3.0}, config="configs/sd14_hps.yaml", contract_only=("guidance_scale",),
 ))
 
 register_family(Family(
     name="hunyuan_video", policy_class="lightning_grpo.policies.hunyuan_video.HunyuanVideoPolicy",
-    build_stand_in=_build_hunyuan_video, config="configs/hunyuan_t2v_videoalign.yaml",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_hunyuan_video", config="configs/hunyuan_t2v_videoalign.yaml",
     stand_in_kwargs=_VIDEO_STAND_IN,
 ))
 register_family(Family(
     name="skyreels_i2v", policy_class="lightning_grpo.policies.skyreels_i2v.SkyReelsI2VPolicy",
-    build_stand_in=_build_skyreels_i2v, config="configs/skyreels_i2v_mq.yaml",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_skyreels_i2v", config="configs/skyreels_i2v_mq.yaml",
     stand_in_kwargs=_VIDEO_STAND_IN,
 ))
 
 register_family(Family(
-    name="wan_t2v", policy_class="lightning_grpo.policies.wan.WanT2VPolicy", build_stand_in=_build_wan_t2v,
+    name="wan_t2v", policy_class="lightning_grpo.policies.wan.WanT2VPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_wan",
     stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0},
     config="configs/wan_t2v_videoalign.yaml", contract_only=("guidance_scale",),
 ))
 
 register_family(Family(
-    name="sd3", policy_class="lightning_grpo.policies.sd3.StableDiffusion3Policy", build_stand_in=_build_sd3,
+    name="sd3", policy_class="lightning_grpo.policies.sd3.StableDiffusion3Policy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_sd3",
     stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "guidance_scale": 3.0},
     config="configs/sd35_pickscore.yaml", contract_only=("guidance_scale",),
 ))
 
-__all__ = ["FAMILIES", "Family", "family_of", "register_family"]
+register_family(Family(
+    name="qwen_image", policy_class="lightning_grpo.policies.qwen_image.QwenImagePolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_qwen_image",
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 16, "true_cfg_scale": 3.0},
+    config="configs/qwen_image_hps.yaml", contract_only=("true_cfg_scale",),
+))
+
+register_family(Family(
+    name="flux2_klein", policy_class="lightning_grpo.policies.flux2.Flux2KleinPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_flux2_klein",
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": 32, "guidance_scale": 3.0},
+    config="configs/flux2_pickscore.yaml", contract_only=("guidance_scale",),
+))
+
+register_family(Family(
+    name="flux2_dev", policy_class="lightning_grpo.policies.flux2.Flux2DevPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_flux2_dev",
+    stand_in_kwargs={**_STAND_IN, "max_sequence_length": FLUX2_DEV_TEXT_LENGTH, "guidance_scale": 3.5},
+    config="configs/flux2_dev_pickscore.yaml", contract_only=("guidance_scale",),
+))
+
+register_family(Family(
+    name="wan_a14b", policy_class="lightning_grpo.policies.wan.WanA14BPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_wan_a14b",
+    # the contract trains the high-noise expert: its LoRA export is the one plain `load_lora_weights(out)`
+    # loads (diffusers puts one expert per file); tests/families/test_wan_a14b.py covers "low" and "both"
+    stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0,
+                     "guidance_scale_2": 2.0, "trained_experts": "high"},
+    config="configs/wan22_a14b_t2v_videoalign.yaml", contract_only=("guidance_scale", "guidance_scale_2", "trained_experts"),
+))
+
+register_family(Family(
+    name="wan_i2v", policy_class="lightning_grpo.policies.wan.WanI2VPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_wan_i2v",
+    stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0},
+    config="configs/wan_i2v_mq.yaml", contract_only=("guidance_scale",),
+))
+
+
+register_family(Family(
+    name="wan22_i2v_a14b", policy_class="lightning_grpo.policies.wan.WanA14BI2VPolicy",
+    build_stand_in="lightning_grpo.testing.stand_ins.build_tiny_wan22_i2v_a14b",
+    stand_in_kwargs={**_STAND_IN, "num_frames": VIDEO_FRAMES, "max_sequence_length": 16, "guidance_scale": 3.0,
+                     "guidance_scale_2": 2.0, "trained_experts": "high"},  # as wan_a14b's
+    config="configs/wan22_a14b_i2v_mq.yaml", contract_only=("guidance_scale", "guidance_scale_2", "trained_experts"),
+))
+
+__all__ = ["FAMILIES", "FLUX2_DEV_TEXT_LENGTH", "VIDEO_FRAMES", "VIDEO_TEMPLATE", "Family", "StandInBuilder", "family_of",
+           "register_family"]

@@ -115,10 +115,7 @@ class SkyReelsI2VPolicy(HunyuanVideoPolicy):
     def encode_prompts(self, prompts: list[str], images: Tensor | None = None) -> Condition:
         """HunyuanVideoPolicy's text condition plus "image_latents" (I) of the first frames."""
         prompts = list(prompts)
-        if images is None:
-            raise ValueError(f"{type(self).__name__} is image-to-video: encode_prompts needs first frames (images [P, 3, H, W] in [0, 1])")
-        if images.ndim != 4 or images.shape[0] != len(prompts) or images.shape[1] != 3:
-            raise ValueError(f"first frames must be [P={len(prompts)}, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        self.check_first_frames(prompts, images)
         condition = self._text_condition(prompts)
         condition["image_latents"] = self.first_frame_latents(images)
         return condition

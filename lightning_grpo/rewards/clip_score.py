@@ -33,8 +33,8 @@ class ClipScore(OpenClipCosineReward):
             .safetensors file); a plain state dict or one wrapped under `state_dict`.
         architecture: open_clip architecture of the weights (DFN5B: "ViT-H-14-378-quickgelu"), or
             a local open_clip model folder holding `open_clip_config.json` (the toy CLIP of the
-            shapes world: `lightning_grpo/toy/pretrained/clip`, with checkpoint
-            `lightning_grpo/toy/pretrained/clip/open_clip_model.safetensors`).
+            shapes world: `lightning_grpo/worlds/shapes/pretrained/clip`, with checkpoint
+            `lightning_grpo/worlds/shapes/pretrained/clip/open_clip_model.safetensors`).
         scale: multiplier of the cosine: a number (1.0 = raw cosine, 100.0 = CLIPScore convention)
             or "logit_scale" for the model's own exp(logit_scale).
         pretrained_tag: open_clip pretrained tag whose registered preprocessing applies ("dfn5b"

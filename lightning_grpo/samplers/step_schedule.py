@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_grpo.samplers.base import Sampler
 
-__all__ = ["AllSteps", "RandomBranch", "SlidingWindow", "StepSchedule", "trainable_steps"]
+__all__ = ["AllSteps", "RandomBranch", "SlidingWindow", "StepSchedule", "trainable_policy_steps", "trainable_steps"]
 
 
 class StepSchedule(ABC):
@@ -178,3 +179,17 @@ def trainable_steps(sampler: Sampler, sde_steps: Tensor | None = None, drop_last
     if drop_last:
         candidates = candidates[candidates != sampler.num_steps - 1]
     return candidates
+
+
+def trainable_policy_steps(policy: Any, sampler: Sampler, candidates: Tensor) -> Tensor:
+    """`candidates` (LongTensor[T'] of step indices) restricted to the steps whose timesteps the
+    policy's trainable weights act at (`PolicyAdapter.trained_at`): with Wan 2.2 A14B training one
+    expert, a step the frozen expert denoises has no gradient to give. ValueError when none is left."""
+    acting = policy.trained_at(sampler.timesteps).cpu()  # [T]
+    kept = candidates[acting[candidates.cpu()]]
+    if kept.numel() == 0:
+        raise ValueError(
+            f"{type(policy).__name__}'s trainable weights act at none of the trainable steps {candidates.tolist()} "
+            f"(timesteps {sampler.timesteps[candidates.cpu()].tolist()}): train another expert or change the schedule"
+        )
+    return kept

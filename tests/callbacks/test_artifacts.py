@@ -29,8 +29,8 @@ from lightning_grpo.artifacts import (
     set_summary,
     standard_error,
 )
-from lightning_grpo.toy.prompts import heldout_scenes
-from lightning_grpo.toy.render import render_scenes
+from lightning_grpo.worlds.shapes.prompts import heldout_scenes
+from lightning_grpo.worlds.shapes.render import render_scenes
 
 
 def grey(values: torch.Tensor) -> torch.Tensor:

@@ -137,8 +137,8 @@ def warned_measures(monitor: RewardHackingMonitor, step: int) -> set[str]:
 def test_monitor_fires_on_the_flux_grid_and_is_silent_on_the_base(tmp_path, monkeypatch, stored) -> None:
     from lightning_grpo.rewards import ClipScore
 
-    clip = ClipScore(checkpoint=str(ROOT / "lightning_grpo/toy/pretrained/clip/open_clip_model.safetensors"),
-                     architecture=str(ROOT / "lightning_grpo/toy/pretrained/clip"), name="toy_clip")
+    clip = ClipScore(checkpoint=str(ROOT / "lightning_grpo/worlds/shapes/pretrained/clip/open_clip_model.safetensors"),
+                     architecture=str(ROOT / "lightning_grpo/worlds/shapes/pretrained/clip"), name="toy_clip")
     with pytest.warns(UserWarning, match="artifact measure 'periodic_energy' left the base samples' band at step 2"):
         monitor = replay_fit(tmp_path, monkeypatch, stored, "flux", ["base", "base_other", "step150"], kid_encoder=clip)
     assert monitor.verdicts == {0: True, 1: True, 2: False}

@@ -22,8 +22,8 @@ from lightning_grpo.module import GRPOModule
 from lightning_grpo.policies.tiny import TinyPolicy
 from lightning_grpo.rewards.base import Reward
 from lightning_grpo.samplers import FlowSDESampler
-from lightning_grpo.toy.motion_data import MotionFirstFrames
-from lightning_grpo.toy.motion_verifier import FirstFrameFidelity
+from lightning_grpo.worlds.moving_shapes.data import MotionFirstFrames
+from lightning_grpo.worlds.moving_shapes.verifier import FirstFrameFidelity
 from tests.training.fixtures import ListPrompts, Redness
 
 FRAMES = 3

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from lightning_grpo.cli import run
-from lightning_grpo.toy.verifier import SceneRules, decode_scenes
+from lightning_grpo.worlds.shapes.verifier import SceneRules, decode_scenes
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [line.strip() for line in (ROOT / "configs" / "prompts" / "shapes_heldout.txt").read_text().splitlines() if line.strip()][:8]

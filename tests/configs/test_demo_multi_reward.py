@@ -14,7 +14,7 @@ import yaml
 
 from lightning_grpo.cli import run
 from lightning_grpo.rewards import ClipScore
-from lightning_grpo.toy.verifier import ShapesVerifier
+from lightning_grpo.worlds.shapes.verifier import ShapesVerifier
 from tests.configs.test_configs import ROOT, stand_ins, substitute  # noqa: F401 - stand_ins is a fixture
 
 CONFIG = ROOT / "configs" / "demo_multi_reward.yaml"

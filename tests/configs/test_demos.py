@@ -15,7 +15,10 @@ from lightning_grpo.callbacks import HeldOutEvaluation
 from lightning_grpo.cli import run
 
 ROOT = Path(__file__).resolve().parents[2]
-PRETRAINED = ROOT / "lightning_grpo" / "toy" / "pretrained"
+# family -> its shipped toy pipeline folder, in the folder of its world
+PRETRAINED = {family: ROOT / "lightning_grpo" / "worlds" / world / "pretrained" / family
+              for world, families in {"shapes": ("flux", "sd"), "moving_shapes": ("hunyuan_video", "skyreels")}.items()
+              for family in families}
 IMAGE_FAMILIES = ("flux", "sd")
 VIDEO_FAMILIES = ("hunyuan_video", "skyreels")
 # issue 4: the two image pipelines together at most 12 MB; issues 12 and 13 add one video pipeline
@@ -52,7 +55,7 @@ def test_demo_fits_on_the_shipped_pipeline(tmp_path, monkeypatch, config, family
     assert not [w for w in caught if "module(s) in eval mode" in str(w.message)]
     assert cli.trainer.global_step == 2
     trained = getattr(cli.model.policy, denoiser)
-    base = type(trained).from_pretrained(PRETRAINED / family / denoiser)
+    base = type(trained).from_pretrained(PRETRAINED[family] / denoiser)
     moved = any(not torch.equal(p, q.float()) for p, q in zip(trained.parameters(), base.parameters()))
     assert moved  # GRPO updated the pretrained denoiser
     evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, HeldOutEvaluation))
@@ -63,7 +66,7 @@ def test_demo_fits_on_the_shipped_pipeline(tmp_path, monkeypatch, config, family
 def test_shipped_image_to_video_pipeline_leaves_room_to_learn():
     """The toy SkyReels starts at a held-out motion accuracy inside issue 13's band (15–60%), and
     its VAE's own reconstructions pass every motion check (the ceiling is not what limits it)."""
-    report = json.loads((PRETRAINED / "skyreels" / "pretrain_report.json").read_text())
+    report = json.loads((PRETRAINED["skyreels"] / "pretrain_report.json").read_text())
     assert report["heldout"]["samples"] >= 256
     assert 0.15 <= report["heldout"]["motion"] <= 0.60
     assert report["vae"]["ceiling"]["motion"] >= 0.9
@@ -73,7 +76,7 @@ def test_shipped_text_to_video_pipeline_sits_in_its_band():
     """The toy HunyuanVideo starts at a held-out exact match inside issue 12's band (15–60%), on
     captions whose shape word was clean in its last stage, and its VAE's reconstructions pass the
     judge far above it (the ceiling is not what limits it)."""
-    report = json.loads((PRETRAINED / "hunyuan_video" / "pretrain_report.json").read_text())
+    report = json.loads((PRETRAINED["hunyuan_video"] / "pretrain_report.json").read_text())
     assert report["heldout"]["samples"] >= 256
     assert 0.15 <= report["heldout"]["exact_match"] <= 0.60
     assert report["vae"]["ceiling"]["exact_match"] >= 0.9
@@ -82,13 +85,13 @@ def test_shipped_text_to_video_pipeline_sits_in_its_band():
 
 @pytest.mark.parametrize("family", ["flux", "sd"])
 def test_shipped_pipeline_leaves_room_to_learn(family):
-    report = json.loads((PRETRAINED / family / "pretrain_report.json").read_text())
+    report = json.loads((PRETRAINED[family] / "pretrain_report.json").read_text())
     assert report["heldout"]["samples"] >= 256
     assert 0.15 <= report["heldout"]["exact_match"] <= 0.70
 
 
 def _folder_bytes(family: str) -> int:
-    return sum(f.stat().st_size for f in (PRETRAINED / family).rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in (PRETRAINED[family]).rglob("*") if f.is_file())
 
 
 def test_shipped_pipelines_fit_the_size_budget():

@@ -16,6 +16,19 @@ GRPO objective), from that checkout's root:
         --out <this repository>/tests/data/grpo_reference.json
 
 The two-process cases (`DDP_CASES`) run tests/distributed/ddp_run.py on 2 gloo processes.
+
+The demo cases (`DEMO_CASES`: the SD, text-to-video and image-to-video demos through the CLI, each
+from a frozen copy of its YAML in this folder, cut to `DEMO_STEPS` steps and a four-prompt held-out
+evaluation and reward-hacking watch) were added before the worlds left `lightning_grpo/toy`
+(issue 30, acceptance 1) and recorded with the code of that time (the commit in "case_commits"),
+merged into the stored file without touching the other cases:
+
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python tests/data/make_grpo_reference.py \
+        --out tests/data/grpo_reference.json --update --cases demo_sd_cli demo_t2v_cli demo_i2v_cli
+
+Besides every training step they record the held-out figures: per set, reward and "before" /
+"after", the mean (`float.hex()`) and a SHA-256 of the per-sample scores, and every observation of
+the reward-hacking watch.
 """
 
 from __future__ import annotations
@@ -155,6 +168,8 @@ def _cli_config(name: str, folder: Path) -> list[str]:
     demo, without its held-out evaluation and monitor, whose samples do not touch training). The
     demo's YAML is the copy of configs/demo.yaml as it was at 8c37f8c (tests/data/
     grpo_reference_demo.yaml): the demo's tuning moves on (issue 28), the reference must not."""
+    if name in DEMO_CASES:
+        return _demo_config(name, folder)
     if name == "tiny_cli":
         return ["-c", str(ROOT / "configs" / "tiny.yaml"), f"--trainer.logger.init_args.save_dir={folder}",
                 f"--trainer.max_steps={STEPS}"]
@@ -170,7 +185,55 @@ def _cli_config(name: str, folder: Path) -> list[str]:
     return ["-c", str(path)]
 
 
-CLI_CASES = ["tiny_cli", "demo_flux_cli"]
+# demo case -> its frozen YAML in tests/data (copies of configs/demo_*.yaml, see their headers)
+DEMO_CASES = {"demo_sd_cli": "grpo_reference_demo_sd.yaml", "demo_t2v_cli": "grpo_reference_demo_t2v.yaml",
+              "demo_i2v_cli": "grpo_reference_demo_i2v.yaml"}
+DEMO_STEPS = 2
+DEMO_PROMPTS = 4  # held-out prompts (the first of the file) of the evaluation and of the hacking watch
+
+
+def _demo_config(name: str, folder: Path) -> list[str]:
+    """A demo's frozen YAML cut to seconds: `DEMO_STEPS` steps of groups of 4 (best-of-n 1 + 1
+    where the demo selects), a held-out evaluation and a hacking watch (every step) of
+    `DEMO_PROMPTS` prompts x 2 samples; every callback of the demo kept."""
+    raw = yaml.safe_load((ROOT / "tests" / "data" / DEMO_CASES[name]).read_text())
+    trainer, model = raw["trainer"], raw["model"]
+    for callback in trainer["callbacks"]:
+        kind, options = callback["class_path"].rsplit(".", 1)[-1], callback.setdefault("init_args", {})
+        if kind in ("HeldOutEvaluation", "RewardHackingMonitor"):
+            options.update(max_prompts=DEMO_PROMPTS, samples_per_prompt=2, batch_size=2 * DEMO_PROMPTS)
+        if kind == "RewardHackingMonitor":
+            options["every_n_steps"] = 1
+    trainer["logger"]["init_args"]["save_dir"] = str(folder)
+    trainer["max_steps"] = DEMO_STEPS
+    model.update(group_size=4, micro_batch_size=4, samples_per_update=4)
+    if model.get("best_of_n") is not None:
+        model["best_of_n"] = [1, 1]
+    raw["data"]["init_args"]["batch_size"] = 2
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return ["-c", str(path)]
+
+
+def _heldout_record(callbacks) -> dict | None:
+    """The held-out figures of a finished run: per HeldOutEvaluation set, "before"/"after" and
+    reward, the mean and the per-sample scores' digest; each RewardHackingMonitor observation."""
+    from lightning_grpo.callbacks import HeldOutEvaluation, RewardHackingMonitor
+
+    record: dict = {}
+    for callback in callbacks:
+        if isinstance(callback, HeldOutEvaluation):
+            record["heldout"] = {
+                f"{when}/{name}/{reward}": {"mean": _hex(scores.float().mean()), "scores": _sha(scores)}
+                for when, sets in sorted(callback.split_results.items()) for name, result in sorted(sets.items())
+                for reward, scores in sorted(result.scores.items())}
+        if isinstance(callback, RewardHackingMonitor):
+            record["monitor"] = [{"step": o.step, "values": {k: _sha(v) for k, v in sorted(o.values.items())}}
+                                 for o in callback.detector.history]
+    return record or None
+
+
+CLI_CASES = ["tiny_cli", "demo_flux_cli", *DEMO_CASES]
 
 
 # ------------------------------------------------------------------------------------ two processes
@@ -225,7 +288,8 @@ def run_cli_case(name: str) -> list[dict]:
             cli = run(_cli_config(name, Path(folder)), subcommand=False)
             cli.trainer.callbacks.append(recorder)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            return recorder.steps
+            heldout = _heldout_record(cli.trainer.callbacks)
+            return recorder.steps + ([heldout] if heldout else [])
     finally:
         os.chdir(previous)
 
@@ -240,6 +304,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", nargs="*", default=PYTHON_CASES + CLI_CASES + list(DDP_CASES))
+    parser.add_argument("--update", action="store_true",
+                        help="replace only --cases in the existing --out, recording this commit for them in case_commits")
     args = parser.parse_args()
     global ROOT
     ROOT = Path.cwd()  # the code under test: the working directory's lightning_grpo and configs
@@ -247,10 +313,12 @@ def main() -> None:
     import subprocess
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"commit": commit, "steps": STEPS, "cases": {}}
+    result = json.loads(args.out.read_text()) if args.update else {"commit": commit, "steps": STEPS, "cases": {}}
     for name in args.cases:
         print(f"{name} ...", flush=True)
         result["cases"][name] = run_case(name)
+        if args.update:
+            result.setdefault("case_commits", {})[name] = commit
     args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.out}")
 

@@ -125,13 +125,13 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 def clean_renders(demo: str, prompts: list[str], seed: int) -> np.ndarray:
     """Toy renderer scenes of the prompts, `SAMPLES_PER_PROMPT[demo]` per prompt (prompt-major, as the samples)."""
     if demo == "flux":
-        from lightning_grpo.toy.prompts import parse_prompt
-        from lightning_grpo.toy.render import render_scenes
+        from lightning_grpo.worlds.shapes.prompts import parse_prompt
+        from lightning_grpo.worlds.shapes.render import render_scenes
 
         scenes = [parse_prompt(p) for p in prompts for _ in range(SAMPLES_PER_PROMPT[demo])]
         return to_uint8(render_scenes(scenes, size=32, seed=seed))
-    from lightning_grpo.toy.motion_prompts import parse_motion_prompt
-    from lightning_grpo.toy.motion_render import render_motion_scenes
+    from lightning_grpo.worlds.moving_shapes.prompts import parse_motion_prompt
+    from lightning_grpo.worlds.moving_shapes.render import render_motion_scenes
 
     scenes = [parse_motion_prompt(p) for p in prompts for _ in range(SAMPLES_PER_PROMPT[demo])]
     return to_uint8(render_motion_scenes(scenes, frames=9, size=32, seed=seed))
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         module = build_module(config)
         images = None
         if demo == "i2v":
-            from lightning_grpo.toy.motion_data import MotionFirstFrames
+            from lightning_grpo.worlds.moving_shapes.data import MotionFirstFrames
 
             images = MotionFirstFrames(seed=0)(prompts, 32)  # as the config's HeldOutEvaluation and monitor
             stored[f"{demo}/conditioning"] = to_uint8(images)

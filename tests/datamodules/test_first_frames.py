@@ -246,7 +246,7 @@ def test_the_documented_yaml_builds_generated_frames_from_the_shipped_toy_flux(t
     cli = run(["-c", str(path)], subcommand=False)
     source = cli.model.first_frames
     assert isinstance(source, GeneratedFirstFrames) and isinstance(source.policy, FluxPolicy)
-    assert source.policy.pretrained_model_name_or_path.endswith("toy/pretrained/flux") and source.sampler.num_steps == 8
+    assert source.policy.pretrained_model_name_or_path.endswith("shapes/pretrained/flux") and source.sampler.num_steps == 8
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     ((prompts, images),) = cli.model.policy.received
     assert images.shape == (1, 3, 8, 8) and source.generated == 1 and len(list((tmp_path / "frames").glob("*.png"))) == 1

@@ -30,7 +30,8 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 import lightning_grpo.distributed  # noqa: E402
 from lightning_grpo.datamodules.prompts import PromptDataModule  # noqa: E402
-from lightning_grpo.distributed import CommHookCounter, DenoiserFSDPStrategy, count_allreduce_hook  # noqa: E402
+from lightning_grpo.distributed import DenoiserFSDPStrategy  # noqa: E402
+from lightning_grpo.testing.instrumentation import CommHookCounter, count_allreduce_hook  # noqa: E402
 from lightning_grpo.module import GRPOModule  # noqa: E402
 from lightning_grpo.policies import FluxPolicy  # noqa: E402
 from lightning_grpo.samplers import FlowSDESampler  # noqa: E402

@@ -142,12 +142,13 @@ def test_the_denoiser_blocks_are_the_units_and_the_frozen_parts_stay_whole(flux_
     assert [m for m in module.modules() if isinstance(m, FSDPModule)] == units
 
 
-@pytest.mark.parametrize("lora_rank", [0, 2])
-def test_a_sharded_denoiser_rolls_out_and_backpropagates_outside_any_wrapper(flux_dir, one_rank, lora_rank):
+@pytest.mark.parametrize(("lora_rank", "denoiser_dtype"), [(0, "float32"), (2, "float32"), (2, "bfloat16")])
+def test_a_sharded_denoiser_rolls_out_and_backpropagates_outside_any_wrapper(flux_dir, one_rank, lora_rank, denoiser_dtype):
     """After sharding, the module's own rollout and objective loss run as without FSDP (no
-    wrapper around the LightningModule): the same trajectory and loss as the unsharded module,
-    and the backward fills the sharded gradients of the trained parameters only (LoRA: the
-    adapters, whose base weights share their units)."""
+    wrapper around the LightningModule): the same trajectory, loss and gradients as the unsharded
+    module, the backward filling the sharded gradients of the trained parameters only (LoRA: the
+    adapters, whose base weights share their units; a bf16 base under fp32 adapters: one unit of
+    mixed dtypes)."""
     from lightning_grpo.rollout import rollout
 
     def loss_of(module):
@@ -159,20 +160,25 @@ def test_a_sharded_denoiser_rolls_out_and_backpropagates_outside_any_wrapper(flu
         return trajectories, loss
 
     plain = flux_module(flux_dir)
-    plain.policy = FluxPolicy(flux_dir, height=16, width=16, max_sequence_length=16, lora_rank=lora_rank)
+    options = dict(height=16, width=16, max_sequence_length=16, lora_rank=lora_rank, denoiser_dtype=denoiser_dtype)
+    plain.policy = FluxPolicy(flux_dir, **options)
     sharded = flux_module(flux_dir)
-    sharded.policy = FluxPolicy(flux_dir, height=16, width=16, max_sequence_length=16, lora_rank=lora_rank)
+    sharded.policy = FluxPolicy(flux_dir, **options)
     sharded.policy.load_state_dict(plain.policy.state_dict())  # same LoRA initialisation
     strategy_on(one_rank).shard_module(sharded)
     (expected_rollout, expected), (got_rollout, got) = loss_of(plain), loss_of(sharded)
     torch.testing.assert_close(got_rollout.latents, expected_rollout.latents)
     torch.testing.assert_close(got, expected)
     got.backward()
+    expected.backward()
     trained = {n for n, p in sharded.policy.named_parameters() if p.requires_grad}
     assert trained and all(("lora_" in n) == (lora_rank > 0) for n in trained)
+    plain_grads = dict(plain.policy.transformer.named_parameters())
     for name, p in sharded.policy.transformer.named_parameters():
         assert isinstance(p, DTensor)
         assert (p.grad is not None) == p.requires_grad, name
+        if p.requires_grad:  # FSDP2 warns that the Flux blocks return views: the gradients are still the plain ones
+            torch.testing.assert_close(p.grad.full_tensor(), plain_grads[name].grad, msg=name)
 
 
 def test_a_trainable_parameter_outside_the_denoiser_is_refused(flux_dir, one_rank):

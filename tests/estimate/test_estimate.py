@@ -16,7 +16,7 @@ from safetensors import safe_open
 from lightning_grpo.estimate import GIB, LiveBytes, estimate, fit_warning, read_recipe, warn_if_over_capacity
 
 ROOT = Path(__file__).resolve().parents[2]
-TOY_FLUX = ROOT / "lightning_grpo" / "toy" / "pretrained" / "flux"
+TOY_FLUX = ROOT / "lightning_grpo" / "worlds" / "shapes" / "pretrained" / "flux"
 MIB = 2**20
 
 
@@ -43,7 +43,7 @@ def tiny_config(**model) -> dict:
         "trainer": model.pop("trainer", {"devices": 1}),
         "model": {
             "policy": {"class_path": "lightning_grpo.policies.FluxPolicy", "init_args": policy},
-            "rewards": [{"class_path": "lightning_grpo.toy.verifier.ShapesVerifier", "init_args": {"mode": "graded"}}],
+            "rewards": [{"class_path": "lightning_grpo.worlds.shapes.verifier.ShapesVerifier", "init_args": {"mode": "graded"}}],
             "group_size": 4, "micro_batch_size": 4, "decode_batch_size": 8, "timestep_fraction": 0.5, **model,
         },
         "data": {"class_path": "lightning_grpo.datamodules.prompts.PromptDataModule", "init_args": {"batch_size": 2}},
@@ -135,7 +135,7 @@ def test_estimate_is_within_15_percent_of_real_training_steps_on_the_cpu():
 
     from lightning_grpo.module import GRPOModule
     from lightning_grpo.policies import FluxPolicy
-    from lightning_grpo.toy.verifier import ShapesVerifier
+    from lightning_grpo.worlds.shapes.verifier import ShapesVerifier
 
     config = tiny_config(micro_batch_size=8, rollout_batch_size=8)
     predicted = estimate(read_recipe(config)).largest[1]

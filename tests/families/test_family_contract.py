@@ -1,8 +1,9 @@
 """The family contract, checked for every family in the registry (no per-family test code).
 
 For each registered family, on its tiny stand-in pipeline:
-  - the deterministic sample of the policy's own sampler equals the diffusers pipeline's, and so
-    do its decoded pixels (the family's VAE normalisation);
+  - the deterministic sample of the policy's own sampler equals the diffusers pipeline's (compared
+    as the pipeline returns latents: `pipeline_latents`), and so do its decoded pixels (the
+    family's VAE normalisation);
   - the first inner GRPO update has ratio 1;
   - checkpoints hold only the trainable weights and load strictly;
   - LoRA trains only adapter weights; its KL reference costs no second copy of the denoiser;
@@ -47,11 +48,20 @@ def plain_pipeline(policy, path: Path):
     return pipe
 
 
-def pipeline_sample(pipe, policy, noise: torch.Tensor) -> torch.Tensor:
+def pipeline_sample(pipe, policy, noise: torch.Tensor, output_type: str = "latent") -> torch.Tensor:
+    """The pipeline's sample of PROMPTS (with their first frames) from `noise`. A pipeline that
+    conditions a call on one image (`pipeline_one_image_per_call`: diffusers' Wan I2V repeats a
+    batch of images per prompt) is called once per prompt, the samples stacked."""
     frames = first_frames(policy)
+    if frames is not None and policy.pipeline_one_image_per_call:
+        return torch.cat([
+            pipe(prompt=[prompt], image=frames[i : i + 1], latents=noise[i : i + 1].clone(), num_inference_steps=STEPS,
+                 output_type=output_type, return_dict=False, **policy.pipeline_call_kwargs(1))[0]
+            for i, prompt in enumerate(PROMPTS)
+        ])
     extra = {} if frames is None else {"image": frames}
     kwargs = {**policy.pipeline_call_kwargs(len(PROMPTS)), **extra}
-    return pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=STEPS, output_type="latent", return_dict=False, **kwargs)[0]
+    return pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=STEPS, output_type=output_type, return_dict=False, **kwargs)[0]
 
 
 def policy_sample(policy, noise: torch.Tensor) -> torch.Tensor:
@@ -84,7 +94,7 @@ def test_deterministic_sample_equals_the_pipeline(name, stand_in_paths):
     latents = policy_sample(policy, noise)
     reference = pipeline_sample(plain_pipeline(policy, stand_in_paths[name]), policy, noise)
     assert (latents - noise).abs().max() > 0.1  # the loop moved
-    torch.testing.assert_close(latents, reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(policy.pipeline_latents(latents), reference, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -94,10 +104,7 @@ def test_decoded_sample_equals_the_pipelines_pixels(name, stand_in_paths):
     policy = make_policy(name, stand_in_paths)
     noise = noise_for(policy)
     pixels = policy.decode(policy_sample(policy, noise))  # [B, 3, H, W] or [B, F, 3, H, W], in [0, 1]
-    frames = first_frames(policy)
-    kwargs = {**policy.pipeline_call_kwargs(len(PROMPTS)), **({} if frames is None else {"image": frames})}
-    pipe = plain_pipeline(policy, stand_in_paths[name])
-    reference = pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=STEPS, output_type="pt", return_dict=False, **kwargs)[0]
+    reference = pipeline_sample(plain_pipeline(policy, stand_in_paths[name]), policy, noise, output_type="pt")
     assert pixels.shape == reference.shape
     assert pixels.std() > 0.01  # not a constant image
     torch.testing.assert_close(pixels, reference.float(), atol=1e-4, rtol=0)
@@ -221,7 +228,7 @@ def test_full_fine_tuning_export_round_trips_through_diffusers(name, stand_in_pa
             p.add_(torch.randn(p.shape, generator=generator) * 0.02)
     exported = plain_pipeline(policy, policy.export(tmp_path / "pipeline"))
     noise = noise_for(policy)
-    expected = policy_sample(policy, noise)
+    expected = policy.pipeline_latents(policy_sample(policy, noise))
     torch.testing.assert_close(pipeline_sample(exported, policy, noise), expected, atol=ATOL, rtol=0)
     base = pipeline_sample(plain_pipeline(policy, stand_in_paths[name]), policy, noise)
     assert (base - expected).abs().max() > 1e-3  # the comparison can fail
@@ -242,6 +249,6 @@ def test_lora_export_cli_round_trips_through_load_lora_weights(name, lora_runs, 
     noise = noise_for(policy)
     base = pipeline_sample(pipe, policy, noise)
     pipe.load_lora_weights(str(out))
-    expected = policy_sample(policy, noise)
+    expected = policy.pipeline_latents(policy_sample(policy, noise))
     torch.testing.assert_close(pipeline_sample(pipe, policy, noise), expected, atol=ATOL, rtol=0)
     assert (base - expected).abs().max() > 1e-3  # the LoRA matters: the comparison can fail

@@ -12,7 +12,7 @@ from lightning_grpo.module import GRPOModule
 from lightning_grpo.policies.family import resolve_class
 from lightning_grpo.policies.hunyuan_video import template_crop_start
 from lightning_grpo.policies.registry import FAMILIES
-from lightning_grpo.policies.stand_ins import VIDEO_TEMPLATE
+from lightning_grpo.testing.stand_ins import VIDEO_TEMPLATE
 from lightning_grpo.rollout import ode_from
 
 from tests.families.fitting import PROMPTS, first_frames, fit

@@ -1,9 +1,10 @@
 """Family knowledge lives in the family: no library module outside `lightning_grpo/policies/` names a
 policy class (issue 30, acceptance 3).
 
-The library is every Python file of the `lightning_grpo` package outside `policies/`, and of the
-`callbacks/` and `datamodules/` folders it installs. Docs, configs, tests and the benchmark scripts
-(which measure particular families) may name them. A module that needs a family's knowledge asks
+The library is every Python file of the `lightning_grpo` package outside `policies/` and the test
+support `testing/` (whose stand-ins are per family, like the tests), and of the `callbacks/` and
+`datamodules/` folders it installs. Docs, configs, tests and the benchmark scripts (which measure
+particular families) may name them. A module that needs a family's knowledge asks
 the policy (`uses_cfg_with`, `geometry_steps`, `config_geometry`, `block_classes`, `fsdp_roots`,
 `geometry_arguments`, `published_config`) or the registry (`lightning_grpo.policies.registry`).
 """
@@ -36,12 +37,12 @@ def policy_class_names() -> set[str]:
 
 
 def library_files() -> list[Path]:
-    """Every .py file of the library outside policies/ (the symlinked folders once, by their real path)."""
+    """Every .py file of the library outside policies/ and testing/ (each file once, by its real path)."""
     files = set()
     for folder in LIBRARY_FOLDERS:
         for path in folder.rglob("*.py"):
             real = path.resolve()
-            if (PACKAGE / "policies") in real.parents:
+            if (PACKAGE / "policies") in real.parents or (PACKAGE / "testing") in real.parents:
                 continue
             files.add(real)
     return sorted(files)

@@ -179,6 +179,26 @@ def test_lora_trains_only_adapter_weights_and_starts_at_base(tiny_flux_path):
     assert all(p.grad is not None for p in lora.trainable_parameters())
 
 
+def test_lora_adapters_train_in_float32_under_a_bfloat16_denoiser(tiny_flux_path):
+    """peft creates adapters in the base's dtype; in bf16 a small AdamW step of a LoRA weight is
+    below half an ulp and lost. The adapters are float32, the base stays bf16, the forward runs
+    and one step of lr 1e-5 moves every adapter matrix it reaches."""
+    lora = make_policy(tiny_flux_path, lora_rank=2, denoiser_dtype="bfloat16")
+    dtypes = {("lora_" in n, p.dtype) for n, p in lora.transformer.named_parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    with torch.no_grad():
+        for p in lora.trainable_parameters():
+            p.fill_(0.5)  # a trained adapter's size: bf16's ulp at 0.5 is 2^-8, far above lr 1e-5
+    condition = lora.encode_prompts(PROMPTS)
+    x = lora.prepare_latents(len(PROMPTS), torch.Generator().manual_seed(2))
+    lora.train()
+    lora.predict(x, torch.tensor([900.0, 250.0]), condition).float().square().mean().backward()
+    trainable = [p for p in lora.trainable_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    before = [p.detach().clone() for p in trainable]
+    torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0).step()
+    assert trainable and all(not torch.equal(b, p) for b, p in zip(before, trainable))
+
+
 def test_decode_is_pixels_in_unit_range(tiny_flux_path):
     policy = make_policy(tiny_flux_path)
     latents = 3 * torch.randn(2, SEQ, CHANNELS, generator=torch.Generator().manual_seed(3))

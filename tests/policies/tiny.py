@@ -1,4 +1,4 @@
-"""Test helpers over the tiny stand-in pipelines (built by `lightning_grpo.policies.stand_ins`).
+"""Test helpers over the tiny stand-in pipelines (built by `lightning_grpo.testing.stand_ins`).
 
 Kept importable as `tiny` (tests/policies on sys.path) for the policy tests.
 """
@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from lightning_grpo.policies.stand_ins import (  # noqa: F401  (re-exported for the tests)
+from lightning_grpo.testing.stand_ins import (  # noqa: F401  (re-exported for the tests)
     IMAGE_SIZE,
     TEXT_HIDDEN,
     TEXT_MAX_LENGTH,

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 DEMO = str(ROOT / "configs" / "demo.yaml")
 PROMPTS = str(ROOT / "configs" / "prompts" / "tiny.txt")
-TOY_FLUX = ROOT / "lightning_grpo" / "toy" / "pretrained" / "flux"
+TOY_FLUX = ROOT / "lightning_grpo" / "worlds" / "shapes" / "pretrained" / "flux"
 
 
 def tiny_args(tmp_path: Path, max_steps: int, *extra: str, subcommand: str = "fit") -> list[str]:
@@ -131,7 +131,7 @@ def test_flux_resolution_off_the_vae_grid_fails_before_loading(tmp_path, monkeyp
     from lightning_grpo.policies import FluxPolicy
 
     forbid_building(monkeypatch, FluxPolicy)
-    with pytest.raises(ConfigError, match=r"height=36 must be a multiple of 8 \(VAE factor 4 of 'lightning_grpo/toy/pretrained/flux' × 2\)"):
+    with pytest.raises(ConfigError, match=r"height=36 must be a multiple of 8 \(VAE factor 4 of 'lightning_grpo/worlds/shapes/pretrained/flux' × 2\)"):
         run(["-c", DEMO, "--model.policy.init_args.height=36", f"--trainer.logger.init_args.save_dir={tmp_path}"], subcommand=False)
 
 

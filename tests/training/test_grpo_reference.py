@@ -2,7 +2,8 @@
 gave (issue 30): the same weights after every step, the same logged values, the same advantages.
 
 tests/data/grpo_reference.json holds those numbers as the code at commit 8c37f8c computed them
-(tests/data/make_grpo_reference.py says how); each case here reruns one of its runs with today's
+(the demo cases: the code before the worlds moved, its "case_commits"; tests/data/
+make_grpo_reference.py says how); each case here reruns one of its runs with today's
 code and compares SHA-256 digests of the weights and `float.hex()` of every logged value.
 """
 
@@ -25,10 +26,11 @@ def _compare(name: str, steps: list[dict]) -> None:
     expected = STORED["cases"][name]
     assert len(steps) == len(expected), f"{name}: {len(steps)} recorded steps, {len(expected)} stored"
     for index, (got, want) in enumerate(zip(steps, expected)):
-        differing = sorted(k for k in set(got["metrics"]) | set(want["metrics"]) if got["metrics"].get(k) != want["metrics"].get(k))
+        logged, stored = got.get("metrics", {}), want.get("metrics", {})
+        differing = sorted(k for k in set(logged) | set(stored) if logged.get(k) != stored.get(k))
         assert not differing, f"{name}, step {index}: logged values differ: " + ", ".join(
-            f"{k} {want['metrics'].get(k)} -> {got['metrics'].get(k)}" for k in differing[:6])
-        for key in ("global_step", "weights", "advantages", "scores", "rank"):
+            f"{k} {stored.get(k)} -> {logged.get(k)}" for k in differing[:6])
+        for key in ("global_step", "weights", "advantages", "scores", "rank", "heldout", "monitor"):
             assert got.get(key) == want.get(key), f"{name}, step {index}: {key} differs"
 
 
@@ -39,9 +41,21 @@ def test_python_runs_are_bit_identical_to_the_stored_ones(name):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", reference.CLI_CASES)
+@pytest.mark.parametrize("name", [name for name in reference.CLI_CASES if name not in reference.DEMO_CASES])
 def test_cli_runs_are_bit_identical_to_the_stored_ones(name):
     _compare(name, reference.run_cli_case(name))
+
+
+@pytest.mark.slow  # 5-8 s each on a shared 2-core machine; the default suite is at its limit
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(reference.DEMO_CASES))
+def test_demo_runs_and_their_heldout_figures_are_bit_identical_to_the_stored_ones(name):
+    """The SD, text-to-video and image-to-video demos (frozen YAML copies, cut short): every
+    step, then the held-out evaluation's and the hacking watch's figures (recorded before the
+    worlds left lightning_grpo/toy, issue 30)."""
+    steps = reference.run_cli_case(name)
+    assert "heldout" in steps[-1], f"{name}: no held-out figures recorded"
+    _compare(name, steps)
 
 
 @pytest.mark.slow
