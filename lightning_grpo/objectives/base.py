@@ -247,7 +247,6 @@ def objective_class(model: Mapping[str, Any]) -> type[Objective] | None:
     return cls if isinstance(cls, type) and issubclass(cls, Objective) else None
 
 
-
 class SelectingObjective(Objective):
     """An objective with DanceGRPO's best-of-n selection (`best_of_n`: keep_top, keep_bottom of
     each group, or None for all) and an optional KL to the frozen initial policy (`kl_beta`):
@@ -266,5 +265,6 @@ class SelectingObjective(Objective):
     @property
     def uses_reference(self) -> bool:
         return self.kl_beta > 0
+
 
 __all__ = ["Objective", "Prepared", "RolloutNeeds", "SelectingObjective", "Targets", "objective_class", "objective_options", "resolve_objective"]
