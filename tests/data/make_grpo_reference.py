@@ -6,13 +6,21 @@ training step, a SHA-256 of the trainable weights (their float32 bytes), every l
 value as `float.hex()` and a SHA-256 of the step record's advantages. `tests/training/
 test_grpo_reference.py` runs the same cases with the code of today and compares exactly.
 
+Every case runs under `PINNED_NUMERICS` (one thread; ATen, MKL and oneDNN capped at AVX2), which
+the script sets for itself by re-executing: the bits then depend on the code only, not on which
+x86-64 machine runs it (the first file, recorded without the cap, failed on a CI machine of another
+CPU by an ulp). The file records the variables under "numerics".
+
 The file `grpo_reference.json` beside this script was written by running it in a checkout of the
 code the restructuring of issue 30 started from (commit 8c37f8c, its "commit" entry), with the
 flat GRPO options that both versions accept (`GRPOModule(clip_range=...)`, the shorthand of the
-GRPO objective), from that checkout's root:
+GRPO objective), from that checkout's root, with that time's configs/demo.yaml as the frozen demo YAML
+and ddp_run.py's `--samples-per-update` (commit 19e72d5) put into it:
 
     git archive 8c37f8c | tar -x -C /tmp/base && cd /tmp/base
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python <this repository>/tests/data/make_grpo_reference.py \
+    git -C <this repository> show 8c37f8c:configs/demo.yaml > tests/data/grpo_reference_demo.yaml
+    git -C <this repository> show 19e72d5 -- tests/distributed/ddp_run.py | patch -p1
+    HF_HUB_OFFLINE=1 python <this repository>/tests/data/make_grpo_reference.py \
         --out <this repository>/tests/data/grpo_reference.json
 
 The two-process cases (`DDP_CASES`) run tests/distributed/ddp_run.py on 2 gloo processes.
@@ -20,11 +28,15 @@ The two-process cases (`DDP_CASES`) run tests/distributed/ddp_run.py on 2 gloo p
 The demo cases (`DEMO_CASES`: the SD, text-to-video and image-to-video demos through the CLI, each
 from a frozen copy of its YAML in this folder, cut to `DEMO_STEPS` steps and a four-prompt held-out
 evaluation and reward-hacking watch) were added before the worlds left `lightning_grpo/toy`
-(issue 30, acceptance 1) and recorded with the code of that time (the commit in "case_commits"),
-merged into the stored file without touching the other cases:
+(issue 30, acceptance 1) and recorded with the code of that time (the commit in "case_commits",
+7a13ff0, with the frozen YAMLs of commit d3ccd03, which name lightning_grpo/toy), merged into the
+stored file without touching the other cases:
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python tests/data/make_grpo_reference.py \
-        --out tests/data/grpo_reference.json --update --cases demo_sd_cli demo_t2v_cli demo_i2v_cli
+    git archive 7a13ff0 | tar -x -C /tmp/base_demo && cd /tmp/base_demo
+    for f in sd t2v i2v; do git -C <this repository> show d3ccd03:tests/data/grpo_reference_demo_$f.yaml \
+        > tests/data/grpo_reference_demo_$f.yaml; done
+    HF_HUB_OFFLINE=1 python <this repository>/tests/data/make_grpo_reference.py \
+        --out <this repository>/tests/data/grpo_reference.json --update --cases demo_sd_cli demo_t2v_cli demo_i2v_cli
 
 Besides every training step they record the held-out figures: per set, reward and "before" /
 "after", the mean (`float.hex()`) and a SHA-256 of the per-sample scores, and every observation of
@@ -46,6 +58,36 @@ import torch
 import yaml
 
 STEPS = 3
+
+# The numeric environment every case runs in, recording and comparing alike. Bits depend on the
+# CPU's kernels, not only on the code: CI's machines differ (an AVX-512 one recorded the first
+# file, an AVX2 one failed it by an ulp in a gradient norm), and two threads reduce in another
+# order than one. So the cases run in a subprocess with one thread and with ATen's, MKL's and
+# oneDNN's dispatch capped at AVX2, which every x86-64 machine of this project has: the same
+# kernels, so the same bits, on any of them (each variable changes results here, so each is
+# honoured; without MKL_CBWR an AVX-512 MKL picks its own sgemm).
+PINNED_NUMERICS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2",
+                   "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def numerics_are_pinned() -> bool:
+    return all(os.environ.get(key) == value for key, value in PINNED_NUMERICS.items())
+
+
+def run_pinned(names: list[str], root: Path | None = None) -> dict[str, list[dict]]:
+    """Run `names` with this script in a subprocess under `PINNED_NUMERICS` (torch reads them at
+    import, so they cannot be set in a process that has imported it); their recorded steps."""
+    import subprocess
+
+    root = root or ROOT
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "cases.json"
+        env = {**os.environ, **PINNED_NUMERICS, "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--cases", *names],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=1500)
+        if done.returncode:
+            raise RuntimeError(f"reference cases {names} failed:\n{done.stderr[-4000:]}")
+        return json.loads(out.read_text())["cases"]
 
 
 def _sha(tensor: torch.Tensor) -> str:
@@ -307,6 +349,8 @@ def main() -> None:
     parser.add_argument("--update", action="store_true",
                         help="replace only --cases in the existing --out, recording this commit for them in case_commits")
     args = parser.parse_args()
+    if not numerics_are_pinned():  # record only in the pinned environment the test compares in
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_NUMERICS})
     global ROOT
     ROOT = Path.cwd()  # the code under test: the working directory's lightning_grpo and configs
     sys.path.insert(0, str(ROOT))
@@ -314,6 +358,7 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = json.loads(args.out.read_text()) if args.update else {"commit": commit, "steps": STEPS, "cases": {}}
+    result["numerics"] = PINNED_NUMERICS
     for name in args.cases:
         print(f"{name} ...", flush=True)
         result["cases"][name] = run_case(name)
