@@ -60,12 +60,13 @@ import yaml
 STEPS = 3
 
 # The numeric environment every case runs in, recording and comparing alike. Bits depend on the
-# CPU's kernels, not only on the code: CI's machines differ (an AVX-512 one recorded the first
-# file, an AVX2 one failed it by an ulp in a gradient norm), and two threads reduce in another
-# order than one. So the cases run in a subprocess with one thread and with ATen's, MKL's and
-# oneDNN's dispatch capped at AVX2, which every x86-64 machine of this project has: the same
-# kernels, so the same bits, on any of them (each variable changes results here, so each is
-# honoured; without MKL_CBWR an AVX-512 MKL picks its own sgemm).
+# CPU's kernels, not only on the code: CI's machines differ (the first file, recorded on one
+# machine without a cap, failed on an AVX2 CI machine by an ulp in a gradient norm, and fails on
+# this AVX2 machine too, with one thread or two; the recording machine was probably an AVX-512
+# one), and two threads reduce in another order than one. So the cases run in a subprocess with
+# one thread and with ATen's, MKL's and oneDNN's dispatch capped at AVX2, which every x86-64
+# machine of this project has: the same kernels on any of them. Each variable changes a probe's
+# bits here (matmul, conv, reductions, exp), so each is honoured.
 PINNED_NUMERICS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2",
                    "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
