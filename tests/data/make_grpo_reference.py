@@ -75,17 +75,16 @@ def numerics_are_pinned() -> bool:
     return all(os.environ.get(key) == value for key, value in PINNED_NUMERICS.items())
 
 
-def run_pinned(names: list[str], root: Path | None = None) -> dict[str, list[dict]]:
+def run_pinned(names: list[str]) -> dict[str, list[dict]]:
     """Run `names` with this script in a subprocess under `PINNED_NUMERICS` (torch reads them at
     import, so they cannot be set in a process that has imported it); their recorded steps."""
     import subprocess
 
-    root = root or ROOT
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "cases.json"
         env = {**os.environ, **PINNED_NUMERICS, "HF_HUB_OFFLINE": "1"}
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--cases", *names],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=1500)
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
         if done.returncode:
             raise RuntimeError(f"reference cases {names} failed:\n{done.stderr[-4000:]}")
         return json.loads(out.read_text())["cases"]

@@ -29,13 +29,13 @@ STORED = json.loads((ROOT / "tests" / "data" / "grpo_reference.json").read_text(
 # kernels run, and the stored bits cannot be met by any code.
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                                 reason="the stored bits are x86-64 AVX2 kernels' (see make_grpo_reference.PINNED_NUMERICS)")
-FAST_CASES = reference.PYTHON_CASES + [name for name in reference.CLI_CASES if name not in reference.DEMO_CASES]
+FAST_CLI_CASES = [name for name in reference.CLI_CASES if name not in reference.DEMO_CASES]
 
 
 @pytest.fixture(scope="module")
 def fast_runs() -> dict[str, list[dict]]:
     """The default suite's cases, in one pinned subprocess (one torch import for all of them)."""
-    return reference.run_pinned(FAST_CASES, ROOT)
+    return reference.run_pinned(reference.PYTHON_CASES + FAST_CLI_CASES)
 
 
 def _compare(name: str, steps: list[dict]) -> None:
@@ -57,7 +57,7 @@ def test_python_runs_are_bit_identical_to_the_stored_ones(name, fast_runs):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", [name for name in reference.CLI_CASES if name not in reference.DEMO_CASES])
+@pytest.mark.parametrize("name", FAST_CLI_CASES)
 def test_cli_runs_are_bit_identical_to_the_stored_ones(name, fast_runs):
     _compare(name, fast_runs[name])
 
@@ -69,7 +69,7 @@ def test_demo_runs_and_their_heldout_figures_are_bit_identical_to_the_stored_one
     """The SD, text-to-video and image-to-video demos (frozen YAML copies, cut short): every
     step, then the held-out evaluation's and the hacking watch's figures (recorded before the
     worlds left lightning_grpo/toy, issue 30)."""
-    steps = reference.run_pinned([name], ROOT)[name]
+    steps = reference.run_pinned([name])[name]
     assert "heldout" in steps[-1], f"{name}: no held-out figures recorded"
     _compare(name, steps)
 
@@ -78,4 +78,4 @@ def test_demo_runs_and_their_heldout_figures_are_bit_identical_to_the_stored_one
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("name", list(reference.DDP_CASES))
 def test_two_process_runs_are_bit_identical_to_the_stored_ones(name):
-    _compare(name, reference.run_pinned([name], ROOT)[name])
+    _compare(name, reference.run_pinned([name])[name])
