@@ -1,6 +1,7 @@
 """The artifact measures fire on today's failures and stay silent on the base and on clean renders
 (issue 28, acceptance 3), on stored sample sets of the shipped demos
-(tests/data/hacking_samples.npz, made by tests/data/make_hacking_samples.py, OMP_NUM_THREADS=1):
+(tests/data/hacking_samples.npz, made by tests/data/make_hacking_samples.py, OMP_NUM_THREADS=1, at
+commit 1dec9fd: the demo configs named below are as they were then, before issue 28 fixed them):
 
 - flux: configs/demo.yaml. Base samples (`base`; `base_other`: the same prompts on other seeds),
   step 150 (a faint lattice of dots over the background, strongest there) and step 500 (the

@@ -22,6 +22,11 @@ its conditioning image):
 4. writes everything as uint8 into one LZMA-compressed .npz (keys `<demo>/<set>`, plus
    `<demo>/prompts` and `<demo>/samples_per_prompt`) and a preview PNG per set into `--work`.
 
+The stored sets were made at commit 1dec9fd, with the demo configs of then (FLUX: full SDE, lr 1e-4,
+500 steps; I2V: the motion reward alone): the failures they hold are those configs'. Today's demo
+configs no longer fail that way (docs/results.md, issue 28), so the sets are remade by running this
+script in a checkout of 1dec9fd, not on today's configs.
+
 Run from the repository root (minutes on 2 cores; OMP_NUM_THREADS=1 as the demos are measured):
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python tests/data/make_hacking_samples.py --work /tmp/hacking_runs
 Re-sampling existing runs without training again: add --skip-train.
