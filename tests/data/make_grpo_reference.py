@@ -11,6 +11,13 @@ the script sets for itself by re-executing: the bits then depend on the code onl
 x86-64 machine runs it (the first file, recorded without the cap, failed on a CI machine of another
 CPU by an ulp). The file records the variables under "numerics".
 
+The cap is not the whole story: under the same variables an Intel Xeon with AVX-512 computes
+other bits than the AMD EPYC (AVX2 only) the first pinned file was recorded on (an ulp in
+`flow_default`'s step-0 reward; MKL's other CNR branches, oneDNN switched off and numpy's AVX-512
+dispatch disabled did not make them agree). So there is one recording per kind of machine seen
+(`RECORDINGS`, each file naming its CPU under "machine"), each made the same way from the same old
+code, and the test passes when today's code equals one of them to the bit.
+
 The file `grpo_reference.json` beside this script was written by running it in a checkout of the
 code the restructuring of issue 30 started from (commit 8c37f8c, its "commit" entry), with the
 flat GRPO options that both versions accept (`GRPOModule(clip_range=...)`, the shorthand of the
@@ -37,6 +44,10 @@ stored file without touching the other cases:
         > tests/data/grpo_reference_demo_$f.yaml; done
     HF_HUB_OFFLINE=1 python <this repository>/tests/data/make_grpo_reference.py \
         --out <this repository>/tests/data/grpo_reference.json --update --cases demo_sd_cli demo_t2v_cli demo_i2v_cli
+
+`grpo_reference_xeon.json` was made by the same commands on an Intel Xeon (AVX-512), with `--out`
+naming it; both files' "commit" and "case_commits" were filled in by hand (the archives are not git
+checkouts, so the script reads no commit there).
 
 Besides every training step they record the held-out figures: per set, reward and "before" /
 "after", the mean (`float.hex()`) and a SHA-256 of the per-sample scores, and every observation of
@@ -69,6 +80,22 @@ STEPS = 3
 # bits here (matmul, conv, reductions, exp), so each is honoured.
 PINNED_NUMERICS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2",
                    "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+#: The stored recordings, one per kind of machine (module doc): the CPU named in each file's "machine".
+RECORDINGS = ("grpo_reference.json", "grpo_reference_xeon.json")
+
+
+def machine_description() -> str:
+    """The CPU's model name and whether it has AVX-512 (from /proc/cpuinfo; the platform elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    return f"{model} ({'AVX-512' if ' avx512f' in info else 'no AVX-512'})"
 
 
 def numerics_are_pinned() -> bool:
@@ -359,6 +386,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = json.loads(args.out.read_text()) if args.update else {"commit": commit, "steps": STEPS, "cases": {}}
     result["numerics"] = PINNED_NUMERICS
+    result["machine"] = machine_description()
     for name in args.cases:
         print(f"{name} ...", flush=True)
         result["cases"][name] = run_case(name)
