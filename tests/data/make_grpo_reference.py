@@ -7,8 +7,8 @@ value as `float.hex()` and a SHA-256 of the step record's advantages. `tests/tra
 test_grpo_reference.py` runs the same cases with the code of today and compares exactly.
 
 Every case runs under `PINNED_NUMERICS` (one thread; ATen, MKL and oneDNN capped at AVX2), which
-the script sets for itself by re-executing: the bits then depend on the code only, not on which
-x86-64 machine runs it (the first file, recorded without the cap, failed on a CI machine of another
+the script sets for itself by re-executing: threads and instruction sets then no longer change the
+bits (the first file, recorded without the cap, failed on a CI machine of another
 CPU by an ulp). The file records the variables under "numerics".
 
 The cap is not the whole story: under the same variables an Intel Xeon with AVX-512 computes
@@ -76,8 +76,8 @@ STEPS = 3
 # this AVX2 machine too, with one thread or two; the recording machine was probably an AVX-512
 # one), and two threads reduce in another order than one. So the cases run in a subprocess with
 # one thread and with ATen's, MKL's and oneDNN's dispatch capped at AVX2, which every x86-64
-# machine of this project has: the same kernels on any of them. Each variable changes a probe's
-# bits here (matmul, conv, reductions, exp), so each is honoured.
+# machine of this project has (an AMD and an Intel CPU still differ under it: `RECORDINGS`). Each
+# variable changes a probe's bits here (matmul, conv, reductions, exp), so each is honoured.
 PINNED_NUMERICS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2",
                    "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 

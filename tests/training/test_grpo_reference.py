@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "tests" / "data"))
 import make_grpo_reference as reference  # noqa: E402
 
 STORED = {file: json.loads((ROOT / "tests" / "data" / file).read_text()) for file in reference.RECORDINGS}
-# The AVX2 cap that makes the bits machine-independent exists on x86-64 only; elsewhere other
-# kernels run, and the stored bits cannot be met by any code.
+# The AVX2 cap and both recordings are x86-64's; elsewhere other kernels run, and the stored bits
+# cannot be met by any code.
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                                 reason="the stored bits are x86-64 AVX2 kernels' (see make_grpo_reference.PINNED_NUMERICS)")
 FAST_CLI_CASES = [name for name in reference.CLI_CASES if name not in reference.DEMO_CASES]
@@ -40,7 +40,7 @@ def fast_runs() -> dict[str, list[dict]]:
     return reference.run_pinned(reference.PYTHON_CASES + FAST_CLI_CASES)
 
 
-def _difference(name: str, steps: list[dict], expected: list[dict]) -> str | None:
+def _difference(steps: list[dict], expected: list[dict]) -> str | None:
     """The first difference between a rerun and one recording of it, or None when they are equal."""
     if len(steps) != len(expected):
         return f"{len(steps)} recorded steps, {len(expected)} stored"
@@ -58,9 +58,9 @@ def _difference(name: str, steps: list[dict], expected: list[dict]) -> str | Non
 
 def _compare(name: str, steps: list[dict]) -> None:
     """The rerun equals, to the bit, the recording of one kind of machine (module doc)."""
-    differences = {file: _difference(name, steps, stored["cases"][name]) for file, stored in STORED.items()}
+    differences = {file: _difference(steps, stored["cases"][name]) for file, stored in STORED.items()}
     assert None in differences.values(), f"{name} equals no recording:\n" + "\n".join(
-        f"  {file} ({STORED[file].get('machine', 'AMD EPYC, no AVX-512')}): {why}" for file, why in differences.items())
+        f"  {file} ({STORED[file]['machine']}): {why}" for file, why in differences.items())
 
 
 @pytest.mark.timeout(600)
