@@ -72,8 +72,8 @@ STEPS = 3
 
 # The numeric environment every case runs in, recording and comparing alike. Bits depend on the
 # CPU's kernels, not only on the code: CI's machines differ (the first file, recorded on one
-# machine without a cap, failed on an AVX2 CI machine by an ulp in a gradient norm, and fails on
-# this AVX2 machine too, with one thread or two; the recording machine was probably an AVX-512
+# machine without a cap, failed on an AVX2 CI machine by an ulp in a gradient norm, and failed on
+# an AMD EPYC with AVX2 too, with one thread or two; the recording machine was probably an AVX-512
 # one), and two threads reduce in another order than one. So the cases run in a subprocess with
 # one thread and with ATen's, MKL's and oneDNN's dispatch capped at AVX2, which every x86-64
 # machine of this project has (an AMD and an Intel CPU still differ under it: `RECORDINGS`). Each
